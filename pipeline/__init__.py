@@ -1,0 +1,1 @@
+"""Flowers-102 transfer-learning study: a staged, cached pipeline (see README.md)."""

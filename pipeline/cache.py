@@ -1,0 +1,176 @@
+"""Content-addressed cache: keys, manifests, atomic writes and per-unit locks.
+
+A *unit* is one output of a stage (e.g. the features of one backbone) living in
+`<cache root>/<stage>/<unit>/`. It is valid only if its `manifest.json` exists, its key equals the
+key computed from the current config, and every file it lists is present. The manifest is written
+last, atomically, so a run killed at any point leaves a unit that reads as invalid.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import PipelineError
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+
+
+class CacheError(PipelineError, RuntimeError):
+    """A cache operation that cannot proceed (lock timeout, unwritable folder, disk full)."""
+
+
+def stable_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace, so equal content always hashes equally."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def compute_key(stage: str, code_version: str, settings: Any, input_keys: dict[str, str]) -> str:
+    """Key of one unit: its own settings, the keys of its inputs and the version of the code that makes it."""
+    material = stable_json({"stage": stage, "code_version": code_version, "settings": settings,
+                            "inputs": dict(sorted(input_keys.items()))})
+    return hashlib.sha256(material.encode()).hexdigest()[:20]
+
+
+def unit_dir(cache_root: Path, stage: str, unit: str) -> Path:
+    return Path(cache_root) / stage / unit
+
+
+def _fsync_directory(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _explain_os_error(error: OSError, path: Path) -> CacheError:
+    reason = {28: "the disk is full", 13: "permission denied", 30: "the file system is read-only"}.get(
+        error.errno, error.strerror or str(error))
+    return CacheError(f"cannot write {path}: {reason}; free space or point [cache] root at a writable folder "
+                      "(earlier valid artifacts were left untouched)")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    On any failure the temporary file is removed and `path` keeps its previous content. The
+    temporary name keeps the suffix so libraries that look at it (h5py, matplotlib) still work.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
+                                                      dir=path.parent)
+        os.close(descriptor)
+    except OSError as error:
+        raise _explain_os_error(error, path) from None
+    temporary = Path(temporary_name)
+    try:
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise _explain_os_error(error, path) from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The unit's manifest, or None when it is missing or unreadable (a torn write reads as absent)."""
+    try:
+        return json.loads((Path(directory) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def invalid_reason(directory: Path, key: str) -> str | None:
+    """None when the unit in `directory` is valid for `key`, else a short reason it must be rebuilt."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return "no manifest"
+    if manifest.get("key") != key:
+        return f"settings changed (key {str(manifest.get('key'))[:8]} -> {key[:8]})"
+    for name in manifest.get("files", []):
+        if not (Path(directory) / name).is_file():
+            return f"output {name} is missing"
+    return None
+
+
+def invalidate(directory: Path) -> bool:
+    """Drop a unit's manifest so it reads as invalid; returns whether there was one."""
+    manifest = Path(directory) / MANIFEST
+    existed = manifest.exists()
+    manifest.unlink(missing_ok=True)
+    return existed
+
+
+def remove_tree(path: Path) -> None:
+    if Path(path).exists():
+        shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def unit_lock(directory: Path, timeout_seconds: float = 3600.0, announce: Callable[[str], None] = print):
+    """Exclusive lock on one unit so two concurrent runs never write the same outputs.
+
+    The second run waits (saying so once, with the holder's pid) and then re-checks validity,
+    which usually finds the first run's result and does no work.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / LOCK, "a+")
+    except OSError as error:
+        raise _explain_os_error(error, directory) from None
+    try:
+        deadline = time.monotonic() + timeout_seconds
+        announced = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not announced:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    announce(f"waiting for {directory} (locked by pid {holder})")
+                    announced = True
+                if time.monotonic() > deadline:
+                    raise CacheError(f"{directory} is still locked after {timeout_seconds:.0f} s by another run; "
+                                     "wait for it to finish or raise [cache] lock_timeout_seconds") from None
+                time.sleep(0.2)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()

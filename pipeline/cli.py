@@ -1,0 +1,105 @@
+"""Command-line front end shared by every `python -m stages.NAME` entry point."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+from .errors import PipelineError
+
+DEFAULT_CONFIG = "configs/default.toml"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    arguments = argparse.ArgumentParser(description=description)
+    arguments.add_argument("--config", default=DEFAULT_CONFIG, help="TOML study config (default: %(default)s)")
+    arguments.add_argument("--data-dir", default=None,
+                           help="folder holding flowers-102/ (read-only; overrides [data] root)")
+    arguments.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides [runtime] device)")
+    arguments.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                           help="override one setting, e.g. --set finetune.epochs=5 (repeatable)")
+    arguments.add_argument("--force", action="store_true", help="rebuild even when the cache is valid")
+    return arguments
+
+
+def load(arguments: argparse.Namespace):
+    from .config import load_config
+    return load_config(arguments.config, arguments.overrides, data_dir=arguments.data_dir or None,
+                       device=arguments.device or None)
+
+
+def guarded(action: Callable[[], int | None]) -> int:
+    """Run `action`, turning expected failures into one-line errors and a non-zero exit code."""
+    try:
+        return action() or 0
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished units stay cached; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+def run_stage(name: str, argv: list[str] | None = None) -> int:
+    """Entry point of `python -m stages.<name>`: build what is invalid in that stage (and its inputs)."""
+    from . import graph
+
+    def action():
+        stage = graph.get_stage(name)
+        arguments = parser(f"{name}: {stage.description}").parse_args(argv)
+        study = graph.Graph(load(arguments))
+        study.run(name, force=arguments.force)
+    return guarded(action)
+
+
+def run_all(argv: list[str] | None = None) -> int:
+    """Entry point of `make all`: every stage in graph order, each skipping when valid."""
+    from . import graph
+
+    def action():
+        arguments = parser("Run every stage of the study, skipping valid ones.").parse_args(argv)
+        started = time.perf_counter()
+        study = graph.Graph(load(arguments))
+        for name, stage in graph.stages().items():
+            study.run(name, force=arguments.force)
+            if name == "report" and hasattr(stage, "summary"):
+                print(stage.summary(study))
+        print(f"all stages valid ({time.perf_counter() - started:.1f} s)")
+    return guarded(action)
+
+
+def run_invalidate(argv: list[str] | None = None) -> int:
+    """Entry point of `make invalidate STAGE=name`."""
+    from . import graph
+
+    def action():
+        arguments = parser("Drop one stage's outputs so the next run rebuilds it and its dependents.")
+        arguments.add_argument("stage", help="stage name")
+        parsed = arguments.parse_args(argv)
+        study = graph.Graph(load(parsed))
+        dropped = study.invalidate(parsed.stage)
+        if dropped:
+            print(f"[{parsed.stage}] invalidated: {', '.join(dropped)} (dependents rebuild on the next run)")
+        else:
+            print(f"[{parsed.stage}] nothing cached to invalidate")
+    return guarded(action)
+
+
+def print_settings(argv: list[str] | None = None) -> int:
+    """`python -m stages.config [--docs]`: validate a config and print it, or print every setting's doc."""
+    import json
+
+    from .config import describe_settings
+
+    def action():
+        arguments = parser("Validate a config and print it resolved; --docs prints every setting.")
+        arguments.add_argument("--docs", action="store_true", help="print a Markdown table of every setting")
+        parsed = arguments.parse_args(argv)
+        if parsed.docs:
+            print("| section | key | default | meaning |\n|---|---|---|---|")
+            for section, key, default, doc in describe_settings():
+                print(f"| `{section}` | `{key}` | `{json.dumps(default)}` | {doc} |")
+            return
+        print(json.dumps(load(parsed).to_dict(), indent=2))
+    return guarded(action)

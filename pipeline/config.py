@@ -1,0 +1,327 @@
+"""Typed study configuration: one TOML file -> frozen dataclasses, validated before any work starts.
+
+Every field carries a one-line doc (shown by `python -m stages.config --docs`, mirrored in the
+README) and optional constraints. Unknown sections or keys, wrong types and impossible values are
+rejected with a one-line `ConfigError` that names the key and the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_origin, get_type_hints
+
+from .errors import PipelineError
+
+
+class ConfigError(PipelineError, ValueError):
+    """A bad configuration file, key or value (message is one line and says what to fix)."""
+
+
+def setting(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None,
+            maximum: float | None = None):
+    """A dataclass field with its documentation and constraints attached as metadata."""
+    metadata = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUGMENTATIONS = ("none", "flip", "crop-flip", "trivialaugment", "randaugment")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
+HEAD_KINDS = ("softmax", "logistic")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = setting("auto", "Compute device: auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")
+    threads: int = setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).", minimum=0)
+    num_workers: int = setting(2, "DataLoader worker processes.", minimum=0)
+    precision: str = setting("auto", "auto = bf16 autocast where the device supports it, else fp16 on CUDA, else fp32.",
+                             choices=PRECISIONS)
+    channels_last: bool = setting(True, "Use channels_last memory format for convolutional models.")
+    seed: int = setting(0, "Seed for data order, augmentation, initialisation and sampling.", minimum=0)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    root: str = setting("cache", "Folder that holds every artifact (relative paths are taken from the project root).")
+    lock_timeout_seconds: float = setting(
+        3600.0, "How long a stage waits for another run holding its lock before giving up.", minimum=0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = setting("cache/data", "Folder holding flowers-102/ (torchvision layout); DATA_DIR= overrides it.")
+    download: bool = setting(True, "Download Flowers-102 into root when it is missing (needs internet).")
+    check_md5: bool = setting(True, "Require the official md5 of imagelabels.mat and setid.mat.")
+    num_classes: int = setting(102, "Number of classes; labels must be 0..num_classes-1.", minimum=2)
+    expected_images: int = setting(8189, "Number of images expected in jpg/.", minimum=1)
+    expected_split_sizes: list = setting([1020, 1020, 6149], "Expected train, val, test sizes (setid.mat).")
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    rows: int = setting(4, "Rows in the sample grid.", minimum=1, maximum=20)
+    columns: int = setting(6, "Columns in the sample grid.", minimum=1, maximum=20)
+    tile_pixels: int = setting(160, "Size each sample is drawn at in the grid.", minimum=16)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    backbones: list = setting(["resnet18", "efficientnet-b5"], "Frozen backbones whose features are cached.")
+    input_size: int = setting(0, "Input crop in pixels; 0 uses each backbone's native size.", minimum=0)
+    batch_size: int = setting(64, "Images per extraction batch.", minimum=1)
+    augmented_views: int = setting(0, "Extra augmented (crop/flip) views of each training image cached as rows.",
+                                   minimum=0, maximum=64)
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    kinds: list = setting(["softmax", "logistic"], f"Linear heads trained on cached features: {', '.join(HEAD_KINDS)}.")
+    fit_on: str = setting("train", "Final fit on train only, or on train+val with the hyper-parameters chosen on val.",
+                          choices=("train", "train+val"))
+    softmax_weight_decays: list = setting([1e-4, 1e-3, 1e-2], "Softmax head weight decays tried on val.")
+    softmax_epochs: int = setting(100, "Maximum softmax-head epochs (the best epoch is chosen on val).", minimum=1)
+    softmax_lr: float = setting(1e-3, "Softmax head learning rate (AdamW).", minimum=0)
+    logistic_cs: list = setting([0.1, 1.0, 10.0], "Inverse regularisation strengths C tried on val (scikit-learn).")
+    logistic_max_iter: int = setting(1000, "Iteration limit of the logistic solver.", minimum=1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings shared by every end-to-end arm (fine-tuning and the scratch CNN)."""
+    epochs: int = setting(30, "Maximum epochs.", minimum=1)
+    batch_size: int = setting(32, "Images per training step.", minimum=1)
+    optimizer: str = setting("sgd", "Optimizer.", choices=OPTIMIZERS)
+    lr: float = setting(0.01, "Peak learning rate of the head (and of the whole model when training from scratch).",
+                        minimum=0)
+    momentum: float = setting(0.9, "SGD momentum.", minimum=0, maximum=1)
+    weight_decay: float = setting(5e-4, "Weight decay.", minimum=0)
+    schedule: str = setting("cosine", "Learning-rate schedule (step replicates the notebook: StepLR).", choices=SCHEDULES)
+    warmup_epochs: float = setting(1.0, "Linear warmup length in epochs (cosine schedule).", minimum=0)
+    step_size: int = setting(7, "StepLR period in epochs (schedule = step).", minimum=1)
+    step_gamma: float = setting(0.1, "StepLR decay factor (schedule = step).", minimum=0, maximum=1)
+    label_smoothing: float = setting(0.1, "Label smoothing of the cross-entropy loss.", minimum=0, maximum=1)
+    augmentation: str = setting("crop-flip", "Training augmentation.", choices=AUGMENTATIONS)
+    patience: int = setting(0, "Stop after this many epochs without a better val accuracy; 0 never stops early.",
+                            minimum=0)
+    input_size: int = setting(0, "Input crop in pixels; 0 uses the backbone's native size.", minimum=0)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    backbones: list = setting(["resnet18", "efficientnet-b5"], "Pretrained backbones fine-tuned end to end.")
+    backbone_lr_multiplier: float = setting(0.1, "Backbone learning rate = lr x this.", minimum=0)
+    freeze_bn_stats: bool = setting(False, "Keep BatchNorm running statistics fixed while fine-tuning.")
+    linear_probe_epochs: int = setting(0, "Train only the new head for this many epochs first (LP-FT).", minimum=0)
+
+
+@dataclass(frozen=True)
+class CnnConfig(TrainConfig):
+    architecture: str = setting("bn-cnn", "bn-cnn (conv-BN-ReLU blocks, global pooling) or notebook (its exact net).",
+                                choices=("bn-cnn", "notebook"))
+    widths: list = setting([32, 64, 128, 256], "Channels of each conv-BN-ReLU stage (bn-cnn).")
+    convs_per_stage: int = setting(2, "Conv-BN-ReLU layers per stage (bn-cnn).", minimum=1)
+    dropout: float = setting(0.2, "Dropout before the classifier.", minimum=0, maximum=1)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    title: str = setting("Flowers-102: scratch vs frozen extractor vs fine-tuning", "Report title.")
+
+
+@dataclass(frozen=True)
+class Config:
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cnn: CnnConfig = field(default_factory=CnnConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    # Explicit weight files per backbone name (checked before any cache or download).
+    weights: dict = field(default_factory=dict)
+    # Where the file came from, for messages and manifests; not part of any cache key.
+    source: str = field(default="<defaults>", compare=False)
+
+    def section(self, name: str) -> dict:
+        """One section as a plain dict (what a stage hashes into its cache key)."""
+        value = getattr(self, name)
+        return dict(value) if isinstance(value, dict) else dataclasses.asdict(value)
+
+    def to_dict(self) -> dict:
+        """The whole resolved config as plain data (saved beside every stage output)."""
+        return {name: self.section(name) for name in section_names()}
+
+
+def section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if f.name != "source"]
+
+
+def section_types() -> dict[str, type]:
+    hints = get_type_hints(Config)
+    return {name: hints[name] for name in section_names()}
+
+
+def _check_list(section: str, key: str, value: Any, default: list) -> list:
+    if not isinstance(value, list):
+        raise ConfigError(f"[{section}] {key} must be a list, got {value!r}")
+    element_type = type(default[0]) if default else None
+    checked = []
+    for item in value:
+        if element_type is float and isinstance(item, int) and not isinstance(item, bool):
+            item = float(item)
+        if element_type is not None and not isinstance(item, element_type):
+            raise ConfigError(f"[{section}] {key} must be a list of {element_type.__name__}, got {value!r}")
+        checked.append(item)
+    return checked
+
+
+def _check_value(section: str, spec: dataclasses.Field, value: Any, declared: Any) -> Any:
+    key = spec.name
+    meta = spec.metadata
+    if declared is list or get_origin(declared) is list:
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else []
+        value = _check_list(section, key, value, default)
+    elif declared is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"[{section}] {key} must be true or false, got {value!r}")
+    elif declared is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"[{section}] {key} must be an integer, got {value!r}")
+    elif declared is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"[{section}] {key} must be a number, got {value!r}")
+        value = float(value)
+    elif declared is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"[{section}] {key} must be a string, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if item not in choices:
+                raise ConfigError(f"[{section}] {key} = {item!r} is not valid; choose one of: {', '.join(choices)}")
+    numbers = value if isinstance(value, list) else [value]
+    for number in numbers:
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if meta.get("minimum") is not None and number < meta["minimum"]:
+                raise ConfigError(f"[{section}] {key} = {number!r} is too small; it must be >= {meta['minimum']}")
+            if meta.get("maximum") is not None and number > meta["maximum"]:
+                raise ConfigError(f"[{section}] {key} = {number!r} is too large; it must be <= {meta['maximum']}")
+    return value
+
+
+def _build_section(section: str, cls: type, values: dict) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}] must be a table of settings, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"unknown key [{section}] {key}; known keys: {', '.join(fields)}")
+    checked = {key: _check_value(section, fields[key], value, hints[key]) for key, value in values.items()}
+    return cls(**checked)
+
+
+def _cross_check(config: Config) -> None:
+    split_sizes = config.data.expected_split_sizes
+    if len(split_sizes) != 3 or any(not isinstance(size, int) or size < 1 for size in split_sizes):
+        raise ConfigError(f"[data] expected_split_sizes must be three positive integers (train, val, test), got {split_sizes!r}")
+    if not config.heads.kinds:
+        raise ConfigError(f"[heads] kinds must name at least one of: {', '.join(HEAD_KINDS)}")
+    for key in ("softmax_weight_decays", "logistic_cs"):
+        if not getattr(config.heads, key):
+            raise ConfigError(f"[heads] {key} must list at least one value")
+    if any(value <= 0 for value in config.heads.logistic_cs):
+        raise ConfigError("[heads] logistic_cs values must be > 0")
+    if not config.cnn.widths or any(width < 1 for width in config.cnn.widths):
+        raise ConfigError(f"[cnn] widths must be positive integers, got {config.cnn.widths!r}")
+    for section in ("features", "finetune"):
+        names = getattr(config, section).backbones
+        if len(set(names)) != len(names):
+            raise ConfigError(f"[{section}] backbones lists a name twice: {names!r}")
+    for name, path in config.weights.items():
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"[weights] {name} must be a file path string, got {path!r}")
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` (value in TOML syntax, or a bare string) -> (section, key, value)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. finetune.epochs=5")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Validate plain data (as read from TOML) into a Config."""
+    sections = section_types()
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section [{name}] in {source}; known sections: {', '.join(sections)}")
+        if name == "weights":
+            if not isinstance(values, dict):
+                raise ConfigError("[weights] must map backbone names to weight file paths")
+            built[name] = dict(values)
+        else:
+            built[name] = _build_section(name, sections[name], values)
+    config = Config(**built, source=source)
+    _cross_check(config)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), data_dir: str | None = None,
+                device: str | None = None) -> Config:
+    """Read a TOML config, apply `section.key=value` overrides and the DATA_DIR / DEVICE shortcuts."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass CONFIG= with an existing TOML file (see configs/)")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        source = str(path)
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override {text!r}: [{section}] is not a table")
+        raw[section][key] = value
+    if data_dir:
+        # A folder the user brings is only ever read, never downloaded into.
+        raw.setdefault("data", {}).update(root=str(data_dir), download=False)
+    if device:
+        raw.setdefault("runtime", {})["device"] = device
+    return config_from_dict(raw, source)
+
+
+def describe_settings() -> list[tuple[str, str, Any, str]]:
+    """(section, key, default, doc) for every setting, for docs and `--docs`."""
+    rows = []
+    for name, cls in section_types().items():
+        if name == "weights":
+            rows.append(("weights", "<backbone name>", "", "Explicit weight file for that backbone (checked first)."))
+            continue
+        for spec in dataclasses.fields(cls):
+            default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+            doc = spec.metadata.get("doc", "")
+            if spec.metadata.get("choices") and "choose" not in doc:
+                doc = f"{doc} Choices: {', '.join(spec.metadata['choices'])}."
+            rows.append((name, spec.name, default, doc))
+    return rows

@@ -1,0 +1,190 @@
+"""Flowers-102 on disk: locate, download, verify, and index the official splits.
+
+Layout (torchvision's `Flowers102`): `<root>/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}`.
+`DATA_DIR` may point at `<root>` or at the `flowers-102` folder itself; it is only ever read.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+from .config import DataConfig
+from .errors import PipelineError
+
+SPLITS = ("train", "val", "test")
+# setid.mat variable per split; note the official "trnid"/"valid"/"tstid" names.
+SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
+URL_PREFIX = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+OFFICIAL_MD5 = {"imagelabels.mat": "e0620be6f572b9609742df49c70aed4d",
+                "setid.mat": "a5357ecc9cb78c4bef273ce3793fc85c"}
+FOLDER = "flowers-102"
+
+
+class DataError(PipelineError, RuntimeError):
+    """The dataset is missing or does not match what the config expects (one-line message)."""
+
+
+def class_names(num_classes: int) -> list[str]:
+    """The 102 English class names (torchvision's list), or generic names for other datasets."""
+    if num_classes == 102:
+        from torchvision.datasets import Flowers102
+        return list(Flowers102.classes)
+    return [f"class {index}" for index in range(num_classes)]
+
+
+def dataset_folder(root: str | Path) -> Path:
+    """The folder holding jpg/ and the .mat files, for a root given either way."""
+    root = Path(root).expanduser()
+    if (root / "jpg").is_dir() or (root / "setid.mat").exists():
+        return root
+    return root / FOLDER
+
+
+def image_path(folder: Path, image_id: int) -> Path:
+    return Path(folder) / "jpg" / f"image_{int(image_id):05d}.jpg"
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(folder: Path) -> str:
+    """Cheap content fingerprint (label/split file hashes, image count and total bytes).
+
+    Part of the download stage's key, so pointing DATA_DIR at other data rebuilds everything
+    downstream, while a rerun on the same data stays cached.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "absent"
+    parts = []
+    for name in OFFICIAL_MD5:
+        path = folder / name
+        parts.append(md5_of(path) if path.is_file() else "missing")
+    count = total = 0
+    images = folder / "jpg"
+    if images.is_dir():
+        with os.scandir(images) as entries:
+            for entry in entries:
+                if entry.name.endswith(".jpg"):
+                    count += 1
+                    total += entry.stat().st_size
+    parts += [str(count), str(total)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def download(root: Path) -> None:
+    """Fetch Flowers-102 through torchvision into `root` (needs internet)."""
+    from torchvision.datasets import Flowers102
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            Flowers102(root=str(root), split=split, download=True)
+    except Exception as error:  # torchvision raises URLError, RuntimeError, OSError... all mean the same here
+        raise DataError(
+            f"could not download Flowers-102 from {URL_PREFIX} ({type(error).__name__}: {str(error)[:120]}); "
+            f"place 102flowers.tgz's jpg/ folder with imagelabels.mat and setid.mat in {root / FOLDER}/ "
+            "or pass DATA_DIR=<folder holding flowers-102/>") from None
+
+
+def missing_message(folder: Path, what: str) -> str:
+    return (f"Flowers-102 not found: {what}; expected {folder}/jpg/image_00001.jpg..., {folder}/imagelabels.mat "
+            f"and {folder}/setid.mat (from {URL_PREFIX}); pass DATA_DIR=<folder holding flowers-102/> "
+            "or enable [data] download with internet")
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    folder: Path
+    class_names: list
+    image_ids: dict      # split -> numpy int array (1-based official ids)
+    labels: dict         # split -> numpy int array (0-based)
+
+    def paths(self, split: str) -> list[Path]:
+        return [image_path(self.folder, image_id) for image_id in self.image_ids[split]]
+
+    def to_json(self) -> dict:
+        return {"folder": str(self.folder), "class_names": self.class_names,
+                "image_ids": {split: ids.tolist() for split, ids in self.image_ids.items()},
+                "labels": {split: labels.tolist() for split, labels in self.labels.items()}}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "DatasetIndex":
+        return cls(folder=Path(value["folder"]), class_names=list(value["class_names"]),
+                   image_ids={split: numpy.asarray(ids, dtype=numpy.int64) for split, ids in value["image_ids"].items()},
+                   labels={split: numpy.asarray(labels, dtype=numpy.int64) for split, labels in value["labels"].items()})
+
+
+def _load_mat(path: Path) -> dict:
+    from scipy.io import loadmat
+    try:
+        return loadmat(path, squeeze_me=True)
+    except Exception as error:  # scipy raises several types for a damaged file
+        raise DataError(f"{path} cannot be read as a MATLAB file ({type(error).__name__}); "
+                        f"replace it with the official one from {URL_PREFIX}{path.name}") from None
+
+
+def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
+    """Check the dataset against the config and return its split index; DataError says what is wrong."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a folder; DATA_DIR must be the folder holding flowers-102/")
+    for name in OFFICIAL_MD5:
+        if not (folder / name).is_file():
+            raise DataError(missing_message(folder, f"{folder / name} is missing"))
+    if not (folder / "jpg").is_dir():
+        raise DataError(missing_message(folder, f"{folder / 'jpg'} is missing"))
+    if settings.check_md5:
+        for name, expected in OFFICIAL_MD5.items():
+            actual = md5_of(folder / name)
+            if actual != expected:
+                raise DataError(f"{folder / name} has md5 {actual}, not the official {expected}; re-download it from "
+                                f"{URL_PREFIX}{name} (or set [data] check_md5 = false for a custom split)")
+    labels_mat = _load_mat(folder / "imagelabels.mat")
+    if "labels" not in labels_mat:
+        raise DataError(f"{folder / 'imagelabels.mat'} has no 'labels' variable; use the official file")
+    labels = numpy.asarray(labels_mat["labels"]).astype(numpy.int64).reshape(-1)
+    if labels.ndim != 1 or len(labels) != settings.expected_images:
+        raise DataError(f"{folder / 'imagelabels.mat'} lists {len(labels)} labels, expected {settings.expected_images} "
+                        "([data] expected_images)")
+    if labels.min() < 1 or labels.max() > settings.num_classes:
+        raise DataError(f"{folder / 'imagelabels.mat'} has labels {labels.min()}..{labels.max()}, "
+                        f"expected 1..{settings.num_classes} ([data] num_classes)")
+    found = len(labels)
+    image_names = {entry for entry in os.listdir(folder / "jpg") if entry.endswith(".jpg")}
+    if len(image_names) != settings.expected_images:
+        raise DataError(f"{folder / 'jpg'} holds {len(image_names)} images, expected {settings.expected_images}; "
+                        "re-extract 102flowers.tgz there")
+    split_mat = _load_mat(folder / "setid.mat")
+    image_ids, split_labels, seen = {}, {}, set()
+    for split, expected_size in zip(SPLITS, settings.expected_split_sizes):
+        key = SPLIT_KEYS[split]
+        if key not in split_mat:
+            raise DataError(f"{folder / 'setid.mat'} has no '{key}' variable; use the official file")
+        ids = numpy.atleast_1d(numpy.asarray(split_mat[key])).astype(numpy.int64).reshape(-1)
+        if len(ids) != expected_size:
+            raise DataError(f"{folder / 'setid.mat'} split {split} has {len(ids)} images, expected {expected_size} "
+                            "([data] expected_split_sizes)")
+        if ids.min() < 1 or ids.max() > found:
+            raise DataError(f"{folder / 'setid.mat'} split {split} refers to image ids outside 1..{found}")
+        overlap = seen.intersection(ids.tolist())
+        if overlap:
+            raise DataError(f"{folder / 'setid.mat'}: image {min(overlap)} is in more than one split")
+        seen.update(ids.tolist())
+        missing = [image_id for image_id in ids if image_path(folder, image_id).name not in image_names]
+        if missing:
+            raise DataError(f"{len(missing)} images of split {split} are missing, e.g. "
+                            f"{image_path(folder, missing[0])}; re-extract 102flowers.tgz")
+        image_ids[split] = ids
+        split_labels[split] = labels[ids - 1] - 1
+    return DatasetIndex(folder=folder.resolve(), class_names=class_names(settings.num_classes),
+                        image_ids=image_ids, labels=split_labels)

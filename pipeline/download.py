@@ -1,0 +1,58 @@
+"""The download stage: make Flowers-102 available (download or DATA_DIR) and verify it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import cache, data
+from .config import Config
+from .graph import BuildContext, BuildResult, Stage, Unit, read_json, register_stage
+
+INDEX = "index.json"
+UNIT = "flowers-102"
+
+
+def data_root(config: Config) -> Path:
+    """The configured data root, relative paths taken from the working directory (the project root under make)."""
+    return Path(config.data.root).expanduser().resolve()
+
+
+def plan(config: Config, graph) -> list[Unit]:
+    folder = data.dataset_folder(data_root(config))
+    settings = {"folder": str(folder), "check_md5": config.data.check_md5, "num_classes": config.data.num_classes,
+                "expected_images": config.data.expected_images,
+                "expected_split_sizes": list(config.data.expected_split_sizes),
+                # Content, not just the path: other data behind the same path must rebuild downstream.
+                "fingerprint": data.fingerprint(folder)}
+    return [Unit(stage="download", name=UNIT, code_version="1", settings=settings)]
+
+
+def build(context: BuildContext) -> BuildResult:
+    config = context.config
+    root = data_root(config)
+    folder = data.dataset_folder(root)
+    try:
+        index = data.verify(folder, config.data)
+    except data.DataError:
+        present = (folder / "jpg").is_dir()
+        # Never download over data that exists but is broken: the error says what is wrong with it.
+        if not config.data.download or present:
+            raise
+        context.log(f"[download] fetching Flowers-102 into {root} ...")
+        data.download(root)
+        folder = data.dataset_folder(root)
+        index = data.verify(folder, config.data)
+    cache.write_json_atomic(context.directory / INDEX, index.to_json())
+    sizes = {split: int(len(index.image_ids[split])) for split in data.SPLITS}
+    context.log("[download] verified " + ", ".join(f"{split} {size}" for split, size in sizes.items())
+                + f" images in {folder}")
+    return BuildResult(files=[INDEX], metrics={"split_sizes": sizes, "num_classes": len(index.class_names)},
+                       extra={"folder": str(folder)})
+
+
+def load_index(directory: Path) -> data.DatasetIndex:
+    """The verified split index written by this stage (what every other stage reads)."""
+    return data.DatasetIndex.from_json(read_json(Path(directory) / INDEX))
+
+
+STAGE = register_stage(Stage(name="download", description="Locate or download Flowers-102 and verify it.",
+                             code_version="1", depends_on=(), plan=plan, build=build))

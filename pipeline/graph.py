@@ -1,0 +1,209 @@
+"""The stage graph and its runner.
+
+A stage is data: a name, the stages it reads, a code version, a `plan` that lists its units for a
+config (each with the settings that go into its key), and a `build` that writes one unit. The
+runner walks the graph, skips every valid unit (saying so), builds invalid inputs first, holds a
+lock per unit while building, and writes the manifest last.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from . import cache
+from .config import Config
+from .errors import PipelineError
+
+# Modules that register stages, in graph order; imported on first use so `--help` stays fast.
+STAGE_MODULES = ["pipeline.download", "pipeline.samples"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One output of a stage for one config (e.g. the features of one backbone)."""
+    stage: str
+    name: str
+    code_version: str
+    settings: Any                           # plain data hashed into the key
+    inputs: tuple = ()                      # (label, Unit) pairs this unit reads
+
+    @property
+    def key(self) -> str:
+        return cache.compute_key(self.stage, self.code_version, self.settings,
+                                 {label: unit.key for label, unit in self.inputs})
+
+    def input(self, label: str) -> "Unit":
+        for name, unit in self.inputs:
+            if name == label:
+                return unit
+        raise KeyError(f"{self.stage}/{self.name} has no input {label!r}")
+
+
+@dataclass
+class BuildResult:
+    """What a stage's build returns; the runner turns it into the manifest."""
+    files: list
+    metrics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+
+
+@dataclass
+class BuildContext:
+    config: Config
+    unit: Unit
+    directory: Path
+    cache_root: Path
+    log: Callable[[str], None]
+
+    def input_directory(self, label: str) -> Path:
+        unit = self.unit.input(label)
+        return cache.unit_dir(self.cache_root, unit.stage, unit.name)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    description: str
+    code_version: str
+    depends_on: tuple
+    plan: Callable[[Config, "Graph"], list]      # -> list[Unit]
+    build: Callable[[BuildContext], BuildResult]
+
+
+class StageError(PipelineError, RuntimeError):
+    """A stage that cannot run (unknown name, missing inputs)."""
+
+
+_REGISTRY: dict[str, Stage] = {}
+
+
+def register_stage(stage: Stage) -> Stage:
+    if stage.name in _REGISTRY:
+        raise StageError(f"stage {stage.name!r} is registered twice")
+    _REGISTRY[stage.name] = stage
+    return stage
+
+
+def stages() -> dict[str, Stage]:
+    """Every registered stage, in graph order."""
+    for module in STAGE_MODULES:
+        importlib.import_module(module)
+    return dict(_REGISTRY)
+
+
+def get_stage(name: str) -> Stage:
+    known = stages()
+    if name not in known:
+        raise StageError(f"unknown stage {name!r}; valid stages: {', '.join(known)}")
+    return known[name]
+
+
+class Graph:
+    """Plans units for one config and builds what is not valid."""
+
+    def __init__(self, config: Config, cache_root: Path | None = None, log: Callable[[str], None] = print):
+        self.config = config
+        self.cache_root = Path(cache_root if cache_root is not None else config.cache.root)
+        self.log = log
+        self._plans: dict[str, list] = {}
+
+    def units(self, stage_name: str) -> list:
+        """The units `stage_name` has under this config (planned once per process)."""
+        if stage_name not in self._plans:
+            stage = get_stage(stage_name)
+            self._plans[stage_name] = list(stage.plan(self.config, self))
+        return self._plans[stage_name]
+
+    def unit(self, stage_name: str, unit_name: str) -> Unit:
+        for unit in self.units(stage_name):
+            if unit.name == unit_name:
+                return unit
+        names = [unit.name for unit in self.units(stage_name)]
+        raise StageError(f"stage {stage_name!r} has no unit {unit_name!r}; its units: {', '.join(names)}")
+
+    def directory(self, unit: Unit) -> Path:
+        return cache.unit_dir(self.cache_root, unit.stage, unit.name)
+
+    def status(self, unit: Unit) -> str | None:
+        """None when valid, else why it must be rebuilt.
+
+        Besides the key, each input's build id must be the one this unit was built from, so an
+        invalidated-and-rebuilt input rebuilds its dependents even when its settings did not change.
+        """
+        directory = self.directory(unit)
+        reason = cache.invalid_reason(directory, unit.key)
+        if reason is not None:
+            return reason
+        recorded = cache.read_manifest(directory).get("inputs", {})
+        for label, upstream in unit.inputs:
+            current = cache.read_manifest(self.directory(upstream)) or {}
+            if current.get("build_id") != recorded.get(label, {}).get("build_id"):
+                return f"input {upstream.stage}/{upstream.name} was rebuilt"
+        return None
+
+    def run(self, stage_name: str, force: bool = False) -> list[dict]:
+        """Make every unit of a stage valid (building invalid inputs first); returns their manifests."""
+        return [self.ensure(unit, force=force) for unit in self.units(stage_name)]
+
+    def ensure(self, unit: Unit, force: bool = False) -> dict:
+        for _, upstream in unit.inputs:
+            self.ensure(upstream)
+        directory = self.directory(unit)
+        label = f"[{unit.stage}] {unit.name}"
+        reason = None if force else self.status(unit)
+        if not force and reason is None:
+            self.log(f"{label}: cached (key {unit.key[:8]})")
+            return cache.read_manifest(directory)
+        with cache.unit_lock(directory, self.config.cache.lock_timeout_seconds, announce=self.log):
+            if not force and self.status(unit) is None:      # another run finished it while we waited
+                self.log(f"{label}: cached (built by another run, key {unit.key[:8]})")
+                return cache.read_manifest(directory)
+            self.log(f"{label}: building ({reason or 'forced'})")
+            cache.invalidate(directory)
+            stage = get_stage(unit.stage)
+            started = time.perf_counter()
+            result = stage.build(BuildContext(self.config, unit, directory, self.cache_root, self.log))
+            elapsed = time.perf_counter() - started
+            # Some keys depend on what the build produced (the download stage's data fingerprint).
+            self._plans.pop(unit.stage, None)
+            final = self.unit(unit.stage, unit.name)
+            manifest = {
+                "stage": unit.stage, "unit": unit.name, "key": final.key, "code_version": unit.code_version,
+                "settings": final.settings,
+                "build_id": uuid.uuid4().hex,
+                "inputs": {name: {"stage": up.stage, "unit": up.name, "key": up.key,
+                                  "build_id": (cache.read_manifest(self.directory(up)) or {}).get("build_id")}
+                           for name, up in final.inputs},
+                "files": list(result.files), "metrics": result.metrics,
+                "timings": {**result.timings, "stage_seconds": elapsed}, "extra": result.extra,
+                "environment": result.environment, "config": self.config.to_dict(),
+                "config_source": self.config.source,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            cache.write_json_atomic(directory / cache.MANIFEST, manifest)
+            self.log(f"{label}: done in {elapsed:.1f} s")
+            return manifest
+
+    def invalidate(self, stage_name: str) -> list[str]:
+        """Drop every unit of a stage (all keys, so old outputs go too); dependents rebuild via their keys."""
+        get_stage(stage_name)
+        folder = self.cache_root / stage_name
+        dropped = []
+        if folder.is_dir():
+            for directory in sorted(path for path in folder.iterdir() if path.is_dir()):
+                with cache.unit_lock(directory, self.config.cache.lock_timeout_seconds, announce=self.log):
+                    if cache.invalidate(directory):
+                        dropped.append(directory.name)
+        return dropped
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,140 @@
+"""Device, precision, threads, seeds, honest timers and the environment record.
+
+Decided once per process so every stage trains and measures the same way (nanoGPT style):
+bf16 autocast where the device supports it, fp16 + GradScaler only on CUDA without bf16.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+from .config import ConfigError, RuntimeConfig
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str              # torch device string actually used
+    precision: str           # "bf16" | "fp16" | "fp32" after resolving "auto"
+    channels_last: bool
+    num_workers: int
+    seed: int
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    def autocast(self):
+        """Autocast context for forward passes (a no-op in fp32)."""
+        import torch
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device_type, dtype=dtype)
+
+    def needs_grad_scaler(self) -> bool:
+        return self.precision == "fp16" and self.device_type == "cuda"
+
+    def synchronize(self) -> None:
+        """Wait for queued device work so the clock measures it (timing honesty)."""
+        import torch
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        elif self.device_type == "mps":
+            torch.mps.synchronize()
+
+
+def resolve_runtime(settings: RuntimeConfig) -> Runtime:
+    """Turn the [runtime] section into concrete choices for this machine; also sets threads."""
+    import torch
+    requested = settings.device
+    if requested == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif requested == "cpu":
+        device = "cpu"
+    elif requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"[runtime] device = {requested!r} but CUDA is not available here; use DEVICE=cpu")
+        device = requested
+    elif requested == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("[runtime] device = 'mps' but MPS is not available here; use DEVICE=cpu")
+        device = "mps"
+    else:
+        raise ConfigError(f"[runtime] device = {requested!r} is not valid; choose one of: auto, cpu, cuda, cuda:N, mps")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    precision = settings.precision
+    if precision == "auto":
+        if device.startswith("cuda"):
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device == "cpu":
+            # bf16 autocast pays off on CPUs with native bf16 math (AVX512-BF16 / AMX); elsewhere it
+            # is emulated and slower than fp32, so auto only picks it where the ISA has it.
+            precision = "bf16" if _cpu_has_native_bf16() else "fp32"
+        else:
+            precision = "fp32"
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ConfigError("[runtime] precision = 'fp16' needs a CUDA device; use bf16 or fp32 on this device")
+    return Runtime(device=device, precision=precision, channels_last=settings.channels_last,
+                   num_workers=settings.num_workers, seed=settings.seed)
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def seed_everything(seed: int) -> None:
+    import numpy
+    import torch
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def environment(runtime: Runtime | None = None) -> dict:
+    """What ran the stage: recorded in every manifest and shown in the report."""
+    import torch
+    record = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if runtime is not None:
+        record.update(device=runtime.device, precision=runtime.precision, channels_last=runtime.channels_last)
+        if runtime.device_type == "cuda":
+            record["device_name"] = torch.cuda.get_device_name(runtime.device)
+    return record
+
+
+class Timings:
+    """Named wall-clock phases (data, extract, train, eval...), synchronised with the device."""
+
+    def __init__(self, runtime: Runtime | None = None):
+        self.runtime = runtime
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.runtime is not None:
+            self.runtime.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.runtime is not None:
+                self.runtime.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds

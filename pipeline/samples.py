@@ -1,0 +1,122 @@
+"""The samples stage: a grid of training images with class names, split sizes, class distribution."""
+from __future__ import annotations
+
+import io
+
+import numpy
+
+from . import cache, data
+from .config import Config
+from .download import load_index
+from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
+
+GRID = "grid.png"
+SIZES_JSON = "sizes.json"
+SIZES_TEXT = "sizes.txt"
+DISTRIBUTION = "class_distribution.png"
+
+
+def plan(config: Config, graph) -> list[Unit]:
+    settings = {"samples": config.section("samples"), "seed": config.runtime.seed}
+    return [Unit(stage="samples", name="flowers-102", code_version="1", settings=settings,
+                 inputs=(("download", graph.units("download")[0]),))]
+
+
+def dataset_sizes(index: data.DatasetIndex) -> dict:
+    """Images per split and per class (by name), as written to sizes.json."""
+    per_class = []
+    for number, name in enumerate(index.class_names):
+        counts = {split: int(numpy.sum(index.labels[split] == number)) for split in data.SPLITS}
+        per_class.append({"label": number, "name": name, **counts, "total": sum(counts.values())})
+    splits = {split: int(len(index.labels[split])) for split in data.SPLITS}
+    return {"splits": splits, "total": sum(splits.values()), "num_classes": len(index.class_names),
+            "per_class": per_class}
+
+
+def format_sizes(sizes: dict) -> str:
+    """A plain-text table: split sizes, then every class with its count per split."""
+    lines = ["split   images", *(f"{split:<7} {count:>6}" for split, count in sizes["splits"].items()),
+             f"{'total':<7} {sizes['total']:>6}", "",
+             f"{'label':>5}  {'class':<28} {'train':>5} {'val':>5} {'test':>5} {'total':>5}"]
+    for row in sizes["per_class"]:
+        lines.append(f"{row['label']:>5}  {row['name'][:28]:<28} {row['train']:>5} {row['val']:>5} "
+                     f"{row['test']:>5} {row['total']:>5}")
+    return "\n".join(lines) + "\n"
+
+
+def _figure_bytes(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def draw_grid(index: data.DatasetIndex, rows: int, columns: int, tile_pixels: int, seed: int) -> bytes:
+    """PNG bytes of randomly chosen training images, one class per tile where possible, titled by class."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+    from PIL import Image
+
+    generator = numpy.random.default_rng(seed)
+    labels = index.labels["train"]
+    classes = generator.permutation(numpy.unique(labels))
+    picks = []
+    for tile in range(rows * columns):
+        wanted = classes[tile % len(classes)]
+        candidates = numpy.flatnonzero(labels == wanted)
+        picks.append(int(generator.choice(candidates)))
+    inches = tile_pixels / 100
+    figure, axes = pyplot.subplots(rows, columns, figsize=(columns * inches, rows * inches * 1.2), squeeze=False)
+    paths = index.paths("train")
+    for axis, position in zip(axes.flat, picks):
+        with Image.open(paths[position]) as image:
+            axis.imshow(numpy.asarray(image.convert("RGB")))
+        axis.set_title(index.class_names[labels[position]], fontsize=8)
+        axis.axis("off")
+    figure.tight_layout()
+    png = _figure_bytes(figure)
+    pyplot.close(figure)
+    return png
+
+
+def draw_distribution(sizes: dict) -> bytes:
+    """PNG bytes of a stacked bar chart: images per class, split by train/val/test."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    rows = sizes["per_class"]
+    positions = numpy.arange(len(rows))
+    figure, axis = pyplot.subplots(figsize=(max(8, len(rows) * 0.12), 3.5))
+    bottom = numpy.zeros(len(rows))
+    for split in data.SPLITS:
+        counts = numpy.array([row[split] for row in rows])
+        axis.bar(positions, counts, bottom=bottom, label=f"{split} ({sizes['splits'][split]})", width=0.85)
+        bottom += counts
+    axis.set_xlabel("class label")
+    axis.set_ylabel("images")
+    axis.set_title(f"Images per class ({sizes['total']} in all, {sizes['num_classes']} classes)")
+    axis.set_xlim(-1, len(rows))
+    axis.legend()
+    png = _figure_bytes(figure)
+    pyplot.close(figure)
+    return png
+
+
+def build(context: BuildContext) -> BuildResult:
+    index = load_index(context.input_directory("download"))
+    settings = context.config.samples
+    sizes = dataset_sizes(index)
+    cache.write_json_atomic(context.directory / SIZES_JSON, sizes)
+    table = format_sizes(sizes)
+    cache.write_text_atomic(context.directory / SIZES_TEXT, table)
+    context.log(table.rstrip())
+    cache.write_bytes_atomic(context.directory / GRID, draw_grid(index, settings.rows, settings.columns,
+                                                                 settings.tile_pixels, context.config.runtime.seed))
+    cache.write_bytes_atomic(context.directory / DISTRIBUTION, draw_distribution(sizes))
+    context.log(f"[samples] wrote {context.directory / GRID} and {context.directory / DISTRIBUTION}")
+    return BuildResult(files=[GRID, SIZES_JSON, SIZES_TEXT, DISTRIBUTION], metrics={"splits": sizes["splits"]})
+
+
+STAGE = register_stage(Stage(name="samples", description="Sample grid, dataset sizes and class distribution.",
+                             code_version="1", depends_on=("download",), plan=plan, build=build))

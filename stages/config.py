@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.cli import print_settings
+
+sys.exit(print_settings())

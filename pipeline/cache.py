@@ -90,6 +90,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def sweep_temporary_files(directory: Path) -> list[str]:
+    """Remove temp files a killed run left behind (call only while holding the unit's lock)."""
+    removed = []
+    if Path(directory).is_dir():
+        for path in Path(directory).glob(".*.tmp*"):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)

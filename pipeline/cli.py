@@ -65,7 +65,9 @@ def run_all(argv: list[str] | None = None) -> int:
             study.run(name, force=arguments.force)
             if name == "report" and hasattr(stage, "summary"):
                 print(stage.summary(study))
-        print(f"all stages valid ({time.perf_counter() - started:.1f} s)")
+        missing = graph.stages_not_built()
+        note = f"; not built yet: {', '.join(missing)}" if missing else ""
+        print(f"all stages valid ({time.perf_counter() - started:.1f} s){note}")
     return guarded(action)
 
 

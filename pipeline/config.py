@@ -81,7 +81,7 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    kinds: list = setting(["softmax", "logistic"], f"Linear heads trained on cached features: {', '.join(HEAD_KINDS)}.")
+    kinds: list = setting(["softmax", "logistic"], "Linear heads trained on cached features.", choices=HEAD_KINDS)
     fit_on: str = setting("train", "Final fit on train only, or on train+val with the hyper-parameters chosen on val.",
                           choices=("train", "train+val"))
     softmax_weight_decays: list = setting([1e-4, 1e-3, 1e-2], "Softmax head weight decays tried on val.")

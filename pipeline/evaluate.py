@@ -1,0 +1,43 @@
+"""Test metrics and the one result record every arm writes (what the report reads)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy
+
+from . import cache
+
+RESULT = "result.json"
+METHODS = ("scratch", "frozen", "finetune")
+# Fields every arm's result.json carries (the report and README document them).
+REQUIRED_FIELDS = ("arm", "method", "backbone", "head", "input_size", "train_images", "fit_on", "seed", "device",
+                   "test_top1", "test_mean_per_class", "val_top1", "train_seconds", "extract_seconds",
+                   "eval_seconds", "total_seconds", "images_per_second", "per_class_accuracy", "confusion_matrix",
+                   "class_names", "selected")
+
+
+def classification_metrics(labels, predictions, num_classes: int) -> dict:
+    """top-1, mean per-class accuracy, per-class accuracy and the confusion matrix (rows = true class)."""
+    labels = numpy.asarray(labels, dtype=numpy.int64)
+    predictions = numpy.asarray(predictions, dtype=numpy.int64)
+    if labels.shape != predictions.shape:
+        raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} differ in shape")
+    confusion = numpy.zeros((num_classes, num_classes), dtype=numpy.int64)
+    numpy.add.at(confusion, (labels, predictions), 1)
+    support = confusion.sum(axis=1)
+    per_class = numpy.divide(numpy.diag(confusion), support, out=numpy.full(num_classes, numpy.nan),
+                             where=support > 0)
+    return {"top1": float(numpy.mean(labels == predictions)) if len(labels) else float("nan"),
+            "mean_per_class": float(numpy.nanmean(per_class)) if numpy.any(support > 0) else float("nan"),
+            "per_class_accuracy": [None if numpy.isnan(value) else float(value) for value in per_class],
+            "confusion_matrix": confusion.tolist()}
+
+
+def write_result(directory: Path, record: dict) -> None:
+    """Validate and atomically write an arm's result.json."""
+    missing = [name for name in REQUIRED_FIELDS if name not in record]
+    if missing:
+        raise ValueError(f"result record lacks {', '.join(missing)}")
+    if record["method"] not in METHODS:
+        raise ValueError(f"method {record['method']!r} is not one of {METHODS}")
+    cache.write_json_atomic(Path(directory) / RESULT, record)

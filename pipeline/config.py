@@ -61,6 +61,8 @@ class DataConfig:
     num_classes: int = setting(102, "Number of classes; labels must be 0..num_classes-1.", minimum=2)
     expected_images: int = setting(8189, "Number of images expected in jpg/.", minimum=1)
     expected_split_sizes: list = setting([1020, 1020, 6149], "Expected train, val, test sizes (setid.mat).")
+    check_images: bool = setting(True, "Decode every image once when verifying (finds corrupt or truncated JPEGs).")
+    skip_bad_images: bool = setting(False, "Drop unreadable images with a warning listing them, instead of stopping.")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class FeaturesConfig:
     batch_size: int = setting(64, "Images per extraction batch.", minimum=1)
     augmented_views: int = setting(0, "Extra augmented (crop/flip) views of each training image cached as rows.",
                                    minimum=0, maximum=64)
+    view_augmentation: str = setting("crop-flip", "How augmented views are drawn (augmented_views > 0).",
+                                     choices=AUGMENTATIONS[1:])
+    view_minimum_scale: float = setting(0.35, "Smallest crop area (fraction of the image) of an augmented view.",
+                                        minimum=0.05, maximum=1)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,8 @@ class TrainConfig:
     momentum: float = setting(0.9, "SGD momentum.", minimum=0, maximum=1)
     weight_decay: float = setting(5e-4, "Weight decay.", minimum=0)
     schedule: str = setting("cosine", "Learning-rate schedule (step replicates the notebook: StepLR).", choices=SCHEDULES)
-    warmup_epochs: float = setting(1.0, "Linear warmup length in epochs (cosine schedule).", minimum=0)
+    warmup_epochs: float = setting(1.0, "Warmup length in epochs (linear from 0; onecycle: cosine up from lr/25).",
+                                   minimum=0)
     step_size: int = setting(7, "StepLR period in epochs (schedule = step).", minimum=1)
     step_gamma: float = setting(0.1, "StepLR decay factor (schedule = step).", minimum=0, maximum=1)
     label_smoothing: float = setting(0.1, "Label smoothing of the cross-entropy loss.", minimum=0, maximum=1)
@@ -110,6 +117,13 @@ class TrainConfig:
     patience: int = setting(0, "Stop after this many epochs without a better val accuracy; 0 never stops early.",
                             minimum=0)
     input_size: int = setting(0, "Input crop in pixels; 0 uses the backbone's native size.", minimum=0)
+    minimum_crop_scale: float = setting(0.35, "Smallest image area a random-resized crop keeps (crop-flip and policies).",
+                                        minimum=0.01, maximum=1)
+    stored_size: int = setting(0, "Side of the square uint8 image cache decoded once; 0 = the eval resize size "
+                                  "(e.g. 256 for a 224 crop). Smaller, such as 64 for 64 px thumbnails, is upscaled "
+                                  "per batch.", minimum=0)
+    ema_decay: float = setting(0.0, "Validate, select and test an exponential moving average of the weights with "
+                                    "this per-step decay; 0 = off.", minimum=0, maximum=1)
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,9 @@ class FinetuneConfig(TrainConfig):
     backbones: list = setting(["resnet18", "efficientnet-b5"], "Pretrained backbones fine-tuned end to end.")
     backbone_lr_multiplier: float = setting(0.1, "Backbone learning rate = lr x this.", minimum=0)
     freeze_bn_stats: bool = setting(False, "Keep BatchNorm running statistics fixed while fine-tuning.")
-    linear_probe_epochs: int = setting(0, "Train only the new head for this many epochs first (LP-FT).", minimum=0)
+    linear_probe: bool = setting(False, "Fit the new head on frozen features first (LP-FT), then fine-tune from it.")
+    probe_weight_decays: list = setting([1e-4, 1e-3, 1e-2], "L2 strengths of the linear probe (full-batch L-BFGS); "
+                                        "the best on val initialises the head.")
 
 
 @dataclass(frozen=True)
@@ -132,6 +148,9 @@ class CnnConfig(TrainConfig):
 @dataclass(frozen=True)
 class ReportConfig:
     title: str = setting("Flowers-102: scratch vs frozen extractor vs fine-tuning", "Report title.")
+    confused_pairs: int = setting(10, "Most-confused class pairs of the best arm listed by name.", minimum=0)
+    lowest_classes: int = setting(10, "Lowest-accuracy classes of the best arm listed by name.", minimum=0)
+    dpi: int = setting(100, "Resolution of the report's figures (dots per inch).", minimum=30, maximum=300)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ class DatasetIndex:
     class_names: list
     image_ids: dict      # split -> numpy int array (1-based official ids)
     labels: dict         # split -> numpy int array (0-based)
+    skipped: tuple = ()  # (file name, reason) of unreadable images dropped by [data] skip_bad_images
 
     def paths(self, split: str) -> list[Path]:
         return [image_path(self.folder, image_id) for image_id in self.image_ids[split]]
@@ -115,13 +116,15 @@ class DatasetIndex:
     def to_json(self) -> dict:
         return {"folder": str(self.folder), "class_names": self.class_names,
                 "image_ids": {split: ids.tolist() for split, ids in self.image_ids.items()},
-                "labels": {split: labels.tolist() for split, labels in self.labels.items()}}
+                "labels": {split: labels.tolist() for split, labels in self.labels.items()},
+                "skipped": [list(item) for item in self.skipped]}
 
     @classmethod
     def from_json(cls, value: dict) -> "DatasetIndex":
         return cls(folder=Path(value["folder"]), class_names=list(value["class_names"]),
                    image_ids={split: numpy.asarray(ids, dtype=numpy.int64) for split, ids in value["image_ids"].items()},
-                   labels={split: numpy.asarray(labels, dtype=numpy.int64) for split, labels in value["labels"].items()})
+                   labels={split: numpy.asarray(labels, dtype=numpy.int64) for split, labels in value["labels"].items()},
+                   skipped=tuple(tuple(item) for item in value.get("skipped", [])))
 
 
 def _load_mat(path: Path) -> dict:
@@ -152,8 +155,12 @@ def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
     labels_mat = _load_mat(folder / "imagelabels.mat")
     if "labels" not in labels_mat:
         raise DataError(f"{folder / 'imagelabels.mat'} has no 'labels' variable; use the official file")
-    labels = numpy.asarray(labels_mat["labels"]).astype(numpy.int64).reshape(-1)
-    if labels.ndim != 1 or len(labels) != settings.expected_images:
+    labels = numpy.atleast_1d(numpy.asarray(labels_mat["labels"]))
+    if labels.ndim != 1:
+        raise DataError(f"{folder / 'imagelabels.mat'} 'labels' has shape {labels.shape}, expected one row of "
+                        f"{settings.expected_images}; use the official file")
+    labels = labels.astype(numpy.int64)
+    if len(labels) != settings.expected_images:
         raise DataError(f"{folder / 'imagelabels.mat'} lists {len(labels)} labels, expected {settings.expected_images} "
                         "([data] expected_images)")
     if labels.min() < 1 or labels.max() > settings.num_classes:
@@ -170,7 +177,11 @@ def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
         key = SPLIT_KEYS[split]
         if key not in split_mat:
             raise DataError(f"{folder / 'setid.mat'} has no '{key}' variable; use the official file")
-        ids = numpy.atleast_1d(numpy.asarray(split_mat[key])).astype(numpy.int64).reshape(-1)
+        ids = numpy.atleast_1d(numpy.asarray(split_mat[key]))
+        if ids.ndim != 1:
+            raise DataError(f"{folder / 'setid.mat'} '{key}' has shape {ids.shape}, expected one row of image ids; "
+                            "use the official file")
+        ids = ids.astype(numpy.int64)
         if len(ids) != expected_size:
             raise DataError(f"{folder / 'setid.mat'} split {split} has {len(ids)} images, expected {expected_size} "
                             "([data] expected_split_sizes)")
@@ -186,5 +197,34 @@ def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
                             f"{image_path(folder, missing[0])}; re-extract 102flowers.tgz")
         image_ids[split] = ids
         split_labels[split] = labels[ids - 1] - 1
+    skipped = []
+    if settings.check_images:
+        bad = unreadable_images(folder, sorted(seen))
+        if bad and not settings.skip_bad_images:
+            image_id, reason = bad[0]
+            raise DataError(f"{len(bad)} unreadable image(s), e.g. {image_path(folder, image_id)} ({reason}); replace "
+                            "them from 102flowers.tgz, or set [data] skip_bad_images = true to leave them out")
+        for split in SPLITS:
+            keep = ~numpy.isin(image_ids[split], [image_id for image_id, _ in bad])
+            image_ids[split], split_labels[split] = image_ids[split][keep], split_labels[split][keep]
+        skipped = [(image_path(folder, image_id).name, reason) for image_id, reason in bad]
     return DatasetIndex(folder=folder.resolve(), class_names=class_names(settings.num_classes),
-                        image_ids=image_ids, labels=split_labels)
+                        image_ids=image_ids, labels=split_labels, skipped=tuple(skipped))
+
+
+def unreadable_images(folder: Path, image_ids) -> list[tuple[int, str]]:
+    """(id, reason) for every image that does not decode completely.
+
+    JPEG draft mode decodes at a reduced DCT scale, so the whole stream is read (truncation is
+    caught) at a fraction of the cost of a full decode.
+    """
+    from PIL import Image
+    bad = []
+    for image_id in image_ids:
+        try:
+            with Image.open(image_path(folder, image_id)) as image:
+                image.draft("RGB", (32, 32))
+                image.load()
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+            bad.append((int(image_id), f"{type(error).__name__}: {str(error)[:80]}"))
+    return bad

@@ -21,6 +21,7 @@ def plan(config: Config, graph) -> list[Unit]:
     settings = {"folder": str(folder), "check_md5": config.data.check_md5, "num_classes": config.data.num_classes,
                 "expected_images": config.data.expected_images,
                 "expected_split_sizes": list(config.data.expected_split_sizes),
+                "check_images": config.data.check_images, "skip_bad_images": config.data.skip_bad_images,
                 # Content, not just the path: other data behind the same path must rebuild downstream.
                 "fingerprint": data.fingerprint(folder)}
     return [Unit(stage="download", name=UNIT, code_version="1", settings=settings)]
@@ -41,11 +42,15 @@ def build(context: BuildContext) -> BuildResult:
         data.download(root)
         folder = data.dataset_folder(root)
         index = data.verify(folder, config.data)
+    if index.skipped:
+        context.log(f"[download] warning: skipped {len(index.skipped)} unreadable image(s): "
+                    + ", ".join(f"{name} ({reason})" for name, reason in index.skipped))
     cache.write_json_atomic(context.directory / INDEX, index.to_json())
     sizes = {split: int(len(index.image_ids[split])) for split in data.SPLITS}
     context.log("[download] verified " + ", ".join(f"{split} {size}" for split, size in sizes.items())
                 + f" images in {folder}")
-    return BuildResult(files=[INDEX], metrics={"split_sizes": sizes, "num_classes": len(index.class_names)},
+    return BuildResult(files=[INDEX], metrics={"split_sizes": sizes, "num_classes": len(index.class_names),
+                                               "skipped_images": len(index.skipped)},
                        extra={"folder": str(folder)})
 
 

@@ -105,3 +105,41 @@ def test_fingerprint_tracks_content(fake_flowers):
     (folder / "jpg" / "image_00001.jpg").write_bytes(b"x" * 10)
     assert data.fingerprint(folder) != before
     assert data.fingerprint(folder / "absent") == "absent"
+
+
+def _truncate(path):
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+
+@pytest.mark.parametrize("damage", [_truncate, lambda path: path.write_bytes(b"\xff\xd8 not really a jpeg")])
+def test_corrupt_image_is_named_or_skipped_when_allowed(fake_flowers, damage):
+    folder = _folder(fake_flowers)
+    victim = sorted((folder / "jpg").iterdir())[3]
+    damage(victim)
+    with pytest.raises(data.DataError) as caught:
+        data.verify(folder, FAKE)
+    assert victim.name in str(caught.value) and "skip_bad_images" in str(caught.value)
+    lenient = DataConfig(check_md5=False, num_classes=6, expected_images=84, expected_split_sizes=[24, 24, 36],
+                         skip_bad_images=True)
+    index = data.verify(folder, lenient)
+    assert [name for name, _ in index.skipped] == [victim.name]
+    assert sum(len(ids) for ids in index.image_ids.values()) == 83
+    assert all(victim not in index.paths(split) for split in data.SPLITS)
+
+
+def test_mat_files_with_wrong_shape_are_rejected(fake_flowers):
+    folder = _folder(fake_flowers)
+    labels = loadmat(folder / "imagelabels.mat")["labels"]
+    savemat(folder / "imagelabels.mat", {"labels": labels.reshape(2, -1)})
+    with pytest.raises(data.DataError, match=r"imagelabels.mat 'labels' has shape \(2, 42\)"):
+        data.verify(folder, FAKE)
+
+
+def test_split_ids_with_wrong_shape_are_rejected(fake_flowers):
+    folder = _folder(fake_flowers)
+    split = loadmat(folder / "setid.mat", squeeze_me=True)
+    split["tstid"] = split["tstid"].reshape(6, 6)
+    savemat(folder / "setid.mat", {key: split[key] for key in ("trnid", "valid", "tstid")})
+    with pytest.raises(data.DataError, match=r"'tstid' has shape \(6, 6\)"):
+        data.verify(folder, FAKE)

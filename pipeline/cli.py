@@ -61,13 +61,14 @@ def run_all(argv: list[str] | None = None) -> int:
         arguments = parser("Run every stage of the study, skipping valid ones.").parse_args(argv)
         started = time.perf_counter()
         study = graph.Graph(load(arguments))
-        for name, stage in graph.stages().items():
+        for name in graph.stages():
             study.run(name, force=arguments.force)
-            if name == "report" and hasattr(stage, "summary"):
-                print(stage.summary(study))
         missing = graph.stages_not_built()
         note = f"; not built yet: {', '.join(missing)}" if missing else ""
         print(f"all stages valid ({time.perf_counter() - started:.1f} s){note}")
+        if "report" not in missing:
+            from . import report
+            print(report.summary(study))
     return guarded(action)
 
 

@@ -90,11 +90,19 @@ class HeadsConfig:
     kinds: list = setting(["softmax", "logistic"], "Linear heads trained on cached features.", choices=HEAD_KINDS)
     fit_on: str = setting("train", "Final fit on train only, or on train+val with the hyper-parameters chosen on val.",
                           choices=("train", "train+val"))
-    softmax_weight_decays: list = setting([1e-4, 1e-3, 1e-2], "Softmax head weight decays tried on val.")
+    normalizations: list = setting(["none"], "Feature normalisations tried on val (statistics from the fit rows only).",
+                                   choices=("none", "standardize", "l2", "l2-standardize"))
+    use_augmented_views: bool = setting(True, "Also fit on the cached augmented training views, when the features have them.")
+    softmax_weight_decays: list = setting([0.0, 1.0, 3.0], "Softmax head AdamW weight decays tried on val.", minimum=0)
     softmax_epochs: int = setting(100, "Maximum softmax-head epochs (the best epoch is chosen on val).", minimum=1)
-    softmax_lr: float = setting(1e-3, "Softmax head learning rate (AdamW).", minimum=0)
-    logistic_cs: list = setting([0.1, 1.0, 10.0], "Inverse regularisation strengths C tried on val (scikit-learn).")
+    softmax_lr: float = setting(3e-3, "Softmax head learning rate (AdamW, constant).", minimum=0)
+    softmax_batch_size: int = setting(256, "Softmax head mini-batch size.", minimum=1)
+    softmax_label_smoothing: float = setting(0.0, "Label smoothing of the softmax head's loss.", minimum=0, maximum=1)
+    logistic_cs: list = setting([0.3, 1.0, 3.0], "Inverse regularisation strengths C tried on val (scikit-learn).")
+    logistic_solver: str = setting("lbfgs", "scikit-learn solver of the (multinomial) logistic head.",
+                                   choices=("lbfgs", "newton-cg"))
     logistic_max_iter: int = setting(1000, "Iteration limit of the logistic solver.", minimum=1)
+    logistic_tolerance: float = setting(1e-4, "Stopping tolerance of the logistic solver.", minimum=0)
 
 
 @dataclass(frozen=True)

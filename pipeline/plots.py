@@ -1,0 +1,158 @@
+"""The report's figures as PNG bytes (matplotlib's Agg canvas, no pyplot state, no display needed)."""
+from __future__ import annotations
+
+import io
+
+import numpy
+
+METHOD_STYLE = {"scratch": ("tab:red", "s"), "frozen": ("tab:blue", "o"), "finetune": ("tab:green", "^")}
+END_TO_END = ("scratch", "finetune")
+
+
+def _figure(width: float, height: float, rows: int = 1, columns: int = 1):
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(width, height))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    return figure, axes
+
+
+def _png(figure, dpi: int) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
+    """Scatter of test top-1 against total seconds, one marker per present arm, labelled by name."""
+    points = [r for r in records if r["status"] == "ok" and r["test_top1"] is not None
+              and r["total_seconds"] is not None and r["total_seconds"] > 0]
+    if not points:
+        return None
+    figure, axes = _figure(8, 5)
+    axis = axes[0, 0]
+    for method, (colour, marker) in METHOD_STYLE.items():
+        chosen = [r for r in points if r["method"] == method]
+        if chosen:
+            axis.scatter([r["total_seconds"] for r in chosen], [100 * r["test_top1"] for r in chosen],
+                         color=colour, marker=marker, s=60, label=method, zorder=3)
+    times = [r["total_seconds"] for r in points]
+    logarithmic = max(times) / min(times) > 20     # frozen heads take seconds, end-to-end training far longer
+    if logarithmic:
+        axis.set_xscale("log")
+    placed = []
+    for record in points:
+        x = numpy.log10(record["total_seconds"]) if logarithmic else record["total_seconds"]
+        position = numpy.array([x, 100 * record["test_top1"]])
+        # Labels of points that nearly coincide would print over each other: step each one down a line.
+        span = numpy.ptp(numpy.log10(times) if logarithmic else times) or 1.0
+        crowded = sum(abs(x - other[0]) < 0.15 * span and abs(position[1] - other[1]) < 3 for other in placed)
+        placed.append(position)
+        axis.annotate(record["arm"], (record["total_seconds"], 100 * record["test_top1"]), fontsize=8,
+                      textcoords="offset points", xytext=(5, 4 - 11 * crowded))
+    # At least a few points of headroom: a tight axis would blow 0.5-point gaps up to the full height.
+    scores = [100 * r["test_top1"] for r in points]
+    axis.set_ylim(max(0.0, min(scores) - 5), min(100.0, max(scores) + 5))
+    axis.set_xlabel("total seconds")
+    axis.set_ylabel("test top-1 %")
+    axis.set_title("Accuracy against time")
+    axis.grid(alpha=0.3)
+    axis.legend(title="method")
+    return _png(figure, dpi)
+
+
+def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes | None:
+    """Loss (left) and top-1 (right) per epoch, train and val, one row per end-to-end arm with a history."""
+    from matplotlib.ticker import MaxNLocator
+    arms = [r["arm"] for r in records if r["status"] == "ok" and r["method"] in END_TO_END
+            and results[r["arm"]].get("history")]
+    if not arms:
+        return None
+    figure, axes = _figure(11, 3.2 * len(arms), rows=len(arms), columns=2)
+    for row, arm in enumerate(arms):
+        history = results[arm]["history"]
+        epochs = [entry.get("epoch", number + 1) for number, entry in enumerate(history)]
+        for column, (quantity, scale) in enumerate((("loss", 1), ("top1", 100))):
+            axis = axes[row, column]
+            for split, style in (("train", "--"), ("val", "-")):
+                values = [entry.get(f"{split}_{quantity}") for entry in history]
+                if any(value is not None for value in values):
+                    axis.plot(epochs, [numpy.nan if value is None else scale * value for value in values],
+                              style, marker=".", label=split)
+            best = results[arm].get("best_epoch") or (results[arm].get("selected") or {}).get("best_epoch")
+            if best:
+                axis.axvline(best, color="grey", linestyle=":", label=f"best on val ({best})")
+            axis.set_title(f"{arm}: {'loss' if quantity == 'loss' else 'top-1 %'}", fontsize=10)
+            axis.set_xlabel("epoch")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    return _png(figure, dpi)
+
+
+def per_class_accuracy(arm: str, accuracy: list, class_names: list, dpi: int = 100) -> bytes | None:
+    """Bar per class (sorted, lowest first, named), with the mean per-class accuracy as a dashed line."""
+    pairs = sorted((value, name) for value, name in zip(accuracy, class_names) if value is not None)
+    if not pairs:
+        return None
+    figure, axes = _figure(max(8, 0.13 * len(pairs)), 4.5)
+    axis = axes[0, 0]
+    values = [100 * value for value, _ in pairs]
+    axis.bar(range(len(pairs)), values, color="tab:blue", width=0.8)
+    axis.axhline(float(numpy.mean(values)), color="black", linestyle="--", linewidth=1)
+    axis.set_xticks(range(len(pairs)), [name for _, name in pairs], rotation=90, fontsize=6)
+    axis.set_xlim(-0.7, len(pairs) - 0.3)
+    axis.set_ylim(0, 100)
+    axis.set_ylabel("test accuracy %")
+    axis.set_title(f"Per-class test accuracy of {arm}")
+    return _png(figure, dpi)
+
+
+def confusion_matrix(arm: str, matrix: list, class_names: list, dpi: int = 100) -> bytes | None:
+    """Image of the confusion matrix, each row divided by its true class's test count."""
+    from matplotlib.colors import PowerNorm
+    counts = numpy.asarray(matrix, dtype=float)
+    if counts.ndim != 2 or counts.size == 0:
+        return None
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = numpy.divide(counts, rows, out=numpy.zeros_like(counts), where=rows > 0)
+    size = len(counts)
+    figure, axes = _figure(9, 8)
+    axis = axes[0, 0]
+    # A square-root colour scale, so the few-percent confusions stay visible beside a bright diagonal.
+    image = axis.imshow(normalised, cmap="viridis", norm=PowerNorm(gamma=0.5, vmin=0, vmax=1),
+                        interpolation="nearest")
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the true class (square-root scale)")
+    if size <= 30:      # names stay readable up to about 30 classes; beyond that, label numbers
+        axis.set_xticks(range(size), class_names, rotation=90, fontsize=7)
+        axis.set_yticks(range(size), class_names, fontsize=7)
+    else:
+        ticks = list(range(0, size, 10))
+        axis.set_xticks(ticks, [str(tick) for tick in ticks])
+        axis.set_yticks(ticks, [str(tick) for tick in ticks])
+    axis.set_xlabel("predicted class (label)")
+    axis.set_ylabel("true class (label)")
+    axis.set_title(f"Confusion matrix of {arm} (test)")
+    return _png(figure, dpi)
+
+
+def draw_all(study) -> dict[str, bytes]:
+    """Every figure the study has data for, by file name (the samples stage's PNGs are copied as they are)."""
+    dpi = study.options.dpi
+    images: dict[str, bytes] = {}
+    if study.samples_directory is not None:
+        for name in ("grid.png", "class_distribution.png"):
+            path = study.samples_directory / name
+            if path.is_file():
+                images[name] = path.read_bytes()
+    drawn = {"accuracy_vs_time.png": accuracy_against_time(study.records, dpi),
+             "learning_curves.png": learning_curves(study.records, study.results, dpi)}
+    if study.best is not None:
+        result = study.results[study.best["arm"]]
+        names = result.get("class_names") or []
+        drawn["per_class_accuracy.png"] = per_class_accuracy(study.best["arm"], result.get("per_class_accuracy") or [],
+                                                             names, dpi)
+        if names and result.get("confusion_matrix"):
+            drawn["confusion_matrix.png"] = confusion_matrix(study.best["arm"], result["confusion_matrix"], names, dpi)
+    images.update({name: png for name, png in drawn.items() if png is not None})
+    return images

@@ -8,11 +8,14 @@ last, atomically, so a run killed at any point leaves a unit that reads as inval
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -54,10 +57,50 @@ def _fsync_directory(path: Path) -> None:
 
 
 def _explain_os_error(error: OSError, path: Path) -> CacheError:
-    reason = {28: "the disk is full", 13: "permission denied", 30: "the file system is read-only"}.get(
+    reason = {28: "the disk is full", 13: "permission denied", 30: "the file system is read-only",
+              20: "a folder on its path is a file"}.get(
         error.errno, error.strerror or str(error))
     return CacheError(f"cannot write {path}: {reason}; free space or point [cache] root at a writable folder "
                       "(earlier valid artifacts were left untouched)")
+
+
+# Library errors that mean "the bytes did not reach the disk" without being an OSError: torch.save
+# raises RuntimeError from its C++ writer when the disk fills up.
+_WRITE_FAILURE_MESSAGES = ("iostream error", "failed writing file", "file write failed")
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """The message of a library write failure in `error` or the errors it arose from, if there is one."""
+    while error is not None:
+        if any(message in str(error) for message in _WRITE_FAILURE_MESSAGES):
+            return str(error).strip().splitlines()[-1]
+        error = error.__context__
+    return None
+
+# Test hook, not a user setting: PIPELINE_FAULT="<glob>:<action>[:<n>]" makes the n-th atomic write
+# (1st by default) whose full destination path matches <glob> fail on purpose, so the reliability
+# tests can interrupt the real stages at exact points. Actions:
+#   kill        SIGKILL once the temporary file is written, before fsync and rename ("inside" the write)
+#   kill-after  SIGKILL just after the rename (between two writes, e.g. between training epochs)
+#   enospc      raise OSError(ENOSPC) before the rename, where a full disk reports it on fsync
+#   full        point the temporary file at /dev/full, so the library's own write hits a real ENOSPC
+FAULT_VARIABLE = "PIPELINE_FAULT"
+FAULT_ACTIONS = ("kill", "kill-after", "enospc", "full")
+_fault_matches: dict[str, int] = {}
+
+
+def _planned_fault(path: Path) -> str | None:
+    """The action PIPELINE_FAULT asks for on this write of `path`, if any (counts matching writes)."""
+    spec = os.environ.get(FAULT_VARIABLE)
+    if not spec:
+        return None
+    pattern, action, *occurrence = spec.split(":")
+    if action not in FAULT_ACTIONS:
+        raise CacheError(f"{FAULT_VARIABLE}={spec!r}: action must be one of {', '.join(FAULT_ACTIONS)}")
+    if not fnmatch.fnmatch(str(path), pattern):
+        return None
+    _fault_matches[spec] = _fault_matches.get(spec, 0) + 1
+    return action if _fault_matches[spec] == int(occurrence[0] if occurrence else 1) else None
 
 
 @contextlib.contextmanager
@@ -76,8 +119,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as error:
         raise _explain_os_error(error, path) from None
     temporary = Path(temporary_name)
+    fault = _planned_fault(path)
+    if fault == "full":
+        temporary.unlink()
+        temporary.symlink_to("/dev/full")
     try:
         yield temporary
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault in ("enospc", "full"):      # some writers (numpy.save) only notice a full disk at fsync
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -85,9 +136,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise _explain_os_error(error, path) from None
+    except RuntimeError as error:
+        temporary.unlink(missing_ok=True)
+        failure = _write_failure(error)
+        if failure is None or isinstance(error, CacheError):
+            raise
+        raise CacheError(f"cannot write {path}: the write failed ({failure}), most "
+                         "likely because the disk is full; free space or point [cache] root at a writable folder "
+                         "(earlier valid artifacts were left untouched)") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    if fault == "kill-after":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def sweep_temporary_files(directory: Path) -> list[str]:

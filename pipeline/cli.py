@@ -49,6 +49,7 @@ def run_stage(name: str, argv: list[str] | None = None) -> int:
         stage = graph.get_stage(name)
         arguments = parser(f"{name}: {stage.description}").parse_args(argv)
         study = graph.Graph(load(arguments))
+        study.validate([name])
         study.run(name, force=arguments.force)
     return guarded(action)
 
@@ -61,6 +62,7 @@ def run_all(argv: list[str] | None = None) -> int:
         arguments = parser("Run every stage of the study, skipping valid ones.").parse_args(argv)
         started = time.perf_counter()
         study = graph.Graph(load(arguments))
+        study.validate(graph.stages())
         for name in graph.stages():
             study.run(name, force=arguments.force)
         missing = graph.stages_not_built()

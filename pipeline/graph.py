@@ -106,7 +106,9 @@ def stages() -> dict[str, Stage]:
             if error.name != module:
                 raise
             _NOT_BUILT.append(module.rsplit(".", 1)[1])
-    return dict(_REGISTRY)
+    # Graph order is STAGE_MODULES order, whatever order imports happened to register them in.
+    order = [module.rsplit(".", 1)[1] for module in STAGE_MODULES]
+    return dict(sorted(_REGISTRY.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
 
 def stages_not_built() -> list[str]:
@@ -138,6 +140,18 @@ class Graph:
             stage = get_stage(stage_name)
             self._plans[stage_name] = list(stage.plan(self.config, self))
         return self._plans[stage_name]
+
+    def validate(self, stage_names) -> None:
+        """Plan every named stage (and so its inputs) now, so a bad setting fails before any work starts.
+
+        The plans are then forgotten: keys can change once the download stage has built (its data
+        fingerprint), and plans made before that would carry stale input keys.
+        """
+        try:
+            for name in stage_names:
+                self.units(name)
+        finally:
+            self._plans.clear()
 
     def unit(self, stage_name: str, unit_name: str) -> Unit:
         for unit in self.units(stage_name):

@@ -65,7 +65,7 @@ def test_invalidating_an_input_rebuilds_its_dependents(tiny_config):
     again.run("samples")
     assert "[download] flowers-102: building (no manifest)" in lines
     assert any("[samples] flowers-102: building (input download/flowers-102 was rebuilt)" in line for line in lines)
-    with pytest.raises(StageError, match="unknown stage 'sample'; valid stages: download, samples"):
+    with pytest.raises(StageError, match="unknown stage 'sample'; valid stages: download, samples, features, heads"):
         again.invalidate("sample")
 
 

@@ -1,0 +1,57 @@
+"""The cnn stage: a CNN trained from scratch on the training split (the "scratch" arm).
+
+One unit named by [cnn] architecture ("bn-cnn", or "notebook" for the reconstructed original net),
+keyed by the [cnn] settings, the number of classes, the seed, the precision and the device type.
+The architectures live in pipeline/models.py; the loop is pipeline/train.py, shared with fine-tuning.
+"""
+from __future__ import annotations
+
+from . import images, train
+from .config import Config
+from .download import load_index
+from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from .models import SCRATCH_PREPROCESSING, build_scratch_model
+from .runtime import Timings, resolve_runtime, seed_everything
+from .transforms import crop_sizes
+
+CODE_VERSION = "1"
+
+
+def plan(config: Config, graph) -> list[Unit]:
+    runtime = resolve_runtime(config.runtime)
+    settings = {"cnn": config.section("cnn"), "num_classes": config.data.num_classes, "seed": config.runtime.seed,
+                "precision": runtime.precision, "device": runtime.device_type}
+    return [Unit(stage="cnn", name=config.cnn.architecture, code_version=CODE_VERSION, settings=settings,
+                 inputs=(("download", graph.units("download")[0]),))]
+
+
+def build(context: BuildContext) -> BuildResult:
+    config = context.config
+    settings = config.cnn
+    architecture = context.unit.name
+    runtime = resolve_runtime(config.runtime)
+    seed_everything(runtime.seed)          # the initial weights come from this seed
+    timings = Timings(runtime)
+    input_size = settings.input_size or SCRATCH_PREPROCESSING.input_size
+    stored_size = settings.stored_size or crop_sizes(SCRATCH_PREPROCESSING, input_size)[0]
+    with timings.phase("data"):
+        index = load_index(context.input_directory("download"))
+        folder = images.store_folder(context.cache_root, context.unit.input("download").key, stored_size)
+        sets = images.load_image_sets(index, folder, stored_size, SCRATCH_PREPROCESSING, input_size, context.log)
+    model = build_scratch_model(settings, config.data.num_classes, input_size)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    context.log(f"[cnn] {architecture}: {parameters / 1e6:.2f} M parameters at {input_size} px")
+    resume = train.read_checkpoint(context.directory / train.CHECKPOINT, context.unit.key, context.log)
+    result = train.fit(model, [{"name": "model", "params": list(model.parameters()), "lr_scale": 1.0}],
+                       sets["train"], sets["val"], settings, runtime, checkpoint=context.directory / train.CHECKPOINT,
+                       key=context.unit.key, label=f"cnn {architecture}", log=context.log, resume=resume)
+    record = {"arm": f"scratch-{architecture}", "method": "scratch", "backbone": architecture, "head": "none",
+              "input_size": input_size, "stored_size": stored_size, "train_images": len(sets["train"]),
+              "class_names": index.class_names, "selected": {"best_epoch": result.best_epoch},
+              "parameters": parameters}
+    return train.finish_arm(context, model, result, sets["test"], runtime, settings, record,
+                            {"data_seconds": timings.seconds.get("data", 0.0)})
+
+
+STAGE = register_stage(Stage(name="cnn", description="Train a CNN from scratch (best epoch on val).",
+                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build))

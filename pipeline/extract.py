@@ -1,0 +1,259 @@
+"""Frozen-backbone feature extraction into one resumable HDF5 file, and reading it back.
+
+File layout (FORMAT_VERSION 1), one file per backbone + preprocessing:
+
+    /<group>/features   float32 [N, D]  pooled penultimate features (the input of the removed head)
+    /<group>/labels     int64   [N]     0-based class labels
+    /<group>/image_ids  int64   [N]     official 1-based Flowers-102 image ids
+    /<group>/views      int64   [N]     0 = the weights' eval crop, 1..K = augmented view number
+
+`<group>` is train, val and test (eval crop, one row per image, in setid.mat order) and, when
+augmented views are asked for, train_augmented (K rows per training image, view-major). Root
+attributes: format_version, complete, unit_key, backbone, weights_id, weights_sha256, input_size,
+resize_size, preprocessing (JSON), precision, channels_last, device, augmented_views,
+view_augmentation, seed, feature_dim, class_names (JSON), model_load_seconds and timings (JSON:
+per group seconds, images, images_per_second). Each group also carries rows_done and seconds.
+
+Rows are written batch by batch into a `.partial` file that is renamed to its final name only once
+every group is complete, so a killed extraction never leaves a file that reads as complete, memory
+stays flat in the dataset size, and a rerun resumes after the last flushed batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import PipelineError
+
+FORMAT_VERSION = 1
+GROUP_FIELDS = ("features", "labels", "image_ids", "views")
+
+
+class FeaturesFileError(PipelineError, RuntimeError):
+    """A features file that is missing, incomplete or malformed, or an image it is made from that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One group of rows to extract: which images, with which transform, and what to record."""
+    group: str
+    paths: list                  # image file per row
+    labels: numpy.ndarray        # int64 [N]
+    image_ids: numpy.ndarray     # int64 [N]
+    views: numpy.ndarray         # int64 [N]; 0 = eval crop
+    transform: Callable
+    seed: int | None = None      # per-row seeding for random (augmented) transforms
+
+
+class ImageDataset(Dataset):
+    """Images of one job as transformed tensors; rows with a seed draw their augmentation reproducibly."""
+
+    def __init__(self, job: Job, start: int = 0):
+        self.job = job
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.job.paths) - self.start
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        from PIL import Image
+        row = self.start + position
+        try:
+            with Image.open(self.job.paths[row]) as image:
+                image = image.convert("RGB")
+        except OSError as error:
+            raise FeaturesFileError(f"cannot read image {self.job.paths[row]} ({error}); "
+                                    "replace it with the original file") from None
+        if self.job.seed is None:
+            return self.job.transform(image)
+        # Seeded by (seed, row), not by worker or order, so a resumed run redraws identical views.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.job.seed * 1_000_003 + row)
+            return self.job.transform(image)
+
+
+def uint8_transform(transform) -> tuple[Callable, tuple, tuple]:
+    """Split a torchvision pipeline ending in ToTensor + Normalize into a uint8 part and (mean, std).
+
+    Workers then ship uint8 images (4x less to copy) and the float conversion and normalisation run
+    batched where the model runs; the arithmetic (x / 255 - mean) / std is the same.
+    """
+    from torchvision import transforms as tv
+    steps = list(transform.transforms)
+    if len(steps) < 2 or not isinstance(steps[-2], tv.ToTensor) or not isinstance(steps[-1], tv.Normalize):
+        raise ValueError("expected a transform ending in ToTensor() and Normalize()")
+    return tv.Compose(steps[:-2] + [tv.PILToTensor()]), tuple(steps[-1].mean), tuple(steps[-1].std)
+
+
+def normalise(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float32 normalised as ToTensor + Normalize would."""
+    mean_tensor = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std_tensor = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean_tensor) / std_tensor
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No gradients and eval mode everywhere: BatchNorm uses and never updates its running statistics."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def extract_batches(model: nn.Module, loader, device: str, autocast: Callable, channels_last: bool,
+                    mean: tuple, std: tuple):
+    """Yield float32 numpy features of uint8 image batches; `model` is frozen here, whatever mode it arrives in."""
+    freeze(model)
+    with torch.inference_mode():
+        for images in loader:
+            images = normalise(images.to(device, non_blocking=True), mean, std)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                features = model(images)
+            yield features.float().cpu().numpy()
+
+
+def _open_partial(path: Path, key: str):
+    """The partial file for this key, reopened to resume, or a fresh one when absent, stale or damaged."""
+    import h5py
+    if path.exists():
+        try:
+            handle = h5py.File(path, "a")
+            if handle.attrs.get("unit_key") == key and handle.attrs.get("format_version") == FORMAT_VERSION:
+                return handle, True
+            handle.close()
+        except (OSError, RuntimeError, KeyError):
+            pass        # torn by a kill mid-write: start over
+        path.unlink()
+    handle = h5py.File(path, "w")
+    handle.attrs["unit_key"] = key
+    handle.attrs["format_version"] = FORMAT_VERSION
+    handle.attrs["complete"] = False
+    return handle, False
+
+
+def _prepare_group(handle, job: Job, feature_dim: int):
+    """The job's group, created with its labels/ids up front, or checked when resuming."""
+    if job.group in handle:
+        group = handle[job.group]
+        if (group["features"].shape == (len(job.paths), feature_dim)
+                and numpy.array_equal(group["image_ids"][:], job.image_ids)
+                and numpy.array_equal(group["views"][:], job.views)):
+            return group
+        del handle[job.group]
+    group = handle.create_group(job.group)
+    rows = len(job.paths)
+    # One chunk per ~64 rows keeps partial writes cheap and reads of a whole split contiguous enough.
+    group.create_dataset("features", shape=(rows, feature_dim), dtype="float32",
+                         chunks=(max(1, min(rows, 64)), feature_dim))
+    group.create_dataset("labels", data=numpy.asarray(job.labels, dtype=numpy.int64))
+    group.create_dataset("image_ids", data=numpy.asarray(job.image_ids, dtype=numpy.int64))
+    group.create_dataset("views", data=numpy.asarray(job.views, dtype=numpy.int64))
+    group.attrs["rows_done"] = 0
+    group.attrs["seconds"] = 0.0
+    return group
+
+
+def write_features(path: Path, key: str, jobs: list, model: nn.Module, feature_dim: int, *, device: str,
+                   autocast: Callable, channels_last: bool, batch_size: int, num_workers: int,
+                   attributes: dict, log: Callable[[str], None] = print, progress: bool | None = None) -> dict:
+    """Extract every job into `path` (resuming a matching partial file); returns per-group timings.
+
+    `attributes` are written on the root; timings are added as JSON. The file appears under `path`
+    only once complete (flushed and fsynced first). `progress=None` shows tqdm bars only on a terminal.
+    """
+    from tqdm import tqdm
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    handle, resumed = _open_partial(partial, key)
+    try:
+        for job in jobs:
+            group = _prepare_group(handle, job, feature_dim)
+            done = int(group.attrs["rows_done"])
+            total = len(job.paths)
+            if resumed and 0 < done < total:
+                log(f"[features] resuming {job.group} at row {done} of {total}")
+            if done >= total:
+                continue
+            pixels, mean, std = uint8_transform(job.transform)
+            loader = DataLoader(ImageDataset(dataclasses.replace(job, transform=pixels), start=done),
+                                batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                pin_memory=device.startswith("cuda"))
+            started = time.perf_counter()
+            bar = tqdm(total=total, initial=done, desc=f"{job.group:>15}", unit="img", leave=False,
+                       disable=None if progress is None else not progress, dynamic_ncols=True)
+            for batch in extract_batches(model, loader, device, autocast, channels_last, mean, std):
+                if batch.shape[1] != feature_dim:
+                    raise FeaturesFileError(f"backbone returned {batch.shape[1]} features per image, "
+                                            f"expected {feature_dim}; is its head stripped?")
+                group["features"][done:done + len(batch)] = batch
+                done += len(batch)
+                now = time.perf_counter()
+                group.attrs["rows_done"] = done
+                group.attrs["seconds"] = float(group.attrs["seconds"]) + now - started
+                started = now
+                handle.flush()          # what is flushed survives a kill and is not extracted again
+                bar.update(len(batch))
+            bar.close()
+        timings = {}
+        for job in jobs:
+            group = handle[job.group]
+            seconds = float(group.attrs["seconds"])
+            timings[job.group] = {"seconds": seconds, "images": len(job.paths),
+                                  "images_per_second": len(job.paths) / seconds if seconds > 0 else None}
+        for name, value in attributes.items():
+            handle.attrs[name] = value
+        handle.attrs["timings"] = json.dumps(timings)
+        handle.attrs["complete"] = True
+    finally:
+        handle.close()
+    with open(partial, "rb+") as stream:
+        os.fsync(stream.fileno())
+    os.replace(partial, path)
+    return timings
+
+
+def read_attributes(path: Path) -> dict:
+    """Root attributes of a complete features file, JSON fields decoded."""
+    import h5py
+    path = Path(path)
+    if not path.is_file():
+        raise FeaturesFileError(f"features file {path} is missing; run `make features` first")
+    with h5py.File(path, "r") as handle:
+        attributes = {name: _plain(value) for name, value in handle.attrs.items()}
+        groups = list(handle.keys())
+    if attributes.get("format_version") != FORMAT_VERSION or not attributes.get("complete"):
+        raise FeaturesFileError(f"{path} is not a complete features file (format {FORMAT_VERSION}); "
+                                "rerun `make features` to rebuild it")
+    for name in ("preprocessing", "timings", "class_names"):
+        if isinstance(attributes.get(name), str):
+            attributes[name] = json.loads(attributes[name])
+    attributes["groups"] = groups
+    return attributes
+
+
+def read_group(path: Path, group: str) -> dict:
+    """One group's arrays ({features, labels, image_ids, views}) fully in memory."""
+    import h5py
+    with h5py.File(path, "r") as handle:
+        if group not in handle:
+            raise FeaturesFileError(f"{path} has no group {group!r}; it holds {', '.join(handle.keys())}")
+        return {name: handle[group][name][:] for name in GROUP_FIELDS}
+
+
+def _plain(value):
+    """h5py attribute values as plain Python (numpy scalars -> int/float/bool, bytes -> str)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, numpy.generic):
+        return value.item()
+    return value

@@ -1,0 +1,154 @@
+"""The finetune stage: every pretrained backbone in [finetune] backbones trained end to end.
+
+One unit per backbone, keyed by the [finetune] settings (minus the backbone list), the sha256 of the
+weights file, the number of classes, the seed, the precision and the device type. Recipe: build the
+backbone with its weights, replace the head (`_fc` on EfficientNet), optionally fit that head first
+as a linear probe on frozen features (LP-FT: the L2 strength chosen on val), then train everything
+with the body at a lower LR, BatchNorm statistics optionally frozen, and keep the best epoch on val.
+Test is touched once, by the best-on-val weights.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cache, images, train
+from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint
+from .config import Config, ConfigError
+from .download import load_index
+from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from .models import build_finetune_model, finetune_groups
+from .runtime import Timings, resolve_runtime, seed_everything
+from .transforms import crop_sizes
+
+CODE_VERSION = "1"
+NOT_DOWNLOADED = "not-downloaded-yet"      # the build downloads, and the final key then has the real sha256
+PROBE_ITERATIONS = 500                     # L-BFGS iterations per L2 strength; converges well before on 1k rows
+
+
+def _weights_identity(config: Config, name: str, allow_download: bool) -> tuple[str | None, str]:
+    """(local weights path or None, what goes into the key: sha256, 'random-init' or NOT_DOWNLOADED)."""
+    spec = get_backbone(name)
+    if spec.weights is None:
+        return None, "random-init"
+    try:
+        path = resolve_weights(spec, config.weights.get(name), allow_download=allow_download)
+    except WeightsUnavailableError:
+        if allow_download or config.weights.get(name) is not None:
+            raise
+        return None, NOT_DOWNLOADED
+    return str(path), weights_fingerprint(path)
+
+
+def _settings(config: Config, name: str, weights: str, precision: str, device_type: str) -> dict:
+    section = config.section("finetune")
+    section.pop("backbones")     # adding a backbone to the list must not retrain the others
+    return {"backbone": name, "finetune": section, "weights_sha256": weights, "num_classes": config.data.num_classes,
+            "seed": config.runtime.seed, "precision": precision, "device": device_type}
+
+
+def plan(config: Config, graph) -> list[Unit]:
+    settings = config.finetune
+    if settings.linear_probe and (not settings.probe_weight_decays or min(settings.probe_weight_decays) < 0):
+        raise ConfigError("[finetune] probe_weight_decays must list at least one value >= 0 when linear_probe = true")
+    runtime = resolve_runtime(config.runtime)
+    download = graph.units("download")[0]
+    return [Unit(stage="finetune", name=name, code_version=CODE_VERSION,
+                 settings=_settings(config, name, _weights_identity(config, name, False)[1], runtime.precision,
+                                    runtime.device_type),
+                 inputs=(("download", download),))
+            for name in settings.backbones]
+
+
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
+                    label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [classes, dim], bias) minimising smoothed cross-entropy + weight_decay/2 |W|^2, full-batch L-BFGS."""
+    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=PROBE_ITERATIONS, history_size=20,
+                                  tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight.T + bias, labels, label_smoothing=label_smoothing)
+        loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def linear_probe(model: nn.Module, spec, sets: dict, settings, runtime, log) -> dict:
+    """Fit the new head on frozen features (eval mode, no augmentation), choosing its L2 strength on val."""
+    started = time.perf_counter()
+    head = getattr(model, spec.head_attribute)
+    setattr(model, spec.head_attribute, nn.Identity())
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    features = {split: train.predict(model, sets[split].to(runtime.device), runtime, 2 * settings.batch_size).cpu()
+                for split in ("train", "val")}
+    setattr(model, spec.head_attribute, head)
+    num_classes = head.out_features
+    best = None
+    for weight_decay in settings.probe_weight_decays:
+        weight, bias = fit_linear_head(features["train"], sets["train"].labels, num_classes, weight_decay,
+                                       settings.label_smoothing)
+        val_top1 = float(((features["val"] @ weight.T + bias).argmax(1) == sets["val"].labels).float().mean())
+        log(f"[finetune] {spec.name}: linear probe weight decay {weight_decay:g}: val top-1 {val_top1:.4f}")
+        if best is None or val_top1 > best[0]:
+            best = (val_top1, weight_decay, weight, bias)
+    val_top1, weight_decay, weight, bias = best
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.device))
+        head.bias.copy_(bias.to(head.bias.device))
+    return {"weight_decay": weight_decay, "val_top1": val_top1, "seconds": time.perf_counter() - started}
+
+
+def build(context: BuildContext) -> BuildResult:
+    config = context.config
+    settings = config.finetune
+    name = context.unit.name
+    runtime = resolve_runtime(config.runtime)
+    seed_everything(runtime.seed)
+    timings = Timings(runtime)
+    spec = get_backbone(name)
+    with timings.phase("weights"):
+        weights_path, weights_sha256 = _weights_identity(config, name, allow_download=True)
+        model, spec = build_finetune_model(name, config.data.num_classes, weights_path=weights_path)
+    # The key this build's checkpoint answers to, with the real weights hash even right after a download.
+    unit = context.unit
+    key = cache.compute_key(unit.stage, unit.code_version,
+                            _settings(config, name, weights_sha256, runtime.precision, runtime.device_type),
+                            {label: upstream.key for label, upstream in unit.inputs})
+    input_size = settings.input_size or spec.preprocessing.input_size
+    stored_size = settings.stored_size or crop_sizes(spec.preprocessing, input_size)[0]
+    with timings.phase("data"):
+        index = load_index(context.input_directory("download"))
+        folder = images.store_folder(context.cache_root, unit.input("download").key, stored_size)
+        sets = images.load_image_sets(index, folder, stored_size, spec.preprocessing, input_size, context.log)
+    resume = train.read_checkpoint(context.directory / train.CHECKPOINT, key, context.log)
+    probe = {}
+    if resume is None and settings.linear_probe:
+        probe = linear_probe(model, spec, sets, settings, runtime, context.log)
+    result = train.fit(model, finetune_groups(model, spec, settings.backbone_lr_multiplier), sets["train"],
+                       sets["val"], settings, runtime, checkpoint=context.directory / train.CHECKPOINT, key=key,
+                       label=f"finetune {name}", log=context.log, resume=resume,
+                       freeze_batchnorm=settings.freeze_bn_stats, extra={"probe": probe})
+    probe = result.extra.get("probe", {})
+    selected = {"best_epoch": result.best_epoch}
+    if probe:
+        selected.update(probe_weight_decay=probe["weight_decay"], probe_val_top1=probe["val_top1"])
+    record = {"arm": f"finetune-{name}", "method": "finetune", "backbone": name, "head": "softmax",
+              "input_size": input_size, "stored_size": stored_size, "train_images": len(sets["train"]),
+              "class_names": index.class_names, "selected": selected, "weights_sha256": weights_sha256}
+    phases = {"weights_seconds": timings.seconds.get("weights", 0.0), "data_seconds": timings.seconds.get("data", 0.0),
+              "probe_seconds": probe.get("seconds", 0.0)}
+    return train.finish_arm(context, model, result, sets["test"], runtime, settings, record, phases)
+
+
+STAGE = register_stage(Stage(name="finetune", description="Fine-tune pretrained backbones end to end (best epoch on val).",
+                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build))

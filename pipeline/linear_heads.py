@@ -1,0 +1,182 @@
+"""Linear heads on cached features: feature normalisation, a torch softmax head, a scikit-learn logistic head.
+
+Selection never sees test: every candidate is fitted on the fit rows of train and scored on val;
+the final head is refitted with the chosen hyper-parameters (on train or train+val).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy
+import torch
+from torch import nn
+
+NORMALIZATIONS = ("none", "standardize", "l2", "l2-standardize")
+
+
+@dataclass
+class Normalizer:
+    """Optional L2 normalisation per row, then optional standardisation with statistics of the fit set."""
+    kind: str
+    mean: numpy.ndarray | None = None
+    scale: numpy.ndarray | None = None
+
+    @classmethod
+    def fit(cls, kind: str, features: numpy.ndarray) -> "Normalizer":
+        """Statistics from `features` only (the rows the head is fitted on, never val or test when selecting)."""
+        if kind not in NORMALIZATIONS:
+            raise ValueError(f"normalization {kind!r} is not one of {', '.join(NORMALIZATIONS)}")
+        normalizer = cls(kind)
+        if "standardize" in kind:
+            rows = normalizer._l2(features.astype(numpy.float64))
+            normalizer.mean = rows.mean(axis=0)
+            # Constant features (dead units) get scale 1 so they stay 0 instead of dividing by zero.
+            std = rows.std(axis=0)
+            normalizer.scale = numpy.where(std > 1e-12, std, 1.0)
+        return normalizer
+
+    def _l2(self, features: numpy.ndarray) -> numpy.ndarray:
+        if not self.kind.startswith("l2"):
+            return features
+        norms = numpy.linalg.norm(features, axis=1, keepdims=True)
+        return features / numpy.maximum(norms, 1e-12)
+
+    def apply(self, features: numpy.ndarray) -> numpy.ndarray:
+        """Normalised float32 copy of `features`."""
+        rows = self._l2(features.astype(numpy.float64))
+        if self.mean is not None:
+            rows = (rows - self.mean) / self.scale
+        return rows.astype(numpy.float32)
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "mean": self.mean, "scale": self.scale}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Normalizer":
+        """Inverse of state(); statistics may come back as numpy arrays or torch tensors."""
+        def array(value):
+            return None if value is None else numpy.asarray(value, dtype=numpy.float64)
+        return cls(state["kind"], array(state["mean"]), array(state["scale"]))
+
+
+def accuracy(labels: numpy.ndarray, predictions: numpy.ndarray) -> float:
+    return float(numpy.mean(numpy.asarray(labels) == numpy.asarray(predictions)))
+
+
+# --- softmax head (torch) ---------------------------------------------------------------------------
+
+
+def train_softmax(features: numpy.ndarray, labels: numpy.ndarray, num_classes: int, *, weight_decay: float,
+                  epochs: int, lr: float, batch_size: int, label_smoothing: float, seed: int,
+                  val_features: numpy.ndarray | None = None, val_labels: numpy.ndarray | None = None
+                  ) -> tuple[nn.Linear, list]:
+    """A linear layer trained with AdamW at a constant learning rate; returns it and val accuracy per epoch.
+
+    With val data the head returned is the one after the best val epoch. The rate is constant so
+    that this equals a fresh run of that many epochs: the choice can be refitted exactly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.from_numpy(numpy.ascontiguousarray(features, dtype=numpy.float32))
+    targets = torch.from_numpy(numpy.asarray(labels, dtype=numpy.int64))
+    head = nn.Linear(inputs.shape[1], num_classes)
+    with torch.no_grad():
+        # Seeded initialisation (not the global RNG) so selection and refit start from the same weights.
+        bound = 1 / inputs.shape[1] ** 0.5
+        head.weight.uniform_(-bound, bound, generator=generator)
+        head.bias.uniform_(-bound, bound, generator=generator)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_function = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    val_inputs = None if val_features is None else torch.from_numpy(numpy.ascontiguousarray(val_features,
+                                                                                           dtype=numpy.float32))
+    history, best_state = [], None
+    for _ in range(epochs):
+        order = torch.randperm(len(targets), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss_function(head(inputs[batch]), targets[batch]).backward()
+            optimizer.step()
+        if val_inputs is not None:
+            history.append(accuracy(val_labels, predict_softmax(head, val_inputs)))
+            if history[-1] > max(history[:-1], default=-1.0):
+                best_state = {name: value.clone() for name, value in head.state_dict().items()}
+    if best_state is not None:
+        # The head as it was after the first epoch with the best val accuracy (what a refit would give).
+        head.load_state_dict(best_state)
+    return head, history
+
+
+def predict_softmax(head: nn.Linear, features) -> numpy.ndarray:
+    """Predicted class per row."""
+    inputs = features if isinstance(features, torch.Tensor) else torch.from_numpy(
+        numpy.ascontiguousarray(features, dtype=numpy.float32))
+    with torch.no_grad():
+        return head(inputs).argmax(dim=1).numpy()
+
+
+def select_softmax(train: tuple, val: tuple, num_classes: int, *, normalizations: list, weight_decays: list,
+                   epochs: int, lr: float, batch_size: int, label_smoothing: float, seed: int) -> tuple:
+    """Best (normalization, weight decay, epochs) by val accuracy; ties keep the earlier, cheaper choice.
+
+    Returns (choice, every candidate with its val history, the chosen head fitted on train, its normalizer).
+    """
+    best, candidates = None, []
+    for kind in normalizations:
+        normalizer = Normalizer.fit(kind, train[0])
+        fit_features, val_features = normalizer.apply(train[0]), normalizer.apply(val[0])
+        for weight_decay in weight_decays:
+            head, history = train_softmax(fit_features, train[1], num_classes, weight_decay=weight_decay,
+                                          epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
+                                          seed=seed, val_features=val_features, val_labels=val[1])
+            epoch = int(numpy.argmax(history)) + 1       # first epoch that reaches the best val accuracy
+            candidate = {"normalization": kind, "weight_decay": weight_decay, "epochs": epoch,
+                         "val_top1": history[epoch - 1]}
+            candidates.append({**candidate, "val_history": history})
+            if best is None or candidate["val_top1"] > best[0]["val_top1"]:
+                best = (candidate, head, normalizer)
+    return best[0], candidates, best[1], best[2]
+
+
+# --- logistic head (scikit-learn) ---------------------------------------------------------------------
+
+
+def make_logistic(c: float, solver: str, max_iter: int, tolerance: float, seed: int):
+    """Multinomial L2-regularised logistic regression, warm-startable along a C path."""
+    from sklearn.linear_model import LogisticRegression
+    return LogisticRegression(C=c, max_iter=max_iter, tol=tolerance, solver=solver, warm_start=True,
+                              random_state=seed)
+
+
+def fit_logistic(model, features: numpy.ndarray, labels: numpy.ndarray):
+    """Fit, turning the solver's convergence warning into a recorded flag instead of console noise."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(features, labels)
+    converged = not any(issubclass(item.category, ConvergenceWarning) for item in caught)
+    return model, converged
+
+
+def select_logistic(train: tuple, val: tuple, *, normalizations: list, cs: list, solver: str, max_iter: int,
+                    tolerance: float, seed: int) -> tuple:
+    """Best (normalization, C) by val accuracy; C runs from strong to weak regularisation, warm-started.
+
+    Returns (choice, every candidate, the chosen model fitted on train, its normalizer).
+    """
+    best, candidates = None, []
+    for kind in normalizations:
+        normalizer = Normalizer.fit(kind, train[0])
+        fit_features, val_features = normalizer.apply(train[0]), normalizer.apply(val[0])
+        model = make_logistic(min(cs), solver, max_iter, tolerance, seed)
+        for c in sorted(cs):
+            model.set_params(C=c)
+            model, converged = fit_logistic(model, fit_features, train[1])
+            candidate = {"normalization": kind, "c": c,
+                         "val_top1": accuracy(val[1], model.predict(val_features))}
+            candidates.append({**candidate, "iterations": int(numpy.max(model.n_iter_)), "converged": converged})
+            if best is None or candidate["val_top1"] > best[0]["val_top1"]:
+                best = (candidate, copy.deepcopy(model), normalizer)
+    return best[0], candidates, best[1], best[2]

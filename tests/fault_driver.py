@@ -1,0 +1,43 @@
+"""Run one stage like `python -m stages.<name>`, killed on purpose inside an HDF5 write (test helper).
+
+Usage: python tests/fault_driver.py <stage|all> [stage arguments...]
+
+The features file is written row batch by row batch through h5py (pipeline/extract.py), not through
+cache.atomic_path, so cache's PIPELINE_FAULT hook cannot reach it. With FAULT_HDF5_WRITE=<n> this
+driver SIGKILLs the process right after the n-th write into a `features` dataset, before the
+batch's `rows_done` attribute is updated and the file flushed: the most torn state a kill can leave.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def install_hdf5_kill(occurrence: int) -> None:
+    import h5py
+    original = h5py.Dataset.__setitem__
+    writes = {"count": 0}
+
+    def write_then_maybe_die(dataset, selection, value):
+        original(dataset, selection, value)
+        if dataset.name.endswith("/features"):
+            writes["count"] += 1
+            if writes["count"] == occurrence:
+                os.kill(os.getpid(), signal.SIGKILL)
+    h5py.Dataset.__setitem__ = write_then_maybe_die
+
+
+def main() -> int:
+    from pipeline import cli
+    stage, argv = sys.argv[1], sys.argv[2:]
+    if os.environ.get("FAULT_HDF5_WRITE"):
+        install_hdf5_kill(int(os.environ["FAULT_HDF5_WRITE"]))
+    return cli.run_all(argv) if stage == "all" else cli.run_stage(stage, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

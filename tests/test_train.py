@@ -1,0 +1,218 @@
+"""The one training loop: it learns, resumes exactly, schedules LRs, keeps BN frozen, runs in bf16 on CPU.
+
+Everything here runs on random tensors and tiny models (no dataset, no stage), on CPU, in seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import images, train
+from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from pipeline.config import TrainConfig
+from pipeline.models import BatchNormCNN
+from pipeline.runtime import Runtime
+
+PREPROCESSING = Preprocessing(16, 16, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+TIMING_FIELDS = {"train_seconds", "val_seconds", "seconds", "images_per_second"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on shared cores OpenMP waits make them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def runtime(precision: str = "fp32", seed: int = 0) -> Runtime:
+    return Runtime(device="cpu", precision=precision, channels_last=True, num_workers=0, seed=seed)
+
+
+def image_set(count: int = 12, classes: int = 3, side: int = 16, seed: int = 0) -> images.ImageSet:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (count, 3, side, side), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(count) % classes
+    return images.ImageSet(pixels, labels, PREPROCESSING, side)
+
+
+def settings(**changes) -> TrainConfig:
+    base = dict(epochs=4, batch_size=4, optimizer="adamw", lr=1e-2, weight_decay=1e-4, warmup_epochs=0.5,
+                label_smoothing=0.0, augmentation="none", minimum_crop_scale=0.5)
+    return TrainConfig(**{**base, **changes})
+
+
+def tiny_model(classes: int = 3, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    return BatchNormCNN([8, 16], 1, classes, dropout)
+
+
+def run(model, config, tmp_path, **options) -> train.FitResult:
+    return train.fit(model, [{"name": "model", "params": list(model.parameters())}], options.pop("train_set", image_set()),
+                     options.pop("val_set", image_set(seed=1)), config, options.pop("runtime", runtime()),
+                     checkpoint=tmp_path / train.CHECKPOINT, key=options.pop("key", "key-a"), label="test",
+                     log=options.pop("log", lambda line: None), **options)
+
+
+def without_timing(history: list) -> list:
+    return [{name: value for name, value in row.items() if name not in TIMING_FIELDS} for row in history]
+
+
+def test_loop_overfits_a_tiny_set(tmp_path):
+    data = image_set(count=12)
+    config = settings(epochs=30, lr=2e-2, schedule="constant", warmup_epochs=0)
+    result = run(tiny_model(), config, tmp_path, train_set=data, val_set=data)
+    assert result.history[-1]["train_top1"] == 1.0
+    assert result.best_val_top1 == 1.0
+    assert result.history[-1]["train_loss"] < 0.2 * result.history[0]["train_loss"]
+    assert (tmp_path / train.HISTORY_JSON).is_file() and (tmp_path / train.HISTORY_CSV).read_text().count("\n") == 31
+
+
+@pytest.mark.parametrize("optimizer,augmentation,ema_decay", [("adamw", "trivialaugment", 0.9), ("sgd", "crop-flip", 0.0)])
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, optimizer, augmentation, ema_decay):
+    config = settings(epochs=4, optimizer=optimizer, augmentation=augmentation, ema_decay=ema_decay, lr=5e-3)
+    straight = run(tiny_model(dropout=0.3), config, tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second_epoch(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    broken = tmp_path / "broken"
+    with pytest.raises(Killed):
+        run(tiny_model(dropout=0.3), config, broken, on_epoch_end=kill_after_second_epoch)
+    lines = []
+    checkpoint = train.read_checkpoint(broken / train.CHECKPOINT, "key-a", lines.append)
+    assert checkpoint["epoch"] == 2
+    # A fresh process would build a fresh model: start from other weights to prove they are restored.
+    restarted = tiny_model(dropout=0.3)
+    nn.init.zeros_(restarted.classifier.weight)
+    resumed = run(restarted, config, broken, resume=checkpoint, log=lines.append)
+    assert any("resuming after epoch 2/4" in line for line in lines)
+    assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == 4
+    assert without_timing(resumed.history) == without_timing(straight.history)
+    assert resumed.best_epoch == straight.best_epoch
+    for name, tensor in straight.best_state.items():
+        assert torch.equal(tensor, resumed.best_state[name]), name
+    for name, tensor in straight_model_state(tmp_path / "straight").items():
+        assert torch.equal(tensor, restarted.state_dict()[name]), name
+
+
+def straight_model_state(directory) -> dict:
+    return torch.load(directory / train.CHECKPOINT, weights_only=True)["model"]
+
+
+def test_checkpoint_for_other_settings_is_not_resumed(tmp_path):
+    run(tiny_model(), settings(epochs=1), tmp_path, key="key-a")
+    lines = []
+    assert train.read_checkpoint(tmp_path / train.CHECKPOINT, "key-b", lines.append) is None
+    assert "other settings" in lines[0]
+    (tmp_path / "torn.pt").write_bytes(b"not a checkpoint")
+    assert train.read_checkpoint(tmp_path / "torn.pt", "key-a", lines.append) is None
+    assert train.read_checkpoint(tmp_path / "absent.pt", "key-a", lines.append) is None
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    # LR 0 and BN statistics frozen: val never changes after epoch 1, so patience 2 stops after epoch 3.
+    config = settings(epochs=10, patience=2, lr=0.0)
+    result = run(tiny_model(), config, tmp_path, freeze_batchnorm=True)
+    assert result.epochs_run == 3 and result.stopped_early and result.best_epoch == 1
+    again = run(tiny_model(), config, tmp_path, freeze_batchnorm=True, resume=train.read_checkpoint(tmp_path / train.CHECKPOINT, "key-a"))
+    assert again.epochs_run == 3 and len(again.history) == 3      # a finished run is not extended
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    model = tiny_model()
+    seen = []
+    model.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    result = run(model, settings(epochs=1), tmp_path, runtime=runtime("bf16"))
+    assert torch.bfloat16 in seen
+    assert math.isfinite(result.history[0]["train_loss"]) and math.isfinite(result.history[0]["val_loss"])
+    assert all(tensor.dtype == torch.float32 for tensor in result.best_state.values() if tensor.is_floating_point())
+
+
+def test_frozen_batchnorm_statistics_do_not_move(tmp_path):
+    model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items() if "running" in name}
+    run(model, settings(epochs=1), tmp_path, freeze_batchnorm=True)
+    after = model.state_dict()
+    assert all(torch.equal(tensor, after[name]) for name, tensor in before.items())
+    moving = tiny_model()
+    run(moving, settings(epochs=1), tmp_path / "moving")
+    assert not torch.equal(moving.state_dict()["features.1.running_mean"], before["features.1.running_mean"])
+
+
+def test_optimizer_groups_scale_lr_and_skip_decay_on_norms_and_biases():
+    model = tiny_model()
+    head = list(model.classifier.parameters())
+    body = [parameter for parameter in model.parameters() if all(parameter is not other for other in head)]
+    optimizer = train.make_optimizer([{"name": "head", "params": head, "lr_scale": 1.0},
+                                      {"name": "backbone", "params": body, "lr_scale": 0.1}],
+                                     settings(lr=1e-3, weight_decay=0.05))
+    for group in optimizer.param_groups:
+        expected_lr = 1e-3 if group["name"] == "head" else 1e-4
+        assert group["lr"] == pytest.approx(expected_lr)
+        assert group["weight_decay"] == (0.05 if group["params"][0].ndim > 1 else 0.0)
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_learning_rate_schedules():
+    steps = 10
+    cosine = settings(epochs=5, schedule="cosine", warmup_epochs=1)
+    factors = [train.lr_factor(step, steps, cosine) for step in range(50)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[-1] < 0.01 and all(later <= earlier for earlier, later in zip(factors[9:], factors[10:]))
+    stepped = settings(epochs=20, schedule="step", step_size=7, step_gamma=0.1, warmup_epochs=0)
+    assert [train.lr_factor(epoch * steps, steps, stepped) for epoch in (0, 6, 7, 14)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.01])
+    onecycle = settings(epochs=5, schedule="onecycle", warmup_epochs=1)
+    assert train.lr_factor(0, steps, onecycle) < 0.1 and train.lr_factor(9, steps, onecycle) == pytest.approx(1.0)
+    assert train.lr_factor(49, steps, onecycle) < 0.01
+
+
+def test_augmented_crops_stay_inside_the_image_and_flip_both_ways():
+    theta = images.random_crop_affines(2000, 0.35, torch.Generator().manual_seed(0))
+    width, height = theta[:, 0, 0].abs(), theta[:, 1, 1]
+    assert torch.all(theta[:, 0, 2].abs() <= 1 - width + 1e-6) and torch.all(theta[:, 1, 2].abs() <= 1 - height + 1e-6)
+    assert torch.all(width * height >= 0.35 - 1e-6) and torch.all(width <= 1) and torch.all(height <= 1)
+    assert 0.4 < float((theta[:, 0, 0] < 0).float().mean()) < 0.6
+    data = image_set(count=4, side=16)
+    batch = data.train_batch(torch.arange(4), "trivialaugment", 0.35, torch.Generator().manual_seed(0))
+    assert batch.shape == (4, 3, 16, 16) and batch.dtype == torch.float32
+
+
+def test_eval_batch_matches_the_backbone_eval_transform():
+    from PIL import Image
+
+    from pipeline.transforms import eval_transform
+    preprocessing = Preprocessing(28, 32, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+    gradient = torch.linspace(0, 255, 32)
+    pixels = torch.stack([gradient[None, :].expand(32, 32), gradient[:, None].expand(32, 32),
+                          torch.full((32, 32), 90.0)]).round().to(torch.uint8)
+    data = images.ImageSet(pixels[None], torch.zeros(1, dtype=torch.int64), preprocessing, 28)
+    ours = data.eval_batch(torch.arange(1))[0]
+    reference = eval_transform(preprocessing)(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
+    assert ours.shape == reference.shape
+    assert float((ours - reference).abs().mean()) < 0.02
+
+
+def test_image_cache_is_decoded_once(tmp_path, fake_flowers_session, monkeypatch):
+    from pipeline import data
+    from pipeline.config import DataConfig
+    index = data.verify(data.dataset_folder(fake_flowers_session),
+                        dataclasses.replace(DataConfig(), check_md5=False, num_classes=6, expected_images=84,
+                                            expected_split_sizes=[24, 24, 36]))
+    first = images.load_split(index, "val", 20, tmp_path, log=lambda line: None)
+    assert first.shape == (24, 3, 20, 20) and first.dtype == torch.uint8
+
+    def refuse(*args):
+        raise AssertionError("decoded a JPEG again")
+    monkeypatch.setattr(images, "_load_square", refuse)
+    assert torch.equal(images.load_split(index, "val", 20, tmp_path, log=lambda line: None), first)

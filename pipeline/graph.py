@@ -56,6 +56,9 @@ class BuildResult:
     timings: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    # Files that only serve to resume this build (checkpoints): deleted once the manifest is written,
+    # so a kill between finishing and the manifest still resumes instead of starting over.
+    discard_after_manifest: list = field(default_factory=list)
 
 
 @dataclass
@@ -221,6 +224,8 @@ class Graph:
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             cache.write_json_atomic(directory / cache.MANIFEST, manifest)
+            for name in result.discard_after_manifest:
+                (directory / name).unlink(missing_ok=True)
             self.log(f"{label}: done in {elapsed:.1f} s")
             return manifest
 

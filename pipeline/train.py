@@ -374,9 +374,6 @@ def finish_arm(context, model: nn.Module, result: FitResult, test_set: ImageSet,
             "resumed_from_epoch": result.resumed_from_epoch, "timings": {**timings, "train_seconds": train_seconds,
                                                                          "eval_seconds": eval_seconds}}
     evaluate.write_result(directory, full)
-    # The unit is complete: its checkpoint served only to resume this build, and keeping it would let
-    # a forced rebuild "resume" a finished run instead of training again.
-    (context.directory / CHECKPOINT).unlink(missing_ok=True)
     context.log(f"[{record['arm']}] test top-1 {metrics['top1']:.4f}, mean per-class {metrics['mean_per_class']:.4f} "
                 f"(best val {result.best_val_top1:.4f} at epoch {result.best_epoch}/{result.epochs_run}); "
                 f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s")
@@ -385,4 +382,7 @@ def finish_arm(context, model: nn.Module, result: FitResult, test_set: ImageSet,
                                 "val_top1": result.best_val_top1, "best_epoch": result.best_epoch,
                                 "epochs_run": result.epochs_run},
                        timings={**timings, "train_seconds": train_seconds, "eval_seconds": eval_seconds},
-                       environment=environment(runtime))
+                       environment=environment(runtime),
+                       # The checkpoint only resumes this build; keeping it would let a forced rebuild
+                       # "resume" a finished run. The runner drops it after the manifest is written.
+                       discard_after_manifest=[CHECKPOINT])

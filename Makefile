@@ -9,13 +9,15 @@ DATA_DIR ?=
 DEVICE ?=
 SET ?=
 STAGE ?=
+IMG ?=
+ARM ?=
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 ARGS = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DEVICE),--device $(DEVICE)) \
        $(foreach setting,$(SET),--set $(setting))
 
-.PHONY: install all download samples features heads finetune cnn report test clean invalidate config
+.PHONY: install all download samples features heads finetune cnn report test clean invalidate config predict
 
 install: $(INSTALLED)
 
@@ -31,6 +33,11 @@ all: $(INSTALLED)
 
 download samples features heads finetune cnn report: $(INSTALLED)
 	$(PYTHON) -m stages.$@ $(ARGS)
+
+# make predict IMG=path/to/photo.jpg [ARM=frozen-efficientnet-lite0-logistic]: top-5 classes per image.
+predict: $(INSTALLED)
+	@test -n "$(IMG)" || { echo "make predict needs IMG=<image file or folder>" >&2; exit 2; }
+	$(PYTHON) -m stages.predict $(ARGS) $(if $(ARM),--arm $(ARM)) $(IMG)
 
 config: $(INSTALLED)
 	$(PYTHON) -m stages.config $(ARGS)

@@ -1,0 +1,284 @@
+"""Top-k class predictions for new images from one trained arm (`make predict IMG=... [ARM=...]`).
+
+Not a cached stage: it reads the arms the graph built under the current config and never builds
+anything. Every arm predicts through the same code its stage tested with, so a test image gets the
+class the arm's own test evaluation gave it:
+- frozen arms: the features unit's backbone and recorded preprocessing/input size, the extraction
+  path of pipeline/extract.py (uint8 transform, batched normalisation, autocast), then the saved head;
+- end-to-end arms (finetune, scratch): model.pt rebuilt the way the stage built it, the image stored
+  as the stage stores its splits (pipeline/images.py) and evaluated with train.predict.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy
+import torch
+
+from . import (backbones, cache, evaluate, extract, features, heads, images, linear_heads, models, report, train,
+               transforms)
+from .config import Config
+from .errors import PipelineError
+from .graph import Graph, read_json
+from .runtime import Runtime, resolve_runtime, seed_everything
+
+DEFAULT_TOP = 5
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class PredictError(PipelineError, ValueError):
+    """A bad image path, an unknown or untrained arm, or an arm whose saved files do not fit together."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A trained arm: where its unit lives and its result.json."""
+    name: str
+    method: str
+    stage: str
+    unit: str
+    directory: Path
+    result: dict
+
+    @property
+    def class_names(self) -> list:
+        return list(self.result["class_names"])
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+def image_files(inputs: list) -> list[Path]:
+    """Every image named by `inputs` (files, or folders whose image files are taken in name order), checked readable."""
+    from PIL import Image, UnidentifiedImageError
+    if not inputs:
+        raise PredictError("no image given; pass one or more image files or a folder (make predict IMG=<path>)")
+    paths = []
+    for text in inputs:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found = sorted(item for item in path.iterdir() if item.is_file() and item.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise PredictError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise PredictError(f"no such image file or folder: {path}")
+    for path in paths:
+        # Checked up front so a bad file fails in one line before any model is loaded.
+        try:
+            with Image.open(path) as image:
+                image.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise PredictError(f"{path} is not a readable image ({type(error).__name__}: {error})") from None
+    return paths
+
+
+# --- arms --------------------------------------------------------------------------------------------
+
+
+def trained_arms(config: Config, graph: Graph) -> tuple[list[dict], dict[str, Arm]]:
+    """(state of every arm the config expects, {name: Arm} of those whose unit is valid and has result.json)."""
+    states = report.arm_states(config, graph)
+    trained = {}
+    for state in states:
+        if state["missing"] is not None:
+            continue
+        directory = cache.unit_dir(graph.cache_root, state["stage"], state["unit"])
+        try:
+            result = read_json(directory / evaluate.RESULT)
+        except (OSError, ValueError) as error:
+            state["missing"] = f"cannot read {directory / evaluate.RESULT}: {error}"
+            continue
+        trained[state["arm"]] = Arm(state["arm"], state["method"], state["stage"], state["unit"], directory, result)
+    return states, trained
+
+
+def choose_arm(config: Config, graph: Graph, name: str | None = None) -> Arm:
+    """The arm called `name`, or (None) the best trained arm by val top-1 - the report's own choice.
+
+    The best arm is chosen with report.best_arm over the arms valid now, which is what the report
+    shows whenever it is up to date, and still works when no report was built.
+    """
+    states, trained = trained_arms(config, graph)
+    trained_list = ", ".join(trained) or "none yet"
+    if name is None:
+        records = [report.make_record(state, trained[state["arm"]].result, graph.cache_root)
+                   for state in states if state["arm"] in trained]
+        best = report.best_arm(records)
+        if best is None:
+            # An arm built under other settings is the likely surprise; name one so the user sees why.
+            stale = next((state for state in states
+                          if state["missing"] and not state["missing"].startswith("no manifest")), None)
+            hint = f" ({stale['arm']}: {stale['missing']})" if stale else ""
+            raise PredictError(f"no arm is trained yet under this config{hint}; run `make all` (or `make heads`) first")
+        return trained[best["arm"]]
+    if name in trained:
+        return trained[name]
+    state = next((state for state in states if state["arm"] == name), None)
+    if state is None:
+        raise PredictError(f"unknown arm {name!r}; this config's arms: {', '.join(s['arm'] for s in states)} "
+                           f"(trained: {trained_list})")
+    raise PredictError(f"arm {name} is not trained yet ({state['missing']}); trained arms: {trained_list}")
+
+
+# --- predictors: list of image paths -> probabilities [N, classes] -----------------------------------
+
+
+def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarray]:
+    """Class probabilities from a heads unit's saved head (heads.load_head gives only the argmax)."""
+    directory = Path(directory)
+    if (directory / heads.SOFTMAX_FILE).is_file():
+        saved = torch.load(directory / heads.SOFTMAX_FILE, weights_only=True)
+        weight = saved["state_dict"]["weight"]
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        head.load_state_dict(saved["state_dict"])
+        normalizer = linear_heads.Normalizer.from_state(saved["normalizer"])
+
+        def softmax(rows: numpy.ndarray) -> numpy.ndarray:
+            with torch.no_grad():
+                return torch.softmax(head(torch.from_numpy(normalizer.apply(rows))), dim=1).numpy()
+        return softmax
+    if (directory / heads.LOGISTIC_FILE).is_file():
+        import joblib
+        saved = joblib.load(directory / heads.LOGISTIC_FILE)
+        model, normalizer = saved["model"], linear_heads.Normalizer.from_state(saved["normalizer"])
+        num_classes = len(saved["class_names"])
+
+        def logistic(rows: numpy.ndarray) -> numpy.ndarray:
+            # Columns follow model.classes_; a class absent from the fit rows keeps probability 0.
+            probabilities = numpy.zeros((len(rows), num_classes))
+            probabilities[:, model.classes_] = model.predict_proba(normalizer.apply(rows))
+            return probabilities
+        return logistic
+    raise PredictError(f"no {heads.SOFTMAX_FILE} or {heads.LOGISTIC_FILE} in {directory}; run `make heads`")
+
+
+def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) -> Callable[[list], numpy.ndarray]:
+    """Image paths -> pooled features, exactly as the arm's features unit extracted its splits."""
+    features_unit = graph.unit("heads", arm.unit).input("features")
+    attributes = extract.read_attributes(features.features_file(graph.directory(features_unit)))
+    recipe = attributes["preprocessing"]
+    preprocessing = backbones.Preprocessing(recipe["input_size"], recipe["resize_size"], recipe["interpolation"],
+                                            tuple(recipe["mean"]), tuple(recipe["std"]))
+    pixels, mean, std = extract.uint8_transform(transforms.eval_transform(preprocessing, attributes["input_size"]))
+    name = attributes["backbone"]
+    source = features.resolve_source(config, name)
+    if source["weights_sha256"] != attributes["weights_sha256"]:
+        raise PredictError(f"the {name} weights found now ({source['weights_id']}) are not the ones its features "
+                           f"were extracted with ({attributes['weights_id']}); rerun `make heads`")
+    # Test-only backbones are random-init: the extraction seeded torch right before building them.
+    seed_everything(attributes["seed"])
+    model = features.load_frozen_backbone(name, source["weights_path"], runtime.device, runtime.channels_last)
+
+    def run(paths: list) -> numpy.ndarray:
+        count = len(paths)
+        job = extract.Job(group="predict", paths=list(paths), labels=numpy.zeros(count, dtype=numpy.int64),
+                          image_ids=numpy.zeros(count, dtype=numpy.int64), views=numpy.zeros(count, dtype=numpy.int64),
+                          transform=pixels)
+        loader = torch.utils.data.DataLoader(extract.ImageDataset(job), batch_size=config.features.batch_size,
+                                             shuffle=False, num_workers=0)
+        return numpy.concatenate(list(extract.extract_batches(model, loader, runtime.device, runtime.autocast,
+                                                              runtime.channels_last, mean, std)))
+    return run
+
+
+def end_to_end_model(config: Config, arm: Arm, runtime: Runtime) -> tuple[torch.nn.Module, backbones.Preprocessing]:
+    """The arm's best-on-val network from model.pt, built as its stage built it, in eval mode on the device."""
+    result = arm.result
+    num_classes = len(arm.class_names)
+    if arm.method == "finetune":
+        model, spec = models.build_finetune_model(result["backbone"], num_classes, pretrained=False,
+                                                  allow_download=False)
+        preprocessing = spec.preprocessing
+    else:
+        model = models.build_scratch_model(config.cnn, num_classes, result["input_size"])
+        preprocessing = models.SCRATCH_PREPROCESSING
+    model.load_state_dict(torch.load(arm.directory / train.MODEL, map_location="cpu", weights_only=True))
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model.eval(), preprocessing
+
+
+def predictor(config: Config, graph: Graph, arm: Arm) -> Callable[[list], numpy.ndarray]:
+    """Image paths -> class probabilities [N, classes] from `arm`, through its stage's own test-time path."""
+    runtime = resolve_runtime(config.runtime)
+    if arm.method == "frozen":
+        extract_features = frozen_features(config, graph, arm, runtime)
+        probabilities = head_probabilities(arm.directory)
+        return lambda paths: probabilities(extract_features(paths))
+    model, preprocessing = end_to_end_model(config, arm, runtime)
+    stored_size, input_size = arm.result["stored_size"], arm.result["input_size"]
+    settings = config.finetune if arm.method == "finetune" else config.cnn
+
+    def run(paths: list) -> numpy.ndarray:
+        # The same square resize + crop the stage applied when it cached its splits, then its eval crop.
+        pixels = torch.from_numpy(numpy.stack([images._load_square(path, stored_size) for path in paths]))
+        data = images.ImageSet(pixels, torch.zeros(len(paths), dtype=torch.int64), preprocessing, input_size)
+        logits = train.predict(model, data.to(runtime.device), runtime, 2 * settings.batch_size)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return run
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+def predict(config: Config, inputs: list, arm_name: str | None = None, top: int = DEFAULT_TOP,
+            graph: Graph | None = None) -> dict:
+    """Top-`top` classes per image from one arm (default: best on val), as JSON-ready data.
+
+    {"arm", "method", "val_top1", "test_top1", "predictions": [{"path", "top": [{"class", "label", "probability"}]}]}
+    """
+    if top < 1:
+        raise PredictError(f"--top must be at least 1, got {top}")
+    paths = image_files(inputs)
+    graph = graph or Graph(config)
+    arm = choose_arm(config, graph, arm_name)
+    probabilities = predictor(config, graph, arm)(paths)
+    names = arm.class_names
+    predictions = []
+    for path, row in zip(paths, probabilities):
+        # Stable sort so equal probabilities keep label order, as argmax would pick.
+        order = numpy.argsort(-row, kind="stable")[:min(top, len(names))]
+        predictions.append({"path": str(path), "top": [{"class": names[label], "label": int(label),
+                                                        "probability": float(row[label])} for label in order]})
+    return {"arm": arm.name, "method": arm.method, "val_top1": arm.result.get("val_top1"),
+            "test_top1": arm.result.get("test_top1"), "predictions": predictions}
+
+
+def format_text(output: dict) -> str:
+    """Per image: its path, then one `  0.873  passion flower` line per class."""
+    lines = []
+    for prediction in output["predictions"]:
+        lines.append(prediction["path"])
+        lines += [f"  {entry['probability']:.3f}  {entry['class']}" for entry in prediction["top"]]
+    return "\n".join(lines)
+
+
+def main(argv: list | None = None) -> int:
+    """Entry point of `python -m stages.predict` / `make predict IMG=... [ARM=...]`."""
+    from . import cli
+
+    def action():
+        arguments = cli.parser("Top-k classes of images from one trained arm (default: the best on val).")
+        arguments.add_argument("images", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
+        arguments.add_argument("--arm", default=None,
+                               help="arm name, e.g. frozen-efficientnet-lite0-logistic (default: best val top-1)")
+        arguments.add_argument("--top", type=int, default=DEFAULT_TOP, help="classes shown per image (default: 5)")
+        arguments.add_argument("--json", action="store_true", help="print machine-readable JSON instead")
+        parsed = arguments.parse_args(argv)
+        output = predict(cli.load(parsed), parsed.images, parsed.arm, parsed.top)
+        if parsed.json:
+            print(json.dumps(output, indent=2))
+            return
+        scores = ", ".join(f"{split} top-1 {output[f'{split}_top1']:.3f}" for split in ("val", "test")
+                           if output[f"{split}_top1"] is not None)
+        print(f"arm {output['arm']} ({scores})", file=sys.stderr)
+        print(format_text(output))
+    return cli.guarded(action)

@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.predict import main
+
+sys.exit(main())

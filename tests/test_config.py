@@ -77,3 +77,10 @@ def test_every_setting_is_documented():
     rows = describe_settings()
     assert len(rows) > 40
     assert all(doc.strip() for _, _, _, doc in rows)
+
+
+def test_readme_documents_every_setting():
+    readme = (PROJECT / "README.md").read_text()
+    missing = [f"[{section}] {key}" for section, key, _, _ in describe_settings()
+               if f"| `{section}` | `{key}` |" not in readme]
+    assert not missing, f"README settings table lacks {missing}; regenerate it with python -m stages.config --docs"

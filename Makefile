@@ -15,7 +15,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 ARGS = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DEVICE),--device $(DEVICE)) \
-       $(foreach setting,$(SET),--set $(setting))
+       $(foreach setting,$(SET),--set '$(setting)')
 
 .PHONY: install all download samples features heads finetune cnn report test clean invalidate config predict
 

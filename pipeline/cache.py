@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator
 from .errors import PipelineError
 
 MANIFEST = "manifest.json"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 LOCK = ".lock"
 
 
@@ -116,6 +118,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         descriptor, temporary_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
                                                       dir=path.parent)
         os.close(descriptor)
+        # mkstemp creates 0600; artifacts should get the usual permissions (0666 minus the umask).
+        os.chmod(temporary_name, 0o666 & ~_UMASK)
     except OSError as error:
         raise _explain_os_error(error, path) from None
     temporary = Path(temporary_name)

@@ -23,6 +23,16 @@ def block_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on shared cores OpenMP waits make them several times slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_fake_flowers(root: Path, classes: int = FAKE_CLASSES, per_class: dict | None = None,
                        pixels: int = FAKE_IMAGE_PIXELS, seed: int = 0) -> Path:
     """A Flowers-102 look-alike in torchvision's layout: JPEGs whose colour and stripes depend on the class."""

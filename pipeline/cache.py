@@ -27,6 +27,11 @@ MANIFEST = "manifest.json"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 LOCK = ".lock"
+# Sub-results a unit can reuse across its own rebuilds (e.g. a head's hyper-parameter search, which
+# does not depend on what the final fit uses), each under its own key; explicit invalidation and
+# --force drop them, a settings change does not.
+MEMO = "memo"
+MEMOS_KEPT = 8
 
 
 class CacheError(PipelineError, RuntimeError):
@@ -204,6 +209,29 @@ def invalidate(directory: Path) -> bool:
     manifest = Path(directory) / MANIFEST
     existed = manifest.exists()
     manifest.unlink(missing_ok=True)
+    return existed
+
+
+def memo_path(directory: Path, key: str, suffix: str) -> Path:
+    """Where a unit keeps the memo for `key` (the caller writes it with atomic_path)."""
+    return Path(directory) / MEMO / f"{key}{suffix}"
+
+
+def prune_memos(directory: Path, keep: int = MEMOS_KEPT) -> None:
+    """Keep the `keep` most recently written memos of a unit, so settings sweeps cannot fill the disk."""
+    folder = Path(directory) / MEMO
+    if folder.is_dir():
+        memos = sorted((path for path in folder.iterdir() if not path.name.startswith(".")),
+                       key=lambda path: path.stat().st_mtime, reverse=True)
+        for path in memos[keep:]:
+            path.unlink(missing_ok=True)
+
+
+def drop_memos(directory: Path) -> bool:
+    """Forget every memo of a unit; returns whether there were any."""
+    folder = Path(directory) / MEMO
+    existed = folder.is_dir() and any(folder.iterdir())
+    remove_tree(folder)
     return existed
 
 

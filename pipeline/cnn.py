@@ -19,16 +19,17 @@ CODE_VERSION = "1"
 
 def plan(config: Config, graph) -> list[Unit]:
     runtime = resolve_runtime(config.runtime)
-    settings = {"cnn": config.section("cnn"), "num_classes": config.data.num_classes, "seed": config.runtime.seed,
-                "precision": runtime.precision, "device": runtime.device_type}
-    return [Unit(stage="cnn", name=config.cnn.architecture, code_version=CODE_VERSION, settings=settings,
-                 inputs=(("download", graph.units("download")[0]),))]
+    return [Unit(stage="cnn", name=config.seeded_name(config.cnn.architecture, seed), code_version=CODE_VERSION,
+                 settings={"cnn": config.section("cnn"), "num_classes": config.data.num_classes, "seed": seed,
+                           "precision": runtime.precision, "device": runtime.device_type},
+                 inputs=(("download", graph.units("download")[0]),), seed=seed)
+            for seed in config.run_seeds()]
 
 
 def build(context: BuildContext) -> BuildResult:
     config = context.config
     settings = config.cnn
-    architecture = context.unit.name
+    architecture = config.cnn.architecture
     runtime = resolve_runtime(config.runtime)
     seed_everything(runtime.seed)          # the initial weights come from this seed
     timings = Timings(runtime)

@@ -44,6 +44,8 @@ class RuntimeConfig:
                              choices=PRECISIONS)
     channels_last: bool = setting(True, "Use channels_last memory format for convolutional models.")
     seed: int = setting(0, "Seed for data order, augmentation, initialisation and sampling.", minimum=0)
+    seeds: int = setting(1, "Runs of every trained arm, with seeds seed, seed+1, ...; the report adds mean ± sd "
+                            "when > 1 (SEEDS=).", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,19 @@ class Config:
         """One section as a plain dict (what a stage hashes into its cache key)."""
         value = getattr(self, name)
         return dict(value) if isinstance(value, dict) else dataclasses.asdict(value)
+
+    def run_seeds(self) -> list[int]:
+        """The seed of each repeat of a trained arm: seed, seed + 1, ... (runtime.seeds of them)."""
+        return [self.runtime.seed + index for index in range(self.runtime.seeds)]
+
+    def with_seed(self, seed: int) -> "Config":
+        """This config for one repeat (what a per-seed unit is planned and built with)."""
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, seed=seed))
+
+    def seeded_name(self, name: str, seed: int) -> str:
+        """A per-seed unit's name: the plain name for the first seed (so its cache is shared with
+        single-seed runs), `<name>-seed<N>` for the repeats."""
+        return name if seed == self.runtime.seed else f"{name}-seed{seed}"
 
     def to_dict(self) -> dict:
         """The whole resolved config as plain data (saved beside every stage output)."""

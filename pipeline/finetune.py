@@ -56,11 +56,11 @@ def plan(config: Config, graph) -> list[Unit]:
         raise ConfigError("[finetune] probe_weight_decays must list at least one value >= 0 when linear_probe = true")
     runtime = resolve_runtime(config.runtime)
     download = graph.units("download")[0]
-    return [Unit(stage="finetune", name=name, code_version=CODE_VERSION,
-                 settings=_settings(config, name, _weights_identity(config, name, False)[1], runtime.precision,
-                                    runtime.device_type),
-                 inputs=(("download", download),))
-            for name in settings.backbones]
+    return [Unit(stage="finetune", name=config.seeded_name(name, seed), code_version=CODE_VERSION,
+                 settings=_settings(config.with_seed(seed), name, _weights_identity(config, name, False)[1],
+                                    runtime.precision, runtime.device_type),
+                 inputs=(("download", download),), seed=seed)
+            for name in settings.backbones for seed in config.run_seeds()]
 
 
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
@@ -111,7 +111,7 @@ def linear_probe(model: nn.Module, spec, sets: dict, settings, runtime, log) -> 
 def build(context: BuildContext) -> BuildResult:
     config = context.config
     settings = config.finetune
-    name = context.unit.name
+    name = context.unit.settings["backbone"]
     runtime = resolve_runtime(config.runtime)
     seed_everything(runtime.seed)
     timings = Timings(runtime)

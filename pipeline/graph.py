@@ -35,6 +35,9 @@ class Unit:
     code_version: str
     settings: Any                           # plain data hashed into the key
     inputs: tuple = ()                      # (label, Unit) pairs this unit reads
+    # The seed of a per-seed repeat (runtime.seeds > 1): its build sees the config with this seed.
+    # Not part of the key by itself; stages put the seed into `settings`.
+    seed: int | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -202,10 +205,14 @@ class Graph:
                 return cache.read_manifest(directory)
             self.log(f"{label}: building ({reason or 'forced'})")
             cache.invalidate(directory)
+            if force:
+                cache.drop_memos(directory)
             cache.sweep_temporary_files(directory)
+            cache.sweep_temporary_files(directory / cache.MEMO)
             stage = get_stage(unit.stage)
             started = time.perf_counter()
-            result = stage.build(BuildContext(self.config, unit, directory, self.cache_root, self.log))
+            config = self.config if unit.seed is None else self.config.with_seed(unit.seed)
+            result = stage.build(BuildContext(config, unit, directory, self.cache_root, self.log))
             elapsed = time.perf_counter() - started
             # Some keys depend on what the build produced (the download stage's data fingerprint).
             self._plans.pop(unit.stage, None)
@@ -219,8 +226,8 @@ class Graph:
                            for name, up in final.inputs},
                 "files": list(result.files), "metrics": result.metrics,
                 "timings": {**result.timings, "stage_seconds": elapsed}, "extra": result.extra,
-                "environment": result.environment, "config": self.config.to_dict(),
-                "config_source": self.config.source,
+                "environment": result.environment, "config": config.to_dict(),
+                "config_source": config.source,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             cache.write_json_atomic(directory / cache.MANIFEST, manifest)
@@ -230,14 +237,15 @@ class Graph:
             return manifest
 
     def invalidate(self, stage_name: str) -> list[str]:
-        """Drop the manifest of every unit of a stage (whatever its key); dependents rebuild via build ids."""
+        """Drop the manifest and memos of every unit of a stage (whatever its key); dependents rebuild via build ids."""
         get_stage(stage_name)
         folder = self.cache_root / stage_name
         dropped = []
         if folder.is_dir():
             for directory in sorted(path for path in folder.iterdir() if path.is_dir()):
                 with cache.unit_lock(directory, self.config.cache.lock_timeout_seconds, announce=self.log):
-                    if cache.invalidate(directory):
+                    had_memos = cache.drop_memos(directory)
+                    if cache.invalidate(directory) or had_memos:
                         dropped.append(directory.name)
         return dropped
 

@@ -44,10 +44,13 @@ def plan(config: Config, graph) -> list[Unit]:
                           f"{', '.join(linear_heads.NORMALIZATIONS)}")
     units = []
     for backbone in config.features.backbones:
+        # One extraction serves every seed: repeats vary the head's initialisation and data order.
         features_unit = graph.unit("features", backbone)
         for kind in config.heads.kinds:
-            units.append(Unit(stage="heads", name=f"{backbone}-{kind}", code_version=CODE_VERSION,
-                              settings=head_settings(config, kind), inputs=(("features", features_unit),)))
+            for seed in config.run_seeds():
+                units.append(Unit(stage="heads", name=config.seeded_name(f"{backbone}-{kind}", seed),
+                                  code_version=CODE_VERSION, settings=head_settings(config.with_seed(seed), kind),
+                                  inputs=(("features", features_unit),), seed=seed))
     return units
 
 
@@ -64,46 +67,94 @@ def load_splits(path, use_augmented_views: bool) -> tuple[dict, dict]:
     return attributes, splits
 
 
-def _softmax(settings: HeadsConfig, splits: dict, num_classes: int, fit_on: str, seed: int, timings: Timings):
+def _softmax_options(settings: HeadsConfig, seed: int) -> dict:
+    return dict(lr=settings.softmax_lr, batch_size=settings.softmax_batch_size,
+                label_smoothing=settings.softmax_label_smoothing, seed=seed)
+
+
+def _softmax_payload(head, normalizer: linear_heads.Normalizer) -> dict:
     import torch
-    options = dict(lr=settings.softmax_lr, batch_size=settings.softmax_batch_size,
-                   label_smoothing=settings.softmax_label_smoothing, seed=seed)
-    with timings.phase("selection"):
-        chosen, candidates, head, normalizer = linear_heads.select_softmax(
-            splits["fit"], splits["val"], num_classes, normalizations=settings.normalizations,
-            weight_decays=settings.softmax_weight_decays, epochs=settings.softmax_epochs, **options)
-    with timings.phase("fit"):
-        if fit_on == "train+val":
-            features, labels = _with_val(splits)
-            normalizer = linear_heads.Normalizer.fit(chosen["normalization"], features)
-            head, _ = linear_heads.train_softmax(normalizer.apply(features), labels, num_classes,
-                                                 weight_decay=chosen["weight_decay"], epochs=chosen["epochs"],
-                                                 **options)
-    predict = lambda features: linear_heads.predict_softmax(head, normalizer.apply(features))  # noqa: E731
     # Tensors only, so the file loads with torch.load(weights_only=True).
     state = {name: None if value is None else torch.as_tensor(value) if not isinstance(value, str) else value
              for name, value in normalizer.state().items()}
-    return chosen, candidates, predict, {"state_dict": head.state_dict(), "normalizer": state}
+    return {"state_dict": head.state_dict(), "normalizer": state}
 
 
-def _logistic(settings: HeadsConfig, splits: dict, fit_on: str, seed: int, timings: Timings):
-    with timings.phase("selection"):
-        chosen, candidates, model, normalizer = linear_heads.select_logistic(
-            splits["fit"], splits["val"], normalizations=settings.normalizations, cs=settings.logistic_cs,
-            solver=settings.logistic_solver, max_iter=settings.logistic_max_iter,
-            tolerance=settings.logistic_tolerance, seed=seed)
+def select(kind: str, settings: HeadsConfig, splits: dict, num_classes: int, seed: int) -> tuple:
+    """Hyper-parameter search on val: (choice, every candidate, payload of the chosen head fitted on train)."""
+    if kind == "softmax":
+        chosen, candidates, head, normalizer = linear_heads.select_softmax(
+            splits["fit"], splits["val"], num_classes, normalizations=settings.normalizations,
+            weight_decays=settings.softmax_weight_decays, epochs=settings.softmax_epochs,
+            **_softmax_options(settings, seed))
+        return chosen, candidates, _softmax_payload(head, normalizer)
+    chosen, candidates, model, normalizer = linear_heads.select_logistic(
+        splits["fit"], splits["val"], normalizations=settings.normalizations, cs=settings.logistic_cs,
+        solver=settings.logistic_solver, max_iter=settings.logistic_max_iter,
+        tolerance=settings.logistic_tolerance, seed=seed)
     converged = next(c["converged"] for c in candidates
                      if c["normalization"] == chosen["normalization"] and c["c"] == chosen["c"])
-    with timings.phase("fit"):
-        if fit_on == "train+val":
-            features, labels = _with_val(splits)
-            normalizer = linear_heads.Normalizer.fit(chosen["normalization"], features)
-            model = linear_heads.make_logistic(chosen["c"], settings.logistic_solver, settings.logistic_max_iter,
-                                               settings.logistic_tolerance, seed)
-            model, converged = linear_heads.fit_logistic(model, normalizer.apply(features), labels)
-    chosen = {**chosen, "converged": converged}
-    predict = lambda features: model.predict(normalizer.apply(features))  # noqa: E731
-    return chosen, candidates, predict, {"model": model, "normalizer": normalizer.state()}
+    return {**chosen, "converged": converged}, candidates, {"model": model, "normalizer": normalizer.state()}
+
+
+def refit(kind: str, settings: HeadsConfig, chosen: dict, features: numpy.ndarray, labels: numpy.ndarray,
+          num_classes: int, seed: int) -> tuple[dict, dict]:
+    """The chosen head fitted afresh on (features, labels): (choice with the refit's own flags, payload)."""
+    normalizer = linear_heads.Normalizer.fit(chosen["normalization"], features)
+    if kind == "softmax":
+        head, _ = linear_heads.train_softmax(normalizer.apply(features), labels, num_classes,
+                                             weight_decay=chosen["weight_decay"], epochs=chosen["epochs"],
+                                             **_softmax_options(settings, seed))
+        return chosen, _softmax_payload(head, normalizer)
+    model = linear_heads.make_logistic(chosen["c"], settings.logistic_solver, settings.logistic_max_iter,
+                                       settings.logistic_tolerance, seed)
+    model, converged = linear_heads.fit_logistic(model, normalizer.apply(features), labels)
+    return {**chosen, "converged": converged}, {"model": model, "normalizer": normalizer.state()}
+
+
+def predictor(payload: dict) -> Callable[[numpy.ndarray], numpy.ndarray]:
+    """A head payload (as saved) as a function from cached features to predicted classes."""
+    normalizer = linear_heads.Normalizer.from_state(payload["normalizer"])
+    if "model" in payload:
+        return lambda features: payload["model"].predict(normalizer.apply(features))
+    import torch
+    weight = payload["state_dict"]["weight"]
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict(payload["state_dict"])
+    return lambda features: linear_heads.predict_softmax(head, normalizer.apply(features))
+
+
+def selection_key(unit: Unit, features_build_id: str | None) -> str:
+    """Key of a unit's selection memo: every head setting but fit_on, and the exact features build it read."""
+    settings = {name: value for name, value in unit.settings.items() if name != "fit_on"}
+    features = unit.input("features")
+    return cache.compute_key("heads-selection", CODE_VERSION, settings,
+                             {"features": f"{features.key}:{features_build_id}"})
+
+
+def cached_selection(context: BuildContext, kind: str, splits: dict, num_classes: int, timings: Timings) -> tuple:
+    """select(), reused from the unit's memo when only fit_on changed since it ran; returns (.., reused)."""
+    import joblib
+    features_manifest = cache.read_manifest(context.input_directory("features")) or {}
+    path = cache.memo_path(context.directory, selection_key(context.unit, features_manifest.get("build_id")),
+                           ".joblib")
+    try:
+        memo = joblib.load(path)
+        timings.seconds["selection"] = memo["seconds"]
+        return memo["chosen"], memo["candidates"], memo["payload"], True
+    except FileNotFoundError:
+        pass
+    except Exception as error:  # a damaged memo only costs the search again
+        context.log(f"[heads] {context.unit.name}: ignoring unreadable selection memo ({type(error).__name__})")
+    with timings.phase("selection"):
+        chosen, candidates, payload = select(kind, context.config.heads, splits, num_classes,
+                                             context.config.runtime.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with cache.atomic_path(path) as temporary:
+        joblib.dump({"chosen": chosen, "candidates": candidates, "payload": payload,
+                     "seconds": timings.seconds["selection"]}, temporary)
+    cache.prune_memos(context.directory)
+    return chosen, candidates, payload, False
 
 
 def _with_val(splits: dict) -> tuple:
@@ -129,17 +180,10 @@ def load_head(directory) -> Callable[[numpy.ndarray], numpy.ndarray]:
     directory = Path(directory)
     if (directory / SOFTMAX_FILE).is_file():
         import torch
-        saved = torch.load(directory / SOFTMAX_FILE, weights_only=True)
-        weight = saved["state_dict"]["weight"]
-        head = torch.nn.Linear(weight.shape[1], weight.shape[0])
-        head.load_state_dict(saved["state_dict"])
-        normalizer = linear_heads.Normalizer.from_state(saved["normalizer"])
-        return lambda features: linear_heads.predict_softmax(head, normalizer.apply(features))
+        return predictor(torch.load(directory / SOFTMAX_FILE, weights_only=True))
     if (directory / LOGISTIC_FILE).is_file():
         import joblib
-        saved = joblib.load(directory / LOGISTIC_FILE)
-        normalizer = linear_heads.Normalizer.from_state(saved["normalizer"])
-        return lambda features: saved["model"].predict(normalizer.apply(features))
+        return predictor(joblib.load(directory / LOGISTIC_FILE))
     raise FileNotFoundError(f"no {SOFTMAX_FILE} or {LOGISTIC_FILE} in {directory}; run `make heads` first")
 
 
@@ -153,10 +197,11 @@ def build(context: BuildContext) -> BuildResult:
     attributes, splits = load_splits(features_file(context.input_directory("features")), settings.use_augmented_views)
     class_names = attributes["class_names"]
     timings = Timings()
-    if kind == "softmax":
-        chosen, candidates, predict, payload = _softmax(settings, splits, len(class_names), fit_on, seed, timings)
-    else:
-        chosen, candidates, predict, payload = _logistic(settings, splits, fit_on, seed, timings)
+    chosen, candidates, payload, reused = cached_selection(context, kind, splits, len(class_names), timings)
+    with timings.phase("fit"):
+        if fit_on == "train+val":
+            chosen, payload = refit(kind, settings, chosen, *_with_val(splits), len(class_names), seed)
+    predict = predictor(payload)
     with timings.phase("evaluation"):
         metrics = evaluate.classification_metrics(splits["test"][1], predict(splits["test"][0]), len(class_names))
     head_file = save_head(context.directory, kind, {**payload, "kind": kind, "backbone": backbone,
@@ -175,7 +220,8 @@ def build(context: BuildContext) -> BuildResult:
         "test_top1": metrics["top1"], "test_mean_per_class": metrics["mean_per_class"],
         # From the selection fit on train: with fit_on = train+val the final head has seen val.
         "val_top1": chosen["val_top1"], "val_top1_from": "selection fit on train",
-        "train_seconds": train_seconds, "extract_seconds": extract_seconds,
+        # With a reused selection, selection seconds are what the search cost when it ran.
+        "train_seconds": train_seconds, "selection_reused": reused, "extract_seconds": extract_seconds,
         "eval_seconds": timings.seconds["evaluation"],
         "total_seconds": extract_seconds + train_seconds + timings.seconds["evaluation"],
         "images_per_second": extracted_images / extract_seconds if extract_seconds > 0 else None,
@@ -190,14 +236,14 @@ def build(context: BuildContext) -> BuildResult:
     evaluate.write_result(context.directory, record)
     context.log(f"[heads] {record['arm']}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
                 f"mean per-class {metrics['mean_per_class']:.3f} (fit on {fit_on}; selection "
-                f"{timings.seconds['selection']:.1f} s, fit {timings.seconds['fit']:.1f} s)")
+                f"{timings.seconds['selection']:.1f} s{' (reused)' if reused else ''}, fit {timings.seconds['fit']:.1f} s)")
     return BuildResult(files=[evaluate.RESULT, head_file],
                        metrics={"test_top1": metrics["top1"], "test_mean_per_class": metrics["mean_per_class"],
                                 "val_top1": chosen["val_top1"]},
                        timings={"selection_seconds": timings.seconds["selection"],
                                 "fit_seconds": timings.seconds["fit"],
                                 "evaluation_seconds": timings.seconds["evaluation"]},
-                       extra={"selected": chosen}, environment=environment())
+                       extra={"selected": chosen, "selection_reused": reused}, environment=environment())
 
 
 STAGE = register_stage(Stage(name="heads", description="Softmax and logistic heads on cached features.",

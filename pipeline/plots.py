@@ -47,7 +47,7 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
         span = numpy.ptp(numpy.log10(times) if logarithmic else times) or 1.0
         crowded = sum(abs(x - other[0]) < 0.15 * span and abs(position[1] - other[1]) < 3 for other in placed)
         placed.append(position)
-        axis.annotate(record["arm"], (record["total_seconds"], 100 * record["test_top1"]), fontsize=8,
+        axis.annotate(record.get("run") or record["arm"], (record["total_seconds"], 100 * record["test_top1"]), fontsize=8,
                       textcoords="offset points", xytext=(5, 4 - 11 * crowded))
     # At least a few points of headroom: a tight axis would blow 0.5-point gaps up to the full height.
     scores = [100 * r["test_top1"] for r in points]
@@ -63,13 +63,18 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
 def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes | None:
     """Loss (left) and top-1 (right) per epoch, train and val, one row per end-to-end arm with a history."""
     from matplotlib.ticker import MaxNLocator
-    arms = [r["arm"] for r in records if r["status"] == "ok" and r["method"] in END_TO_END
-            and results[r["arm"]].get("history")]
+    # One row per arm: its first present run (repeats over seeds would only stack near-copies).
+    arms = []
+    for record in records:
+        run = record.get("run") or record["arm"]
+        if (record["status"] == "ok" and record["method"] in END_TO_END and results[run].get("history")
+                and record["arm"] not in {label for label, _ in arms}):
+            arms.append((record["arm"], run))
     if not arms:
         return None
     figure, axes = _figure(11, 3.2 * len(arms), rows=len(arms), columns=2)
-    for row, arm in enumerate(arms):
-        history = results[arm]["history"]
+    for row, (arm, run) in enumerate(arms):
+        history = results[run]["history"]
         epochs = [entry.get("epoch", number + 1) for number, entry in enumerate(history)]
         for column, (quantity, scale) in enumerate((("loss", 1), ("top1", 100))):
             axis = axes[row, column]
@@ -78,10 +83,10 @@ def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes
                 if any(value is not None for value in values):
                     axis.plot(epochs, [numpy.nan if value is None else scale * value for value in values],
                               style, marker=".", label=split)
-            best = results[arm].get("best_epoch") or (results[arm].get("selected") or {}).get("best_epoch")
+            best = results[run].get("best_epoch") or (results[run].get("selected") or {}).get("best_epoch")
             if best:
                 axis.axvline(best, color="grey", linestyle=":", label=f"best on val ({best})")
-            axis.set_title(f"{arm}: {'loss' if quantity == 'loss' else 'top-1 %'}", fontsize=10)
+            axis.set_title(f"{run}: {'loss' if quantity == 'loss' else 'top-1 %'}", fontsize=10)
             axis.set_xlabel("epoch")
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.grid(alpha=0.3)
@@ -148,11 +153,11 @@ def draw_all(study) -> dict[str, bytes]:
     drawn = {"accuracy_vs_time.png": accuracy_against_time(study.records, dpi),
              "learning_curves.png": learning_curves(study.records, study.results, dpi)}
     if study.best is not None:
-        result = study.results[study.best["arm"]]
+        run = study.best.get("run") or study.best["arm"]
+        result = study.results[run]
         names = result.get("class_names") or []
-        drawn["per_class_accuracy.png"] = per_class_accuracy(study.best["arm"], result.get("per_class_accuracy") or [],
-                                                             names, dpi)
+        drawn["per_class_accuracy.png"] = per_class_accuracy(run, result.get("per_class_accuracy") or [], names, dpi)
         if names and result.get("confusion_matrix"):
-            drawn["confusion_matrix.png"] = confusion_matrix(study.best["arm"], result["confusion_matrix"], names, dpi)
+            drawn["confusion_matrix.png"] = confusion_matrix(run, result["confusion_matrix"], names, dpi)
     images.update({name: png for name, png in drawn.items() if png is not None})
     return images

@@ -84,7 +84,8 @@ def image_files(inputs: list) -> list[Path]:
 
 def trained_arms(config: Config, graph: Graph) -> tuple[list[dict], dict[str, Arm]]:
     """(state of every arm the config expects, {name: Arm} of those whose unit is valid and has result.json)."""
-    states = report.arm_states(config, graph)
+    # With repeats over seeds, predictions come from each arm's first-seed run.
+    states = [state for state in report.arm_states(config, graph) if state["seed"] == config.runtime.seed]
     trained = {}
     for state in states:
         if state["missing"] is not None:

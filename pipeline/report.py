@@ -20,7 +20,7 @@ from .config import Config
 from .evaluate import RESULT
 from .graph import BuildContext, BuildResult, Stage, Unit, read_json, register_stage, stages_not_built
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 UNIT = "study"
 MARKDOWN = "report.md"
 HTML = "report.html"
@@ -29,33 +29,41 @@ RESULTS_JSON = "results.json"
 # Where each method's arms come from, in the order the report lists them.
 METHOD_STAGES = {"scratch": "cnn", "frozen": "heads", "finetune": "finetune"}
 # One results.json record per arm with these fields (results.csv columns, in this order; the README documents them).
-RECORD_FIELDS = ("arm", "status", "missing_reason", "method", "backbone", "head", "input_size", "train_images",
+RECORD_FIELDS = ("arm", "run", "status", "missing_reason", "method", "backbone", "head", "input_size", "train_images",
                  "fit_on", "seed", "device", "precision", "val_top1", "test_top1", "test_mean_per_class",
                  "extract_seconds", "train_seconds", "eval_seconds", "total_seconds", "images_per_second",
                  "epochs_run", "selected", "stage", "unit", "unit_key", "build_id")
+# Per-arm statistics over seeds (summary.json, and the report's across-seeds table).
+SUMMARY_JSON = "summary.json"
+SUMMARY_METRICS = ("val_top1", "test_top1", "test_mean_per_class", "train_seconds", "total_seconds")
 
 
 @dataclass(frozen=True)
 class ArmSpec:
-    """An arm the config asks for, and the stage unit that produces it."""
+    """One run of an arm the config asks for (one per seed), and the stage unit that produces it."""
     arm: str
+    run: str            # the arm's name, with -seed<N> for repeats after the first seed
     method: str
     stage: str
     unit: str
     backbone: str
     head: str
+    seed: int
 
 
 def expected_arms(config: Config) -> list[ArmSpec]:
-    """Every arm of the study under `config`: scratch CNN, frozen backbone x head kind, fine-tuned backbones."""
+    """Every run of the study under `config`: scratch CNN, frozen backbone x head kind, fine-tuned backbones,
+    each once per seed (the units are named as their stages name them)."""
     architecture = config.cnn.architecture
-    arms = [ArmSpec(f"scratch-{architecture}", "scratch", "cnn", architecture, architecture, "none")]
+    arms = [("scratch-" + architecture, "scratch", "cnn", architecture, architecture, "none")]
     for backbone in config.features.backbones:
         for kind in config.heads.kinds:
-            arms.append(ArmSpec(f"frozen-{backbone}-{kind}", "frozen", "heads", f"{backbone}-{kind}", backbone, kind))
+            arms.append((f"frozen-{backbone}-{kind}", "frozen", "heads", f"{backbone}-{kind}", backbone, kind))
     for backbone in config.finetune.backbones:
-        arms.append(ArmSpec(f"finetune-{backbone}", "finetune", "finetune", backbone, backbone, "softmax"))
-    return arms
+        arms.append((f"finetune-{backbone}", "finetune", "finetune", backbone, backbone, "softmax"))
+    return [ArmSpec(arm, config.seeded_name(arm, seed), method, stage, config.seeded_name(unit, seed), backbone, head,
+                    seed)
+            for arm, method, stage, unit, backbone, head in arms for seed in config.run_seeds()]
 
 
 def _planned_units(graph, stage: str) -> tuple[dict, str | None]:
@@ -85,8 +93,8 @@ def arm_states(config: Config, graph) -> list[dict]:
     states = []
     for spec in sorted(expected_arms(config), key=lambda arm: list(METHOD_STAGES).index(arm.method)):
         units, problem = planned[spec.stage]
-        state = {"arm": spec.arm, "method": spec.method, "stage": spec.stage, "unit": spec.unit,
-                 "backbone": spec.backbone, "head": spec.head}
+        state = {"arm": spec.arm, "run": spec.run, "seed": spec.seed, "method": spec.method, "stage": spec.stage,
+                 "unit": spec.unit, "backbone": spec.backbone, "head": spec.head}
         if problem is not None:
             state.update(key=None, build_id=None, missing=problem)
         elif spec.unit not in units:
@@ -123,7 +131,8 @@ def _finite(value):
 def make_record(state: dict, result: dict | None, cache_root: Path) -> dict:
     """One results.json record: the arm's scalar fields (bulky arrays stay in the arm's own result.json)."""
     record = {name: None for name in RECORD_FIELDS}
-    record.update(arm=state["arm"], method=state["method"], backbone=state["backbone"], head=state["head"],
+    record.update(arm=state["arm"], run=state.get("run", state["arm"]), seed=state.get("seed"),
+                  method=state["method"], backbone=state["backbone"], head=state["head"],
                   stage=state["stage"], unit=state["unit"], unit_key=state["key"], build_id=state["build_id"])
     if result is None:
         record.update(status="missing", missing_reason=state["missing"])
@@ -147,10 +156,42 @@ def _load_arm(cache_root: Path, state: dict) -> tuple[dict | None, dict | None, 
         return None, None, {**state, "missing": f"cannot read {directory / RESULT}: {error}"}
 
 
+def _mean_and_sd(values: list) -> tuple:
+    """(mean, sample standard deviation with n - 1, or None for a single value) of the values present."""
+    present = [value for value in values if value is not None]
+    if not present:
+        return None, None
+    mean = sum(present) / len(present)
+    if len(present) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in present) / (len(present) - 1))
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per arm (in record order) with mean and sd over its present runs of every SUMMARY_METRICS."""
+    arms: dict = {}
+    for record in records:
+        arms.setdefault(record["arm"], []).append(record)
+    rows = []
+    for arm, runs in arms.items():
+        present = [run for run in runs if run["status"] == "ok"]
+        row = {"arm": arm, "method": runs[0]["method"], "backbone": runs[0]["backbone"], "head": runs[0]["head"],
+               "runs": len(present), "expected_runs": len(runs), "seeds": [run["seed"] for run in present]}
+        for name in SUMMARY_METRICS:
+            row[f"{name}_mean"], row[f"{name}_sd"] = _mean_and_sd([run[name] for run in present])
+        rows.append(row)
+    return rows
+
+
 def best_arm(records: list[dict]) -> dict | None:
-    """The arm with the highest val top-1 (never test, so the choice does not peek at the test set)."""
-    candidates = [record for record in records if record["status"] == "ok" and record["val_top1"] is not None]
-    return max(candidates, key=lambda record: record["val_top1"], default=None)
+    """The first run of the arm with the highest mean val top-1 over its seeds (never test, so the choice
+    does not peek at the test set)."""
+    candidates = [row for row in summarize(records) if row["val_top1_mean"] is not None]
+    best = max(candidates, key=lambda row: row["val_top1_mean"], default=None)
+    if best is None:
+        return None
+    return next(record for record in records
+                if record["arm"] == best["arm"] and record["status"] == "ok" and record["val_top1"] is not None)
 
 
 def _write_csv(path: Path, records: list[dict]) -> None:
@@ -174,7 +215,7 @@ def collect(context: BuildContext) -> report_render.Study:
         record = make_record(state, result, context.cache_root)
         records.append(record)
         if result is not None:
-            results[record["arm"]], manifests[record["arm"]] = result, manifest
+            results[record["run"]], manifests[record["run"]] = result, manifest
     samples = settings["samples"]
     samples_directory = None
     if samples["missing"] is None:
@@ -194,10 +235,11 @@ def build(context: BuildContext) -> BuildResult:
     cache.write_text_atomic(context.directory / MARKDOWN, report_render.render_markdown(study, images))
     cache.write_text_atomic(context.directory / HTML, report_render.render_html(study, images))
     cache.write_json_atomic(context.directory / RESULTS_JSON, study.records)
+    cache.write_json_atomic(context.directory / SUMMARY_JSON, summarize(study.records))
     _write_csv(context.directory / RESULTS_CSV, study.records)
-    files += [MARKDOWN, HTML, RESULTS_JSON, RESULTS_CSV]
-    missing = [record["arm"] for record in study.records if record["status"] != "ok"]
-    context.log(f"[report] {len(study.records) - len(missing)} of {len(study.records)} arms present"
+    files += [MARKDOWN, HTML, RESULTS_JSON, SUMMARY_JSON, RESULTS_CSV]
+    missing = [record["run"] for record in study.records if record["status"] != "ok"]
+    context.log(f"[report] {len(study.records) - len(missing)} of {len(study.records)} runs present"
                 + (f"; missing: {', '.join(missing)}" if missing else "")
                 + f"; wrote {context.directory / HTML}")
     return BuildResult(files=files, metrics={"arms": len(study.records), "missing": missing,

@@ -45,9 +45,9 @@ MISSING = "n/a"
 class Study:
     """Everything the report shows, read from results and manifests only."""
     title: str
-    records: list                      # results.json records, one per expected arm
-    results: dict                      # arm -> its full result.json (present arms only)
-    manifests: dict                    # arm -> its manifest.json
+    records: list                      # results.json records, one per expected run (arm x seed)
+    results: dict                      # run -> its full result.json (present runs only)
+    manifests: dict                    # run -> its manifest.json
     best: dict | None                  # record of the arm with the best val top-1
     samples_directory: Path | None
     samples_missing: str | None
@@ -71,7 +71,7 @@ def plain(value) -> str:
 
 def comparison_row(record: dict) -> list[str]:
     """One table row; fixed decimals (percent 2, seconds 1) so each cell maps back to the exact input."""
-    return [record["arm"], record["method"], plain(record["backbone"]), plain(record["head"]),
+    return [record.get("run") or record["arm"], record["method"], plain(record["backbone"]), plain(record["head"]),
             plain(record["input_size"]), plain(record["train_images"]), plain(record["fit_on"]),
             percent(record["val_top1"]), percent(record["test_top1"]), percent(record["test_mean_per_class"]),
             seconds(record["extract_seconds"]), seconds(record["train_seconds"]), seconds(record["eval_seconds"]),
@@ -83,15 +83,44 @@ def text_table(records: list[dict]) -> str:
     """The comparison table for a terminal: fixed-width columns, missing arms marked with their reason."""
     headers = ["arm", "val top-1 %", "test top-1 %", "mean/class %", "extract s", "train s", "eval s", "total s",
                "images/s"]
-    rows = [[r["arm"], percent(r["val_top1"]), percent(r["test_top1"]), percent(r["test_mean_per_class"]),
-             seconds(r["extract_seconds"]), seconds(r["train_seconds"]), seconds(r["eval_seconds"]),
-             seconds(r["total_seconds"]), seconds(r["images_per_second"])] for r in records]
+    rows = [[r.get("run") or r["arm"], percent(r["val_top1"]), percent(r["test_top1"]),
+             percent(r["test_mean_per_class"]), seconds(r["extract_seconds"]), seconds(r["train_seconds"]),
+             seconds(r["eval_seconds"]), seconds(r["total_seconds"]), seconds(r["images_per_second"])] for r in records]
     widths = [max(len(str(row[column])) for row in [headers, *rows]) for column in range(len(headers))]
     line = lambda cells: "  ".join(str(cell).ljust(width) if column == 0 else str(cell).rjust(width)
                                    for column, (cell, width) in enumerate(zip(cells, widths)))
     lines = [line(headers), "  ".join("-" * width for width in widths), *map(line, rows)]
-    lines += [f"missing: {r['arm']}: {r['missing_reason']}" for r in records if r["status"] != "ok"]
+    lines += [f"missing: {r.get('run') or r['arm']}: {r['missing_reason']}" for r in records if r["status"] != "ok"]
+    summary = summary_rows(records)
+    if summary:
+        lines += ["", "across seeds (mean ± sd):"] + ["  ".join(row) for row in [SUMMARY_HEADERS, *summary]]
     return "\n".join(lines)
+
+
+SUMMARY_HEADERS = ["Arm", "Runs", "Seeds", "Val top-1 %", "Test top-1 %", "Test mean per-class %", "Train s",
+                   "Total s"]
+
+
+def spread(mean, sd, scale: float, decimals: int) -> str:
+    """`mean ± sd` (sd left out for a single run, n/a when absent)."""
+    if mean is None:
+        return MISSING
+    text = f"{scale * mean:.{decimals}f}"
+    return text if sd is None else f"{text} ± {scale * sd:.{decimals}f}"
+
+
+def summary_rows(records: list[dict]) -> list[list[str]]:
+    """The across-seeds table, or [] when every arm ran once (then the comparison table says it all)."""
+    from .report import summarize
+    rows = summarize(records)
+    if all(row["expected_runs"] < 2 for row in rows):
+        return []
+    return [[row["arm"], f"{row['runs']} of {row['expected_runs']}", ", ".join(map(str, row["seeds"])) or MISSING,
+             spread(row["val_top1_mean"], row["val_top1_sd"], 100, 2),
+             spread(row["test_top1_mean"], row["test_top1_sd"], 100, 2),
+             spread(row["test_mean_per_class_mean"], row["test_mean_per_class_sd"], 100, 2),
+             spread(row["train_seconds_mean"], row["train_seconds_sd"], 1, 1),
+             spread(row["total_seconds_mean"], row["total_seconds_sd"], 1, 1)] for row in rows]
 
 
 def confused_pairs(matrix, class_names: list, count: int) -> list[tuple]:
@@ -112,10 +141,13 @@ def _best_section(study: Study, images: dict) -> list:
     best = study.best
     if best is None:
         return [("h2", "Best arm"), ("p", "No arm has results yet, so there is no best arm.")]
-    result = study.results[best["arm"]]
+    result = study.results[best.get("run") or best["arm"]]
+    repeats = sum(record["arm"] == best["arm"] for record in study.records) > 1
+    shown = f" (figures and tables below: its run {best.get('run')}, seed {best['seed']})" if repeats else ""
     blocks = [("h2", f"Best arm: {best['arm']}"),
-              ("p", f"Chosen by validation top-1 ({percent(best['val_top1'])} %), not by test, so the choice does "
-                    f"not peek at the test set. Its test top-1 is {percent(best['test_top1'])} % and its mean "
+              ("p", f"Chosen by validation top-1 ({'mean over seeds; ' if repeats else ''}this run "
+                    f"{percent(best['val_top1'])} %), not by test, so the choice does not peek at the test set"
+                    f"{shown}. Its test top-1 is {percent(best['test_top1'])} % and its mean "
                     f"per-class accuracy {percent(best['test_mean_per_class'])} %.")]
     blocks += [("img", name) for name in ("per_class_accuracy.png", "confusion_matrix.png") if name in images]
     names = result.get("class_names") or []
@@ -169,7 +201,8 @@ def _protocol_section(study: Study) -> list:
                   if sizes else f"unknown: samples stage missing ({study.samples_missing})")
     by_size: dict = {}
     for record in present:
-        by_size.setdefault(plain(record["input_size"]), []).append(record["arm"])
+        if record["arm"] not in by_size.get(plain(record["input_size"]), []):
+            by_size.setdefault(plain(record["input_size"]), []).append(record["arm"])
     frozen = [r for r in present if r["method"] == "frozen"]
     fits = sorted({plain(r["fit_on"]) for r in frozen})
     items = [f"Splits: {split_text}.",
@@ -183,20 +216,32 @@ def _protocol_section(study: Study) -> list:
              "exceed extract + train + eval by data preparation (e.g. decoding images once into a cache).",
              "Frozen heads were fit on: " + (", ".join(fits) if fits else "no frozen arm present")
              + " (train+val means the final fit also used val, with the hyper-parameters chosen on val).",
-             "Each arm ran once with the seed shown; with no repeats, differences of about a point may be noise."]
-    selected = [[r["arm"], json.dumps(r["selected"], sort_keys=True)] for r in present]
+             _seeds_note(study.records)]
+    selected = [[r.get("run") or r["arm"], json.dumps(r["selected"], sort_keys=True)] for r in present]
     return [("h2", "Protocol"), ("ul", items), ("h3", "Hyper-parameters selected on val"),
             ("table", ["Arm", "Selected"], selected) if selected else ("p", "No arm present.")]
+
+
+def _seeds_note(records: list[dict]) -> str:
+    runs = max((sum(r["arm"] == arm for r in records) for arm in {r["arm"] for r in records}), default=1)
+    if runs < 2:
+        return "Each arm ran once with the seed shown; with no repeats, differences of about a point may be noise."
+    return (f"Each arm ran {runs} times, one per seed (seeds control data order, augmentation and head or model "
+            "initialisation); the across-seeds table gives the mean ± sample standard deviation (n - 1). "
+            "Frozen arms of one backbone share a single feature extraction (its augmented views drawn with the "
+            "first seed), so their spread covers head initialisation and data order only, and the logistic "
+            "head's solver is deterministic (its spread is about 0). Even with one seed, GPU kernels and "
+            "thread scheduling can change the last digits between runs.")
 
 
 def _environment_section(study: Study) -> list:
     keys = ["python", "torch", "device", "device_name", "precision", "torch_threads", "cpu_count", "platform"]
     rows = []
-    for arm, manifest in study.manifests.items():
+    for run, manifest in study.manifests.items():
         # A stage that left device or precision out of its manifest still records them in its result.
-        recorded = {**{key: study.results[arm].get(key) for key in ("device", "precision")},
+        recorded = {**{key: study.results[run].get(key) for key in ("device", "precision")},
                     **{key: value for key, value in manifest.get("environment", {}).items() if value is not None}}
-        rows.append([arm, *(plain(recorded.get(key)) for key in keys), plain(manifest.get("created"))])
+        rows.append([run, *(plain(recorded.get(key)) for key in keys), plain(manifest.get("created"))])
     blocks = [("h2", "Environment"), ("table", ["Arm", *keys, "built"], rows) if rows else ("p", "No arm present."),
               ("h2", "Configuration")]
     groups: dict = {}
@@ -221,6 +266,12 @@ def content(study: Study, images: dict) -> list:
                     "result.json and manifest.json; this report never trains. Percentages are of the test or val "
                     "split; times are wall-clock seconds on the device shown."),
               ("h2", "Comparison"), ("table", COMPARISON_HEADERS, [comparison_row(r) for r in records])]
+    summary = summary_rows(records)
+    if summary:
+        blocks += [("h2", "Across seeds"),
+                   ("p", "Mean ± sample standard deviation over each arm's runs (one per seed); `Runs` counts the "
+                         "runs present of those the config asks for."),
+                   ("table", SUMMARY_HEADERS, summary)]
     if missing:
         blocks += [("p", "Missing arms (not run, or their outputs are no longer valid):"),
                    ("ul", [f"{r['arm']}: {r['missing_reason']}" for r in missing])]

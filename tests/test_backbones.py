@@ -135,6 +135,19 @@ def test_declared_preprocessing():
     assert resnet.weights.sha256_prefix == "f37072fd" and resnet.weights.url.endswith(resnet.weights.filename)
 
 
+def test_resnet18_spec_matches_torchvision_weights_enum():
+    # The spec is written out (importing torchvision.models is slow); it must agree with the library.
+    from torchvision.models import ResNet18_Weights
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    transforms = weights.transforms()
+    spec = get_backbone("resnet18")
+    assert spec.weights.url == weights.url
+    assert spec.preprocessing.input_size == transforms.crop_size[0]
+    assert spec.preprocessing.resize_size == transforms.resize_size[0]
+    assert spec.preprocessing.interpolation == transforms.interpolation.value
+    assert spec.preprocessing.mean == tuple(transforms.mean) and spec.preprocessing.std == tuple(transforms.std)
+
+
 # --- heads and features, for every registered backbone ------------------------------------------
 
 

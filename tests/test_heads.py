@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import h5py
 import numpy
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_config
-from pipeline import evaluate, extract, heads, linear_heads
+from pipeline import cache, evaluate, extract, heads, linear_heads
 from pipeline.config import HeadsConfig
 from pipeline.features import features_file
 from pipeline.graph import Graph
@@ -162,3 +163,71 @@ def test_empty_normalizations_is_a_config_error(tmp_path, fake_flowers_session):
     config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ("heads.normalizations=[]",))
     with pytest.raises(ConfigError, match="normalizations"):
         Graph(config).units("heads")
+
+
+def test_fit_on_change_reuses_the_selection_and_matches_a_fresh_run(tmp_path, fake_flowers_session):
+    """fit_on does not change what val selects, so switching it skips the search; results equal a cold run."""
+    train_only = ONE_BACKBONE + ('heads.fit_on="train"',)
+    both = ONE_BACKBONE + ('heads.fit_on="train+val"',)
+    run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", train_only))
+    graph, switched, lines = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", both))
+    assert [manifest["extra"]["selection_reused"] for manifest in switched] == [True, True]
+    assert sum("(reused)" in line for line in lines) == 2
+    _, cold, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cold", both))
+    for reused, fresh in zip(switched, cold):
+        assert reused["extra"]["selected"] == fresh["extra"]["selected"]
+        assert reused["metrics"] == pytest.approx(fresh["metrics"])
+    # Back to train: the train-fitted head itself comes from the memo and matches the first run.
+    _, back, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", train_only))
+    _, cold_train, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cold", train_only))
+    for reused, fresh in zip(back, cold_train):
+        assert reused["metrics"] == pytest.approx(fresh["metrics"])
+    result = json.loads((graph.directory(graph.units("heads")[0]) / evaluate.RESULT).read_text())
+    assert result["selection_reused"] is True and result["timings"]["head_selection"] > 0
+
+
+def test_selection_memo_is_not_reused_when_a_search_setting_or_the_features_change(tmp_path, fake_flowers_session):
+    run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE))
+    _, changed, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache",
+                                               ONE_BACKBONE + ("heads.softmax_epochs=7",)))
+    assert changed[0]["extra"]["selection_reused"] is False          # softmax searched again
+    graph = Graph(make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE), log=lambda line: None)
+    graph.invalidate("features")                                     # same key, new build id
+    _, rebuilt, _ = run_heads(graph.config)
+    assert [manifest["extra"]["selection_reused"] for manifest in rebuilt] == [False, False]
+
+
+def test_invalidate_and_force_drop_the_selection_memo(tmp_path, fake_flowers_session):
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ('heads.kinds=["logistic"]',))
+    graph, _, _ = run_heads(config)
+    memo_folder = graph.directory(graph.units("heads")[0]) / cache.MEMO
+    assert len(list(memo_folder.iterdir())) == 1
+    assert graph.invalidate("heads") == ["tiny-resnet-logistic"] and not memo_folder.exists()
+    _, rerun, _ = run_heads(config)
+    assert rerun[0]["extra"]["selection_reused"] is False
+    forced = Graph(config, log=lambda line: None).run("heads", force=True)
+    assert forced[0]["extra"]["selection_reused"] is False
+
+
+def test_damaged_selection_memo_is_searched_again(tmp_path, fake_flowers_session):
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ('heads.kinds=["logistic"]',))
+    graph, first, _ = run_heads(config)
+    folder = graph.directory(graph.units("heads")[0])
+    (memo,) = (folder / cache.MEMO).iterdir()
+    memo.write_bytes(b"not a joblib file")
+    cache.invalidate(folder)
+    _, again, lines = run_heads(config)
+    assert again[0]["extra"]["selection_reused"] is False and any("unreadable selection memo" in line for line in lines)
+    assert again[0]["metrics"] == pytest.approx(first[0]["metrics"])
+
+
+def test_memos_are_pruned_to_the_newest(tmp_path):
+    folder = tmp_path / "unit"
+    for index in range(cache.MEMOS_KEPT + 3):
+        path = cache.memo_path(folder, f"key{index:02d}", ".joblib")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(index))
+        os.utime(path, (index, index))
+    cache.prune_memos(folder)
+    kept = sorted(path.name for path in (folder / cache.MEMO).iterdir())
+    assert kept == [f"key{index:02d}.joblib" for index in range(3, cache.MEMOS_KEPT + 3)]

@@ -4,12 +4,14 @@
 # Variables: CONFIG=configs/default.toml  DATA_DIR=<folder holding flowers-102/>  DEVICE=auto|cpu|cuda
 #            SET="section.key=value ..."  (per-run setting overrides)  STAGE=<name> (for invalidate)
 #            SEEDS=N  (run every trained arm once per seed; the report adds mean ± sd)
+#            NPROC=N  (features, finetune, cnn, all: N processes under torchrun, DistributedDataParallel)
 
 CONFIG ?= configs/default.toml
 DATA_DIR ?=
 DEVICE ?=
 SET ?=
 SEEDS ?=
+NPROC ?=
 STAGE ?=
 IMG ?=
 ARM ?=
@@ -31,10 +33,13 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 all: $(INSTALLED)
-	$(PYTHON) -m stages.all $(ARGS)
+	$(LAUNCH) stages.all $(ARGS)
+
+# NPROC > 1 launches N processes on this machine with torchrun (gloo on CPU, nccl on GPUs).
+LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m,$(PYTHON) -m)
 
 download samples features heads finetune cnn report: $(INSTALLED)
-	$(PYTHON) -m stages.$@ $(ARGS)
+	$(LAUNCH) stages.$@ $(ARGS)
 
 # make predict IMG=path/to/photo.jpg [ARM=frozen-efficientnet-lite0-logistic]: top-5 classes per image.
 predict: $(INSTALLED)

@@ -24,13 +24,29 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def load(arguments: argparse.Namespace):
+    """The config from the command line; under torchrun, also join the process group (device per rank)."""
+    import dataclasses
+
+    from . import distributed
     from .config import load_config
-    return load_config(arguments.config, arguments.overrides, data_dir=arguments.data_dir or None,
-                       device=arguments.device or None)
+    config = load_config(arguments.config, arguments.overrides, data_dir=arguments.data_dir or None,
+                         device=arguments.device or None)
+    if distributed.launched():
+        device = distributed.setup(config.runtime.device)
+        config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, device=device))
+    return config
+
+
+def rank_log(line: str) -> None:
+    """print on rank 0 only, so N ranks under torchrun do not print every line N times."""
+    from . import distributed
+    if distributed.is_main():
+        print(line, flush=True)
 
 
 def guarded(action: Callable[[], int | None]) -> int:
     """Run `action`, turning expected failures into one-line errors and a non-zero exit code."""
+    from . import distributed
     try:
         return action() or 0
     except PipelineError as error:
@@ -39,6 +55,8 @@ def guarded(action: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished units stay cached; rerun the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 def run_stage(name: str, argv: list[str] | None = None) -> int:
@@ -48,7 +66,7 @@ def run_stage(name: str, argv: list[str] | None = None) -> int:
     def action():
         stage = graph.get_stage(name)
         arguments = parser(f"{name}: {stage.description}").parse_args(argv)
-        study = graph.Graph(load(arguments))
+        study = graph.Graph(load(arguments), log=rank_log)
         study.validate([name])
         study.run(name, force=arguments.force)
     return guarded(action)
@@ -56,19 +74,19 @@ def run_stage(name: str, argv: list[str] | None = None) -> int:
 
 def run_all(argv: list[str] | None = None) -> int:
     """Entry point of `make all`: every stage in graph order, each skipping when valid."""
-    from . import graph
+    from . import distributed, graph
 
     def action():
         arguments = parser("Run every stage of the study, skipping valid ones.").parse_args(argv)
         started = time.perf_counter()
-        study = graph.Graph(load(arguments))
+        study = graph.Graph(load(arguments), log=rank_log)
         study.validate(graph.stages())
         for name in graph.stages():
             study.run(name, force=arguments.force)
         missing = graph.stages_not_built()
         note = f"; not built yet: {', '.join(missing)}" if missing else ""
-        print(f"all stages valid ({time.perf_counter() - started:.1f} s){note}")
-        if "report" not in missing:
+        rank_log(f"all stages valid ({time.perf_counter() - started:.1f} s){note}")
+        if "report" not in missing and distributed.is_main():
             from . import report
             print(report.summary(study))
     return guarded(action)

@@ -6,7 +6,7 @@ The architectures live in pipeline/models.py; the loop is pipeline/train.py, sha
 """
 from __future__ import annotations
 
-from . import images, train
+from . import distributed, images, train
 from .config import Config
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -18,6 +18,7 @@ CODE_VERSION = "1"
 
 
 def plan(config: Config, graph) -> list[Unit]:
+    distributed.check_batch_size("cnn", config.cnn.batch_size)
     runtime = resolve_runtime(config.runtime)
     return [Unit(stage="cnn", name=config.seeded_name(config.cnn.architecture, seed), code_version=CODE_VERSION,
                  settings={"cnn": config.section("cnn"), "num_classes": config.data.num_classes, "seed": seed,
@@ -55,4 +56,5 @@ def build(context: BuildContext) -> BuildResult:
 
 
 STAGE = register_stage(Stage(name="cnn", description="Train a CNN from scratch (best epoch on val).",
-                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build))
+                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build,
+                             distributed=True))

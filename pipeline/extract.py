@@ -53,6 +53,14 @@ class Job:
     views: numpy.ndarray         # int64 [N]; 0 = eval crop
     transform: Callable
     seed: int | None = None      # per-row seeding for random (augmented) transforms
+    rows: numpy.ndarray | None = None   # each row's number in the unsharded job (seeds its view); None = own
+
+    def shard(self, rank: int, world: int) -> "Job":
+        """Rows rank, rank + world, ... of this job (one process's part of a sharded extraction)."""
+        rows = numpy.arange(len(self.paths)) if self.rows is None else self.rows
+        return dataclasses.replace(self, paths=self.paths[rank::world], labels=self.labels[rank::world],
+                                   image_ids=self.image_ids[rank::world], views=self.views[rank::world],
+                                   rows=rows[rank::world])
 
 
 class ImageDataset(Dataset):
@@ -76,7 +84,9 @@ class ImageDataset(Dataset):
                                     "replace it with the original file") from None
         if self.job.seed is None:
             return self.job.transform(image)
-        # Seeded by (seed, row), not by worker or order, so a resumed run redraws identical views.
+        # Seeded by (seed, row), not by worker, order or shard, so a resumed or sharded run draws identical views.
+        if self.job.rows is not None:
+            row = int(self.job.rows[row])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.job.seed * 1_000_003 + row)
             return self.job.transform(image)
@@ -216,6 +226,59 @@ def write_features(path: Path, key: str, jobs: list, model: nn.Module, feature_d
         handle.attrs["complete"] = True
     finally:
         handle.close()
+    with open(partial, "rb+") as stream:
+        os.fsync(stream.fileno())
+    os.replace(partial, path)
+    return timings
+
+
+def merge_shards(parts: list, path: Path, key: str) -> dict:
+    """Merge the files of a sharded extraction (part r holds rows r, r + W, ... of every group) into the one
+    file a single process would have written at `path`; returns its per-group timings.
+
+    Rows are copied a block at a time, so memory stays flat; the merged file appears only when complete.
+    Timings: a group's seconds are the slowest part's (the parts ran in parallel).
+    """
+    import h5py
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    handles = [h5py.File(part, "r") for part in parts]
+    world = len(handles)
+    try:
+        for part, handle in zip(parts, handles):
+            if not handle.attrs.get("complete"):
+                raise FeaturesFileError(f"shard {part} is incomplete; rerun `make features` to finish it")
+        timings = {}
+        with h5py.File(partial, "w") as merged:
+            for name, value in handles[0].attrs.items():
+                merged.attrs[name] = value
+            merged.attrs["unit_key"] = key
+            for group_name in handles[0].keys():
+                groups = [handle[group_name] for handle in handles]
+                total = sum(len(group["labels"]) for group in groups)
+                target = merged.create_group(group_name)
+                for field in GROUP_FIELDS:
+                    source = groups[0][field]
+                    shape = (total, *source.shape[1:])
+                    dataset = target.create_dataset(field, shape=shape, dtype=source.dtype,
+                                                    chunks=source.chunks and (max(1, min(total, 64)), *shape[1:]))
+                    block = 4096
+                    for rank, group in enumerate(groups):
+                        rows = len(group[field])
+                        for start in range(0, rows, block):
+                            stop = min(rows, start + block)
+                            # Part row i is row rank + i * world of the whole.
+                            dataset[rank + start * world:rank + (stop - 1) * world + 1:world] = group[field][start:stop]
+                seconds = max(float(group.attrs["seconds"]) for group in groups)
+                target.attrs["rows_done"] = total
+                target.attrs["seconds"] = seconds
+                timings[group_name] = {"seconds": seconds, "images": total,
+                                       "images_per_second": total / seconds if seconds > 0 else None}
+            merged.attrs["timings"] = json.dumps(timings)
+            merged.attrs["complete"] = True
+    finally:
+        for handle in handles:
+            handle.close()
     with open(partial, "rb+") as stream:
         os.fsync(stream.fileno())
     os.replace(partial, path)

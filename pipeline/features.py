@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import backbones, data, extract, transforms
+from . import backbones, data, distributed, extract, transforms
 from .cache import compute_key
 from .config import Config
 from .download import load_index
@@ -132,10 +132,27 @@ def build(context: BuildContext) -> BuildResult:
                 f"{runtime.device} {runtime.precision}, weights {source['weights_id']}")
     # A partial file is resumed only under equal settings and data (its rows would be the same numbers).
     key = compute_key("features", CODE_VERSION, settings, {"download": context.unit.input("download").key})
-    group_timings = extract.write_features(
-        context.directory / FEATURES_FILE, key, jobs, model, spec.feature_dim, device=runtime.device,
-        autocast=runtime.autocast, channels_last=runtime.channels_last, batch_size=config.features.batch_size,
-        num_workers=runtime.num_workers, attributes=attributes, log=context.log)
+    options = dict(device=runtime.device, autocast=runtime.autocast, channels_last=runtime.channels_last,
+                   batch_size=config.features.batch_size, num_workers=runtime.num_workers, attributes=attributes,
+                   log=context.log)
+    world = distributed.world_size()
+    if world == 1:
+        group_timings = extract.write_features(context.directory / FEATURES_FILE, key, jobs, model,
+                                               spec.feature_dim, **options)
+        _remove_shards(context.directory)
+    else:
+        # Under torchrun each rank extracts a strided shard into its own resumable file; rank 0 then
+        # merges them into the file one process would have written (same rows, order and schema).
+        rank = distributed.rank()
+        parts = [context.directory / f"{FEATURES_FILE}.part{index}-of-{world}" for index in range(world)]
+        extract.write_features(parts[rank], f"{key}:part{rank}-of-{world}", [job.shard(rank, world) for job in jobs],
+                               model, spec.feature_dim, progress=None if rank == 0 else False, **options)
+        distributed.barrier()
+        group_timings = None
+        if distributed.is_main():
+            group_timings = extract.merge_shards(parts, context.directory / FEATURES_FILE, key)
+            _remove_shards(context.directory)
+        group_timings = distributed.broadcast(group_timings)
     for group, record in group_timings.items():
         rate = record["images_per_second"]
         context.log(f"[features] {name} {group}: {record['images']} images in {record['seconds']:.1f} s"
@@ -152,10 +169,17 @@ def build(context: BuildContext) -> BuildResult:
                        environment=environment(runtime))
 
 
+def _remove_shards(directory: Path) -> None:
+    """Drop shard files (merged ones, or those a run with another process count left behind)."""
+    for part in Path(directory).glob(f"{FEATURES_FILE}.part*"):
+        part.unlink(missing_ok=True)
+
+
 def features_file(directory: Path) -> Path:
     """The HDF5 file inside a features unit's folder."""
     return Path(directory) / FEATURES_FILE
 
 
 STAGE = register_stage(Stage(name="features", description="Extract and cache frozen-backbone features (HDF5).",
-                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build))
+                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build,
+                             distributed=True))

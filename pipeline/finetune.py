@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cache, images, train
+from . import cache, distributed, images, train
 from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint
 from .config import Config, ConfigError
 from .download import load_index
@@ -51,6 +51,7 @@ def _settings(config: Config, name: str, weights: str, precision: str, device_ty
 
 
 def plan(config: Config, graph) -> list[Unit]:
+    distributed.check_batch_size("finetune", config.finetune.batch_size)
     settings = config.finetune
     if settings.linear_probe and (not settings.probe_weight_decays or min(settings.probe_weight_decays) < 0):
         raise ConfigError("[finetune] probe_weight_decays must list at least one value >= 0 when linear_probe = true")
@@ -151,4 +152,5 @@ def build(context: BuildContext) -> BuildResult:
 
 
 STAGE = register_stage(Stage(name="finetune", description="Fine-tune pretrained backbones end to end (best epoch on val).",
-                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build))
+                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build,
+                             distributed=True))

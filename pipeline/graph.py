@@ -7,6 +7,7 @@ lock per unit while building, and writes the manifest last.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import time
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cache
+from . import cache, distributed
 from .config import Config
 from .errors import PipelineError
 
@@ -85,6 +86,9 @@ class Stage:
     depends_on: tuple
     plan: Callable[[Config, "Graph"], list]      # -> list[Unit]
     build: Callable[[BuildContext], BuildResult]
+    # Under torchrun: True if every rank runs `build` (it splits the work itself and writes its final
+    # files from rank 0); False if rank 0 builds alone while the others wait.
+    distributed: bool = False
 
 
 class StageError(PipelineError, RuntimeError):
@@ -193,22 +197,45 @@ class Graph:
     def ensure(self, unit: Unit, force: bool = False) -> dict:
         for _, upstream in unit.inputs:
             self.ensure(upstream)
+        if not distributed.active():
+            return self._ensure(unit, force, every_rank=False)
+        if get_stage(unit.stage).distributed:
+            return self._ensure(unit, force, every_rank=True)
+        # A stage that does not split its work: rank 0 builds it, the others wait and read its manifest.
+        manifest = self._ensure(unit, force, every_rank=False) if distributed.is_main() else None
+        distributed.barrier()
+        return manifest if manifest is not None else cache.read_manifest(self.directory(unit))
+
+    def _ensure(self, unit: Unit, force: bool, every_rank: bool) -> dict:
+        """Make one unit valid; with `every_rank`, all ranks build it together and rank 0's view decides."""
         directory = self.directory(unit)
         label = f"[{unit.stage}] {unit.name}"
-        reason = None if force else self.status(unit)
-        if not force and reason is None:
+        main = distributed.is_main()
+
+        def status() -> str | None:
+            reason = None if force else self.status(unit)
+            return distributed.broadcast(reason) if every_rank else reason
+
+        if not force and status() is None:
             self.log(f"{label}: cached (key {unit.key[:8]})")
             return cache.read_manifest(directory)
-        with cache.unit_lock(directory, self.config.cache.lock_timeout_seconds, announce=self.log):
-            if not force and self.status(unit) is None:      # another run finished it while we waited
+        # Only rank 0 takes the lock: it keeps separate runs apart, and the ranks of one run build together.
+        lock = (cache.unit_lock(directory, self.config.cache.lock_timeout_seconds, announce=self.log) if main
+                else contextlib.nullcontext())
+        with lock:
+            reason = status()
+            if not force and reason is None:      # another run finished it while we waited
                 self.log(f"{label}: cached (built by another run, key {unit.key[:8]})")
                 return cache.read_manifest(directory)
             self.log(f"{label}: building ({reason or 'forced'})")
-            cache.invalidate(directory)
-            if force:
-                cache.drop_memos(directory)
-            cache.sweep_temporary_files(directory)
-            cache.sweep_temporary_files(directory / cache.MEMO)
+            if main:
+                cache.invalidate(directory)
+                if force:
+                    cache.drop_memos(directory)
+                cache.sweep_temporary_files(directory)
+                cache.sweep_temporary_files(directory / cache.MEMO)
+            if every_rank:
+                distributed.barrier()             # the folder is clean before any rank writes into it
             stage = get_stage(unit.stage)
             started = time.perf_counter()
             config = self.config if unit.seed is None else self.config.with_seed(unit.seed)
@@ -217,24 +244,33 @@ class Graph:
             # Some keys depend on what the build produced (the download stage's data fingerprint).
             self._plans.pop(unit.stage, None)
             final = self.unit(unit.stage, unit.name)
-            manifest = {
-                "stage": unit.stage, "unit": unit.name, "key": final.key, "code_version": unit.code_version,
-                "settings": final.settings,
-                "build_id": uuid.uuid4().hex,
-                "inputs": {name: {"stage": up.stage, "unit": up.name, "key": up.key,
-                                  "build_id": (cache.read_manifest(self.directory(up)) or {}).get("build_id")}
-                           for name, up in final.inputs},
-                "files": list(result.files), "metrics": result.metrics,
-                "timings": {**result.timings, "stage_seconds": elapsed}, "extra": result.extra,
-                "environment": result.environment, "config": config.to_dict(),
-                "config_source": config.source,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            cache.write_json_atomic(directory / cache.MANIFEST, manifest)
-            for name in result.discard_after_manifest:
-                (directory / name).unlink(missing_ok=True)
-            self.log(f"{label}: done in {elapsed:.1f} s")
-            return manifest
+            if main:
+                self._write_manifest(directory, unit, final, result, config, elapsed)
+                self.log(f"{label}: done in {elapsed:.1f} s")
+            if every_rank:
+                distributed.barrier()             # the manifest exists before any rank reads it
+            return cache.read_manifest(directory)
+
+    def _write_manifest(self, directory: Path, unit: Unit, final: Unit, result: BuildResult, config: Config,
+                        elapsed: float) -> None:
+        manifest = {
+            "stage": unit.stage, "unit": unit.name, "key": final.key, "code_version": unit.code_version,
+            "settings": final.settings,
+            "build_id": uuid.uuid4().hex,
+            "inputs": {name: {"stage": up.stage, "unit": up.name, "key": up.key,
+                              "build_id": (cache.read_manifest(self.directory(up)) or {}).get("build_id")}
+                       for name, up in final.inputs},
+            "files": list(result.files), "metrics": result.metrics,
+            "timings": {**result.timings, "stage_seconds": elapsed}, "extra": result.extra,
+            "environment": result.environment, "config": config.to_dict(),
+            "config_source": config.source,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if distributed.world_size() > 1:
+            manifest["world_size"] = distributed.world_size()
+        cache.write_json_atomic(directory / cache.MANIFEST, manifest)
+        for name in result.discard_after_manifest:
+            (directory / name).unlink(missing_ok=True)
 
     def invalidate(self, stage_name: str) -> list[str]:
         """Drop the manifest and memos of every unit of a stage (whatever its key); dependents rebuild via build ids."""

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import cache
+from . import cache, distributed
 from .config import TrainConfig
 from .images import ImageSet
 from .runtime import Runtime
@@ -131,13 +131,24 @@ def _prepare(inputs: torch.Tensor, runtime: Runtime) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, data: ImageSet, runtime: Runtime, batch_size: int) -> torch.Tensor:
-    """float32 logits [N, classes] of a split under the eval transform (model in eval mode)."""
+    """float32 logits [N, classes] of a split under the eval transform (model in eval mode).
+
+    Under torchrun each rank predicts a strided shard and every rank gets all N rows back, in order.
+    """
     model.eval()
+    mine = torch.arange(len(data))[distributed.shard(len(data))]
     outputs = []
-    for positions in data.batches(batch_size):
+    for start in range(0, len(mine), batch_size):
         with runtime.autocast():
-            outputs.append(model(_prepare(data.eval_batch(positions), runtime)).float())
-    return torch.cat(outputs)
+            outputs.append(model(_prepare(data.eval_batch(mine[start:start + batch_size]), runtime)).float())
+    # A rank with an empty shard (more ranks than rows) still takes part in the gather.
+    logits = torch.cat(outputs) if outputs else torch.zeros(0, model_outputs(model), device=runtime.device)
+    return distributed.gather_rows(logits)
+
+
+def model_outputs(model: nn.Module) -> int:
+    """Number of classes the model predicts (out_features of its last linear layer)."""
+    return [module for module in model.modules() if isinstance(module, nn.Linear)][-1].out_features
 
 
 def read_checkpoint(path: Path, key: str, log: Callable[[str], None] = print) -> dict | None:
@@ -227,6 +238,9 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
     """
     from tqdm import tqdm
 
+    world = distributed.world_size()
+    distributed.check_batch_size(label.split()[0], settings.batch_size)
+    main = distributed.is_main()
     device = runtime.device
     model.to(device)
     if runtime.channels_last:
@@ -258,6 +272,8 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
                if state["best_epoch"] else ""))
 
     def save() -> None:
+        if not main:               # rank 0 alone writes; every rank holds the same state
+            return
         payload = {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict() if scaler is not None else None,
                    "average": average.model.state_dict() if average is not None else None,
@@ -275,31 +291,47 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
         log(f"[{label}] estimate: {step_seconds:.2f} s/step x {steps_per_epoch} steps + val "
             f"{eval_seconds:.2f} s/batch -> ~{epoch_seconds:.0f} s/epoch, ~{epoch_seconds * remaining / 60:.1f} min "
             f"for {remaining} epoch(s) (from {TIMED_STEPS} timed steps; early stopping may end sooner)")
+    # Under torchrun: DistributedDataParallel averages gradients over ranks. Each rank draws the same
+    # global batch (same generator), augments it whole and trains on its strided slice, so with an
+    # even split the gradient is the single-process one; BatchNorm layers in train mode see only
+    # their rank's slice (frozen ones, as in fine-tuning, are unaffected).
+    trained = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        if device.startswith("cuda") and not freeze_batchnorm:
+            # On GPUs (nccl) BatchNorm can use statistics of the whole global batch; gloo has no
+            # SyncBatchNorm, so on CPU each rank normalises with its own slice. The parameters stay
+            # the same objects, so the optimizer and `model` keep working.
+            trained = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trained = DistributedDataParallel(trained, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                          else None)
     step = state["epoch"] * steps_per_epoch
     while not state["finished"] and state["epoch"] < settings.epochs:
         epoch = state["epoch"]
         torch.manual_seed(epoch_seed(runtime.seed, epoch))
         generator = torch.Generator().manual_seed(epoch_seed(runtime.seed, epoch))
-        set_train_mode(model, freeze_batchnorm)
+        set_train_mode(trained, freeze_batchnorm)
         runtime.synchronize()
         started = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(list(train_set.batches(settings.batch_size, generator, shuffle=True, drop_last=True)),
-                   desc=f"{label} epoch {epoch + 1}/{settings.epochs}", leave=False, disable=None)
+                   desc=f"{label} epoch {epoch + 1}/{settings.epochs}", leave=False, disable=None if main else True)
         for positions in bar:
             factor = lr_factor(step, steps_per_epoch, settings)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             inputs = train_set.train_batch(positions, settings.augmentation, settings.minimum_crop_scale, generator)
-            batch_loss, batch_correct = _train_step(model, inputs, train_set.labels[positions], criterion,
-                                                    optimizer, scaler, runtime)
+            mine = distributed.shard(len(positions))
+            batch_loss, batch_correct = _train_step(trained, inputs[mine], train_set.labels[positions[mine]],
+                                                    criterion, optimizer, scaler, runtime)
             if average is not None:
                 average.update(model)
             step += 1
-            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(positions)
+            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(positions[mine])
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
         runtime.synchronize()
+        loss_sum, correct, seen = distributed.sum_values([loss_sum, correct, seen])
         train_seconds = time.perf_counter() - started
         logits = predict(evaluated, val_set, runtime, eval_batch_size)
         val_loss = float(criterion(logits, val_set.labels.to(logits.device)))
@@ -323,7 +355,8 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
             state["finished"] = True
             log(f"[{label}] early stop: no better val top-1 for {settings.patience} epochs")
         save()
-        write_history(Path(checkpoint).parent, state["history"])
+        if main:
+            write_history(Path(checkpoint).parent, state["history"])
         log(f"[{label}] epoch {epoch + 1}/{settings.epochs}: train loss {row['train_loss']:.3f} "
             f"top-1 {row['train_top1']:.3f} | val loss {val_loss:.3f} top-1 {val_top1:.4f}"
             f"{' *' if improved else ''} | lr {row['lr']:.2e} | {seconds:.1f} s, {row['images_per_second']:.1f} img/s")
@@ -356,9 +389,10 @@ def finish_arm(context, model: nn.Module, result: FitResult, test_set: ImageSet,
     metrics = evaluate.classification_metrics(test_set.labels.numpy(), logits.argmax(1).cpu().numpy(),
                                               len(class_names))
     directory = context.directory
-    with cache.atomic_path(directory / MODEL) as temporary:
-        torch.save(result.best_state, temporary)
-    write_history(directory, result.history)
+    if distributed.is_main():
+        with cache.atomic_path(directory / MODEL) as temporary:
+            torch.save(result.best_state, temporary)
+        write_history(directory, result.history)
     train_seconds = result.train_seconds + timings.get("probe_seconds", 0.0)
     images_trained = sum(row["images_per_second"] * row["train_seconds"] for row in result.history)
     full = {**record, "fit_on": "train", "seed": runtime.seed, "device": runtime.device,
@@ -372,8 +406,10 @@ def finish_arm(context, model: nn.Module, result: FitResult, test_set: ImageSet,
             "class_names": class_names, "history": result.history, "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
             "resumed_from_epoch": result.resumed_from_epoch, "timings": {**timings, "train_seconds": train_seconds,
-                                                                         "eval_seconds": eval_seconds}}
-    evaluate.write_result(directory, full)
+                                                                         "eval_seconds": eval_seconds},
+            "world_size": distributed.world_size()}
+    if distributed.is_main():
+        evaluate.write_result(directory, full)
     context.log(f"[{record['arm']}] test top-1 {metrics['top1']:.4f}, mean per-class {metrics['mean_per_class']:.4f} "
                 f"(best val {result.best_val_top1:.4f} at epoch {result.best_epoch}/{result.epochs_run}); "
                 f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s")

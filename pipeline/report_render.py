@@ -86,15 +86,20 @@ def text_table(records: list[dict]) -> str:
     rows = [[r.get("run") or r["arm"], percent(r["val_top1"]), percent(r["test_top1"]),
              percent(r["test_mean_per_class"]), seconds(r["extract_seconds"]), seconds(r["train_seconds"]),
              seconds(r["eval_seconds"]), seconds(r["total_seconds"]), seconds(r["images_per_second"])] for r in records]
-    widths = [max(len(str(row[column])) for row in [headers, *rows]) for column in range(len(headers))]
-    line = lambda cells: "  ".join(str(cell).ljust(width) if column == 0 else str(cell).rjust(width)
-                                   for column, (cell, width) in enumerate(zip(cells, widths)))
-    lines = [line(headers), "  ".join("-" * width for width in widths), *map(line, rows)]
+    lines = _aligned(headers, rows)
     lines += [f"missing: {r.get('run') or r['arm']}: {r['missing_reason']}" for r in records if r["status"] != "ok"]
     summary = summary_rows(records)
     if summary:
-        lines += ["", "across seeds (mean ± sd):"] + ["  ".join(row) for row in [SUMMARY_HEADERS, *summary]]
+        lines += ["", "across seeds (mean ± sd):", *_aligned(SUMMARY_HEADERS, summary)]
     return "\n".join(lines)
+
+
+def _aligned(headers: list, rows: list) -> list[str]:
+    """Fixed-width lines: first column left-aligned, the others right-aligned, a rule under the headers."""
+    widths = [max(len(str(row[column])) for row in [headers, *rows]) for column in range(len(headers))]
+    line = lambda cells: "  ".join(str(cell).ljust(width) if column == 0 else str(cell).rjust(width)  # noqa: E731
+                                   for column, (cell, width) in enumerate(zip(cells, widths)))
+    return [line(headers), "  ".join("-" * width for width in widths), *map(line, rows)]
 
 
 SUMMARY_HEADERS = ["Arm", "Runs", "Seeds", "Val top-1 %", "Test top-1 %", "Test mean per-class %", "Train s",

@@ -12,6 +12,7 @@ DEVICE ?=
 SET ?=
 SEEDS ?=
 NPROC ?=
+BENCH_ARGS ?=
 STAGE ?=
 IMG ?=
 ARM ?=
@@ -21,7 +22,7 @@ INSTALLED := $(VENV)/.installed
 ARGS = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DEVICE),--device $(DEVICE)) \
        $(if $(SEEDS),--set runtime.seeds=$(SEEDS)) $(foreach setting,$(SET),--set '$(setting)')
 
-.PHONY: install all download samples features heads finetune cnn report test clean invalidate config predict
+.PHONY: install all download samples features heads finetune cnn report test clean invalidate config predict bench
 
 install: $(INSTALLED)
 
@@ -45,6 +46,11 @@ download samples features heads finetune cnn report: $(INSTALLED)
 predict: $(INSTALLED)
 	@test -n "$(IMG)" || { echo "make predict needs IMG=<image file or folder>" >&2; exit 2; }
 	$(PYTHON) -m stages.predict $(ARGS) $(if $(ARM),--arm $(ARM)) $(IMG)
+
+# Speed against the compute limit and the notebook's protocol, side by side (cache/bench/bench.json).
+# BENCH_ARGS= passes the bench's own flags, e.g. BENCH_ARGS="--images 512 --rows compute,warm".
+bench: $(INSTALLED)
+	$(PYTHON) -m stages.bench $(ARGS) $(BENCH_ARGS)
 
 config: $(INSTALLED)
 	$(PYTHON) -m stages.config $(ARGS)

@@ -1,0 +1,198 @@
+"""`make bench`: every row lands in bench.json with honest arithmetic, met follows the targets, bad input is one line.
+
+Fake Flowers-102 and the tiny random-init backbones; tiny knobs keep the whole run to seconds. No
+timing is asserted: only that the figures are consistent with each other and with the targets.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy
+import pytest
+
+from conftest import PROJECT, make_tiny_config
+from pipeline import bench
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY_KNOBS = bench.BenchOptions(images=24, notebook_images=12, notebook_views=2, steps=1, memory_images=24)
+EXPECTED_SECTIONS = {"compute": 3, "extraction": 2, "frozen": 1, "finetune": 1, "warm": 1, "memory": 1}
+
+
+def study_arguments(config) -> list[str]:
+    return ["--config", str(PROJECT / "configs" / "tiny.toml"), "--set", f'data.root="{config.data.root}"',
+            "--set", f'cache.root="{config.cache.root}"']
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, fake_flowers_session):
+    """One full bench run on the tiny study (module-scoped: every test below reads the same run)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = make_tiny_config(fake_flowers_session, tmp_path_factory.mktemp("bench") / "cache")
+    lines = []
+    try:
+        result = bench.run(config, TINY_KNOBS, study_arguments(config), log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    return result, config, lines
+
+
+def test_bench_writes_every_row_atomically_with_environment_and_subsets(report):
+    result, config, _ = report
+    folder = bench.Path(config.cache.root) / bench.FOLDER
+    written = json.loads((folder / bench.RESULT).read_text())
+    assert written["complete"] is True and not (folder / bench.PARTIAL).exists()
+    assert not list(folder.glob("work-*")), "temporary extraction files must be removed"
+    counts = {}
+    for row in written["rows"]:
+        counts[row["section"]] = counts.get(row["section"], 0) + 1
+        assert {"what", "ours", "baseline", "ratio", "target", "met", "notes"} <= set(row)
+    assert counts == EXPECTED_SECTIONS
+    assert [row["section"] for row in written["rows"]] == sorted(
+        (row["section"] for row in written["rows"]), key=bench.SECTIONS.index)
+    assert written["environment"]["device"] == "cpu" and written["environment"]["torch_threads"] >= 1
+    assert written["subsets"]["split_sizes"] == {"train": 24, "val": 24, "test": 36}
+    assert written["subsets"]["test_images"] == 36 and written["options"]["steps"] == 1
+
+
+def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
+    result, _, _ = report
+    for row in result["rows"]:
+        if row["ours"] is not None and row["baseline"]:
+            assert math.isclose(row["ratio"], row["ours"] / row["baseline"])
+        else:
+            assert row["ratio"] is None
+        assert row["met"] == bench.rule_met(row)
+        if row["section"] == "compute":
+            assert row["met"] is None and row["ours"] > 0 and row["target"] is None
+    frozen = next(row for row in result["rows"] if row["section"] == "frozen")
+    assert frozen["met"] == (frozen["ratio"] <= 1 / 15 and frozen["ours_test_top1"] >= frozen["baseline_test_top1"])
+    assert math.isclose(frozen["speedup"], 1 / frozen["ratio"])
+    # Ours counts extraction plus both heads.
+    assert frozen["ours"] == pytest.approx(frozen["ours_extract_seconds"]
+                                           + sum(head["seconds"] for head in frozen["ours_heads"].values()))
+    finetune = next(row for row in result["rows"] if row["section"] == "finetune")
+    assert finetune["met"] == (finetune["ratio"] <= 0.4)
+    memory = next(row for row in result["rows"] if row["section"] == "memory")
+    assert memory["met"] == (memory["ratio"] <= 1.15) and memory["ours"] > 0
+
+
+def test_warm_row_is_not_measured_while_the_study_is_not_cached(report):
+    result, _, _ = report
+    warm = next(row for row in result["rows"] if row["section"] == "warm")
+    assert warm["ours"] is None and warm["met"] is None
+    assert "not measured" in warm["notes"] and "not cached" in warm["notes"]
+
+
+def test_warm_row_times_the_study_command_when_nothing_is_pending(tiny_config, monkeypatch):
+    # The real study takes a minute to build here; a cheap stage command with the same arguments
+    # stands in for `stages.all`, so this checks the measuring and the rule, not the study.
+    monkeypatch.setattr(bench, "uncached_units", lambda config: [])
+    monkeypatch.setattr(bench, "STUDY_MODULE", "stages.config")
+    row = bench.warm_row(tiny_config, study_arguments(tiny_config), timeout=120, log=lambda line: None)
+    assert row["ours"] > 0 and row["met"] == (row["ours"] <= 10.0)
+    monkeypatch.setattr(bench, "STUDY_MODULE", "stages.no_such_stage")
+    failed = bench.warm_row(tiny_config, study_arguments(tiny_config), timeout=120, log=lambda line: None)
+    assert failed["ours"] is None and failed["met"] is None and "not measured" in failed["notes"]
+
+
+def test_printed_table_has_one_line_per_row_and_the_notes(report):
+    result, _, _ = report
+    table = bench.format_table(result).splitlines()
+    assert len([line for line in table if line.startswith("| ") and line[2].isdigit()]) == len(result["rows"])
+    assert any(line.startswith(f"{len(result['rows'])}. ") for line in table)
+
+
+@pytest.mark.parametrize("rule, values, expected", [
+    ([("ratio", ">=", 0.85)], {"ratio": 0.85}, True),
+    ([("ratio", ">=", 0.85)], {"ratio": 0.84}, False),
+    ([("ratio", "<=", 0.4)], {"ratio": 0.41}, False),
+    ([("ours", "<=", 10.0)], {"ours": 3.9}, True),
+    ([("ours", "<=", 10.0)], {"ours": None}, None),
+    ([("ratio", "<=", 1 / 15), ("ours_test_top1", ">=", "baseline_test_top1")],
+     {"ratio": 0.05, "ours_test_top1": 0.70, "baseline_test_top1": 0.71}, False),
+    ([("ratio", "<=", 1 / 15), ("ours_test_top1", ">=", "baseline_test_top1")],
+     {"ratio": 0.05, "ours_test_top1": 0.71, "baseline_test_top1": 0.71}, True),
+    (None, {"ratio": 1.0}, None),
+])
+def test_rule_met_on_both_sides_of_each_target(rule, values, expected):
+    assert bench.rule_met({"rule": rule, **values}) is expected
+
+
+def test_make_row_ratio_arithmetic():
+    row = bench.make_row("finetune", "x", 20.0, 80.0, "s", "<= 0.4", [("ratio", "<=", 0.4)])
+    assert row["ratio"] == 0.25 and row["met"] is True
+    assert bench.make_row("warm", "x", None, None, "s", "<= 10 s", [("ours", "<=", 10.0)])["met"] is None
+
+
+def test_subsets_spread_over_each_split(tiny_config):
+    from pipeline.graph import Graph
+    from pipeline.download import load_index
+    graph = Graph(tiny_config, log=lambda line: None)
+    graph.run("download")
+    index = load_index(graph.directory(graph.units("download")[0]))
+    counts = bench.proportional_counts(index, 21)
+    assert counts == {"train": 6, "val": 6, "test": 9}
+    subset = bench.subset_index(index, counts)
+    for split, count in counts.items():
+        assert len(subset.image_ids[split]) == count
+        assert set(subset.image_ids[split]) <= set(index.image_ids[split])
+    # Spread from the first to the last image of a split, not its first few.
+    assert bench.evenly_spaced(24, 6).tolist() == [0, 5, 9, 14, 18, 23]
+    assert bench.proportional_counts(index, 10_000) == {"train": 24, "val": 24, "test": 36}
+
+
+def test_notebook_head_recipe_learns_separable_features_and_not_shuffled_ones():
+    generator = numpy.random.default_rng(0)
+    centres = generator.normal(0, 3, (4, 16)).astype(numpy.float32)
+
+    def sample(count, seed):
+        labels = numpy.repeat(numpy.arange(4), count)
+        noise = numpy.random.default_rng(seed).normal(0, 0.5, (len(labels), 16)).astype(numpy.float32)
+        return centres[labels] + noise, labels
+    train, val, test = sample(10, 1), sample(10, 2), sample(20, 3)
+    views = numpy.stack([train[0], sample(10, 4)[0]])
+    learned = bench.train_notebook_head(views, train[1], val, test, 4, seed=0)
+    assert learned["test_top1"] >= 0.95 and 1 <= learned["best_epoch"] <= bench.NOTEBOOK_EPOCHS
+    shuffled = numpy.random.default_rng(5).permutation(train[1])
+    assert bench.train_notebook_head(views, shuffled, val, test, 4, seed=0)["test_top1"] < 0.6
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--images", "0"], "argument --images: 0 is too small"),
+    (["--steps", "two"], "argument --steps: 'two' is not a whole number"),
+    (["--rows", "compute,speed"], "names no valid row"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--force"], "--force does not apply to bench"),
+])
+def test_bad_flags_give_one_line_errors(flags, message, capsys, tiny_config):
+    code = bench.main(study_arguments(tiny_config) + flags)
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("error: ") and message in error and error.count("\n") == 1
+
+
+def test_missing_data_gives_the_pipelines_own_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code = bench.main(["--config", str(PROJECT / "configs" / "tiny.toml"), "--data-dir", str(missing),
+                       "--set", f'cache.root="{tmp_path / "cache"}"', "--rows", "compute"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and error.startswith("error: Flowers-102 not found")
+
+
+def test_an_interrupted_run_keeps_the_last_bench_json_and_the_rows_measured_so_far(tiny_config, monkeypatch):
+    folder = bench.Path(tiny_config.cache.root) / bench.FOLDER
+    folder.mkdir(parents=True)
+    (folder / bench.RESULT).write_text('{"previous": true}')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "memory_row", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(tiny_config, bench.BenchOptions(rows=("warm", "memory")), study_arguments(tiny_config),
+                  log=lambda line: None)
+    assert json.loads((folder / bench.RESULT).read_text()) == {"previous": True}
+    partial = json.loads((folder / bench.PARTIAL).read_text())
+    assert partial["complete"] is False and [row["section"] for row in partial["rows"]] == ["warm"]
+    assert not list(folder.glob("work-*"))

@@ -213,7 +213,8 @@ class Graph:
         main = distributed.is_main()
 
         def status() -> str | None:
-            reason = None if force else self.status(unit)
+            # Rank 0 reads the cache; the other ranks of a splitting stage take its answer.
+            reason = None if force or not main else self.status(unit)
             return distributed.broadcast(reason) if every_rank else reason
 
         if not force and status() is None:
@@ -245,14 +246,15 @@ class Graph:
             self._plans.pop(unit.stage, None)
             final = self.unit(unit.stage, unit.name)
             if main:
-                self._write_manifest(directory, unit, final, result, config, elapsed)
+                self._write_manifest(directory, unit, final, result, config, elapsed,
+                                     distributed.world_size() if every_rank else 1)
                 self.log(f"{label}: done in {elapsed:.1f} s")
             if every_rank:
                 distributed.barrier()             # the manifest exists before any rank reads it
             return cache.read_manifest(directory)
 
     def _write_manifest(self, directory: Path, unit: Unit, final: Unit, result: BuildResult, config: Config,
-                        elapsed: float) -> None:
+                        elapsed: float, processes: int) -> None:
         manifest = {
             "stage": unit.stage, "unit": unit.name, "key": final.key, "code_version": unit.code_version,
             "settings": final.settings,
@@ -266,8 +268,8 @@ class Graph:
             "config_source": config.source,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        if distributed.world_size() > 1:
-            manifest["world_size"] = distributed.world_size()
+        if processes > 1:
+            manifest["world_size"] = processes          # built by this many torchrun processes together
         cache.write_json_atomic(directory / cache.MANIFEST, manifest)
         for name in result.discard_after_manifest:
             (directory / name).unlink(missing_ok=True)

@@ -597,8 +597,8 @@ def time_our_steps(model, spec, train_set, batches: list, settings, runtime: Run
         runtime.synchronize()
         started = time.perf_counter()
         inputs = train_set.train_batch(positions, settings.augmentation, settings.minimum_crop_scale, generator)
-        # train._train_step is the loop's own step (private there; used here so the bench times the real thing).
-        train._train_step(model, inputs, train_set.labels[positions], criterion, optimizer, scaler, runtime)
+        # The training loop's own step, so the bench times the real thing.
+        train.train_step(model, inputs, train_set.labels[positions], criterion, optimizer, scaler, runtime)
         if average is not None:
             average.update(model)
         runtime.synchronize()

@@ -38,6 +38,8 @@ def launched() -> bool:
 
 
 def active() -> bool:
+    if not launched():        # no launcher: answer without importing torch (CLI start-up stays fast)
+        return False
     import torch.distributed as dist
     return dist.is_available() and dist.is_initialized()
 

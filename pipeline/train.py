@@ -177,7 +177,7 @@ def write_history(directory: Path, history: list) -> None:
     cache.write_text_atomic(Path(directory) / HISTORY_CSV, text.getvalue())
 
 
-def _train_step(model, inputs, labels, criterion, optimizer, scaler, runtime) -> tuple[float, int]:
+def train_step(model, inputs, labels, criterion, optimizer, scaler, runtime) -> tuple[float, int]:
     with runtime.autocast():
         logits = model(_prepare(inputs, runtime))
     loss = criterion(logits.float(), labels)
@@ -322,7 +322,7 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
                 group["lr"] = group["base_lr"] * factor
             inputs = train_set.train_batch(positions, settings.augmentation, settings.minimum_crop_scale, generator)
             mine = distributed.shard(len(positions))
-            batch_loss, batch_correct = _train_step(trained, inputs[mine], train_set.labels[positions[mine]],
+            batch_loss, batch_correct = train_step(trained, inputs[mine], train_set.labels[positions[mine]],
                                                     criterion, optimizer, scaler, runtime)
             if average is not None:
                 average.update(model)

@@ -518,9 +518,7 @@ def finetune_rows(config: Config, runtime: Runtime, index: DatasetIndex, options
         pixels = images.load_split(subset, "train", stored_size, work / f"images-{name}", log)
         train_set = images.ImageSet(pixels, torch.as_tensor(subset.labels["train"]), spec.preprocessing,
                                     input_size).to(runtime.device)
-        model.to(runtime.device)
-        if runtime.channels_last:
-            model.to(memory_format=torch.channels_last)
+        runtime.place(model)
         criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
         batches = list(train_set.batches(settings.batch_size, torch.Generator().manual_seed(0), shuffle=True,
                                          drop_last=True))

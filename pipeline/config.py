@@ -43,6 +43,8 @@ class RuntimeConfig:
     precision: str = setting("auto", "auto = bf16 autocast where the device supports it, else fp16 on CUDA, else fp32.",
                              choices=PRECISIONS)
     channels_last: bool = setting(True, "Use channels_last memory format for convolutional models.")
+    float32_depthwise: bool = setting(True, "On CPU in bf16, train depthwise convolutions in fp32 (their bf16 weight "
+                                            "gradients are several times slower there); inference stays bf16.")
     seed: int = setting(0, "Seed for data order, augmentation, initialisation and sampling.", minimum=0)
     seeds: int = setting(1, "Runs of every trained arm, with seeds seed, seed+1, ...; the report adds mean ± sd "
                             "when > 1 (SEEDS=).", minimum=1)

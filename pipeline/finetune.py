@@ -43,11 +43,13 @@ def _weights_identity(config: Config, name: str, allow_download: bool) -> tuple[
     return str(path), weights_fingerprint(path)
 
 
-def _settings(config: Config, name: str, weights: str, precision: str, device_type: str) -> dict:
+def _settings(config: Config, name: str, weights: str, runtime) -> dict:
     section = config.section("finetune")
     section.pop("backbones")     # adding a backbone to the list must not retrain the others
     return {"backbone": name, "finetune": section, "weights_sha256": weights, "num_classes": config.data.num_classes,
-            "seed": config.runtime.seed, "precision": precision, "device": device_type}
+            "seed": config.runtime.seed, "precision": runtime.precision, "device": runtime.device_type,
+            # fp32 depthwise training changes the numbers (bf16 rounding of their gradients is gone)
+            "float32_depthwise": runtime.float32_depthwise}
 
 
 def plan(config: Config, graph) -> list[Unit]:
@@ -58,8 +60,7 @@ def plan(config: Config, graph) -> list[Unit]:
     runtime = resolve_runtime(config.runtime)
     download = graph.units("download")[0]
     return [Unit(stage="finetune", name=config.seeded_name(name, seed), code_version=CODE_VERSION,
-                 settings=_settings(config.with_seed(seed), name, _weights_identity(config, name, False)[1],
-                                    runtime.precision, runtime.device_type),
+                 settings=_settings(config.with_seed(seed), name, _weights_identity(config, name, False)[1], runtime),
                  inputs=(("download", download),), seed=seed)
             for name in settings.backbones for seed in config.run_seeds()]
 
@@ -87,9 +88,7 @@ def linear_probe(model: nn.Module, spec, sets: dict, settings, runtime, log) -> 
     started = time.perf_counter()
     head = getattr(model, spec.head_attribute)
     setattr(model, spec.head_attribute, nn.Identity())
-    model.to(runtime.device)
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
+    runtime.place(model)
     features = {split: train.predict(model, sets[split].to(runtime.device), runtime, 2 * settings.batch_size).cpu()
                 for split in ("train", "val")}
     setattr(model, spec.head_attribute, head)
@@ -123,7 +122,7 @@ def build(context: BuildContext) -> BuildResult:
     # The key this build's checkpoint answers to, with the real weights hash even right after a download.
     unit = context.unit
     key = cache.compute_key(unit.stage, unit.code_version,
-                            _settings(config, name, weights_sha256, runtime.precision, runtime.device_type),
+                            _settings(config, name, weights_sha256, runtime),
                             {label: upstream.key for label, upstream in unit.inputs})
     input_size = settings.input_size or spec.preprocessing.input_size
     stored_size = settings.stored_size or crop_sizes(spec.preprocessing, input_size)[0]

@@ -5,6 +5,7 @@ groups (head at lr, body at lr x multiplier); scratch = one of the CNNs below, o
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Preprocessing, body_parameters, build_backbone,
@@ -19,6 +20,41 @@ SCRATCH_PREPROCESSING = Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGE
 
 class ModelError(PipelineError, ValueError):
     """An architecture that cannot be built as configured."""
+
+
+# One fp32-training subclass per convolution class, so swapped modules of a class share a type.
+_FLOAT32_TRAINING_CLASSES: dict[type, type] = {}
+
+
+def _float32_training_class(base: type) -> type:
+    """`base` whose forward leaves CPU autocast while its own weight is being trained."""
+    if base not in _FLOAT32_TRAINING_CLASSES:
+        def forward(self, input):
+            if torch.is_grad_enabled() and self.weight.requires_grad and torch.is_autocast_enabled("cpu"):
+                with torch.autocast("cpu", enabled=False):
+                    return base.forward(self, input.float())
+            return base.forward(self, input)
+        _FLOAT32_TRAINING_CLASSES[base] = type(f"Float32Training{base.__name__}", (base,),
+                                               {"forward": forward, "__module__": __name__,
+                                                "__doc__": f"{base.__name__} trained in fp32 under CPU autocast."})
+    return _FLOAT32_TRAINING_CLASSES[base]
+
+
+def train_depthwise_in_float32(model: nn.Module) -> int:
+    """Run every grouped convolution of `model` in fp32 while it trains under CPU bf16 autocast; returns how many.
+
+    On CPUs with AMX the bf16 weight gradient of a depthwise convolution is several times slower than
+    in fp32 (one Lite0 layer: 193 ms vs 33 ms), which made bf16 fine-tuning slower than fp32; with
+    these layers in fp32 a Lite0 step at 160 px ran ~1.7x faster than all-bf16 and ~1.3x faster than
+    all-fp32. Forward passes without gradients (extraction, evaluation) keep the faster bf16 path.
+    The class is swapped in place, so parameter names, state_dict and checkpoints do not change.
+    """
+    swapped = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and type(module) not in _FLOAT32_TRAINING_CLASSES.values():
+            module.__class__ = _float32_training_class(type(module))
+            swapped += 1
+    return swapped
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, padding: int = 1) -> list[nn.Module]:

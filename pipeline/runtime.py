@@ -23,6 +23,8 @@ class Runtime:
     channels_last: bool
     num_workers: int
     seed: int
+    # Train depthwise convolutions in fp32 (CPU + bf16 only; see models.train_depthwise_in_float32).
+    float32_depthwise: bool = False
 
     @property
     def device_type(self) -> str:
@@ -35,6 +37,17 @@ class Runtime:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device_type, dtype=dtype)
+
+    def place(self, model):
+        """`model` on this device and memory format, ready to train (layers slow in bf16 kept in fp32)."""
+        import torch
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.float32_depthwise:
+            from .models import train_depthwise_in_float32
+            train_depthwise_in_float32(model)
+        return model
 
     def needs_grad_scaler(self) -> bool:
         return self.precision == "fp16" and self.device_type == "cuda"
@@ -81,7 +94,8 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("[runtime] precision = 'fp16' needs a CUDA device; use bf16 or fp32 on this device")
     return Runtime(device=device, precision=precision, channels_last=settings.channels_last,
-                   num_workers=settings.num_workers, seed=settings.seed)
+                   num_workers=settings.num_workers, seed=settings.seed,
+                   float32_depthwise=settings.float32_depthwise and device == "cpu" and precision == "bf16")
 
 
 def _cpu_has_native_bf16() -> bool:

@@ -242,9 +242,7 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
     distributed.check_batch_size(label.split()[0], settings.batch_size)
     main = distributed.is_main()
     device = runtime.device
-    model.to(device)
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
+    runtime.place(model)
     train_set, val_set = train_set.to(device), val_set.to(device)
     optimizer = make_optimizer(groups, settings)
     scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None

@@ -210,3 +210,51 @@ def test_image_cache_is_decoded_once(tmp_path, fake_flowers_session, monkeypatch
         raise AssertionError("decoded a JPEG again")
     monkeypatch.setattr(images, "_load_square", refuse)
     assert torch.equal(images.load_split(index, "val", 20, tmp_path, log=lambda line: None), first)
+
+
+class DepthwiseNet(nn.Module):
+    """A tiny MobileNet-style block: pointwise, depthwise (groups = channels), pooled head."""
+
+    def __init__(self):
+        super().__init__()
+        self.pointwise = nn.Conv2d(3, 8, 1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, inputs):
+        return self.head(self.depthwise(self.pointwise(inputs)).mean((2, 3)))
+
+
+def test_depthwise_layers_train_in_float32_but_infer_in_bf16():
+    from pipeline.models import train_depthwise_in_float32
+    torch.manual_seed(0)
+    plain, swapped = DepthwiseNet(), DepthwiseNet()
+    swapped.load_state_dict(plain.state_dict())
+    keys = list(swapped.state_dict())
+    assert train_depthwise_in_float32(swapped) == 1
+    assert train_depthwise_in_float32(swapped) == 0          # idempotent: already swapped
+    assert list(swapped.state_dict()) == keys and isinstance(swapped.depthwise, nn.Conv2d)
+    inputs = torch.randn(4, 3, 8, 8)
+    seen = {}
+    swapped.depthwise.register_forward_hook(lambda module, args, output: seen.update(dtype=output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        swapped(inputs).float().sum().backward()
+    assert seen["dtype"] == torch.float32 and swapped.depthwise.weight.grad.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # No gradients: the bf16 path, bit for bit what the unswapped model computes.
+        assert torch.equal(swapped(inputs), plain(inputs)) and seen["dtype"] == torch.bfloat16
+    copy = __import__("copy").deepcopy(swapped)                # the EMA copies the model
+    assert type(copy.depthwise) is type(swapped.depthwise)
+
+
+def test_runtime_keeps_depthwise_float32_only_for_cpu_bf16():
+    from pipeline.config import RuntimeConfig
+    from pipeline.runtime import resolve_runtime
+    assert resolve_runtime(RuntimeConfig(device="cpu", precision="bf16")).float32_depthwise
+    assert not resolve_runtime(RuntimeConfig(device="cpu", precision="fp32")).float32_depthwise
+    assert not resolve_runtime(RuntimeConfig(device="cpu", precision="bf16", float32_depthwise=False)).float32_depthwise
+    model = runtime("bf16").place(DepthwiseNet())
+    assert type(model.depthwise).__name__ == "Conv2d"           # the field defaults to off
+    model = dataclasses.replace(runtime("bf16"), float32_depthwise=True).place(DepthwiseNet())
+    assert type(model.depthwise).__name__ == "Float32TrainingConv2d"
+    assert model.pointwise.weight.is_contiguous(memory_format=torch.channels_last)

@@ -60,7 +60,11 @@ def test_bench_writes_every_row_atomically_with_environment_and_subsets(report):
 def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
     result, _, _ = report
     for row in result["rows"]:
-        if row["ours"] is not None and row["baseline"]:
+        if row["section"] == "extraction":
+            # Paired rounds: the median of the per-round ratios, each a real extraction over real model-only.
+            assert len(row["round_ratios"]) == TINY_KNOBS.rounds and min(row["round_ratios"]) > 0
+            assert math.isclose(row["ratio"], float(numpy.median(row["round_ratios"])))
+        elif row["ours"] is not None and row["baseline"]:
             assert math.isclose(row["ratio"], row["ours"] / row["baseline"])
         else:
             assert row["ratio"] is None
@@ -162,6 +166,7 @@ def test_notebook_head_recipe_learns_separable_features_and_not_shuffled_ones():
 
 @pytest.mark.parametrize("flags, message", [
     (["--images", "0"], "argument --images: 0 is too small"),
+    (["--images", "16", "--rounds", "3"], "fewer than 8 images to each of --rounds 3"),
     (["--steps", "two"], "argument --steps: 'two' is not a whole number"),
     (["--rows", "compute,speed"], "names no valid row"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),

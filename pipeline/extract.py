@@ -118,18 +118,51 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def features_of(model: nn.Module, images: torch.Tensor, device: str, autocast: Callable, channels_last: bool,
+                mean: tuple, std: tuple) -> numpy.ndarray:
+    """float32 numpy features of one uint8 image batch through a frozen `model` (call under inference mode)."""
+    images = normalise(images.to(device, non_blocking=True), mean, std)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast():
+        features = model(images)
+    return features.float().cpu().numpy()
+
+
 def extract_batches(model: nn.Module, loader, device: str, autocast: Callable, channels_last: bool,
                     mean: tuple, std: tuple):
     """Yield float32 numpy features of uint8 image batches; `model` is frozen here, whatever mode it arrives in."""
     freeze(model)
     with torch.inference_mode():
         for images in loader:
-            images = normalise(images.to(device, non_blocking=True), mean, std)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                features = model(images)
-            yield features.float().cpu().numpy()
+            yield features_of(model, images, device, autocast, channels_last, mean, std)
+
+
+class JobsDataset(Dataset):
+    """The rows of several jobs behind one index, (job number, row) -> uint8 image.
+
+    One DataLoader over every group starts its workers once: on a short extraction, starting them
+    per group cost ~0.2 s a group, a sixth of a 5-second run.
+    """
+
+    def __init__(self, jobs: list):
+        self.parts = [ImageDataset(job) for job in jobs]
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, index: tuple) -> torch.Tensor:
+        job_number, row = index
+        return self.parts[job_number][row]
+
+
+def batch_plan(jobs: list, starts: list, batch_size: int) -> list:
+    """Batches of (job number, row) indices from each job's start row on; a batch never spans two jobs."""
+    batches = []
+    for job_number, (job, start) in enumerate(zip(jobs, starts)):
+        for first in range(start, len(job.paths), batch_size):
+            batches.append([(job_number, row) for row in range(first, min(first + batch_size, len(job.paths)))])
+    return batches
 
 
 def _open_partial(path: Path, key: str):
@@ -186,33 +219,46 @@ def write_features(path: Path, key: str, jobs: list, model: nn.Module, feature_d
     partial = path.with_name(path.name + ".partial")
     handle, resumed = _open_partial(partial, key)
     try:
+        groups, starts, pixel_jobs, normalisations = [], [], [], []
         for job in jobs:
             group = _prepare_group(handle, job, feature_dim)
             done = int(group.attrs["rows_done"])
-            total = len(job.paths)
-            if resumed and 0 < done < total:
-                log(f"[features] resuming {job.group} at row {done} of {total}")
-            if done >= total:
-                continue
+            if resumed and 0 < done < len(job.paths):
+                log(f"[features] resuming {job.group} at row {done} of {len(job.paths)}")
             pixels, mean, std = uint8_transform(job.transform)
-            loader = DataLoader(ImageDataset(dataclasses.replace(job, transform=pixels), start=done),
-                                batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                pin_memory=device.startswith("cuda"))
-            started = time.perf_counter()
-            bar = tqdm(total=total, initial=done, desc=f"{job.group:>15}", unit="img", leave=False,
-                       disable=None if progress is None else not progress, dynamic_ncols=True)
-            for batch in extract_batches(model, loader, device, autocast, channels_last, mean, std):
+            groups.append(group)
+            starts.append(done)
+            pixel_jobs.append(dataclasses.replace(job, transform=pixels))
+            normalisations.append((mean, std))
+        batches = batch_plan(jobs, starts, batch_size)
+        # No loader (and no workers started) when a resumed file only lacked its completion mark.
+        loader = DataLoader(JobsDataset(pixel_jobs), batch_sampler=batches, num_workers=num_workers,
+                            pin_memory=device.startswith("cuda")) if batches else []
+        freeze(model)
+        bar, current = None, None
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for rows, images in zip(batches, loader):
+                job_number, first = rows[0]
+                job, group = jobs[job_number], groups[job_number]
+                if job_number != current:
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(total=len(job.paths), initial=first, desc=f"{job.group:>15}", unit="img", leave=False,
+                               disable=None if progress is None else not progress, dynamic_ncols=True)
+                    current = job_number
+                batch = features_of(model, images, device, autocast, channels_last, *normalisations[job_number])
                 if batch.shape[1] != feature_dim:
                     raise FeaturesFileError(f"backbone returned {batch.shape[1]} features per image, "
                                             f"expected {feature_dim}; is its head stripped?")
-                group["features"][done:done + len(batch)] = batch
-                done += len(batch)
+                group["features"][first:first + len(batch)] = batch
                 now = time.perf_counter()
-                group.attrs["rows_done"] = done
+                group.attrs["rows_done"] = first + len(batch)
                 group.attrs["seconds"] = float(group.attrs["seconds"]) + now - started
                 started = now
                 handle.flush()          # what is flushed survives a kill and is not extracted again
                 bar.update(len(batch))
+        if bar is not None:
             bar.close()
         timings = {}
         for job in jobs:

@@ -202,6 +202,21 @@ def test_killed_extraction_leaves_no_complete_file_and_resumes(tmp_path):
     assert not any("resuming" in line for line in lines)
 
 
+def test_one_loader_serves_every_group_and_no_batch_spans_two(tmp_path):
+    import dataclasses
+    jobs = _jobs(tmp_path) + [dataclasses.replace(_jobs(tmp_path, 7)[0], group="val")]
+    sizes = [len(job.paths) for job in jobs]
+    assert sizes == [10, 7]
+    batches = extract.batch_plan(jobs, [0] * len(jobs), 4)
+    assert all(len({job for job, _ in batch}) == 1 and 1 <= len(batch) <= 4 for batch in batches)
+    for number, size in enumerate(sizes):
+        assert [row for batch in batches for job, row in batch if job == number] == list(range(size))
+    # Resumed: a finished job gets no batch, a started one begins at its first missing row.
+    resumed = extract.batch_plan(jobs, [sizes[0], 2], 4)
+    assert all(job != 0 for batch in resumed for job, _ in batch)
+    assert resumed[0][0] == (1, 2)
+
+
 def test_incomplete_file_is_refused(tmp_path):
     path = tmp_path / "features.h5"
     with h5py.File(path, "w") as handle:

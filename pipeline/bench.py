@@ -1,13 +1,15 @@
 """`make bench`: how fast the pipeline runs against its compute limit and against the notebook, in one run.
 
-Every row holds what, ours, baseline, ratio (= ours / baseline), target, met (true, false, or null
+Every row holds what, ours, baseline, ratio (= ours / baseline; the extraction rows: the median of
+paired round ratios), target, met (true, false, or null
 when not measured or when the row has no target) and notes. Rows, in `SECTIONS` order:
 
 - compute: model-only forward img/s of each [features] backbone (frozen, eval mode, features batch
   size and input size) and forward+backward img/s of each [finetune] backbone (train mode, finetune
   batch size and input size), on tensors already in memory, with the runtime's precision and layout.
 - extraction: img/s of the features stage's own code path (extract.write_features over the jobs
-  features.extraction_jobs builds) on a subset, over model-only forward img/s of those images.
+  features.extraction_jobs builds) on a subset, over model-only forward img/s of those images, in
+  paired rounds that alternate the two.
 - frozen: extract + both heads (the features and heads stages' functions) against the notebook's
   protocol, timed on a few images and extrapolated to its 25 epochs; its accuracy is approximated
   on cached features of its own augmentations (the notes say so).

@@ -141,8 +141,8 @@ def options_from(parsed: argparse.Namespace) -> BenchOptions:
         raise BenchError("--force does not apply to bench: it always measures afresh and never rebuilds the study")
     if parsed.images < 8 * parsed.rounds:
         raise BenchError(f"--images {parsed.images} gives fewer than 8 images to each of --rounds {parsed.rounds}")
-    return BenchOptions(images=parsed.images, rounds=parsed.rounds, test_images=parsed.test_images, notebook_images=parsed.notebook_images,
-                        notebook_views=parsed.notebook_views, steps=parsed.steps, memory_images=parsed.memory_images,
+    return BenchOptions(images=parsed.images, rounds=parsed.rounds, test_images=parsed.test_images,
+                        notebook_images=parsed.notebook_images, notebook_views=parsed.notebook_views, steps=parsed.steps, memory_images=parsed.memory_images,
                         rows=tuple(parsed.rows))
 
 

@@ -141,8 +141,8 @@ def extract_batches(model: nn.Module, loader, device: str, autocast: Callable, c
 class JobsDataset(Dataset):
     """The rows of several jobs behind one index, (job number, row) -> uint8 image.
 
-    One DataLoader over every group starts its workers once: on a short extraction, starting them
-    per group cost ~0.2 s a group, a sixth of a 5-second run.
+    One DataLoader over every group starts its workers once per backbone rather than once per split,
+    a start-up cost that weighs on short extractions.
     """
 
     def __init__(self, jobs: list):

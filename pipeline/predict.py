@@ -201,10 +201,7 @@ def end_to_end_model(config: Config, arm: Arm, runtime: Runtime) -> tuple[torch.
         model = models.build_scratch_model(config.cnn, num_classes, result["input_size"])
         preprocessing = models.SCRATCH_PREPROCESSING
     model.load_state_dict(torch.load(arm.directory / train.MODEL, map_location="cpu", weights_only=True))
-    model.to(runtime.device)
-    if runtime.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model.eval(), preprocessing
+    return runtime.place(model).eval(), preprocessing
 
 
 def predictor(config: Config, graph: Graph, arm: Arm) -> Callable[[list], numpy.ndarray]:

@@ -235,7 +235,7 @@ def _rows_of(jobs: list) -> int:
 
 
 def _pixels(paths: list, transform) -> torch.Tensor:
-    """uint8 [N, 3, H, W] of the images after the geometric part of `transform` (held between the two passes)."""
+    """uint8 [N, H, W, 3] of the images after the geometric part of `transform` (held between the two passes)."""
     from PIL import Image
     stack = []
     for path in paths:
@@ -248,8 +248,8 @@ def forward_rate(model: nn.Module, pixels: torch.Tensor, mean: tuple, std: tuple
                  runtime: Runtime) -> float:
     """Model-only img/s of a frozen backbone over `pixels`, normalised in memory first, after warm-up batches."""
     inputs = extract.normalise(pixels.to(runtime.device), mean, std)
-    if runtime.channels_last:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    if not runtime.channels_last:
+        inputs = inputs.contiguous()
     batches = [inputs[start:start + batch_size] for start in range(0, len(inputs), batch_size)]
     with torch.inference_mode():
         for batch in (batches * WARMUP_BATCHES)[:WARMUP_BATCHES]:

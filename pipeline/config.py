@@ -45,6 +45,9 @@ class RuntimeConfig:
     channels_last: bool = setting(True, "Use channels_last memory format for convolutional models.")
     float32_depthwise: bool = setting(True, "On CPU in bf16, train depthwise convolutions in fp32 (their bf16 weight "
                                             "gradients are several times slower there); inference stays bf16.")
+    keep_freed_memory: bool = setting(True, "Linux (glibc): keep freed memory in the process for reuse instead of "
+                                            "returning it to the kernel, so batches stop page-faulting their "
+                                            "activations back in; no effect on the numbers.")
     seed: int = setting(0, "Seed for data order, augmentation, initialisation and sampling.", minimum=0)
     seeds: int = setting(1, "Runs of every trained arm, with seeds seed, seed+1, ...; the report adds mean ± sd "
                             "when > 1 (SEEDS=).", minimum=1)

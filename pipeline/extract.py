@@ -92,24 +92,35 @@ class ImageDataset(Dataset):
             return self.job.transform(image)
 
 
+def pixels_of(image) -> torch.Tensor:
+    """PIL RGB image -> uint8 [H, W, 3] tensor in the image's own pixel order (no transpose)."""
+    return torch.from_numpy(numpy.array(image, dtype=numpy.uint8))
+
+
 def uint8_transform(transform) -> tuple[Callable, tuple, tuple]:
     """Split a torchvision pipeline ending in ToTensor + Normalize into a uint8 part and (mean, std).
 
-    Workers then ship uint8 images (4x less to copy) and the float conversion and normalisation run
-    batched where the model runs; the arithmetic (x / 255 - mean) / std is the same.
+    Workers then ship uint8 [H, W, 3] images (4x less to copy than float) and the float conversion
+    and normalisation run batched where the model runs; the arithmetic (x / 255 - mean) / std is the same.
     """
     from torchvision import transforms as tv
     steps = list(transform.transforms)
     if len(steps) < 2 or not isinstance(steps[-2], tv.ToTensor) or not isinstance(steps[-1], tv.Normalize):
         raise ValueError("expected a transform ending in ToTensor() and Normalize()")
-    return tv.Compose(steps[:-2] + [tv.PILToTensor()]), tuple(steps[-1].mean), tuple(steps[-1].std)
+    return tv.Compose(steps[:-2] + [pixels_of]), tuple(steps[-1].mean), tuple(steps[-1].std)
 
 
 def normalise(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> float32 normalised as ToTensor + Normalize would."""
+    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in channels_last memory, normalised as ToTensor + Normalize would.
+
+    Stacked [H, W, 3] images already are channels_last once viewed as [N, 3, H, W], so no transpose
+    is made, and the in-place steps repeat ToTensor + Normalize's operations in their order, so the
+    values are bit for bit theirs (a transpose per image plus a channels_last copy per batch took
+    about two thirds of this step's 20 ms per batch of 16 at 224 px).
+    """
     mean_tensor = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
     std_tensor = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean_tensor) / std_tensor
+    return images.permute(0, 3, 1, 2).float().div_(255).sub_(mean_tensor).div_(std_tensor)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -120,10 +131,10 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def features_of(model: nn.Module, images: torch.Tensor, device: str, autocast: Callable, channels_last: bool,
                 mean: tuple, std: tuple) -> numpy.ndarray:
-    """float32 numpy features of one uint8 image batch through a frozen `model` (call under inference mode)."""
+    """float32 numpy features of one uint8 [N, H, W, 3] batch through a frozen `model` (call under inference mode)."""
     images = normalise(images.to(device, non_blocking=True), mean, std)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    if not channels_last:
+        images = images.contiguous()
     with autocast():
         features = model(images)
     return features.float().cpu().numpy()
@@ -131,7 +142,7 @@ def features_of(model: nn.Module, images: torch.Tensor, device: str, autocast: C
 
 def extract_batches(model: nn.Module, loader, device: str, autocast: Callable, channels_last: bool,
                     mean: tuple, std: tuple):
-    """Yield float32 numpy features of uint8 image batches; `model` is frozen here, whatever mode it arrives in."""
+    """Yield float32 numpy features of uint8 [N, H, W, 3] batches; `model` is frozen here, whatever mode it arrives in."""
     freeze(model)
     with torch.inference_mode():
         for images in loader:
@@ -139,7 +150,7 @@ def extract_batches(model: nn.Module, loader, device: str, autocast: Callable, c
 
 
 class JobsDataset(Dataset):
-    """The rows of several jobs behind one index, (job number, row) -> uint8 image.
+    """The rows of several jobs behind one index, (job number, row) -> uint8 [H, W, 3] image.
 
     One DataLoader over every group starts its workers once per backbone rather than once per split,
     a start-up cost that weighs on short extractions.
@@ -163,6 +174,20 @@ def batch_plan(jobs: list, starts: list, batch_size: int) -> list:
         for first in range(start, len(job.paths), batch_size):
             batches.append([(job_number, row) for row in range(first, min(first + batch_size, len(job.paths)))])
     return batches
+
+
+def yield_to_compute(worker_id: int) -> None:
+    """DataLoader worker start on CPU: lowest scheduling priority, so decoding takes the cores' slack.
+
+    Workers and torch's compute threads share the same cores there, and a worker that pre-empts one
+    compute thread stalls the others at their next barrier. Measured on 2 cores, Lite0 at 224 px,
+    2 workers: 71.8 vs 61.2 img/s on full-size JPEGs (median of 5 rounds); on 64 px thumbnails,
+    where decoding is light, the two were level (84.4 vs 83.5).
+    """
+    try:
+        os.nice(19)
+    except OSError:
+        pass            # not allowed here: run at normal priority
 
 
 def _open_partial(path: Path, key: str):
@@ -233,7 +258,8 @@ def write_features(path: Path, key: str, jobs: list, model: nn.Module, feature_d
         batches = batch_plan(jobs, starts, batch_size)
         # No loader (and no workers started) when a resumed file only lacked its completion mark.
         loader = DataLoader(JobsDataset(pixel_jobs), batch_sampler=batches, num_workers=num_workers,
-                            pin_memory=device.startswith("cuda")) if batches else []
+                            pin_memory=device.startswith("cuda"),
+                            worker_init_fn=yield_to_compute if device == "cpu" else None) if batches else []
         freeze(model)
         bar, current = None, None
         started = time.perf_counter()

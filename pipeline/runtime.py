@@ -81,6 +81,8 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
         raise ConfigError(f"[runtime] device = {requested!r} is not valid; choose one of: auto, cpu, cuda, cuda:N, mps")
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     precision = settings.precision
     if precision == "auto":
         if device.startswith("cuda"):
@@ -96,6 +98,37 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
     return Runtime(device=device, precision=precision, channels_last=settings.channels_last,
                    num_workers=settings.num_workers, seed=settings.seed,
                    float32_depthwise=settings.float32_depthwise and device == "cpu" and precision == "bf16")
+
+
+# glibc mallopt parameters (malloc.h) and the largest value its int argument takes.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_LARGEST_INT = 2**31 - 1
+_allocator = {"kept": None}
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse; True where it now does (Linux with glibc), else False.
+
+    By default glibc serves blocks above its mmap threshold (128 KB, adapting up to 32 MB) with a fresh
+    mmap and unmaps them on free, so each batch's activations are page-faulted in anew: on 2 KVM cores
+    that was about 2 million faults and a third of the CPU time in the kernel per EfficientNet-Lite0
+    pass over 320 images. Measured there with it: forward 64 -> 110 img/s (batch 16, 224 px, bf16),
+    forward+backward 37 -> 49 img/s (batch 32, 160 px). With mmap off for allocations and trimming
+    only past 2 GiB free, freed blocks stay in the heap and are reused. Resident memory then stays at the
+    process's peak instead of falling after it. Idempotent; DataLoader workers inherit it by fork.
+    """
+    if _allocator["kept"] is None:
+        _allocator["kept"] = False
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            import ctypes
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                return False
+            # mallopt returns 1 on success; both must hold, or the faults come back through the other path.
+            _allocator["kept"] = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _LARGEST_INT))
+    return _allocator["kept"]
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -123,6 +156,7 @@ def environment(runtime: Runtime | None = None) -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "freed_memory_kept": bool(_allocator["kept"]),
     }
     if runtime is not None:
         record.update(device=runtime.device, precision=runtime.precision, channels_last=runtime.channels_last)

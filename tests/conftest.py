@@ -18,7 +18,14 @@ def block_network(monkeypatch):
     """Nothing in the test suite may reach the network (a download attempt must fail loudly)."""
     def refuse(*args, **kwargs):
         raise OSError("network access is blocked in tests")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    local_connect = socket.socket.connect
+
+    def connect(self, address):
+        # Unix sockets stay open: DataLoader workers hand tensors over them; they reach no network.
+        if self.family == getattr(socket, "AF_UNIX", None):
+            return local_connect(self, address)
+        refuse()
+    monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 

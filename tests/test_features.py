@@ -4,7 +4,9 @@ Tiny random-init backbones on the fake Flowers-102 (32 px); nothing touches the 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 import urllib.error
 from pathlib import Path
 
@@ -123,7 +125,7 @@ def test_backbone_batchnorm_statistics_do_not_move():
     model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
     model.train()                       # whatever mode it arrives in, extraction must freeze it
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    images = [torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8) for _ in range(3)]
+    images = [torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8) for _ in range(3)]
     batches = list(extract.extract_batches(model, images, "cpu", lambda: torch.autocast("cpu", enabled=False), True,
                                            (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     assert [batch.shape for batch in batches] == [(4, 32)] * 3
@@ -155,6 +157,27 @@ def _jobs(folder: Path, count: int = 10):
     transform = transforms.eval_transform(backbones.get_backbone("tiny-resnet").preprocessing, 16)
     return [extract.Job("train", paths, numpy.arange(count) % 3, numpy.arange(1, count + 1),
                         numpy.zeros(count, dtype=numpy.int64), transform)]
+
+
+def test_workers_decode_at_lowest_priority_and_give_inline_features(tmp_path):
+    from torchvision import transforms as tv
+    jobs = _jobs(tmp_path)
+    niceness = tmp_path / "niceness"
+
+    def record(image):
+        niceness.write_text(str(os.nice(0)))
+        return image
+    recording = [dataclasses.replace(job, transform=tv.Compose([tv.Lambda(record), *job.transform.transforms]))
+                 for job in jobs]
+    model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
+    options = dict(device="cpu", autocast=lambda: torch.autocast("cpu", enabled=False), channels_last=True,
+                   batch_size=3, attributes={}, progress=False)
+    extract.write_features(tmp_path / "inline.h5", "key", recording, model, 32, num_workers=0, **options)
+    assert int(niceness.read_text()) == os.nice(0)
+    extract.write_features(tmp_path / "workers.h5", "key", recording, model, 32, num_workers=2, **options)
+    assert int(niceness.read_text()) == 19            # yield_to_compute ran in the worker
+    assert numpy.array_equal(extract.read_group(tmp_path / "inline.h5", "train")["features"],
+                             extract.read_group(tmp_path / "workers.h5", "train")["features"])
 
 
 class Interrupted(Exception):
@@ -203,7 +226,6 @@ def test_killed_extraction_leaves_no_complete_file_and_resumes(tmp_path):
 
 
 def test_one_loader_serves_every_group_and_no_batch_spans_two(tmp_path):
-    import dataclasses
     jobs = _jobs(tmp_path) + [dataclasses.replace(_jobs(tmp_path, 7)[0], group="val")]
     sizes = [len(job.paths) for job in jobs]
     assert sizes == [10, 7]

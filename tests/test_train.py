@@ -258,3 +258,38 @@ def test_runtime_keeps_depthwise_float32_only_for_cpu_bf16():
     model = dataclasses.replace(runtime("bf16"), float32_depthwise=True).place(DepthwiseNet())
     assert type(model.depthwise).__name__ == "Float32TrainingConv2d"
     assert model.pointwise.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+ALLOCATION_PROBE = """
+import resource, sys, torch
+from pipeline.config import RuntimeConfig
+from pipeline.runtime import environment, resolve_runtime
+resolve_runtime(RuntimeConfig(device="cpu", keep_freed_memory=sys.argv[1] == "on"))
+torch.set_num_threads(1)
+layers = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1))
+inputs = torch.randn(4, 3, 256, 256)    # 34 MB activations: above glibc's largest adaptive mmap threshold
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with torch.no_grad():
+        layers(inputs)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(environment()["freed_memory_kept"], *[faults() for _ in range(4)])
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="keep_freed_memory acts on glibc malloc")
+def test_kept_freed_memory_stops_page_faulting_every_pass():
+    import subprocess
+    import sys
+    from pathlib import Path
+    project = Path(__file__).resolve().parents[1]
+
+    def probe(setting):
+        output = subprocess.run([sys.executable, "-c", ALLOCATION_PROBE, setting], cwd=project, check=True,
+                                capture_output=True, text=True).stdout.split()
+        return output[0], [int(value) for value in output[1:]]
+    kept, on = probe("on")
+    default, off = probe("off")
+    assert (kept, default) == ("True", "False")
+    # Later passes reuse the first pass's pages; glibc's default maps and faults them in again each time.
+    assert sum(on[1:]) < 0.01 * on[0] and min(off[1:]) > 10 * max(1, max(on[1:]))

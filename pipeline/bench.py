@@ -278,7 +278,8 @@ def extraction_rows(config: Config, runtime: Runtime, index: DatasetIndex, optio
     for name in config.features.backbones:
         spec = backbones.get_backbone(name)
         _, input_size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
-        model = features.load_frozen_backbone(name, weights_path(config, name), runtime.device, runtime.channels_last)
+        model = features.load_frozen_backbone(name, weights_path(config, name), runtime.device, runtime.channels_last,
+                                              config.features.fold_batchnorm)
         geometry, mean, std = extract.uint8_transform(transforms.eval_transform(spec.preprocessing, input_size))
         paths = [path for split in ("train", "val", "test") for path in subset.paths(split)]
         pixels, batch = _pixels(paths, geometry), config.features.batch_size
@@ -460,7 +461,8 @@ def frozen_row(config: Config, runtime: Runtime, index: DatasetIndex, options: B
     test_count = options.test_images or len(index.image_ids["test"])
     tested = subset_index(index, {"test": test_count})
     # Ours: the features stage's jobs (every train/val image, augmented views, the test images) and both heads.
-    model = features.load_frozen_backbone(name, weights, runtime.device, runtime.channels_last)
+    model = features.load_frozen_backbone(name, weights, runtime.device, runtime.channels_last,
+                                          config.features.fold_batchnorm)
     jobs = features.extraction_jobs(tested, config, spec, input_size)
     common = dict(device=runtime.device, autocast=runtime.autocast, channels_last=runtime.channels_last,
                   batch_size=config.features.batch_size, num_workers=runtime.num_workers, log=log, progress=False)
@@ -732,7 +734,8 @@ def memory_probe(spec_path: str) -> None:
     index = DatasetIndex.from_json(spec["index"])
     backbone = backbones.get_backbone(spec["backbone"])
     _, input_size = transforms.crop_sizes(backbone.preprocessing, config.features.input_size)
-    model = features.load_frozen_backbone(backbone.name, spec["weights"], runtime.device, runtime.channels_last)
+    model = features.load_frozen_backbone(backbone.name, spec["weights"], runtime.device, runtime.channels_last,
+                                          config.features.fold_batchnorm)
     jobs = features.extraction_jobs(index, config, backbone, input_size)
     extract.write_features(Path(spec["output"]), "bench-memory", jobs, model, backbone.feature_dim,
                            device=runtime.device, autocast=runtime.autocast, channels_last=runtime.channels_last,

@@ -59,6 +59,8 @@ def unit_settings(config: Config, source: dict, precision: str) -> dict:
     settings = {name: source[name] for name in ("backbone", "input_size", "resize_size", "preprocessing",
                                                 "weights_id", "weights_sha256")}
     settings.update(precision=precision, augmented_views=config.features.augmented_views)
+    if config.features.fold_batchnorm:
+        settings.update(fold_batchnorm=True)        # absent when off, so earlier keys stay valid
     if config.features.augmented_views:
         settings.update(view_augmentation=config.features.view_augmentation,
                         view_minimum_scale=config.features.view_minimum_scale, seed=config.runtime.seed)
@@ -95,12 +97,14 @@ def extraction_jobs(index: data.DatasetIndex, config: Config, spec: backbones.Ba
     return jobs
 
 
-def load_frozen_backbone(name: str, weights_path: str | None, device: str, channels_last: bool) -> torch.nn.Module:
-    """The backbone with its head stripped, frozen (eval mode, no gradients), on `device`."""
+def load_frozen_backbone(name: str, weights_path: str | None, device: str, channels_last: bool,
+                         fold_batchnorm: bool = False) -> torch.nn.Module:
+    """The backbone with its head stripped, frozen (eval mode, no gradients), rewritten for inference, on `device`."""
+    from .models import fold_for_inference
     spec = backbones.get_backbone(name)
     model = backbones.build_backbone(name, pretrained=weights_path is not None, weights_path=weights_path)
     backbones.strip_head(model, spec)
-    model = extract.freeze(model).to(device)
+    model = fold_for_inference(extract.freeze(model), fold_batchnorm, name).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -116,7 +120,8 @@ def build(context: BuildContext) -> BuildResult:
     # Weight download and loading stay out of extraction time (they are recorded separately).
     with timings.phase("model_load"):
         source = resolve_source(config, name, allow_download=True)
-        model = load_frozen_backbone(name, source["weights_path"], runtime.device, runtime.channels_last)
+        model = load_frozen_backbone(name, source["weights_path"], runtime.device, runtime.channels_last,
+                                     config.features.fold_batchnorm)
     jobs = extraction_jobs(index, config, spec, source["input_size"])
     settings = unit_settings(config, source, runtime.precision)
     attributes = {"backbone": name, "weights_id": source["weights_id"], "weights_sha256": source["weights_sha256"],
@@ -126,6 +131,7 @@ def build(context: BuildContext) -> BuildResult:
                   "augmented_views": config.features.augmented_views,
                   "view_augmentation": config.features.view_augmentation if config.features.augmented_views else "",
                   "seed": runtime.seed, "feature_dim": spec.feature_dim,
+                  "fold_batchnorm": config.features.fold_batchnorm,
                   "class_names": json.dumps(index.class_names),
                   "model_load_seconds": timings.seconds["model_load"]}
     context.log(f"[features] {name}: {sum(len(job.paths) for job in jobs)} images at {source['input_size']} px, "

@@ -58,6 +58,67 @@ def train_depthwise_in_float32(model: nn.Module) -> int:
     return swapped
 
 
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold each BatchNorm2d into the Conv2d registered right before it in the same parent; returns how many.
+
+    For frozen inference only (the statistics must be final): the convolution's weights and bias take
+    the normalisation over, and the BatchNorm becomes an Identity. EfficientNet, EfficientNet-Lite and
+    ResNet register every conv right before the norm that reads it; `fold_for_inference` checks the
+    output against the unfolded model, so a network where that order lies is refused, not silently changed.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    folded = 0
+    for parent in list(model.modules()):
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            convolution, norm = parent._modules[first], parent._modules[second]
+            if (isinstance(convolution, nn.Conv2d) and type(norm) is nn.BatchNorm2d and norm.track_running_stats
+                    and norm.num_features == convolution.out_channels):
+                parent._modules[first] = fuse_conv_bn_eval(convolution, norm)
+                parent._modules[second] = nn.Identity()
+                folded += 1
+    return folded
+
+
+def pad_inside_convolutions(model: nn.Module) -> int:
+    """Let convolutions with an equal TensorFlow-"SAME" pad on every side pad internally; returns how many.
+
+    EfficientNet's static-same-padding convolutions pad with a separate ZeroPad2d (a full copy of the
+    activations) before a padding-free convolution; where the pad is the same on all four sides the
+    convolution's own zero padding computes the same numbers (bf16 Lite0 features bit for bit).
+    """
+    moved = 0
+    for module in model.modules():
+        padding = getattr(module, "static_padding", None)
+        if (isinstance(module, nn.Conv2d) and isinstance(padding, nn.ZeroPad2d) and len(set(padding.padding)) == 1
+                and tuple(module.padding) == (0, 0)):
+            module.padding = (padding.padding[0],) * 2
+            module.static_padding = nn.Identity()
+            moved += 1
+    return moved
+
+
+def fold_for_inference(model: nn.Module, fold: bool, name: str, probe_size: int = 64) -> nn.Module:
+    """A frozen (eval) `model` with padding moved into its convolutions and, when `fold`, BatchNorm folded.
+
+    Checked in fp32 on one random batch against the model as it came: a relative difference above
+    1e-4 means a rewrite changed the function, and it is refused with a one-line error.
+    """
+    probe = torch.randn(2, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        before = model(probe.to(device)).float()
+        pad_inside_convolutions(model)
+        if fold:
+            fold_batchnorm(model)
+        after = model(probe.to(device)).float()
+    difference = float((after - before).norm() / before.norm().clamp_min(1e-12))
+    if difference > 1e-4:
+        raise ModelError(f"rewriting {name} for inference changed its output (relative difference {difference:.1e}); "
+                         "set [features] fold_batchnorm = false")
+    return model
+
+
 def conv_bn_relu(in_channels: int, out_channels: int, padding: int = 1) -> list[nn.Module]:
     # No conv bias: the BatchNorm shift that follows makes it redundant.
     return [nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=False), nn.BatchNorm2d(out_channels),

@@ -175,7 +175,9 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
                            f"were extracted with ({attributes['weights_id']}); rerun `make heads`")
     # Test-only backbones are random-init: the extraction seeded torch right before building them.
     seed_everything(attributes["seed"])
-    model = features.load_frozen_backbone(name, source["weights_path"], runtime.device, runtime.channels_last)
+    # The rewrite the features were extracted with (files from before the setting had none).
+    model = features.load_frozen_backbone(name, source["weights_path"], runtime.device, runtime.channels_last,
+                                          bool(attributes.get("fold_batchnorm", False)))
 
     def run(paths: list) -> numpy.ndarray:
         count = len(paths)

@@ -119,6 +119,8 @@ def test_cache_hit_miss_and_what_enters_the_key(tmp_path, fake_flowers_session):
     assert views.unit("features", "tiny-resnet").settings["seed"] == 0
     plain = graph.unit("features", "tiny-resnet").settings
     assert "seed" not in plain          # without random views the seed changes nothing
+    unfolded, _ = graph_for(tiny(tmp_path, fake_flowers_session, "features.fold_batchnorm=false"))
+    assert plain["fold_batchnorm"] and "fold_batchnorm" not in unfolded.unit("features", "tiny-resnet").settings
 
 
 def test_backbone_batchnorm_statistics_do_not_move():
@@ -133,6 +135,55 @@ def test_backbone_batchnorm_statistics_do_not_move():
     assert not any(parameter.requires_grad for parameter in model.parameters())
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} moved during extraction"
+
+
+def _trained_looking_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm statistics and affine terms, so folding them is not close to a no-op."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(torch.randn(size, generator=generator) * 0.5)
+            module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(size, generator=generator) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny-efficientnet", "tiny-resnet"])
+def test_inference_rewrite_folds_every_batchnorm_and_keeps_the_function(name):
+    import copy
+    from pipeline.models import fold_for_inference
+    spec = backbones.get_backbone(name)
+    model = backbones.build_backbone(name, pretrained=False)
+    backbones.strip_head(model, spec)
+    model = _trained_looking_norms(extract.freeze(model))
+    reference = copy.deepcopy(model)
+    fold_for_inference(model, True, name)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+    if name == "tiny-efficientnet":     # its stride-1 convolutions now pad internally
+        assert any(isinstance(getattr(module, "static_padding", None), torch.nn.Identity)
+                   and module.padding != (0, 0) for module in model.modules())
+    images = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), rtol=1e-4, atol=1e-5)
+
+
+def test_inference_rewrite_refuses_a_network_whose_registration_order_misleads():
+    from pipeline.models import ModelError, fold_for_inference
+
+    class Misordered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convolution = torch.nn.Conv2d(3, 4, 3)
+            self.norm = torch.nn.BatchNorm2d(4)          # registered after `convolution` but reads `other`
+            self.other = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, images):
+            return (self.norm(self.other(images)) + self.convolution(images)).mean((2, 3))
+    model = _trained_looking_norms(extract.freeze(Misordered()))
+    with pytest.raises(ModelError, match="fold_batchnorm = false"):
+        fold_for_inference(model, True, "misordered")
 
 
 @pytest.mark.parametrize("name", ["tiny-efficientnet", "tiny-resnet"])

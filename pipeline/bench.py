@@ -230,6 +230,13 @@ def weights_path(config: Config, name: str) -> str | None:
     return str(backbones.resolve_weights(spec, config.weights.get(name), allow_download=True))
 
 
+def _decoding(runtime: Runtime) -> str:
+    """Where extraction decodes its images, for the notes."""
+    if runtime.inference_streams > 1:
+        return f"{runtime.inference_streams} streams decoding their own batches"
+    return f"{runtime.num_workers} workers" if runtime.num_workers else "decoding in the main process"
+
+
 def _rows_of(jobs: list) -> int:
     return sum(len(job.paths) for job in jobs)
 
@@ -246,21 +253,25 @@ def _pixels(paths: list, transform) -> torch.Tensor:
 
 def forward_rate(model: nn.Module, pixels: torch.Tensor, mean: tuple, std: tuple, batch_size: int,
                  runtime: Runtime) -> float:
-    """Model-only img/s of a frozen backbone over `pixels`, normalised in memory first, after warm-up batches."""
+    """Model-only img/s of a frozen backbone over `pixels`, normalised in memory first, after warm-up batches.
+
+    Run the way extraction runs them: runtime.inference_streams batches at once (extract.in_streams).
+    """
     inputs = extract.normalise(pixels.to(runtime.device), mean, std)
     if not runtime.channels_last:
         inputs = inputs.contiguous()
     batches = [inputs[start:start + batch_size] for start in range(0, len(inputs), batch_size)]
-    with torch.inference_mode():
-        for batch in (batches * WARMUP_BATCHES)[:WARMUP_BATCHES]:
-            with runtime.autocast():
-                model(batch)
-        runtime.synchronize()
-        started = time.perf_counter()
-        for batch in batches:
-            with runtime.autocast():
-                model(batch)
-        runtime.synchronize()
+
+    def forward(batch):
+        with torch.inference_mode(), runtime.autocast():
+            model(batch)
+    for _ in extract.in_streams(forward, (batches * WARMUP_BATCHES)[:WARMUP_BATCHES], runtime.inference_streams):
+        pass
+    runtime.synchronize()
+    started = time.perf_counter()
+    for _ in extract.in_streams(forward, batches, runtime.inference_streams):
+        pass
+    runtime.synchronize()
     return len(inputs) / (time.perf_counter() - started)
 
 
@@ -292,7 +303,8 @@ def extraction_rows(config: Config, runtime: Runtime, index: DatasetIndex, optio
                 timings = extract.write_features(
                     output, "bench", jobs, model, spec.feature_dim, device=runtime.device,
                     autocast=runtime.autocast, channels_last=runtime.channels_last, batch_size=batch,
-                    num_workers=runtime.num_workers, attributes={}, log=log, progress=False)
+                    num_workers=runtime.num_workers, streams=runtime.inference_streams, attributes={}, log=log,
+                    progress=False)
                 output.unlink()
                 rates.append(rows / sum(record["seconds"] for record in timings.values()))
                 passes.append(forward_rate(model, pixels, mean, std, batch, runtime))
@@ -303,7 +315,7 @@ def extraction_rows(config: Config, runtime: Runtime, index: DatasetIndex, optio
                 float(numpy.median(passes)), "img/s", ">= 0.85", [("ratio", ">=", 0.85)],
                 notes=f"extract.write_features over {rows} rows ({len(paths)} images of every split + "
                       f"{config.features.augmented_views} augmented views of the train ones, {len(jobs)} groups, "
-                      f"{runtime.num_workers} workers, JPEG decode included) vs model-only forward over those "
+                      f"{_decoding(runtime)}, JPEG decode included) vs model-only forward over those "
                       f"{len(paths)} images, in {options.rounds} paired rounds; ratio = median of the per-round "
                       f"ratios ({' / '.join(f'{value:.2f}' for value in ratios)}); extraction "
                       f"{' / '.join(f'{value:.1f}' for value in rates)} img/s, model-only "
@@ -316,7 +328,7 @@ def extraction_rows(config: Config, runtime: Runtime, index: DatasetIndex, optio
             "compute", f"{name} forward (frozen, eval, batch {batch}, {input_size} px)", float(numpy.median(passes)),
             None, "img/s",
             notes=f"{len(paths)} images in memory, {runtime.precision}, channels_last {runtime.channels_last}, "
-                  f"after {WARMUP_BATCHES} warm-up batches; median of {len(passes)} pass(es); reference, no target"))
+                  f"{runtime.inference_streams} stream(s) as in extraction, after {WARMUP_BATCHES} warm-up batches; median of {len(passes)} pass(es); reference, no target"))
         log(f"[bench] {name}: model-only forward {numpy.median(passes):.1f} img/s")
         del model, pixels
     return compute, efficiency
@@ -465,7 +477,8 @@ def frozen_row(config: Config, runtime: Runtime, index: DatasetIndex, options: B
                                           config.features.fold_batchnorm)
     jobs = features.extraction_jobs(tested, config, spec, input_size)
     common = dict(device=runtime.device, autocast=runtime.autocast, channels_last=runtime.channels_last,
-                  batch_size=config.features.batch_size, num_workers=runtime.num_workers, log=log, progress=False)
+                  batch_size=config.features.batch_size, num_workers=runtime.num_workers,
+                  streams=runtime.inference_streams, log=log, progress=False)
     log(f"[bench] frozen: extracting {_rows_of(jobs)} rows with {name} (ours)")
     path = work / f"frozen-{name}.h5"
     timings = extract.write_features(path, "bench", jobs, model, spec.feature_dim, attributes={}, **common)
@@ -739,7 +752,8 @@ def memory_probe(spec_path: str) -> None:
     jobs = features.extraction_jobs(index, config, backbone, input_size)
     extract.write_features(Path(spec["output"]), "bench-memory", jobs, model, backbone.feature_dim,
                            device=runtime.device, autocast=runtime.autocast, channels_last=runtime.channels_last,
-                           batch_size=config.features.batch_size, num_workers=runtime.num_workers, attributes={},
+                           batch_size=config.features.batch_size, num_workers=runtime.num_workers,
+                           streams=runtime.inference_streams, attributes={},
                            log=lambda line: None, progress=False)
     print(json.dumps({"rows": _rows_of(jobs), "peak_mib": peak_resident_mib()}))
 

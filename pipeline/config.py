@@ -39,7 +39,11 @@ HEAD_KINDS = ("softmax", "logistic")
 class RuntimeConfig:
     device: str = setting("auto", "Compute device: auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")
     threads: int = setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).", minimum=0)
-    num_workers: int = setting(2, "DataLoader worker processes.", minimum=0)
+    num_workers: int = setting(2, "DataLoader worker processes (extraction with one stream, the notebook baselines).",
+                               minimum=0)
+    inference_streams: int = setting(0, "Extraction batches in flight at once, each in its own thread with its share "
+                                        "of the torch threads, decoding its own images; 0 = one per torch thread on "
+                                        "CPU, 1 on GPUs. Features are bit-identical either way.", minimum=0)
     precision: str = setting("auto", "auto = bf16 autocast where the device supports it, else fp16 on CUDA, else fp32.",
                              choices=PRECISIONS)
     channels_last: bool = setting(True, "Use channels_last memory format for convolutional models.")

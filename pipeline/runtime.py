@@ -25,6 +25,7 @@ class Runtime:
     seed: int
     # Train depthwise convolutions in fp32 (CPU + bf16 only; see models.train_depthwise_in_float32).
     float32_depthwise: bool = False
+    inference_streams: int = 1   # extraction batches in flight at once (extract.in_streams)
 
     @property
     def device_type(self) -> str:
@@ -95,9 +96,11 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
             precision = "fp32"
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("[runtime] precision = 'fp16' needs a CUDA device; use bf16 or fp32 on this device")
+    streams = settings.inference_streams or (torch.get_num_threads() if device == "cpu" else 1)
     return Runtime(device=device, precision=precision, channels_last=settings.channels_last,
                    num_workers=settings.num_workers, seed=settings.seed,
-                   float32_depthwise=settings.float32_depthwise and device == "cpu" and precision == "bf16")
+                   float32_depthwise=settings.float32_depthwise and device == "cpu" and precision == "bf16",
+                   inference_streams=streams)
 
 
 # glibc mallopt parameters (malloc.h) and the largest value its int argument takes.
@@ -159,7 +162,8 @@ def environment(runtime: Runtime | None = None) -> dict:
         "freed_memory_kept": bool(_allocator["kept"]),
     }
     if runtime is not None:
-        record.update(device=runtime.device, precision=runtime.precision, channels_last=runtime.channels_last)
+        record.update(device=runtime.device, precision=runtime.precision, channels_last=runtime.channels_last,
+                      inference_streams=runtime.inference_streams)
         if runtime.device_type == "cuda":
             record["device_name"] = torch.cuda.get_device_name(runtime.device)
     return record

@@ -231,6 +231,45 @@ def test_workers_decode_at_lowest_priority_and_give_inline_features(tmp_path):
                              extract.read_group(tmp_path / "workers.h5", "train")["features"])
 
 
+def test_streams_give_the_rows_of_one_stream_bit_for_bit_augmented_views_included(tmp_path):
+    from pipeline import transforms
+    jobs = _jobs(tmp_path)
+    preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
+    views = dataclasses.replace(jobs[0], group="train_augmented", seed=3, views=numpy.ones(len(jobs[0].paths), int),
+                                transform=transforms.train_transform(preprocessing, 16, "crop-flip"))
+    model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
+    options = dict(device="cpu", autocast=lambda: torch.autocast("cpu", enabled=False), channels_last=True,
+                   batch_size=3, num_workers=0, attributes={}, progress=False)
+    extract.write_features(tmp_path / "one.h5", "key", jobs + [views], model, 32, streams=1, **options)
+    extract.write_features(tmp_path / "two.h5", "key", jobs + [views], model, 32, streams=2, **options)
+    for group in ("train", "train_augmented"):
+        one, two = (extract.read_group(tmp_path / name, group)["features"] for name in ("one.h5", "two.h5"))
+        assert numpy.array_equal(one, two), group
+
+
+def test_in_streams_keeps_order_splits_threads_and_stops_on_failure():
+    import threading
+    import time
+    seen_threads, started = [], []
+
+    def work(item):
+        started.append(item)
+        seen_threads.append((threading.get_ident(), torch.get_num_threads()))
+        time.sleep(0.01 * (item % 3))          # finish out of order
+        if item == 5:
+            raise Interrupted("stream failed")
+        return item * 10
+    threads = torch.get_num_threads()
+    assert list(extract.in_streams(work, range(5), 2)) == [0, 10, 20, 30, 40]
+    assert {count for _, count in seen_threads} == {max(1, threads // 2)}
+    assert len({ident for ident, _ in seen_threads}) <= 2 and torch.get_num_threads() == threads
+    started.clear()
+    with pytest.raises(Interrupted):
+        list(extract.in_streams(work, range(100), 2))
+    assert len(started) < 20                   # at most 2 x streams submitted ahead of the failure
+    assert list(extract.in_streams(work, range(3), 1)) == [0, 10, 20]
+
+
 class Interrupted(Exception):
     pass
 

@@ -43,7 +43,7 @@ class RuntimeConfig:
                                minimum=0)
     inference_streams: int = setting(0, "Extraction batches in flight at once, each in its own thread with its share "
                                         "of the torch threads, decoding its own images; 0 = one per torch thread on "
-                                        "CPU, 1 on GPUs. Features are bit-identical either way.", minimum=0)
+                                        "CPU (at most 4), 1 on GPUs. Features are bit-identical either way.", minimum=0)
     precision: str = setting("auto", "auto = bf16 autocast where the device supports it, else fp16 on CUDA, else fp32.",
                              choices=PRECISIONS)
     channels_last: bool = setting(True, "Use channels_last memory format for convolutional models.")

@@ -132,6 +132,9 @@ def normalise(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255).sub_(mean_tensor).div_(std_tensor)
 
 
+_NO_ITEM = object()
+
+
 def in_streams(function: Callable, items, streams: int):
     """Yield function(item) for each item, in order; with streams > 1, that many threads run items at once.
 
@@ -151,9 +154,9 @@ def in_streams(function: Callable, items, streams: int):
         try:
             while pending:
                 result = pending.popleft().result()
-                for item in remaining:
-                    pending.append(pool.submit(function, item))
-                    break
+                following = next(remaining, _NO_ITEM)
+                if following is not _NO_ITEM:
+                    pending.append(pool.submit(function, following))
                 yield result
         finally:
             for future in pending:       # a failure or an early stop: start nothing more

@@ -62,6 +62,9 @@ class Runtime:
             torch.mps.synchronize()
 
 
+MOST_AUTO_STREAMS = 4
+
+
 def resolve_runtime(settings: RuntimeConfig) -> Runtime:
     """Turn the [runtime] section into concrete choices for this machine; also sets threads."""
     import torch
@@ -96,7 +99,8 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
             precision = "fp32"
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("[runtime] precision = 'fp16' needs a CUDA device; use bf16 or fp32 on this device")
-    streams = settings.inference_streams or (torch.get_num_threads() if device == "cpu" else 1)
+    # Each stream holds a batch's activations, so auto stops at 4 (measured only on 2 cores).
+    streams = settings.inference_streams or (min(torch.get_num_threads(), MOST_AUTO_STREAMS) if device == "cpu" else 1)
     return Runtime(device=device, precision=precision, channels_last=settings.channels_last,
                    num_workers=settings.num_workers, seed=settings.seed,
                    float32_depthwise=settings.float32_depthwise and device == "cpu" and precision == "bf16",

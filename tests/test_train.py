@@ -253,6 +253,8 @@ def test_runtime_keeps_depthwise_float32_only_for_cpu_bf16():
     assert resolve_runtime(RuntimeConfig(device="cpu", precision="bf16")).float32_depthwise
     assert not resolve_runtime(RuntimeConfig(device="cpu", precision="fp32")).float32_depthwise
     assert not resolve_runtime(RuntimeConfig(device="cpu", precision="bf16", float32_depthwise=False)).float32_depthwise
+    assert resolve_runtime(RuntimeConfig(device="cpu")).inference_streams == min(torch.get_num_threads(), 4)
+    assert resolve_runtime(RuntimeConfig(device="cpu", inference_streams=3)).inference_streams == 3
     model = runtime("bf16").place(DepthwiseNet())
     assert type(model.depthwise).__name__ == "Conv2d"           # the field defaults to off
     model = dataclasses.replace(runtime("bf16"), float32_depthwise=True).place(DepthwiseNet())
@@ -273,7 +275,7 @@ def faults():
     with torch.no_grad():
         layers(inputs)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(environment()["freed_memory_kept"], *[faults() for _ in range(4)])
+print(environment()["freed_memory_kept"], *[faults() for _ in range(6)])
 """
 
 
@@ -291,5 +293,5 @@ def test_kept_freed_memory_stops_page_faulting_every_pass():
     kept, on = probe("on")
     default, off = probe("off")
     assert (kept, default) == ("True", "False")
-    # Later passes reuse the first pass's pages; glibc's default maps and faults them in again each time.
-    assert sum(on[1:]) < 0.01 * on[0] and min(off[1:]) > 10 * max(1, max(on[1:]))
+    # Once warm, passes reuse the pages of earlier ones; glibc's default maps and faults them in again each time.
+    assert sum(on[3:]) < 0.1 * sum(off[3:]) and min(off[3:]) > 0.5 * on[0]

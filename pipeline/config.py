@@ -94,9 +94,9 @@ class FeaturesConfig:
                                      choices=AUGMENTATIONS[1:])
     view_minimum_scale: float = setting(0.35, "Smallest crop area (fraction of the image) of an augmented view.",
                                         minimum=0.05, maximum=1)
-    fold_batchnorm: bool = setting(True, "Fold each BatchNorm into the convolution before it for extraction: the "
-                                         "same function, about 40% faster on CPU; bf16 rounding moves, so it is "
-                                         "part of the features key.")
+    fold_batchnorm: bool = setting(True, "Fold each BatchNorm into the convolution before it (and move equal-sided "
+                                         "padding inside the convolutions) for extraction: the same function, about "
+                                         "40% faster on CPU; bf16 rounding moves, so it is part of the features key.")
 
 
 @dataclass(frozen=True)

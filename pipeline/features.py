@@ -104,7 +104,10 @@ def load_frozen_backbone(name: str, weights_path: str | None, device: str, chann
     spec = backbones.get_backbone(name)
     model = backbones.build_backbone(name, pretrained=weights_path is not None, weights_path=weights_path)
     backbones.strip_head(model, spec)
-    model = fold_for_inference(extract.freeze(model), fold_batchnorm, name).to(device)
+    model = extract.freeze(model)
+    if fold_batchnorm:
+        model = fold_for_inference(model, name)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

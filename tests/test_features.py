@@ -159,7 +159,7 @@ def test_inference_rewrite_folds_every_batchnorm_and_keeps_the_function(name):
     backbones.strip_head(model, spec)
     model = _trained_looking_norms(extract.freeze(model))
     reference = copy.deepcopy(model)
-    fold_for_inference(model, True, name)
+    fold_for_inference(model, name)
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
     if name == "tiny-efficientnet":     # its stride-1 convolutions now pad internally
         assert any(isinstance(getattr(module, "static_padding", None), torch.nn.Identity)
@@ -183,7 +183,7 @@ def test_inference_rewrite_refuses_a_network_whose_registration_order_misleads()
             return (self.norm(self.other(images)) + self.convolution(images)).mean((2, 3))
     model = _trained_looking_norms(extract.freeze(Misordered()))
     with pytest.raises(ModelError, match="fold_batchnorm = false"):
-        fold_for_inference(model, True, "misordered")
+        fold_for_inference(model, "misordered")
 
 
 @pytest.mark.parametrize("name", ["tiny-efficientnet", "tiny-resnet"])

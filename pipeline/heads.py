@@ -91,7 +91,7 @@ def select(kind: str, settings: HeadsConfig, splits: dict, num_classes: int, see
     chosen, candidates, model, normalizer = linear_heads.select_logistic(
         splits["fit"], splits["val"], normalizations=settings.normalizations, cs=settings.logistic_cs,
         solver=settings.logistic_solver, max_iter=settings.logistic_max_iter,
-        tolerance=settings.logistic_tolerance, seed=seed)
+        tolerance=settings.logistic_tolerance, seed=seed, blas_threads=settings.logistic_blas_threads)
     converged = next(c["converged"] for c in candidates
                      if c["normalization"] == chosen["normalization"] and c["c"] == chosen["c"])
     return {**chosen, "converged": converged}, candidates, {"model": model, "normalizer": normalizer.state()}
@@ -108,7 +108,8 @@ def refit(kind: str, settings: HeadsConfig, chosen: dict, features: numpy.ndarra
         return chosen, _softmax_payload(head, normalizer)
     model = linear_heads.make_logistic(chosen["c"], settings.logistic_solver, settings.logistic_max_iter,
                                        settings.logistic_tolerance, seed)
-    model, converged = linear_heads.fit_logistic(model, normalizer.apply(features), labels)
+    model, converged = linear_heads.fit_logistic(model, normalizer.apply(features), labels,
+                                                 settings.logistic_blas_threads)
     return {**chosen, "converged": converged}, {"model": model, "normalizer": normalizer.state()}
 
 

@@ -76,35 +76,74 @@ def train_softmax(features: numpy.ndarray, labels: numpy.ndarray, num_classes: i
     With val data the head returned is the one after the best val epoch. The rate is constant so
     that this equals a fresh run of that many epochs: the choice can be refitted exactly.
     """
+    return train_softmax_heads(features, labels, num_classes, weight_decays=[weight_decay], epochs=epochs, lr=lr,
+                               batch_size=batch_size, label_smoothing=label_smoothing, seed=seed,
+                               val_features=val_features, val_labels=val_labels)[0]
+
+
+def train_softmax_heads(features: numpy.ndarray, labels: numpy.ndarray, num_classes: int, *, weight_decays: list,
+                        epochs: int, lr: float, batch_size: int, label_smoothing: float, seed: int,
+                        val_features: numpy.ndarray | None = None, val_labels: numpy.ndarray | None = None
+                        ) -> list[tuple[nn.Linear, list]]:
+    """train_softmax for several weight decays at once: one (head, val history) per decay, in order.
+
+    The heads differ only in their decay: they start from the same seeded weights and see the same
+    batches, so they are trained side by side as the rows of one matrix. One matrix product per
+    step instead of one per head, and one optimizer step, made the search about twice as fast on
+    2 cores. Each head's loss is its own batch mean and AdamW acts element by element, so every
+    head follows its own training run; the decay is applied before the Adam step, as AdamW does.
+    """
+    count = len(weight_decays)
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.from_numpy(numpy.ascontiguousarray(features, dtype=numpy.float32))
     targets = torch.from_numpy(numpy.asarray(labels, dtype=numpy.int64))
-    head = nn.Linear(inputs.shape[1], num_classes)
-    with torch.no_grad():
-        # Seeded initialisation (not the global RNG) so selection and refit start from the same weights.
-        bound = 1 / inputs.shape[1] ** 0.5
-        head.weight.uniform_(-bound, bound, generator=generator)
-        head.bias.uniform_(-bound, bound, generator=generator)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_function = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    dimensions = inputs.shape[1]
+    # Seeded initialisation (not the global RNG) so selection and refit start from the same weights.
+    bound = 1 / dimensions ** 0.5
+    weight = torch.empty(num_classes, dimensions).uniform_(-bound, bound, generator=generator)
+    bias = torch.empty(num_classes).uniform_(-bound, bound, generator=generator)
+    weight = nn.Parameter(weight.repeat(count, 1))
+    bias = nn.Parameter(bias.repeat(count))
+    decay = torch.tensor([1 - lr * value for value in weight_decays]).repeat_interleave(num_classes)
+    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
+    loss_function = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="sum")
     val_inputs = None if val_features is None else torch.from_numpy(numpy.ascontiguousarray(val_features,
                                                                                            dtype=numpy.float32))
-    history, best_state = [], None
+    histories = [[] for _ in weight_decays]
+    best_states = [None] * count
     for _ in range(epochs):
         order = torch.randperm(len(targets), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss_function(head(inputs[batch]), targets[batch]).backward()
+            # [rows, heads x classes] read as [rows x heads, classes]: one cross-entropy over every head.
+            logits = torch.addmm(bias, inputs[batch], weight.t()).view(-1, num_classes)
+            loss = loss_function(logits, targets[batch].repeat_interleave(count))
+            (loss / len(batch)).backward()
+            with torch.no_grad():
+                weight.mul_(decay.unsqueeze(1))
+                bias.mul_(decay)
             optimizer.step()
         if val_inputs is not None:
-            history.append(accuracy(val_labels, predict_softmax(head, val_inputs)))
-            if history[-1] > max(history[:-1], default=-1.0):
-                best_state = {name: value.clone() for name, value in head.state_dict().items()}
-    if best_state is not None:
+            with torch.no_grad():
+                predictions = torch.addmm(bias, val_inputs, weight.t()).view(len(val_inputs), count, num_classes)
+                predictions = predictions.argmax(dim=2).numpy()
+            for position, history in enumerate(histories):
+                history.append(accuracy(val_labels, predictions[:, position]))
+                if history[-1] > max(history[:-1], default=-1.0):
+                    rows = slice(position * num_classes, (position + 1) * num_classes)
+                    best_states[position] = (weight.detach()[rows].clone(), bias.detach()[rows].clone())
+    results = []
+    for position, history in enumerate(histories):
+        rows = slice(position * num_classes, (position + 1) * num_classes)
         # The head as it was after the first epoch with the best val accuracy (what a refit would give).
-        head.load_state_dict(best_state)
-    return head, history
+        chosen_weight, chosen_bias = best_states[position] or (weight.detach()[rows], bias.detach()[rows])
+        head = nn.Linear(dimensions, num_classes)
+        with torch.no_grad():
+            head.weight.copy_(chosen_weight)
+            head.bias.copy_(chosen_bias)
+        results.append((head, history))
+    return results
 
 
 def predict_softmax(head: nn.Linear, features) -> numpy.ndarray:
@@ -125,10 +164,10 @@ def select_softmax(train: tuple, val: tuple, num_classes: int, *, normalizations
     for kind in normalizations:
         normalizer = Normalizer.fit(kind, train[0])
         fit_features, val_features = normalizer.apply(train[0]), normalizer.apply(val[0])
-        for weight_decay in weight_decays:
-            head, history = train_softmax(fit_features, train[1], num_classes, weight_decay=weight_decay,
-                                          epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
-                                          seed=seed, val_features=val_features, val_labels=val[1])
+        trained = train_softmax_heads(fit_features, train[1], num_classes, weight_decays=weight_decays,
+                                      epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
+                                      seed=seed, val_features=val_features, val_labels=val[1])
+        for weight_decay, (head, history) in zip(weight_decays, trained):
             epoch = int(numpy.argmax(history)) + 1       # first epoch that reaches the best val accuracy
             candidate = {"normalization": kind, "weight_decay": weight_decay, "epochs": epoch,
                          "val_top1": history[epoch - 1]}
@@ -148,12 +187,14 @@ def make_logistic(c: float, solver: str, max_iter: int, tolerance: float, seed: 
                               random_state=seed)
 
 
-def fit_logistic(model, features: numpy.ndarray, labels: numpy.ndarray):
-    """Fit, turning the solver's convergence warning into a recorded flag instead of console noise."""
+def fit_logistic(model, features: numpy.ndarray, labels: numpy.ndarray, blas_threads: int = 0):
+    """Fit with at most `blas_threads` BLAS threads (0: no limit), the solver's convergence warning
+    turned into a recorded flag instead of console noise."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
-    with warnings.catch_warnings(record=True) as caught:
+    from threadpoolctl import threadpool_limits
+    with warnings.catch_warnings(record=True) as caught, threadpool_limits(blas_threads or None, user_api="blas"):
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(features, labels)
     converged = not any(issubclass(item.category, ConvergenceWarning) for item in caught)
@@ -161,7 +202,7 @@ def fit_logistic(model, features: numpy.ndarray, labels: numpy.ndarray):
 
 
 def select_logistic(train: tuple, val: tuple, *, normalizations: list, cs: list, solver: str, max_iter: int,
-                    tolerance: float, seed: int) -> tuple:
+                    tolerance: float, seed: int, blas_threads: int = 0) -> tuple:
     """Best (normalization, C) by val accuracy; C runs from strong to weak regularisation, warm-started.
 
     Returns (choice, every candidate, the chosen model fitted on train, its normalizer).
@@ -173,7 +214,7 @@ def select_logistic(train: tuple, val: tuple, *, normalizations: list, cs: list,
         model = make_logistic(min(cs), solver, max_iter, tolerance, seed)
         for c in sorted(cs):
             model.set_params(C=c)
-            model, converged = fit_logistic(model, fit_features, train[1])
+            model, converged = fit_logistic(model, fit_features, train[1], blas_threads)
             candidate = {"normalization": kind, "c": c,
                          "val_top1": accuracy(val[1], model.predict(val_features))}
             candidates.append({**candidate, "iterations": int(numpy.max(model.n_iter_)), "converged": converged})

@@ -65,6 +65,40 @@ def test_best_epoch_head_equals_a_refit_of_that_many_epochs(separable):
         torch.testing.assert_close(value, refit.state_dict()[name])
 
 
+def test_heads_trained_side_by_side_follow_their_own_runs(separable):
+    """Several weight decays trained as one matrix give each decay's own run: same val history, same weights."""
+    train, val, _ = separable
+    options = dict(epochs=12, lr=1e-2, batch_size=16, label_smoothing=0.1, seed=4, val_features=val[0],
+                   val_labels=val[1])
+    together = linear_heads.train_softmax_heads(*train, 5, weight_decays=[0.0, 3.0, 30.0], **options)
+    alone = [linear_heads.train_softmax(*train, 5, weight_decay=decay, **options) for decay in (0.0, 3.0, 30.0)]
+    for (head, history), (reference, reference_history) in zip(together, alone):
+        assert history == reference_history
+        for name, value in head.state_dict().items():
+            torch.testing.assert_close(value, reference.state_dict()[name], rtol=1e-5, atol=1e-6)
+    # The decays did act: the strongest one shrank its head the most.
+    norms = [head.weight.norm().item() for head, _ in together]
+    assert norms[0] > norms[1] > norms[2]
+
+
+def test_logistic_fit_runs_under_the_blas_thread_limit(separable):
+    from threadpoolctl import threadpool_info
+    seen = []
+
+    class Recording:
+        n_iter_ = numpy.array([1])
+
+        def fit(self, features, labels):
+            seen.append([pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"])
+            return self
+
+    linear_heads.fit_logistic(Recording(), *separable[0], blas_threads=1)
+    assert seen[0] and all(count == 1 for count in seen[0])
+    before = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    linear_heads.fit_logistic(Recording(), *separable[0], blas_threads=0)
+    assert seen[1] == before                      # 0 leaves the library's own setting alone
+
+
 def test_normalizer_uses_fit_statistics_only():
     fit = numpy.array([[1.0, 5.0, 2.0], [3.0, 5.0, 2.0]], dtype=numpy.float32)
     other = numpy.array([[100.0, 0.0, 2.0]], dtype=numpy.float32)

@@ -543,13 +543,14 @@ def frozen_row(config: Config, runtime: Runtime, index: DatasetIndex, options: B
 def finetune_rows(config: Config, runtime: Runtime, index: DatasetIndex, options: BenchOptions, work: Path,
                   log: Callable) -> tuple[list, list]:
     """Forward+backward compute-limit rows and per-epoch rows, one of each per [finetune] backbone."""
-    from .models import build_finetune_model
+    from .models import build_finetune_model, rewrite_for_finetuning
     settings = config.finetune
     compute, epochs = [], []
     train_images = len(index.image_ids["train"])
     for name in settings.backbones:
         weights = weights_path(config, name)
         model, spec = build_finetune_model(name, config.data.num_classes, weights_path=weights)
+        rewrite_for_finetuning(model, name, settings)
         input_size = settings.input_size or spec.preprocessing.input_size
         stored_size = settings.stored_size or transforms.crop_sizes(spec.preprocessing, input_size)[0]
         subset = subset_index(index, {"train": (options.steps + WARMUP_STEPS) * settings.batch_size})
@@ -575,7 +576,8 @@ def finetune_rows(config: Config, runtime: Runtime, index: DatasetIndex, options
             compute.append(make_row("compute", f"{name} forward+backward (train, batch {settings.batch_size}, "
                                     f"{input_size} px)", max(passes), None, "img/s",
                                     notes=f"{options.steps} steps after {WARMUP_STEPS} warm-up steps, "
-                                    f"{runtime.precision}, BatchNorm statistics frozen {settings.freeze_bn_stats}; "
+                                    f"{runtime.precision}, BatchNorm statistics frozen {settings.freeze_bn_stats}"
+                                    f"{' and folded into the convolutions' if settings.freeze_bn_stats and settings.fold_batchnorm else ''}; "
                                     f"best of {len(passes)} pass(es); reference, no target"))
             log(f"[bench] {name}: model-only forward+backward {max(passes):.1f} img/s")
         del model

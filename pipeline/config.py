@@ -157,6 +157,10 @@ class FinetuneConfig(TrainConfig):
     backbones: list = setting(["resnet18", "efficientnet-b5"], "Pretrained backbones fine-tuned end to end.")
     backbone_lr_multiplier: float = setting(0.1, "Backbone learning rate = lr x this.", minimum=0)
     freeze_bn_stats: bool = setting(False, "Keep BatchNorm running statistics fixed while fine-tuning.")
+    fold_batchnorm: bool = setting(True, "Rewrite the convolutions for training, keeping the function: equal-sided "
+                                         "padding moves inside them and, with freeze_bn_stats, each frozen BatchNorm "
+                                         "is computed by the convolution before it. About 25% faster steps on CPU; "
+                                         "rounding moves, so it is part of the key.")
     linear_probe: bool = setting(False, "Fit the new head on frozen features first (LP-FT), then fine-tune from it.")
     probe_weight_decays: list = setting([1e-4, 1e-3, 1e-2], "L2 strengths of the linear probe (full-batch L-BFGS); "
                                         "the best on val initialises the head.")

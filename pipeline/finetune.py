@@ -20,7 +20,7 @@ from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, w
 from .config import Config, ConfigError
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
-from .models import build_finetune_model, finetune_groups
+from .models import build_finetune_model, finetune_groups, rewrite_for_finetuning
 from .runtime import Timings, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
@@ -119,6 +119,7 @@ def build(context: BuildContext) -> BuildResult:
     with timings.phase("weights"):
         weights_path, weights_sha256 = _weights_identity(config, name, allow_download=True)
         model, spec = build_finetune_model(name, config.data.num_classes, weights_path=weights_path)
+        rewrite_for_finetuning(model, name, settings)
     # The key this build's checkpoint answers to, with the real weights hash even right after a download.
     unit = context.unit
     key = cache.compute_key(unit.stage, unit.code_version,

@@ -19,7 +19,7 @@ from .features import AUGMENTED_GROUP, features_file
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from .runtime import Timings, environment, seed_everything
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"   # 2: softmax decays trained side by side, logistic on one BLAS thread
 SOFTMAX_FILE = "head.pt"
 LOGISTIC_FILE = "head.joblib"
 # Fields that configure the stage as a whole rather than one head (they never enter a unit's key).

@@ -67,17 +67,22 @@ def fold_batchnorm(model: nn.Module) -> int:
     output against the unfolded model, so a network where that order lies is refused, not silently changed.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
-    folded = 0
+    pairs = list(_convolution_norm_pairs(model))
+    for parent, first, second in pairs:
+        parent._modules[first] = fuse_conv_bn_eval(parent._modules[first], parent._modules[second])
+        parent._modules[second] = nn.Identity()
+    return len(pairs)
+
+
+def _convolution_norm_pairs(model: nn.Module):
+    """(parent, conv name, norm name) for each Conv2d registered right before a matching BatchNorm2d."""
     for parent in list(model.modules()):
         names = list(parent._modules)
         for first, second in zip(names, names[1:]):
             convolution, norm = parent._modules[first], parent._modules[second]
             if (isinstance(convolution, nn.Conv2d) and type(norm) is nn.BatchNorm2d and norm.track_running_stats
                     and norm.num_features == convolution.out_channels):
-                parent._modules[first] = fuse_conv_bn_eval(convolution, norm)
-                parent._modules[second] = nn.Identity()
-                folded += 1
-    return folded
+                yield parent, first, second
 
 
 def pad_inside_convolutions(model: nn.Module) -> int:
@@ -115,6 +120,107 @@ def fold_for_inference(model: nn.Module, name: str, probe_size: int = 64) -> nn.
     if difference > 1e-4:
         raise ModelError(f"rewriting {name} for inference changed its output (relative difference {difference:.1e}); "
                          "set [features] fold_batchnorm = false")
+    return model
+
+
+# One folding subclass per convolution class (and one pass-through norm class), like the fp32 classes above.
+_FOLDING_CLASSES: dict[type, type] = {}
+
+
+class _FoldedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d whose frozen (eval-mode) normalisation the convolution before it computes."""
+
+    def forward(self, input):
+        return super().forward(input) if self.training else input
+
+
+def _folding_class(base: type) -> type:
+    """`base` that, while its BatchNorm is in eval mode, convolves with the norm folded into its weights."""
+    if base not in _FOLDING_CLASSES:
+        def forward(self, input):
+            norm = self.__dict__["frozen_norm"]
+            if norm.training:
+                return base.forward(self, input)
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                scale = norm.weight * scale
+            shift = -norm.running_mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias
+            if self.bias is not None:
+                shift = shift + self.bias * scale
+            # The class's own forward (padding, fp32 depthwise, ...) runs with the folded tensors in place
+            # of its parameters; gradients flow through them to the weight and the norm's affine pair.
+            parameters = self._parameters
+            saved = parameters["weight"], parameters["bias"]
+            parameters["weight"], parameters["bias"] = self.weight * scale.reshape(-1, 1, 1, 1), shift
+            try:
+                return base.forward(self, input)
+            finally:
+                parameters["weight"], parameters["bias"] = saved
+        _FOLDING_CLASSES[base] = type(f"Folding{base.__name__}", (base,),
+                                      {"forward": forward, "__module__": __name__,
+                                       "__doc__": f"{base.__name__} computing the frozen BatchNorm after it."})
+    return _FOLDING_CLASSES[base]
+
+
+def fold_frozen_batchnorm(model: nn.Module) -> int:
+    """Let each Conv2d compute the BatchNorm2d registered right after it while that norm is in eval mode.
+
+    For fine-tuning with BatchNorm statistics frozen: the normalisation is then a per-channel
+    scale and shift, so conv(x, W) -> BN is conv(x, W * scale) + shift, one activation pass
+    instead of two forward and backward. The weights are scaled each step from the live parameters,
+    so the conv weight, the norm's weight and bias all keep training; a norm put back in train mode
+    normalises by itself again. Classes are swapped in place: parameter names, state_dict and
+    checkpoints do not change. Returns how many pairs were folded.
+    """
+    # Listed first: a folded norm's class changes, so the pairing must not see half-done work.
+    pairs = list(_convolution_norm_pairs(model))
+    for parent, first, second in pairs:
+        convolution, norm = parent._modules[first], parent._modules[second]
+        convolution.__class__ = _folding_class(type(convolution))
+        # A plain attribute, not a submodule: the norm stays where it is in the state_dict.
+        convolution.__dict__["frozen_norm"] = norm
+        norm.__class__ = _FoldedBatchNorm2d
+    return len(pairs)
+
+
+def fold_for_training(model: nn.Module, name: str, fold_norms: bool = True, probe_size: int = 64) -> nn.Module:
+    """`model` with equal-sided padding moved into its convolutions and, with `fold_norms`, frozen
+    BatchNorm folded (fold_frozen_batchnorm), checked in eval mode against the model as it came.
+
+    On Lite0 at 160 px, batch 32, 2 cores, a forward+backward step ran at 57 / 50 / 49 img/s as it
+    came, 65 / 59 / 61 with BatchNorm folded and 76 / 68 / 57 with the padding moved too (three
+    interleaved rounds). A relative difference above 1e-4 means the registration order misled the
+    pairing, and it is refused with a one-line error. Train/eval modes are left as they were.
+    """
+    parameter = next(model.parameters())
+    probe = torch.randn(2, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(parameter.device, parameter.dtype)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            before = model(probe).float()
+            pad_inside_convolutions(model)
+            if fold_norms:
+                fold_frozen_batchnorm(model)
+            after = model(probe).float()
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    difference = float((after - before).norm() / before.norm().clamp_min(1e-12))
+    if difference > 1e-4:
+        raise ModelError(f"rewriting {name}'s convolutions for training changed its output (relative "
+                         f"difference {difference:.1e}); set [finetune] fold_batchnorm = false")
+    return model
+
+
+def rewrite_for_finetuning(model: nn.Module, name: str, settings) -> nn.Module:
+    """The [finetune] rewrites that keep the function, when fold_batchnorm asks for them: padding moved
+    into the convolutions, and BatchNorm folded where its statistics are frozen (freeze_bn_stats)."""
+    if settings.fold_batchnorm:
+        fold_for_training(model, name, fold_norms=settings.freeze_bn_stats)
     return model
 
 

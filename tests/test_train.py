@@ -4,6 +4,7 @@ Everything here runs on random tensors and tiny models (no dataset, no stage), o
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -243,8 +244,8 @@ def test_depthwise_layers_train_in_float32_but_infer_in_bf16():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         # No gradients: the bf16 path, bit for bit what the unswapped model computes.
         assert torch.equal(swapped(inputs), plain(inputs)) and seen["dtype"] == torch.bfloat16
-    copy = __import__("copy").deepcopy(swapped)                # the EMA copies the model
-    assert type(copy.depthwise) is type(swapped.depthwise)
+    copied = copy.deepcopy(swapped)                            # the EMA copies the model
+    assert type(copied.depthwise) is type(swapped.depthwise)
 
 
 def test_runtime_keeps_depthwise_float32_only_for_cpu_bf16():
@@ -295,3 +296,113 @@ def test_kept_freed_memory_stops_page_faulting_every_pass():
     assert (kept, default) == ("True", "False")
     # Once warm, passes reuse the pages of earlier ones; glibc's default maps and faults them in again each time.
     assert sum(on[3:]) < 0.1 * sum(off[3:]) and min(off[3:]) > 0.5 * on[0]
+
+
+class FoldableNet(nn.Module):
+    """conv -> BN -> ReLU, a depthwise conv -> BN, and a biased conv -> BN, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_norm = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.depthwise_norm = nn.BatchNorm2d(8)
+        self.project = nn.Conv2d(8, 6, 1)
+        self.project_norm = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 3)
+        generator = torch.Generator().manual_seed(1)
+        for norm in (self.stem_norm, self.depthwise_norm, self.project_norm):
+            # Statistics and affine pairs far from their defaults, so a wrong fold shows.
+            norm.running_mean.normal_(0, 1, generator=generator)
+            norm.running_var.uniform_(0.2, 3, generator=generator)
+            norm.weight.data.uniform_(0.5, 2, generator=generator)
+            norm.bias.data.normal_(0, 1, generator=generator)
+
+    def forward(self, inputs):
+        hidden = torch.relu(self.stem_norm(self.stem(inputs)))
+        hidden = self.project_norm(self.project(self.depthwise_norm(self.depthwise(hidden))))
+        return self.head(hidden.mean((2, 3)))
+
+
+def test_frozen_batchnorm_folded_for_training_keeps_outputs_and_gradients():
+    from pipeline.models import fold_for_training
+    plain = FoldableNet().double()
+    folded = fold_for_training(copy.deepcopy(plain), "foldable")
+    assert list(folded.state_dict()) == list(plain.state_dict())
+    assert all("frozen_norm" in module.__dict__ for module in (folded.stem, folded.depthwise, folded.project))
+    inputs = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for model in (plain, folded):
+        train.set_train_mode(model, freeze_batchnorm=True)
+        torch.nn.functional.cross_entropy(model(inputs), torch.tensor([0, 1, 2, 0])).backward()
+    for (name, parameter), reference in zip(folded.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-10, atol=1e-12, msg=name)
+    # A norm back in train mode normalises by itself again (batch statistics, running ones updated).
+    train.set_train_mode(plain, freeze_batchnorm=False)
+    train.set_train_mode(folded, freeze_batchnorm=False)
+    torch.testing.assert_close(folded(inputs), plain(inputs))
+    torch.testing.assert_close(folded.stem_norm.running_mean, plain.stem_norm.running_mean)
+    average = copy.deepcopy(folded)                          # the EMA copies the model
+    assert average.stem.__dict__["frozen_norm"] is average.stem_norm
+
+
+def test_training_fold_composes_with_float32_depthwise_under_autocast():
+    from pipeline.models import fold_for_training, train_depthwise_in_float32
+    plain = FoldableNet()
+    folded = fold_for_training(copy.deepcopy(plain), "foldable")
+    assert train_depthwise_in_float32(folded) == 1
+    seen = {}
+    folded.depthwise.register_forward_hook(lambda module, args, output: seen.update(dtype=output.dtype))
+    train.set_train_mode(folded, freeze_batchnorm=True)
+    train.set_train_mode(plain, freeze_batchnorm=True)
+    inputs = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        folded(inputs).float().sum().backward()
+    assert seen["dtype"] == torch.float32 and folded.depthwise.weight.grad.dtype == torch.float32
+    assert folded.depthwise_norm.weight.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(folded(inputs), plain(inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_training_fold_refuses_a_network_whose_registration_order_misleads():
+    from pipeline.models import ModelError, fold_for_training
+
+    class Misordered(FoldableNet):
+        def forward(self, inputs):       # stem_norm, registered right after stem, normalises depthwise
+            hidden = torch.relu(self.stem(inputs))
+            hidden = self.stem_norm(self.depthwise(hidden))
+            return self.head(self.project(hidden).mean((2, 3)))
+    with pytest.raises(ModelError, match=r"\[finetune\] fold_batchnorm = false"):
+        fold_for_training(Misordered(), "misordered")
+
+
+def test_finetune_rewrite_folds_only_frozen_statistics_and_only_when_asked(tiny_config):
+    from pipeline.models import rewrite_for_finetuning
+    settings = tiny_config.finetune
+    for freeze, fold, expected in ((True, True, True), (True, False, False), (False, True, False)):
+        model = rewrite_for_finetuning(FoldableNet(), "foldable", dataclasses.replace(
+            settings, freeze_bn_stats=freeze, fold_batchnorm=fold))
+        assert ("frozen_norm" in model.stem.__dict__) is expected
+
+
+def test_finetune_rewrite_of_an_efficientnet_keeps_its_gradients(tiny_config):
+    """Padding moved inside and frozen BatchNorm folded: in fp64 the same loss gradients, parameter by parameter."""
+    from pipeline.models import build_finetune_model, rewrite_for_finetuning
+    plain, _ = build_finetune_model("tiny-efficientnet", 5, pretrained=False)
+    generator = torch.Generator().manual_seed(1)
+    for module in plain.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+    plain = plain.double()
+    rewritten = rewrite_for_finetuning(copy.deepcopy(plain), "tiny-efficientnet", dataclasses.replace(
+        tiny_config.finetune, freeze_bn_stats=True, fold_batchnorm=True))
+    assert any(isinstance(getattr(module, "static_padding", None), nn.Identity) and module.padding != (0, 0)
+               for module in rewritten.modules())
+    inputs = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    for model in (plain, rewritten):
+        train.set_train_mode(model, freeze_batchnorm=True)
+        torch.manual_seed(2)                                  # the same drop-connect draws on both sides
+        torch.nn.functional.cross_entropy(model(inputs), torch.tensor([0, 3, 4])).backward()
+    for (name, parameter), reference in zip(rewritten.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-9, atol=1e-12, msg=name)

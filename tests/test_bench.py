@@ -77,6 +77,14 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
     # Ours counts extraction plus both heads.
     assert frozen["ours"] == pytest.approx(frozen["ours_extract_seconds"]
                                            + sum(head["seconds"] for head in frozen["ours_heads"].values()))
+    # The notebook is timed on both sides of ours; its baseline extrapolates the mean of the two slices.
+    slices = frozen["notebook_timing_slices"]
+    assert len(slices) == 2 and frozen["notebook_timing"]["train_images_timed"] == sum(
+        part["train_images_timed"] for part in slices)
+    per_image = {split: sum(part[f"{split}_seconds_per_image"] for part in slices) / 2 for split in ("train", "val")}
+    split_sizes = result["subsets"]["split_sizes"]
+    assert frozen["baseline"] == pytest.approx(bench.NOTEBOOK_EPOCHS * sum(
+        split_sizes[split] * per_image[split] for split in per_image))
     finetune = next(row for row in result["rows"] if row["section"] == "finetune")
     assert finetune["met"] == (finetune["ratio"] <= 0.4)
     memory = next(row for row in result["rows"] if row["section"] == "memory")

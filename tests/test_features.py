@@ -381,3 +381,16 @@ def test_weights_fingerprint_enters_the_key_and_weights_load(tmp_path, fake_flow
     missing = (f'features.backbones=["{name}"]', f'weights.{name}="{tmp_path / "absent.pth"}"')
     with pytest.raises(WeightsUnavailableError, match="absent.pth"):
         Graph(make_tiny_config(fake_flowers_session, tmp_path / "cache", missing)).units("features")
+
+
+@pytest.mark.parametrize("mean, std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),            # looked up
+                                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])  # computed
+def test_batch_normalisation_is_totensor_and_normalize_bit_for_bit(mean, std):
+    from torchvision import transforms as tv
+    pixels = torch.from_numpy(numpy.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=numpy.uint8))
+    pixels[0, 0, :4, 0] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)     # the ends of the range
+    reference = tv.Compose([tv.ToTensor(), tv.Normalize(mean, std)])
+    expected = torch.stack([reference(image.numpy()) for image in pixels])
+    normalised = extract.normalise(pixels, mean, std)
+    assert normalised.dtype == torch.float32 and normalised.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(normalised, expected)

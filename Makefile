@@ -1,6 +1,7 @@
 # Staged Flowers-102 study. Every stage target skips its work when its cached outputs are valid.
 #   make all                      run the whole study (installs first if needed)
 #   make test                     run the test suite (offline, CPU)
+#   make check-real DATA_DIR=...  checks on a real Flowers-102 copy with the real offline weights
 # Variables: CONFIG=configs/default.toml  DATA_DIR=<folder holding flowers-102/>  DEVICE=auto|cpu|cuda
 #            SET="section.key=value ..."  (per-run setting overrides)  STAGE=<name> (for invalidate)
 #            SEEDS=N  (run every trained arm once per seed; the report adds mean ± sd)
@@ -22,7 +23,7 @@ INSTALLED := $(VENV)/.installed
 ARGS = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DEVICE),--device $(DEVICE)) \
        $(if $(SEEDS),--set runtime.seeds=$(SEEDS)) $(foreach setting,$(SET),--set '$(setting)')
 
-.PHONY: install all download samples features heads finetune cnn report test clean invalidate config predict bench
+.PHONY: install all download samples features heads finetune cnn report test check-real clean invalidate config predict bench
 
 install: $(INSTALLED)
 
@@ -61,6 +62,11 @@ invalidate: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q
+
+# make check-real DATA_DIR=<folder holding flowers-102/>: checks on a real copy with the real offline weights.
+check-real: $(INSTALLED)
+	@if [ -z "$(DATA_DIR)" ]; then echo "make check-real: skipped, it needs DATA_DIR=<folder holding flowers-102/>"; \
+	else FLOWERS_DATA_DIR="$(DATA_DIR)" $(PYTHON) -m pytest -q -rs tests/test_real_data.py; fi
 
 clean:
 	rm -rf cache/*/

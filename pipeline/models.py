@@ -5,6 +5,8 @@ groups (head at lr, body at lr x multiplier); scratch = one of the CNNs below, o
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -103,23 +105,42 @@ def pad_inside_convolutions(model: nn.Module) -> int:
     return moved
 
 
-def fold_for_inference(model: nn.Module, name: str, probe_size: int = 64) -> nn.Module:
+def fold_for_inference(model: nn.Module, name: str) -> nn.Module:
     """A frozen (eval) `model` with BatchNorm folded and equal-sided padding moved into its convolutions.
 
-    Checked in fp32 on one random batch against the model as it came: a relative difference above
-    1e-4 means a rewrite changed the function, and it is refused with a one-line error.
+    Checked on one random batch against the model as it came (`rewrite_checked`).
     """
+    def rewrite(network: nn.Module) -> None:
+        pad_inside_convolutions(network)
+        fold_batchnorm(network)
+    return rewrite_checked(model, rewrite, f"rewriting {name} for inference",
+                           "set [features] fold_batchnorm = false")
+
+
+def rewrite_checked(model: nn.Module, rewrite: Callable[[nn.Module], None], what: str, advice: str,
+                    probe_size: int = 64) -> nn.Module:
+    """Apply `rewrite` to `model` in place, refusing it if the eval-mode output on a random batch moves.
+
+    The check runs in the model's own dtype; a relative difference above 1e-4 means the rewrite
+    changed the function (a network whose registration order misleads the conv/norm pairing), and
+    it is refused with a one-line error that ends with `advice`. Train/eval modes are left as they were.
+    """
+    parameter = next(model.parameters())
     probe = torch.randn(2, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        before = model(probe.to(device)).float()
-        pad_inside_convolutions(model)
-        fold_batchnorm(model)
-        after = model(probe.to(device)).float()
+    probe = probe.to(parameter.device, parameter.dtype)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            before = model(probe).float()
+            rewrite(model)
+            after = model(probe).float()
+    finally:
+        for module, training in modes.items():
+            module.training = training
     difference = float((after - before).norm() / before.norm().clamp_min(1e-12))
     if difference > 1e-4:
-        raise ModelError(f"rewriting {name} for inference changed its output (relative difference {difference:.1e}); "
-                         "set [features] fold_batchnorm = false")
+        raise ModelError(f"{what} changed its output (relative difference {difference:.1e}); {advice}")
     return model
 
 
@@ -185,35 +206,20 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
     return len(pairs)
 
 
-def fold_for_training(model: nn.Module, name: str, fold_norms: bool = True, probe_size: int = 64) -> nn.Module:
+def fold_for_training(model: nn.Module, name: str, fold_norms: bool = True) -> nn.Module:
     """`model` with equal-sided padding moved into its convolutions and, with `fold_norms`, frozen
-    BatchNorm folded (fold_frozen_batchnorm), checked in eval mode against the model as it came.
+    BatchNorm folded (fold_frozen_batchnorm), checked against the model as it came (`rewrite_checked`).
 
     On Lite0 at 160 px, batch 32, 2 cores, a forward+backward step ran at 57 / 50 / 49 img/s as it
     came, 65 / 59 / 61 with BatchNorm folded and 76 / 68 / 57 with the padding moved too (three
-    interleaved rounds). A relative difference above 1e-4 means the registration order misled the
-    pairing, and it is refused with a one-line error. Train/eval modes are left as they were.
+    interleaved rounds).
     """
-    parameter = next(model.parameters())
-    probe = torch.randn(2, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
-    probe = probe.to(parameter.device, parameter.dtype)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            before = model(probe).float()
-            pad_inside_convolutions(model)
-            if fold_norms:
-                fold_frozen_batchnorm(model)
-            after = model(probe).float()
-    finally:
-        for module, training in modes.items():
-            module.training = training
-    difference = float((after - before).norm() / before.norm().clamp_min(1e-12))
-    if difference > 1e-4:
-        raise ModelError(f"rewriting {name}'s convolutions for training changed its output (relative "
-                         f"difference {difference:.1e}); set [finetune] fold_batchnorm = false")
-    return model
+    def rewrite(network: nn.Module) -> None:
+        pad_inside_convolutions(network)
+        if fold_norms:
+            fold_frozen_batchnorm(network)
+    return rewrite_checked(model, rewrite, f"rewriting {name}'s convolutions for training",
+                           "set [finetune] fold_batchnorm = false")
 
 
 def rewrite_for_finetuning(model: nn.Module, name: str, settings) -> nn.Module:

@@ -243,8 +243,8 @@ def _rows_of(jobs: list) -> int:
     return sum(len(job.paths) for job in jobs)
 
 
-def _pixels(paths: list, transform) -> torch.Tensor:
-    """uint8 [N, H, W, 3] of the images after the geometric part of `transform` (held between the two passes)."""
+def stack_transformed(paths: list, transform) -> torch.Tensor:
+    """The images (PIL, RGB) through `transform`, stacked; here, uint8 [N, H, W, 3] after the geometric part."""
     from PIL import Image
     stack = []
     for path in paths:
@@ -295,7 +295,7 @@ def extraction_rows(config: Config, runtime: Runtime, index: DatasetIndex, optio
                                               config.features.fold_batchnorm)
         geometry, mean, std = extract.uint8_transform(transforms.eval_transform(spec.preprocessing, input_size))
         paths = [path for split in ("train", "val", "test") for path in subset.paths(split)]
-        pixels, batch = _pixels(paths, geometry), config.features.batch_size
+        pixels, batch = stack_transformed(paths, geometry), config.features.batch_size
         passes = [forward_rate(model, pixels, mean, std, batch, runtime)]
         if "extraction" in options.rows:
             jobs = features.extraction_jobs(subset, config, spec, input_size)

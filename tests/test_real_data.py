@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline import backbones, data, extract, features, train, transforms
+from pipeline.bench import stack_transformed
 from pipeline.config import DataConfig, load_config
 from pipeline.models import build_finetune_model, rewrite_for_finetuning
 
@@ -71,13 +72,8 @@ def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(inde
     assert numpy.array_equal(extracted[1], extracted[2])
     # Against the fp32 network, through torchvision's own transforms (no uint8 split, no lookup table).
     plain = features.load_frozen_backbone(BACKBONE, weights, "cpu", False, fold_batchnorm=False)
-    from PIL import Image
-    images = []
-    for path in job.paths[:8]:
-        with Image.open(path) as image:
-            images.append(job.transform(image.convert("RGB")))
     with torch.no_grad():
-        reference = plain(torch.stack(images)).numpy()
+        reference = plain(stack_transformed(job.paths[:8], job.transform)).numpy()
     error = numpy.linalg.norm(extracted[1][:8] - reference) / numpy.linalg.norm(reference)
     assert error < 0.05, f"bf16 folded features are {error:.3f} away from fp32 (relative)"
 
@@ -88,12 +84,8 @@ def test_real_finetune_rewrite_keeps_the_gradients(index, weights):
     plain, spec = build_finetune_model(BACKBONE, 102, weights_path=weights)
     rewritten = rewrite_for_finetuning(copy.deepcopy(plain), BACKBONE, config.finetune)
     transform = transforms.eval_transform(spec.preprocessing, config.finetune.input_size)
-    from PIL import Image
-    images = []
-    for path in index.paths("train")[:2]:
-        with Image.open(path) as image:
-            images.append(transform(image.convert("RGB")))
-    inputs, labels = torch.stack(images).double(), torch.as_tensor(index.labels["train"][:2])
+    inputs = stack_transformed(index.paths("train")[:2], transform).double()
+    labels = torch.as_tensor(index.labels["train"][:2])
     gradients = []
     for model in (plain.double(), rewritten.double()):
         train.set_train_mode(model, freeze_batchnorm=True)

@@ -50,7 +50,8 @@ def test_real_copy_has_the_official_splits(index):
 
 
 def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(index, weights, tmp_path):
-    """Two streams give one stream's rows bit for bit; bf16 + folded BatchNorm stay close to the plain fp32 network."""
+    """Streams and batch size change no bit of the rows (why neither is in the features key); bf16 + folded
+    BatchNorm stay close to the plain fp32 network."""
     config = load_config(PROJECT / "configs" / "offline.toml", data_dir=ROOT)
     spec = backbones.get_backbone(BACKBONE)
     _, size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
@@ -63,18 +64,19 @@ def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(inde
     def autocast():                                   # what Runtime.autocast gives on a bf16 CPU
         return torch.autocast("cpu", dtype=torch.bfloat16)
     extracted = {}
-    for streams in (1, 2):
-        path = tmp_path / f"streams-{streams}.h5"
+    for streams, batch_size in ((1, 16), (2, 16), (2, 8), (1, 5)):
+        path = tmp_path / f"streams-{streams}-batch-{batch_size}.h5"
         extract.write_features(path, "real", [job], model, spec.feature_dim, device="cpu", autocast=autocast,
-                               channels_last=True, batch_size=16, num_workers=0, attributes={}, progress=False,
-                               streams=streams)
-        extracted[streams] = extract.read_group(path, "test")["features"]
-    assert numpy.array_equal(extracted[1], extracted[2])
+                               channels_last=True, batch_size=batch_size, num_workers=0, attributes={},
+                               progress=False, streams=streams)
+        extracted[streams, batch_size] = extract.read_group(path, "test")["features"]
+    for run, rows in extracted.items():
+        assert numpy.array_equal(rows, extracted[1, 16]), f"streams, batch size {run} changed the features"
     # Against the fp32 network, through torchvision's own transforms (no uint8 split, no lookup table).
     plain = features.load_frozen_backbone(BACKBONE, weights, "cpu", False, fold_batchnorm=False)
     with torch.no_grad():
         reference = plain(stack_transformed(job.paths[:8], job.transform)).numpy()
-    error = numpy.linalg.norm(extracted[1][:8] - reference) / numpy.linalg.norm(reference)
+    error = numpy.linalg.norm(extracted[1, 16][:8] - reference) / numpy.linalg.norm(reference)
     assert error < 0.05, f"bf16 folded features are {error:.3f} away from fp32 (relative)"
 
 

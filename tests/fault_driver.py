@@ -2,10 +2,11 @@
 
 Usage: python tests/fault_driver.py <stage|all> [stage arguments...]
 
-The features file is written row batch by row batch through h5py (pipeline/extract.py), not through
+The features file is written block by block through h5py (pipeline/extract.py), not through
 cache.atomic_path, so cache's PIPELINE_FAULT hook cannot reach it. With FAULT_HDF5_WRITE=<n> this
 driver SIGKILLs the process right after the n-th write into a `features` dataset, before the
-batch's `rows_done` attribute is updated and the file flushed: the most torn state a kill can leave.
+block's `rows_done` attribute is updated and the file flushed: the most torn state a kill can leave.
+FAULT_BLOCK_ROWS=<rows> shrinks the blocks, so that the tiny fake splits take several writes each.
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def main() -> int:
     stage, argv = sys.argv[1], sys.argv[2:]
     if os.environ.get("FAULT_HDF5_WRITE"):
         install_hdf5_kill(int(os.environ["FAULT_HDF5_WRITE"]))
+    if os.environ.get("FAULT_BLOCK_ROWS"):
+        from pipeline import extract
+        extract.CHUNK_ROWS = int(os.environ["FAULT_BLOCK_ROWS"])
     return cli.run_all(argv) if stage == "all" else cli.run_stage(stage, argv)
 
 

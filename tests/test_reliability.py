@@ -49,7 +49,8 @@ def start(stage: str, data: Path, cache_root: Path, fault: str | None = None, hd
     if fault:
         environment[cache.FAULT_VARIABLE] = fault
     if hdf5_write:
-        environment["FAULT_HDF5_WRITE"] = str(hdf5_write)
+        # Blocks of one batch (16 rows), so the kill lands between two blocks of the same split.
+        environment.update(FAULT_HDF5_WRITE=str(hdf5_write), FAULT_BLOCK_ROWS="16")
         entry = [sys.executable, "tests/fault_driver.py", stage]
     else:
         entry = [sys.executable, "-m", f"stages.{stage}"]
@@ -145,7 +146,7 @@ def test_features_killed_inside_the_hdf5_write_resume_and_match(tmp_path, fake_f
     reference_root, _ = reference
     root = tmp_path / "cache"
     unit = root / "features" / "tiny-resnet"
-    # Train has 24 rows in batches of 16: die after writing the second batch, before it is flushed.
+    # Train has 24 rows in batches (and blocks) of 16: die after writing the second block, before it is flushed.
     run("heads", fake_flowers_session, root, hdf5_write=2, expect=KILLED)
     assert manifest(root, "features/tiny-resnet") is None
     assert not (unit / "features.h5").exists() and (unit / "features.h5.partial").is_file()

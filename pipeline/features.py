@@ -23,7 +23,7 @@ from .runtime import Timings, environment, resolve_runtime, seed_everything
 
 FEATURES_FILE = "features.h5"
 AUGMENTED_GROUP = "train_augmented"
-CODE_VERSION = "1"
+CODE_VERSION = "2"          # 2: geometry resampled on uint8 tensors (extract.uint8_transform)
 # Stands in for the sha256 of weights that a build will download; the build's final key has the real one.
 NOT_DOWNLOADED = "not-downloaded-yet"
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_config
-from pipeline import backbones, cli, extract, features
+from pipeline import backbones, cli, extract, features, transforms
 from pipeline.backbones import BackboneSpec, TinyResNet, WeightsSource, WeightsUnavailableError
 from pipeline.download import load_index
 from pipeline.graph import Graph
@@ -204,7 +204,6 @@ def _jobs(folder: Path, count: int = 10):
         path = folder / f"image_{number:05d}.jpg"
         Image.fromarray(numpy.full((16, 16, 3), number * 20, dtype=numpy.uint8)).save(path)
         paths.append(path)
-    from pipeline import transforms
     transform = transforms.eval_transform(backbones.get_backbone("tiny-resnet").preprocessing, 16)
     return [extract.Job("train", paths, numpy.arange(count) % 3, numpy.arange(1, count + 1),
                         numpy.zeros(count, dtype=numpy.int64), transform)]
@@ -232,7 +231,6 @@ def test_workers_decode_at_lowest_priority_and_give_inline_features(tmp_path):
 
 
 def test_streams_give_the_rows_of_one_stream_bit_for_bit_augmented_views_included(tmp_path):
-    from pipeline import transforms
     jobs = _jobs(tmp_path)
     preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
     views = dataclasses.replace(jobs[0], group="train_augmented", seed=3, views=numpy.ones(len(jobs[0].paths), int),
@@ -394,3 +392,36 @@ def test_batch_normalisation_is_totensor_and_normalize_bit_for_bit(mean, std):
     normalised = extract.normalise(pixels, mean, std)
     assert normalised.dtype == torch.float32 and normalised.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(normalised, expected)
+
+
+def test_geometry_runs_on_uint8_tensors_within_one_level_of_pil():
+    """The uint8 part resamples decoded tensors (torchvision v2): PIL's pixels bit for bit at a whole-number
+    scale, at most one level away otherwise, the same random crops per seed, and PIL for steps it cannot mirror."""
+    from PIL import Image
+    from torchvision import transforms as tv
+    preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
+    image = Image.fromarray(numpy.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=numpy.uint8))
+
+    def pil_pixels(transform):
+        return torch.from_numpy(numpy.array(tv.Compose(transform.transforms[:-2])(image)))
+    for size, whole in ((48, True), (36, False)):          # shorter side 24 -> 48 (x2) and -> 36 (x1.5)
+        transform = transforms.eval_transform(preprocessing, size)
+        pixels, mean, std = extract.uint8_transform(transform)
+        assert (mean, std) == (tuple(preprocessing.mean), tuple(preprocessing.std))
+        ours, expected = pixels(image), pil_pixels(transform)
+        assert ours.shape == expected.shape == (size, size, 3) and ours.dtype == torch.uint8
+        difference = (ours.int() - expected.int()).abs().max().item()
+        assert difference == 0 if whole else difference <= 1
+    augmented, _, _ = extract.uint8_transform(transforms.train_transform(preprocessing, 16, "crop-flip"))
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        draws.append(augmented(image))
+    assert torch.equal(draws[0], draws[1]) and draws[0].shape == (16, 16, 3)
+    # A step without a uint8-tensor twin keeps the whole pipeline on PIL, bit for bit.
+    policy = transforms.train_transform(preprocessing, 16, "trivialaugment")
+    on_pil, _, _ = extract.uint8_transform(policy)
+    torch.manual_seed(5)
+    ours = on_pil(image)
+    torch.manual_seed(5)
+    assert torch.equal(ours, pil_pixels(policy))

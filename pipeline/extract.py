@@ -101,9 +101,11 @@ class ImageDataset(Dataset):
         if self.job.rows is not None:
             row = int(self.job.rows[row])
         # torch's random generator is one per process: under extraction streams, seeding and drawing must
-        # not interleave with another thread's.
+        # not interleave with another thread's. The transforms draw from the CPU generator only, which is
+        # all torch.manual_seed seeds here; it would also queue a seed for every accelerator, at 0.23 ms
+        # a row against 2 us (CUDA build, 2 cores), with the same draws.
         with _SEEDED_DRAWS, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.job.seed * 1_000_003 + row)
+            torch.default_generator.manual_seed(self.job.seed * 1_000_003 + row)
             return self.job.transform(image)
 
 

@@ -124,6 +124,27 @@ def pixel_rows(image: torch.Tensor) -> torch.Tensor:
     return image.permute(1, 2, 0)
 
 
+@functools.cache
+def _row_major_resized_crop():
+    """v2.RandomResizedCrop that copies its crop into [H, W, 3] rows before resizing (a class built on first use).
+
+    A crop of an [H, W, 3]-backed image is a strided view; torch's uint8 resampling then writes a
+    [3, H, W] result, which stacking transposes back at 0.23 ms per 224 px view. Resampling a row-major
+    crop writes row-major pixels, the same values (bit for bit on 300 real thumbnails, Lite0), and the
+    copy of a 64 px crop is a few microseconds: 0.40 instead of 0.64 ms per view, stacking included.
+    Same parameters, same random draws (make_params is inherited).
+    """
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional
+
+    class RowMajorResizedCrop(v2.RandomResizedCrop):
+        def transform(self, image, params):
+            crop = functional.crop(image, params["top"], params["left"], params["height"], params["width"])
+            rows = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+            return functional.resize(rows, self.size, self.interpolation, antialias=self.antialias)
+    return RowMajorResizedCrop
+
+
 def _on_uint8_tensors(step):
     """The torchvision.transforms.v2 twin of a geometric step, run on uint8 tensors; None where it has none here."""
     from torchvision import transforms as tv
@@ -133,7 +154,7 @@ def _on_uint8_tensors(step):
     if type(step) is tv.CenterCrop:
         return v2.CenterCrop(step.size)
     if type(step) is tv.RandomResizedCrop:
-        return v2.RandomResizedCrop(step.size, step.scale, step.ratio, step.interpolation, step.antialias)
+        return _row_major_resized_crop()(step.size, step.scale, step.ratio, step.interpolation, step.antialias)
     if type(step) is tv.RandomHorizontalFlip:
         return v2.RandomHorizontalFlip(step.p)
     return None

@@ -426,3 +426,21 @@ def test_geometry_runs_on_uint8_tensors_within_one_level_of_pil():
     ours = on_pil(image)
     torch.manual_seed(5)
     assert torch.equal(ours, pil_pixels(policy))
+
+
+def test_augmented_views_resample_a_row_major_crop_to_the_same_pixels_as_v2():
+    """The crop is copied into [H, W, 3] rows before resampling, so the view leaves as [H, W, 3] rows (no
+    transpose when stacked) with v2.RandomResizedCrop's pixels and draws under the same seed."""
+    from torchvision.transforms import v2
+    preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
+    views = transforms.train_transform(preprocessing, 40, "crop-flip")
+    augmented, _, _ = extract.uint8_transform(views)
+    crop = next(step for step in augmented.transforms if isinstance(step, v2.RandomResizedCrop))
+    plain = v2.RandomResizedCrop(crop.size, crop.scale, crop.ratio, crop.interpolation, crop.antialias)
+    image = extract.image_tensor_of(numpy.random.default_rng(2).integers(0, 256, (29, 37, 3), dtype=numpy.uint8))
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ours = crop(image)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, plain(image))
+        assert extract.pixel_rows(ours).is_contiguous()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -72,10 +73,12 @@ class BenchError(PipelineError, ValueError):
 @dataclass(frozen=True)
 class BenchOptions:
     """Subset sizes and step counts: what keeps one bench run under 15 minutes on 2 CPU cores."""
-    images: int = 2400            # extraction row: images (plus their augmented views) per backbone
-    # Round ratios spread over 0.63-1.07 on a 2-core machine whose speed drifts; with 3 rounds the
-    # median moved by 0.1 between runs, so 7 rounds of ~340 images each (about a minute more).
-    rounds: int = 7               # extraction row: paired rounds (model-only, extraction) over images / rounds each
+    images: int = 5120            # extraction row: images (plus their augmented views) per backbone
+    # On 2 shared cores even model-only speed alone, in back-to-back windows of 1-8 s, differs from the
+    # mean of its two neighbours by 6-8% (sd), so each paired round ratio carries that much noise. With
+    # 7 rounds of ~340 images the Lite0 median spread over 0.84-0.94 between runs (sd 0.030); the
+    # median's noise shrinks with the square root of the rounds: 15 rounds (about 2 minutes more).
+    rounds: int = 15              # extraction row: paired rounds (model-only, extraction) over images / rounds each
     test_images: int = 0          # frozen row: test images for both accuracies; 0 = the whole test split
     notebook_images: int = 96     # frozen row: train and val images timed through the notebook's protocol
     notebook_views: int = 4       # frozen row: augmented views cycled by the notebook-accuracy approximation
@@ -201,6 +204,26 @@ def rule_met(row: dict) -> bool | None:
     return all(results)
 
 
+def median_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of `values`: the k-th smallest and k-th largest value,
+    with k the largest rank at which the interval still covers the median with at least `confidence`.
+
+    Each value falls below the median with probability 1/2, so the chance that fewer than k do is a
+    binomial tail; with too few values for the confidence asked, the interval is the whole range.
+    """
+    ordered = sorted(float(value) for value in values)
+    count = len(ordered)
+    if not count:
+        raise ValueError("no values")
+    rank, tail = 1, 0.0
+    while rank < (count + 1) // 2:
+        tail += math.comb(count, rank - 1) / 2 ** count       # P(fewer than `rank` values below the median)
+        if 2 * (tail + math.comb(count, rank) / 2 ** count) > 1 - confidence:
+            break
+        rank += 1
+    return ordered[rank - 1], ordered[count - rank]
+
+
 def evenly_spaced(count: int, wanted: int) -> numpy.ndarray:
     """`wanted` positions spread over 0..count-1 (the whole range when wanted >= count); no RNG involved."""
     if wanted >= count:
@@ -312,6 +335,7 @@ def extraction_rows(config: Config, runtime: Runtime, index: DatasetIndex, optio
                 passes.append(forward_rate(model, pixels, mean, std, batch, runtime))
                 ratios.append(rates[-1] / ((passes[-2] + passes[-1]) / 2))
             ratio = float(numpy.median(ratios))
+            low, high = median_interval(ratios)
             efficiency.append(make_row(
                 "extraction", f"{name} extraction img/s / model-only forward img/s", float(numpy.median(rates)),
                 float(numpy.median(passes)), "img/s", ">= 0.85", [("ratio", ">=", 0.85)],
@@ -319,11 +343,13 @@ def extraction_rows(config: Config, runtime: Runtime, index: DatasetIndex, optio
                       f"{config.features.augmented_views} augmented views of the train ones, {len(jobs)} groups, "
                       f"{_decoding(runtime)}, JPEG decode included) vs model-only forward over those "
                       f"{len(paths)} images, in {options.rounds} paired rounds; ratio = median of the per-round "
-                      f"ratios ({' / '.join(f'{value:.2f}' for value in ratios)}); extraction "
+                      f"ratios ({' / '.join(f'{value:.2f}' for value in ratios)}; 95% interval of the median "
+                      f"{low:.2f}-{high:.2f}); extraction "
                       f"{' / '.join(f'{value:.1f}' for value in rates)} img/s, model-only "
                       f"{' / '.join(f'{value:.1f}' for value in passes)} img/s",
                 # The median of the paired ratios, not the ratio of the two medians.
-                ratio=ratio, rows_timed=rows * options.rounds, backbone=name, round_ratios=ratios))
+                ratio=ratio, ratio_interval=[low, high], rows_timed=rows * options.rounds, backbone=name,
+                round_ratios=ratios))
             log(f"[bench] {name}: extraction {numpy.median(rates):.1f} img/s ({ratio:.2f} of model-only, "
                 f"median of {options.rounds} rounds)")
         compute.append(make_row(

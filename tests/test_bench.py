@@ -15,7 +15,7 @@ from conftest import PROJECT, make_tiny_config
 from pipeline import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY_KNOBS = bench.BenchOptions(images=24, notebook_images=12, notebook_views=2, steps=1, memory_images=24)
+TINY_KNOBS = bench.BenchOptions(images=24, rounds=3, notebook_images=12, notebook_views=2, steps=1, memory_images=24)
 EXPECTED_SECTIONS = {"compute": 3, "extraction": 2, "frozen": 1, "finetune": 1, "warm": 1, "memory": 1}
 
 
@@ -64,6 +64,8 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
             # Paired rounds: the median of the per-round ratios, each a real extraction over real model-only.
             assert len(row["round_ratios"]) == TINY_KNOBS.rounds and min(row["round_ratios"]) > 0
             assert math.isclose(row["ratio"], float(numpy.median(row["round_ratios"])))
+            # Three rounds are too few for a 95% interval of their median: it is their whole range.
+            assert row["ratio_interval"] == [min(row["round_ratios"]), max(row["round_ratios"])]
         elif row["ours"] is not None and row["baseline"]:
             assert math.isclose(row["ratio"], row["ours"] / row["baseline"])
         else:
@@ -138,6 +140,22 @@ def test_printed_table_has_one_line_per_row_and_the_notes(report):
 ])
 def test_rule_met_on_both_sides_of_each_target(rule, values, expected):
     assert bench.rule_met({"rule": rule, **values}) is expected
+
+
+@pytest.mark.parametrize("count, ranks", [(1, (1, 1)), (7, (1, 7)), (9, (2, 8)), (15, (4, 12)), (21, (6, 16)),
+                                           (50, (18, 33))])
+def test_median_interval_takes_the_order_statistics_that_cover_the_median_95_percent(count, ranks):
+    # Shuffled values 1..count: the interval is the (k)th smallest to the (k)th largest, with k the largest
+    # rank whose binomial coverage 1 - 2 P(Binomial(count, 1/2) < k) is still >= 95%.
+    values = numpy.random.default_rng(count).permutation(numpy.arange(1, count + 1))
+    assert bench.median_interval(values) == ranks
+    low, high = ranks
+    if count > 1:
+        coverage = 1 - 2 * sum(math.comb(count, below) for below in range(low)) / 2 ** count
+        wider = 1 - 2 * sum(math.comb(count, below) for below in range(low + 1)) / 2 ** count
+        assert coverage >= 0.95 > wider or low == 1
+    with pytest.raises(ValueError):
+        bench.median_interval([])
 
 
 def test_make_row_ratio_arithmetic():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -381,12 +382,14 @@ def test_weights_fingerprint_enters_the_key_and_weights_load(tmp_path, fake_flow
         Graph(make_tiny_config(fake_flowers_session, tmp_path / "cache", missing)).units("features")
 
 
-@pytest.mark.parametrize("mean, std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),            # looked up
-                                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])  # computed
+@pytest.mark.parametrize("mean, std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),            # scalar operands
+                                       ((0.3, 0.3, 0.3), (0.7, 0.7, 0.7)),
+                                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])  # per channel
 def test_batch_normalisation_is_totensor_and_normalize_bit_for_bit(mean, std):
     from torchvision import transforms as tv
     pixels = torch.from_numpy(numpy.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=numpy.uint8))
-    pixels[0, 0, :4, 0] = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)     # the ends of the range
+    pixels[0].view(-1)[:256] = torch.arange(256, dtype=torch.uint8)      # every value, in every channel
+    pixels[1].view(-1)[:256 * 3] = torch.arange(256, dtype=torch.uint8).repeat_interleave(3)
     reference = tv.Compose([tv.ToTensor(), tv.Normalize(mean, std)])
     expected = torch.stack([reference(image.numpy()) for image in pixels])
     normalised = extract.normalise(pixels, mean, std)
@@ -435,8 +438,9 @@ def test_augmented_views_resample_a_row_major_crop_to_the_same_pixels_as_v2():
     preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
     views = transforms.train_transform(preprocessing, 40, "crop-flip")
     augmented, _, _ = extract.uint8_transform(views)
-    crop = next(step for step in augmented.transforms if isinstance(step, v2.RandomResizedCrop))
-    plain = v2.RandomResizedCrop(crop.size, crop.scale, crop.ratio, crop.interpolation, crop.antialias)
+    crop = next(step for step in augmented.transforms if isinstance(step, extract.RowMajorResizedCrop))
+    plain = v2.RandomResizedCrop(crop.crop.size, crop.crop.scale, crop.crop.ratio, crop.crop.interpolation,
+                                 crop.crop.antialias)
     image = extract.image_tensor_of(numpy.random.default_rng(2).integers(0, 256, (29, 37, 3), dtype=numpy.uint8))
     for seed in range(8):
         torch.manual_seed(seed)
@@ -444,3 +448,36 @@ def test_augmented_views_resample_a_row_major_crop_to_the_same_pixels_as_v2():
         torch.manual_seed(seed)
         assert torch.equal(ours, plain(image))
         assert extract.pixel_rows(ours).is_contiguous()
+    # DataLoader workers started by spawn get the pipeline pickled.
+    torch.manual_seed(0)
+    expected = augmented(image)
+    torch.manual_seed(0)
+    assert torch.equal(pickle.loads(pickle.dumps(augmented))(image), expected)
+
+
+@pytest.mark.parametrize("mode, suffix", [("RGB", "jpg"), ("L", "jpg"), ("CMYK", "jpg"), ("RGB", "png")])
+def test_tensor_pipelines_read_jpegs_with_torchvision_to_pils_pixels(tmp_path, mode, suffix):
+    """A JPEG is decoded by torchvision for uint8-tensor pipelines, to PIL's RGB pixels bit for bit (greyscale
+    and CMYK included) and in [H, W, 3] rows; anything else is read by PIL."""
+    from PIL import Image
+    rng = numpy.random.default_rng(3)
+    pixels = rng.integers(0, 256, (30, 41, 3), dtype=numpy.uint8)
+    path = tmp_path / f"image.{suffix}"
+    Image.fromarray(pixels).convert(mode).save(path)
+    with Image.open(path) as image:
+        expected = torch.from_numpy(numpy.array(image.convert("RGB")))
+    read = extract.read_rgb(path, tensor=True)
+    assert isinstance(read, torch.Tensor) == (suffix == "jpg")
+    rows = extract.image_tensor_of(read)
+    assert torch.equal(extract.pixel_rows(rows), expected) and extract.pixel_rows(rows).is_contiguous()
+    assert not isinstance(extract.read_rgb(path), torch.Tensor)         # PIL pipelines keep getting PIL images
+
+
+def test_a_truncated_jpeg_is_named_whichever_decoder_reads_it(tmp_path):
+    from PIL import Image
+    path = tmp_path / "image_00007.jpg"
+    Image.fromarray(numpy.zeros((40, 40, 3), dtype=numpy.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:300])
+    for tensor in (True, False):
+        with pytest.raises(extract.FeaturesFileError, match="image_00007.jpg"):
+            extract.read_rgb(path, tensor=tensor)

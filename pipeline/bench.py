@@ -891,9 +891,11 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
             frozen = frozen_row(config, runtime, index, options, work, log)
             for row in report["rows"]:
                 if row["section"] == "extraction" and row["backbone"] == frozen["backbone"]:
-                    # The same code path over the whole study, where start-up costs are amortised.
+                    # The same code path over the whole study, where start-up costs are amortised; unpaired,
+                    # so a change in the machine's speed since the rounds moves this ratio.
                     row["notes"] += (f"; the frozen row's full extraction ran at {frozen['ours_extract_rate']:.1f} "
-                                     f"img/s ({frozen['ours_extract_rate'] / row['baseline']:.2f} of model-only)")
+                                     f"img/s ({frozen['ours_extract_rate'] / row['baseline']:.2f} of the median "
+                                     f"model-only rate, unpaired: a minute or two later)")
             record([frozen])
         if {"compute", "finetune"} & set(options.rows):
             record([row for part in finetune_rows(config, runtime, index, options, work, log) for row in part])

@@ -83,6 +83,10 @@ class BenchOptions:
     notebook_images: int = 96     # frozen row: train and val images timed through the notebook's protocol
     notebook_views: int = 4       # frozen row: augmented views cycled by the notebook-accuracy approximation
     steps: int = 5                # finetune row: timed steps of ours (the notebook loop gets as many images)
+    # Ours (bf16, batch 32) and the notebook (fp32, batch 4) load the machine differently, so a change in
+    # its speed moves them unequally: with one notebook slice between two timings of ours, the ratio
+    # ranged over 0.34-0.42 in four runs of the same code.
+    finetune_rounds: int = 3      # finetune row: paired rounds (ours, notebook, ours, ...); ratio = their median
     memory_images: int = 1024     # memory row: the larger size; the smaller is half of it
     warm_timeout: float = 300.0   # warm row: seconds before the `stages.all` subprocess is stopped
     rows: tuple = SECTIONS
@@ -130,6 +134,9 @@ def add_arguments(arguments: argparse.ArgumentParser) -> argparse.ArgumentParser
                                 "(default: %(default)s)")
     arguments.add_argument("--steps", type=_whole(1), default=defaults.steps,
                            help="finetune row: timed training steps (default: %(default)s)")
+    arguments.add_argument("--finetune-rounds", type=_whole(1), default=defaults.finetune_rounds,
+                           help="finetune row: paired rounds of our step and the notebook's loop (default: "
+                                "%(default)s)")
     arguments.add_argument("--memory-images", type=_whole(4), default=defaults.memory_images,
                            help="memory row: images of the larger run; the smaller is half (default: %(default)s)")
     arguments.add_argument("--rows", type=_sections, default=SECTIONS,
@@ -147,7 +154,8 @@ def options_from(parsed: argparse.Namespace) -> BenchOptions:
     if parsed.images < 8 * parsed.rounds:
         raise BenchError(f"--images {parsed.images} gives fewer than 8 images to each of --rounds {parsed.rounds}")
     return BenchOptions(images=parsed.images, rounds=parsed.rounds, test_images=parsed.test_images,
-                        notebook_images=parsed.notebook_images, notebook_views=parsed.notebook_views, steps=parsed.steps, memory_images=parsed.memory_images,
+                        notebook_images=parsed.notebook_images, notebook_views=parsed.notebook_views, steps=parsed.steps,
+                        finetune_rounds=parsed.finetune_rounds, memory_images=parsed.memory_images,
                         rows=tuple(parsed.rows))
 
 
@@ -613,14 +621,18 @@ def finetune_rows(config: Config, runtime: Runtime, index: DatasetIndex, options
         passes = [backward_rate(model, inputs, labels, criterion, settings, runtime, options.steps)
                   ] if measure_limit else []
         if "finetune" in options.rows:
-            # Ours is timed on both sides of the notebook's loop and averaged, as the frozen row times the
-            # notebook on both sides of ours: the machine's speed drifts within a minute. With one timing
-            # before the loop, a slow phase during ours alone gave 2.5x where other runs gave 2.6-3.0x.
+            # Paired rounds, as the extraction rows pair theirs: ours, notebook, ours, notebook, ..., ours;
+            # each round divides the mean of the two timings of ours around a notebook slice by that slice.
             ours_steps = [time_our_steps(model, spec, train_set, batches, settings, runtime, options.steps)]
-            notebook_step, notebook_images = time_notebook_steps(name, weights, index, input_size,
-                                                                 options.steps * settings.batch_size, runtime,
-                                                                 config.runtime.seed)
-            ours_steps.append(time_our_steps(model, spec, train_set, batches, settings, runtime, options.steps))
+            notebook_steps = []
+            for _ in range(options.finetune_rounds):
+                notebook_step, notebook_images = time_notebook_steps(name, weights, index, input_size,
+                                                                     options.steps * settings.batch_size, runtime,
+                                                                     config.runtime.seed)
+                notebook_steps.append(notebook_step)
+                ours_steps.append(time_our_steps(model, spec, train_set, batches, settings, runtime, options.steps))
+            round_ratios = [(ours_steps[number] + ours_steps[number + 1]) / 2 / settings.batch_size / notebook
+                            for number, notebook in enumerate(notebook_steps)]
         if measure_limit and "finetune" in options.rows:
             # Again after our steps: speed drifts on a shared machine, and the faster pass is the limit.
             passes.append(backward_rate(model, inputs, labels, criterion, settings, runtime, options.steps))
@@ -635,20 +647,25 @@ def finetune_rows(config: Config, runtime: Runtime, index: DatasetIndex, options
         del model
         if "finetune" not in options.rows:
             continue
-        ours_epoch = train_images * sum(ours_steps) / len(ours_steps) / settings.batch_size
-        notebook_epoch = train_images * notebook_step
+        ours_epoch = train_images * float(numpy.median(ours_steps)) / settings.batch_size
+        notebook_epoch = train_images * float(numpy.median(notebook_steps))
+        ratio = float(numpy.median(round_ratios))
         epochs.append(make_row(
             "finetune", f"fine-tune epoch ({name}, {input_size} px): our training step vs notebook loop", ours_epoch,
             notebook_epoch, "s", ">= 2.5x faster (ratio <= 0.4)", [("ratio", "<=", 0.4)],
-            notes=f"train pass of one epoch ({train_images} images; val pass excluded on both sides). Ours: "
-                  f"{options.steps} steps after {WARMUP_STEPS} warm-up, timed before and after the notebook's loop "
-                  f"({' / '.join(f'{seconds:.3f}' for seconds in ours_steps)} s per step, averaged; uint8 cache, batched "
+            notes=f"train pass of one epoch ({train_images} images; val pass excluded on both sides), in "
+                  f"{options.finetune_rounds} paired rounds; ratio = median of the per-round ratios "
+                  f"({' / '.join(f'{value:.3f}' for value in round_ratios)}), epochs from the median timings. Ours: "
+                  f"{options.steps} steps after {WARMUP_STEPS} warm-up, timed before the notebook's first slice and "
+                  f"after each ({' / '.join(f'{seconds:.3f}' for seconds in ours_steps)} s per step; uint8 cache, batched "
                   f"{settings.augmentation}, batch "
                   f"{settings.batch_size}, {runtime.precision}, channels_last {runtime.channels_last}, optimizer"
                   f"{' + EMA' if settings.ema_decay else ''}). Notebook: fp32, batch 4, PIL decode + "
                   f"RandomResizedCrop/flip per step via DataLoader, SGD 0.001 momentum 0.9, {notebook_images} images "
-                  f"after {WARMUP_STEPS} warm-up batches.", speedup=notebook_epoch / ours_epoch,
-            ours_step_seconds=ours_steps, batch_size=settings.batch_size, train_images=train_images))
+                  f"after {WARMUP_STEPS} warm-up batches per slice "
+                  f"({' / '.join(f'{seconds:.4f}' for seconds in notebook_steps)} s per image).", ratio=ratio,
+            speedup=1 / ratio, ours_step_seconds=ours_steps, notebook_image_seconds=notebook_steps,
+            round_ratios=round_ratios, batch_size=settings.batch_size, train_images=train_images))
         log(f"[bench] {name}: epoch ours {ours_epoch:.0f} s vs notebook {notebook_epoch:.0f} s")
     return compute, epochs
 

@@ -15,7 +15,7 @@ from conftest import PROJECT, make_tiny_config
 from pipeline import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY_KNOBS = bench.BenchOptions(images=24, rounds=3, notebook_images=12, notebook_views=2, steps=1, memory_images=24)
+TINY_KNOBS = bench.BenchOptions(images=24, rounds=3, finetune_rounds=2, notebook_images=12, notebook_views=2, steps=1, memory_images=24)
 EXPECTED_SECTIONS = {"compute": 3, "extraction": 2, "frozen": 1, "finetune": 1, "warm": 1, "memory": 1}
 
 
@@ -66,6 +66,8 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
             assert math.isclose(row["ratio"], float(numpy.median(row["round_ratios"])))
             # Three rounds are too few for a 95% interval of their median: it is their whole range.
             assert row["ratio_interval"] == [min(row["round_ratios"]), max(row["round_ratios"])]
+        elif row["section"] == "finetune":
+            assert math.isclose(row["ratio"], float(numpy.median(row["round_ratios"])))     # paired rounds too
         elif row["ours"] is not None and row["baseline"]:
             assert math.isclose(row["ratio"], row["ours"] / row["baseline"])
         else:
@@ -92,10 +94,18 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
     assert frozen["baseline"] == pytest.approx(frozen["notebook_training_seconds"] + frozen["notebook_test_seconds"])
     finetune = next(row for row in result["rows"] if row["section"] == "finetune")
     assert finetune["met"] == (finetune["ratio"] <= 0.4)
-    # Our step is timed before and after the notebook's loop; the epoch scales their mean to the train split.
-    steps = finetune["ours_step_seconds"]
-    assert len(steps) == 2 and min(steps) > 0
-    assert finetune["ours"] == pytest.approx(finetune["train_images"] * sum(steps) / 2 / finetune["batch_size"])
+    # Paired rounds: our step is timed before the notebook's first slice and after each; each round divides
+    # the mean of the two timings of ours around a slice by that slice, and the ratio is their median.
+    steps, slices = finetune["ours_step_seconds"], finetune["notebook_image_seconds"]
+    assert len(steps) == TINY_KNOBS.finetune_rounds + 1 and len(slices) == TINY_KNOBS.finetune_rounds
+    assert min(steps) > 0 and min(slices) > 0
+    expected = [(steps[number] + steps[number + 1]) / 2 / finetune["batch_size"] / slices[number]
+                for number in range(len(slices))]
+    assert finetune["round_ratios"] == pytest.approx(expected)
+    assert finetune["ratio"] == pytest.approx(float(numpy.median(expected)))
+    assert finetune["ours"] == pytest.approx(finetune["train_images"] * float(numpy.median(steps))
+                                             / finetune["batch_size"])
+    assert finetune["baseline"] == pytest.approx(finetune["train_images"] * float(numpy.median(slices)))
     memory = next(row for row in result["rows"] if row["section"] == "memory")
     assert memory["met"] == (memory["ratio"] <= 1.15) and memory["ours"] > 0
 
@@ -201,6 +211,7 @@ def test_notebook_head_recipe_learns_separable_features_and_not_shuffled_ones():
     (["--images", "0"], "argument --images: 0 is too small"),
     (["--images", "16", "--rounds", "3"], "fewer than 8 images to each of --rounds 3"),
     (["--steps", "two"], "argument --steps: 'two' is not a whole number"),
+    (["--finetune-rounds", "0"], "argument --finetune-rounds: 0 is too small"),
     (["--rows", "compute,speed"], "names no valid row"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--force"], "--force does not apply to bench"),

@@ -72,7 +72,7 @@ def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(inde
         extracted[streams, batch_size] = extract.read_group(path, "test")["features"]
     for run, rows in extracted.items():
         assert numpy.array_equal(rows, extracted[1, 16]), f"streams, batch size {run} changed the features"
-    # Against the fp32 network, through torchvision's own transforms (no uint8 split, no lookup table).
+    # Against the fp32 network, through torchvision's own transforms (no uint8 split, no scalar normalisation, PIL decoding).
     plain = features.load_frozen_backbone(BACKBONE, weights, "cpu", False, fold_batchnorm=False)
     with torch.no_grad():
         reference = plain(stack_transformed(job.paths[:8], job.transform)).numpy()

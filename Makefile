@@ -20,8 +20,16 @@ ARM ?=
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-ARGS = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DEVICE),--device $(DEVICE)) \
-       $(if $(SEEDS),--set runtime.seeds=$(SEEDS)) $(foreach setting,$(SET),--set '$(setting)')
+# Paths are quoted so folders with spaces or shell characters reach the pipeline intact.
+ARGS = --config '$(CONFIG)' $(if $(DATA_DIR),--data-dir '$(DATA_DIR)') $(if $(DEVICE),--device '$(DEVICE)') \
+       $(if $(SEEDS),--set 'runtime.seeds=$(SEEDS)') $(foreach setting,$(SET),--set '$(setting)')
+
+# A bad process count fails here in one line, before torchrun would print a traceback.
+ifneq ($(strip $(NPROC)),)
+ifeq ($(shell printf '%s' '$(NPROC)' | grep -Ex '[1-9][0-9]{0,3}'),)
+$(error error: NPROC=$(NPROC) is not a positive whole number; use e.g. NPROC=2, or leave it unset for one process)
+endif
+endif
 
 .PHONY: install all download samples features heads finetune cnn report test check-real clean invalidate config predict bench
 
@@ -46,7 +54,7 @@ download samples features heads finetune cnn report: $(INSTALLED)
 # make predict IMG=path/to/photo.jpg [ARM=frozen-efficientnet-lite0-logistic]: top-5 classes per image.
 predict: $(INSTALLED)
 	@test -n "$(IMG)" || { echo "make predict needs IMG=<image file or folder>" >&2; exit 2; }
-	$(PYTHON) -m stages.predict $(ARGS) $(if $(ARM),--arm $(ARM)) $(IMG)
+	$(PYTHON) -m stages.predict $(ARGS) $(if $(ARM),--arm '$(ARM)') $(foreach image,$(IMG),'$(image)')
 
 # Speed against the compute limit and the notebook's protocol, side by side (cache/bench/bench.json).
 # BENCH_ARGS= passes the bench's own flags, e.g. BENCH_ARGS="--images 512 --rows compute,warm".
@@ -58,7 +66,7 @@ config: $(INSTALLED)
 
 invalidate: $(INSTALLED)
 	@test -n "$(STAGE)" || { echo "make invalidate needs STAGE=<name>, e.g. make invalidate STAGE=heads" >&2; exit 2; }
-	$(PYTHON) -m stages.invalidate $(ARGS) $(STAGE)
+	$(PYTHON) -m stages.invalidate $(ARGS) '$(STAGE)'
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q

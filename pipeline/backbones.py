@@ -125,6 +125,16 @@ def _check_hash(spec: BackboneSpec, path: Path) -> Path:
     return path
 
 
+def weights_verified(spec: BackboneSpec, path: str | os.PathLike) -> str:
+    """"yes" when the file's sha256 is the published one, "no" when a published hash exists and differs
+    (a re-saved, fine-tuned or tampered copy: it loads, and the report says its weights are unverified),
+    "unknown" when no published hash exists."""
+    expected = spec.weights.sha256_prefix if spec.weights is not None else None
+    if expected is None:
+        return "unknown"
+    return "yes" if weights_fingerprint(path).startswith(expected) else "no"
+
+
 def _verify(spec: BackboneSpec, path: Path) -> Path:
     # Only a file carrying the published name claims to be that file; an explicit path under another
     # name (a re-saved copy, say) is still fingerprinted into cache keys and loaded strictly.

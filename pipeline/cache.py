@@ -2,8 +2,12 @@
 
 A *unit* is one output of a stage (e.g. the features of one backbone) living in
 `<cache root>/<stage>/<unit>/`. It is valid only if its `manifest.json` exists, its key equals the
-key computed from the current config, and every file it lists is present. The manifest is written
-last, atomically, so a run killed at any point leaves a unit that reads as invalid.
+key computed from the current config, and every file it lists is present with the size and sha256
+recorded in the manifest when it was written. The manifest is written last, atomically, so a run
+killed at any point leaves a unit that reads as invalid.
+
+Files that live outside a manifest (resume checkpoints, memos) are *sealed*: a header carrying the
+digest of the payload, checked on every read, so a damaged one is discarded, never used.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -36,6 +42,10 @@ MEMOS_KEPT = 8
 
 class CacheError(PipelineError, RuntimeError):
     """A cache operation that cannot proceed (lock timeout, unwritable folder, disk full)."""
+
+
+class DamagedArtifact(CacheError):
+    """An artifact whose content no longer matches the digest recorded when it was written."""
 
 
 def stable_json(value: Any) -> str:
@@ -160,6 +170,45 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a failed write of `path` done inside the block (OSError, a library's disk-full error) into CacheError."""
+    path = Path(path)
+    try:
+        yield
+    except CacheError:
+        raise
+    except OSError as error:
+        raise _explain_os_error(error, path) from None
+    except RuntimeError as error:
+        failure = _write_failure(error)
+        if failure is None:
+            raise
+        raise CacheError(f"cannot write {path}: the write failed ({failure}), most likely because the disk is full; "
+                         "free space or point [cache] root at a writable folder "
+                         "(earlier valid artifacts were left untouched)") from None
+
+
+def finalize(partial: str | Path, path: str | Path) -> None:
+    """Publish a file written in place under another name (a resumable partial file): fsync, then rename.
+
+    Goes through the same fault hook and error messages as atomic_path.
+    """
+    partial, path = Path(partial), Path(path)
+    fault = _planned_fault(path)
+    with writing(path):
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault in ("enospc", "full"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+        _fsync_directory(path.parent)
+    if fault == "kill-after":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def sweep_temporary_files(directory: Path) -> list[str]:
     """Remove temp files a killed run left behind (call only while holding the unit's lock)."""
     removed = []
@@ -183,12 +232,151 @@ def write_json_atomic(path: str | Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_manifest(directory: Path) -> dict | None:
-    """The unit's manifest, or None when it is missing or unreadable (a torn write reads as absent)."""
+# --- content digests ---------------------------------------------------------------------------------
+HASH_BLOCK = 8 << 20
+# Digests already computed in this process, by the file's identity and stat: a warm run checks each
+# artifact once even when several stages read it. Never persisted, so damage on disk is always seen
+# by the next process.
+_digests: dict[tuple, str] = {}
+_digests_lock = threading.Lock()
+
+
+def _identity(path: Path) -> tuple:
+    status = os.stat(path)
+    return (str(Path(path).resolve()), status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's content (hex), computed at most once per process for an unchanged file."""
+    identity = _identity(Path(path))
+    with _digests_lock:
+        known = _digests.get(identity)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_BLOCK):
+            digest.update(block)
+    value = digest.hexdigest()
+    with _digests_lock:
+        _digests[identity] = value
+    return value
+
+
+def _in_parallel(function: Callable, items: list) -> list:
+    """`function` over `items` on one thread per core (hashlib releases the GIL on large blocks)."""
+    if len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1)) as pool:
+        return list(pool.map(function, items))
+
+
+def digests_of(directory: Path, names: list) -> dict:
+    """{name: {"bytes": size, "sha256": hex}} of files in `directory`, as a manifest records them."""
+    directory = Path(directory)
+
+    def describe(name: str) -> dict:
+        path = directory / name
+        try:
+            return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+        except OSError as error:
+            raise CacheError(f"cannot read {path} to record its digest ({error.strerror or error}); "
+                             "check the cache folder's permissions and rerun") from None
+    return dict(zip(names, _in_parallel(describe, list(names))))
+
+
+def _damage(path: Path, recorded: dict | None) -> str | None:
+    """Why the file at `path` does not match its recorded digest, or None when it does."""
+    if recorded is None:
+        return f"{path.name} has no recorded digest"
     try:
-        return json.loads((Path(directory) / MANIFEST).read_text())
+        size = path.stat().st_size
+        if size != recorded.get("bytes"):
+            return f"{path.name} is damaged ({size} bytes, {recorded.get('bytes')} when written)"
+        if file_digest(path) != recorded.get("sha256"):
+            return f"{path.name} is damaged (its sha256 differs from the one recorded when it was written)"
+    except FileNotFoundError:
+        return f"output {path.name} is missing"
+    except OSError as error:
+        return f"{path.name} cannot be read ({error.strerror or error})"
+    return None
+
+
+def verify_files(directory: Path, manifest: dict) -> str | None:
+    """None when every file the manifest lists matches its recorded size and sha256, else the first reason."""
+    recorded = manifest.get("digests")
+    if not isinstance(recorded, dict):
+        return "its manifest records no content digests (made by an older version)"
+    names = list(manifest.get("files", []))
+    reasons = _in_parallel(lambda name: _damage(Path(directory) / name, recorded.get(name)), names)
+    return next((reason for reason in reasons if reason is not None), None)
+
+
+def require_intact(path: str | Path) -> Path:
+    """`path` if it is listed in its unit's manifest with a matching digest; DamagedArtifact otherwise.
+
+    For readers that open an artifact outside the runner (predict, the report's own tables), so a
+    file damaged after the runner checked it is never used.
+    """
+    path = Path(path)
+    manifest = read_manifest(path.parent)
+    if manifest is None or path.name not in manifest.get("files", []):
+        raise DamagedArtifact(f"{path} is not part of a finished unit; rerun `make all` to build it")
+    reason = _damage(path, (manifest.get("digests") or {}).get(path.name))
+    if reason is not None:
+        raise DamagedArtifact(f"{path.parent}: {reason}; rerun `make all` to rebuild it")
+    return path
+
+
+# --- sealed files ------------------------------------------------------------------------------------
+SEAL = b"flowers-transfer sealed v1 sha256="
+
+
+def write_sealed(path: str | Path, payload: bytes) -> None:
+    """Write `payload` atomically behind a header holding its sha256, for files no manifest lists."""
+    header = SEAL + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(header)
+            handle.write(payload)
+
+
+def read_sealed(path: str | Path) -> bytes:
+    """The payload of a sealed file; DamagedArtifact when its header or digest does not match."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    header_end = data.find(b"\n")
+    if not data.startswith(SEAL) or header_end < 0:
+        raise DamagedArtifact(f"{path} is not a sealed file (damaged, or made by an older version)")
+    payload = memoryview(data)[header_end + 1:]
+    if hashlib.sha256(payload).hexdigest().encode() != data[len(SEAL):header_end]:
+        raise DamagedArtifact(f"{path} is damaged (its sha256 differs from the one sealed in it)")
+    return bytes(payload)
+
+
+MANIFEST_DIGEST = "manifest_sha256"
+
+
+def _manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(stable_json({name: value for name, value in manifest.items()
+                                       if name != MANIFEST_DIGEST}).encode()).hexdigest()
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Write a unit's manifest last and atomically, sealed by a digest of its own content."""
+    write_json_atomic(Path(directory) / MANIFEST, {**manifest, MANIFEST_DIGEST: _manifest_digest(manifest)})
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """The unit's manifest, or None when it is missing, unreadable or edited (each reads as absent)."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(manifest, dict) or manifest.get(MANIFEST_DIGEST) != _manifest_digest(manifest):
+        return None
+    return manifest
 
 
 def invalid_reason(directory: Path, key: str) -> str | None:
@@ -201,7 +389,7 @@ def invalid_reason(directory: Path, key: str) -> str | None:
     for name in manifest.get("files", []):
         if not (Path(directory) / name).is_file():
             return f"output {name} is missing"
-    return None
+    return verify_files(directory, manifest)
 
 
 def invalidate(directory: Path) -> bool:

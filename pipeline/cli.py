@@ -44,6 +44,19 @@ def rank_log(line: str) -> None:
         print(line, flush=True)
 
 
+def describe_os_error(error: OSError) -> str:
+    """One line for a file-system error: the path, the reason and what to do."""
+    import errno
+    where = f" {error.filename}" if error.filename else ""
+    fixes = {errno.ENOSPC: "free space on that disk, or point [cache] root elsewhere",
+             errno.EACCES: "fix its permissions (or run as a user who can access it)",
+             errno.EPERM: "fix its permissions (or run as a user who can access it)",
+             errno.EROFS: "point [cache] root at a writable folder",
+             errno.ENOENT: "check that the path exists (a dangling link counts as missing)"}
+    fix = fixes.get(error.errno, "check the path and rerun")
+    return f"cannot access{where}: {error.strerror or error}; {fix}"
+
+
 def guarded(action: Callable[[], int | None]) -> int:
     """Run `action`, turning expected failures into one-line errors and a non-zero exit code."""
     from . import distributed
@@ -51,6 +64,10 @@ def guarded(action: Callable[[], int | None]) -> int:
         return action() or 0
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        # The net under every file-system call not translated where it happens: one line, never a traceback.
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished units stay cached; rerun the same command to continue", file=sys.stderr)

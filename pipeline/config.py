@@ -7,6 +7,7 @@ rejected with a one-line `ConfigError` that names the key and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,9 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any, declared: An
                 raise ConfigError(f"[{section}] {key} = {item!r} is not valid; choose one of: {', '.join(choices)}")
     numbers = value if isinstance(value, list) else [value]
     for number in numbers:
+        # NaN compares false with every bound, so it would pass the range checks below.
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ConfigError(f"[{section}] {key} = {number!r} is not a finite number; give a finite value")
         if isinstance(number, (int, float)) and not isinstance(number, bool):
             if meta.get("minimum") is not None and number < meta["minimum"]:
                 raise ConfigError(f"[{section}] {key} = {number!r} is too small; it must be >= {meta['minimum']}")

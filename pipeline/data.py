@@ -6,6 +6,7 @@ Layout (torchvision's `Flowers102`): `<root>/flowers-102/{jpg/image_NNNNN.jpg, i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,29 +57,69 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(folder: Path) -> str:
-    """Cheap content fingerprint (label/split file hashes, image count and total bytes).
+def _file_digests(folder: Path, names: list, memo_path: Path | None, write: bool) -> list[str]:
+    """sha256 of each file, reusing a memo of earlier digests for files whose size, times and inode are unchanged."""
+    from . import cache
+    memo = {}
+    if memo_path is not None:
+        try:
+            memo = json.loads(Path(memo_path).read_text())
+        except (OSError, ValueError):
+            memo = {}           # absent or torn: every file is hashed again
+    fresh, digests = {}, []
+    for name in names:
+        path = folder / name
+        try:
+            status = os.stat(path)
+        except FileNotFoundError:
+            raise DataError(f"{path} is missing or a dangling link; replace it or point DATA_DIR at a complete copy") \
+                from None
+        except OSError as error:
+            raise DataError(f"cannot read {path} ({error.strerror or error}); make it readable or point DATA_DIR "
+                            "at a readable copy") from None
+        stamp = [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino]
+        known = memo.get(name)
+        if known is not None and known[:4] == stamp:
+            digest = known[4]
+        else:
+            try:
+                digest = cache.file_digest(path)
+            except OSError as error:
+                raise DataError(f"cannot read {path} ({error.strerror or error}); make it readable or point "
+                                "DATA_DIR at a readable copy") from None
+        fresh[name] = stamp + [digest]
+        digests.append(digest)
+    if write and memo_path is not None and fresh != memo:
+        try:
+            cache.write_json_atomic(memo_path, fresh)
+        except cache.CacheError:
+            pass                # only a speed-up: the next run hashes again
+    return digests
 
-    Part of the download stage's key, so pointing DATA_DIR at other data rebuilds everything
-    downstream, while a rerun on the same data stays cached.
+
+def fingerprint(folder: Path, memo_path: Path | None = None, write_memo: bool = False) -> str:
+    """Content fingerprint of the dataset: the sha256 of every image and label/split file.
+
+    Part of the download stage's key, so other data behind the same DATA_DIR (even one replaced
+    image) rebuilds everything downstream, while a rerun on the same data stays cached. Digests are
+    memoised in `memo_path` by each file's size, times and inode, so a rerun only stats the files;
+    the memo is written only with `write_memo` (by the download stage's build, never while planning).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return "absent"
-    parts = []
-    for name in OFFICIAL_MD5:
-        path = folder / name
-        parts.append(md5_of(path) if path.is_file() else "missing")
-    count = total = 0
+    names = [name for name in OFFICIAL_MD5 if (folder / name).exists() or (folder / name).is_symlink()]
     images = folder / "jpg"
     if images.is_dir():
-        with os.scandir(images) as entries:
-            for entry in entries:
-                if entry.name.endswith(".jpg"):
-                    count += 1
-                    total += entry.stat().st_size
-    parts += [str(count), str(total)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+        try:
+            with os.scandir(images) as entries:
+                names += sorted(f"jpg/{entry.name}" for entry in entries if entry.name.endswith(".jpg"))
+        except OSError as error:
+            raise DataError(f"cannot list {images} ({error.strerror or error}); make it readable or point DATA_DIR "
+                            "at a readable copy") from None
+    digests = _file_digests(folder, names, memo_path, write_memo)
+    material = "\n".join(f"{name} {digest}" for name, digest in zip(names, digests))
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 def download(root: Path) -> None:
@@ -131,13 +172,42 @@ def _load_mat(path: Path) -> dict:
     from scipy.io import loadmat
     try:
         return loadmat(path, squeeze_me=True)
+    except OSError:
+        raise                   # permission or I/O: verify() names the file and the fix
     except Exception as error:  # scipy raises several types for a damaged file
         raise DataError(f"{path} cannot be read as a MATLAB file ({type(error).__name__}); "
                         f"replace it with the official one from {URL_PREFIX}{path.name}") from None
 
 
+def _integral(values: numpy.ndarray, what: str) -> numpy.ndarray:
+    """`values` as int64, refusing anything that is not a finite whole number (truncation would relabel silently)."""
+    try:
+        as_float = values.astype(numpy.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{what} holds non-numeric values; use the official file") from None
+    bad = ~numpy.isfinite(as_float) | (as_float != numpy.round(as_float))
+    if bad.any():
+        raise DataError(f"{what} holds {bad.sum()} value(s) that are not whole numbers, e.g. "
+                        f"{as_float[bad][0]!r} at position {numpy.flatnonzero(bad)[0]}; use the official file")
+    return as_float.astype(numpy.int64)
+
+
+def unreadable_message(error: OSError, fallback: Path) -> str:
+    """One line for a file-system error on the data: the path, the reason and the fix."""
+    path = error.filename or fallback
+    return (f"cannot read {path} ({error.strerror or error}); make it readable (or replace it) or point "
+            "DATA_DIR at a readable copy")
+
+
 def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
     """Check the dataset against the config and return its split index; DataError says what is wrong."""
+    try:
+        return _verify(Path(folder), settings)
+    except OSError as error:    # permission denied, a dangling link, an I/O error: never a traceback
+        raise DataError(unreadable_message(error, Path(folder))) from None
+
+
+def _verify(folder: Path, settings: DataConfig) -> DatasetIndex:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise DataError(f"{folder} is a file, not a folder; DATA_DIR must be the folder holding flowers-102/")
@@ -159,7 +229,7 @@ def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
     if labels.ndim != 1:
         raise DataError(f"{folder / 'imagelabels.mat'} 'labels' has shape {labels.shape}, expected one row of "
                         f"{settings.expected_images}; use the official file")
-    labels = labels.astype(numpy.int64)
+    labels = _integral(labels, f"{folder / 'imagelabels.mat'} 'labels'")
     if len(labels) != settings.expected_images:
         raise DataError(f"{folder / 'imagelabels.mat'} lists {len(labels)} labels, expected {settings.expected_images} "
                         "([data] expected_images)")
@@ -181,12 +251,16 @@ def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
         if ids.ndim != 1:
             raise DataError(f"{folder / 'setid.mat'} '{key}' has shape {ids.shape}, expected one row of image ids; "
                             "use the official file")
-        ids = ids.astype(numpy.int64)
+        ids = _integral(ids, f"{folder / 'setid.mat'} '{key}'")
         if len(ids) != expected_size:
             raise DataError(f"{folder / 'setid.mat'} split {split} has {len(ids)} images, expected {expected_size} "
                             "([data] expected_split_sizes)")
         if ids.min() < 1 or ids.max() > found:
             raise DataError(f"{folder / 'setid.mat'} split {split} refers to image ids outside 1..{found}")
+        unique, counts = numpy.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise DataError(f"{folder / 'setid.mat'} split {split} lists image {unique[counts > 1][0]} more than once; "
+                            "use the official file")
         overlap = seen.intersection(ids.tolist())
         if overlap:
             raise DataError(f"{folder / 'setid.mat'}: image {min(overlap)} is in more than one split")
@@ -213,18 +287,12 @@ def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
 
 
 def unreadable_images(folder: Path, image_ids) -> list[tuple[int, str]]:
-    """(id, reason) for every image that does not decode completely.
-
-    JPEG draft mode decodes at a reduced DCT scale, so the whole stream is read (truncation is
-    caught) at a fraction of the cost of a full decode.
-    """
-    from PIL import Image
+    """(id, reason) for every image that does not decode cleanly (pixels.decode_problem: corrupt-data
+    warnings count as failures)."""
+    from .pixels import decode_problem
     bad = []
     for image_id in image_ids:
-        try:
-            with Image.open(image_path(folder, image_id)) as image:
-                image.draft("RGB", (32, 32))
-                image.load()
-        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-            bad.append((int(image_id), f"{type(error).__name__}: {str(error)[:80]}"))
+        problem = decode_problem(image_path(folder, image_id))
+        if problem is not None:
+            bad.append((int(image_id), problem))
     return bad

@@ -1,6 +1,7 @@
 """The download stage: make Flowers-102 available (download or DATA_DIR) and verify it."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from . import cache, data
@@ -16,6 +17,12 @@ def data_root(config: Config) -> Path:
     return Path(config.data.root).expanduser().resolve()
 
 
+def fingerprint_memo(cache_root: Path, folder: Path) -> Path:
+    """Where the per-file digests of the data behind `folder` are memoised (one file per data folder)."""
+    name = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    return Path(cache_root) / ".data-digests" / f"{name}.json"
+
+
 def plan(config: Config, graph) -> list[Unit]:
     folder = data.dataset_folder(data_root(config))
     settings = {"folder": str(folder), "check_md5": config.data.check_md5, "num_classes": config.data.num_classes,
@@ -23,7 +30,7 @@ def plan(config: Config, graph) -> list[Unit]:
                 "expected_split_sizes": list(config.data.expected_split_sizes),
                 "check_images": config.data.check_images, "skip_bad_images": config.data.skip_bad_images,
                 # Content, not just the path: other data behind the same path must rebuild downstream.
-                "fingerprint": data.fingerprint(folder)}
+                "fingerprint": data.fingerprint(folder, fingerprint_memo(graph.cache_root, folder))}
     return [Unit(stage="download", name=UNIT, code_version="1", settings=settings)]
 
 
@@ -46,6 +53,8 @@ def build(context: BuildContext) -> BuildResult:
         context.log(f"[download] warning: skipped {len(index.skipped)} unreadable image(s): "
                     + ", ".join(f"{name} ({reason})" for name, reason in index.skipped))
     cache.write_json_atomic(context.directory / INDEX, index.to_json())
+    # Remember every file's digest, so later plans only stat the files (planning itself writes nothing).
+    data.fingerprint(folder, fingerprint_memo(context.cache_root, folder), write_memo=True)
     sizes = {split: int(len(index.image_ids[split])) for split in data.SPLITS}
     context.log("[download] verified " + ", ".join(f"{split} {size}" for split, size in sizes.items())
                 + f" images in {folder}")

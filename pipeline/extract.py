@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import cache, pixels
 from .errors import PipelineError
 
 FORMAT_VERSION = 1
@@ -116,10 +117,8 @@ def read_rgb(path, tensor: bool = False):
         decoded = _decoded_jpeg(path)
         if decoded is not None:
             return decoded
-    from PIL import Image
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        image = pixels.open_rgb(path)
     except OSError as error:
         raise FeaturesFileError(f"cannot read image {path} ({error}); replace it with the original file") from None
     return image
@@ -453,9 +452,21 @@ def write_features(path: Path, key: str, jobs: list, model: nn.Module, feature_d
     only once complete (flushed and fsynced first). `progress=None` shows tqdm bars only on a terminal.
     With streams > 1 (see `in_streams`) each stream decodes its own batches and `num_workers` is unused.
     """
-    from tqdm import tqdm
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
+    # A full disk or an unwritable folder ends in one line; the rows flushed so far stay for a rerun.
+    with cache.writing(partial):
+        timings = _write_features(partial, key, jobs, model, feature_dim, device=device, autocast=autocast,
+                                  channels_last=channels_last, batch_size=batch_size, num_workers=num_workers,
+                                  attributes=attributes, log=log, progress=progress, streams=streams)
+    cache.finalize(partial, path)
+    return timings
+
+
+def _write_features(partial: Path, key: str, jobs: list, model: nn.Module, feature_dim: int, *, device: str,
+                    autocast: Callable, channels_last: bool, batch_size: int, num_workers: int,
+                    attributes: dict, log: Callable[[str], None], progress: bool | None, streams: int) -> dict:
+    from tqdm import tqdm
     handle, resumed = _open_partial(partial, key)
     try:
         groups, starts, pixel_jobs, normalisations = [], [], [], []
@@ -523,9 +534,6 @@ def write_features(path: Path, key: str, jobs: list, model: nn.Module, feature_d
         handle.attrs["complete"] = True
     finally:
         handle.close()
-    with open(partial, "rb+") as stream:
-        os.fsync(stream.fileno())
-    os.replace(partial, path)
     return timings
 
 
@@ -536,9 +544,16 @@ def merge_shards(parts: list, path: Path, key: str) -> dict:
     Rows are copied a block at a time, so memory stays flat; the merged file appears only when complete.
     Timings: a group's seconds are the slowest part's (the parts ran in parallel).
     """
-    import h5py
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
+    with cache.writing(partial):
+        timings = _merge_shards(parts, partial, key)
+    cache.finalize(partial, path)
+    return timings
+
+
+def _merge_shards(parts: list, partial: Path, key: str) -> dict:
+    import h5py
     handles = [h5py.File(part, "r") for part in parts]
     world = len(handles)
     try:
@@ -576,9 +591,6 @@ def merge_shards(parts: list, path: Path, key: str) -> dict:
     finally:
         for handle in handles:
             handle.close()
-    with open(partial, "rb+") as stream:
-        os.fsync(stream.fileno())
-    os.replace(partial, path)
     return timings
 
 

@@ -51,7 +51,8 @@ def resolve_source(config: Config, name: str, allow_download: bool = False) -> d
         # Planning never downloads; the build will, and then records the file's real sha256.
         return {**source, "weights_id": spec.weights.filename, "weights_sha256": NOT_DOWNLOADED}
     return {**source, "weights_path": str(path), "weights_id": path.name,
-            "weights_sha256": backbones.weights_fingerprint(path)}
+            "weights_sha256": backbones.weights_fingerprint(path),
+            "weights_verified": backbones.weights_verified(spec, path)}
 
 
 def unit_settings(config: Config, source: dict, precision: str) -> dict:
@@ -128,6 +129,7 @@ def build(context: BuildContext) -> BuildResult:
     jobs = extraction_jobs(index, config, spec, source["input_size"])
     settings = unit_settings(config, source, runtime.precision)
     attributes = {"backbone": name, "weights_id": source["weights_id"], "weights_sha256": source["weights_sha256"],
+                  "weights_verified": source.get("weights_verified", "unknown"),
                   "input_size": source["input_size"], "resize_size": source["resize_size"],
                   "preprocessing": json.dumps(source["preprocessing"]), "precision": runtime.precision,
                   "channels_last": runtime.channels_last, "device": runtime.device,

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cache, distributed, images, train
-from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint
+from .backbones import (WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint,
+                        weights_verified)
 from .config import Config, ConfigError
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -145,7 +146,8 @@ def build(context: BuildContext) -> BuildResult:
         selected.update(probe_weight_decay=probe["weight_decay"], probe_val_top1=probe["val_top1"])
     record = {"arm": f"finetune-{name}", "method": "finetune", "backbone": name, "head": "softmax",
               "input_size": input_size, "stored_size": stored_size, "train_images": len(sets["train"]),
-              "class_names": index.class_names, "selected": selected, "weights_sha256": weights_sha256}
+              "class_names": index.class_names, "selected": selected, "weights_sha256": weights_sha256,
+              "weights_verified": weights_verified(spec, weights_path) if weights_path else "unknown"}
     phases = {"weights_seconds": timings.seconds.get("weights", 0.0), "data_seconds": timings.seconds.get("data", 0.0),
               "probe_seconds": probe.get("seconds", 0.0)}
     return train.finish_arm(context, model, result, sets["test"], runtime, settings, record, phases)

@@ -270,7 +270,9 @@ class Graph:
         }
         if processes > 1:
             manifest["world_size"] = processes          # built by this many torchrun processes together
-        cache.write_json_atomic(directory / cache.MANIFEST, manifest)
+        # Recorded now, as the unit is finished: every later reader checks its files against these.
+        manifest["digests"] = cache.digests_of(directory, manifest["files"])
+        cache.write_manifest(directory, manifest)
         for name in result.discard_after_manifest:
             (directory / name).unlink(missing_ok=True)
 

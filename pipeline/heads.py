@@ -8,6 +8,7 @@ re-extracts features.
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 from typing import Callable
 
@@ -113,6 +114,17 @@ def refit(kind: str, settings: HeadsConfig, chosen: dict, features: numpy.ndarra
     return {**chosen, "converged": converged}, {"model": model, "normalizer": normalizer.state()}
 
 
+def require_finite(payload: dict, name: str) -> None:
+    """Stop with one line when a fitted head holds NaN or infinity: its test number would be meaningless."""
+    if "model" in payload:
+        arrays = [payload["model"].coef_, payload["model"].intercept_]
+    else:
+        arrays = [value.numpy() for value in payload["state_dict"].values()]
+    if not all(numpy.isfinite(array).all() for array in arrays):
+        raise linear_heads.HeadError(f"the {name} head diverged (its weights are not finite); nothing was cached; "
+                                     "lower [heads] softmax_lr or raise the logistic regularisation and rerun")
+
+
 def predictor(payload: dict) -> Callable[[numpy.ndarray], numpy.ndarray]:
     """A head payload (as saved) as a function from cached features to predicted classes."""
     normalizer = linear_heads.Normalizer.from_state(payload["normalizer"])
@@ -140,20 +152,20 @@ def cached_selection(context: BuildContext, kind: str, splits: dict, num_classes
     path = cache.memo_path(context.directory, selection_key(context.unit, features_manifest.get("build_id")),
                            ".joblib")
     try:
-        memo = joblib.load(path)
+        memo = joblib.load(io.BytesIO(cache.read_sealed(path)))
         timings.seconds["selection"] = memo["seconds"]
         return memo["chosen"], memo["candidates"], memo["payload"], True
     except FileNotFoundError:
         pass
     except Exception as error:  # a damaged memo only costs the search again
-        context.log(f"[heads] {context.unit.name}: ignoring unreadable selection memo ({type(error).__name__})")
+        context.log(f"[heads] {context.unit.name}: ignoring unreadable selection memo ({error})")
     with timings.phase("selection"):
         chosen, candidates, payload = select(kind, context.config.heads, splits, num_classes,
                                              context.config.runtime.seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with cache.atomic_path(path) as temporary:
-        joblib.dump({"chosen": chosen, "candidates": candidates, "payload": payload,
-                     "seconds": timings.seconds["selection"]}, temporary)
+    buffer = io.BytesIO()
+    joblib.dump({"chosen": chosen, "candidates": candidates, "payload": payload,
+                 "seconds": timings.seconds["selection"]}, buffer)
+    cache.write_sealed(path, buffer.getbuffer())
     cache.prune_memos(context.directory)
     return chosen, candidates, payload, False
 
@@ -181,10 +193,10 @@ def load_head(directory) -> Callable[[numpy.ndarray], numpy.ndarray]:
     directory = Path(directory)
     if (directory / SOFTMAX_FILE).is_file():
         import torch
-        return predictor(torch.load(directory / SOFTMAX_FILE, weights_only=True))
+        return predictor(torch.load(cache.require_intact(directory / SOFTMAX_FILE), weights_only=True))
     if (directory / LOGISTIC_FILE).is_file():
         import joblib
-        return predictor(joblib.load(directory / LOGISTIC_FILE))
+        return predictor(joblib.load(cache.require_intact(directory / LOGISTIC_FILE)))
     raise FileNotFoundError(f"no {SOFTMAX_FILE} or {LOGISTIC_FILE} in {directory}; run `make heads` first")
 
 
@@ -202,6 +214,7 @@ def build(context: BuildContext) -> BuildResult:
     with timings.phase("fit"):
         if fit_on == "train+val":
             chosen, payload = refit(kind, settings, chosen, *_with_val(splits), len(class_names), seed)
+    require_finite(payload, f"{backbone}-{kind}")
     predict = predictor(payload)
     with timings.phase("evaluation"):
         metrics = evaluate.classification_metrics(splits["test"][1], predict(splits["test"][0]), len(class_names))
@@ -233,6 +246,7 @@ def build(context: BuildContext) -> BuildResult:
                     "evaluation": timings.seconds["evaluation"]},
         "features": {"unit_key": unit.input("features").key, "weights_id": attributes["weights_id"],
                      "weights_sha256": attributes["weights_sha256"]},
+        "weights_verified": attributes.get("weights_verified", "unknown"),
     }
     evaluate.write_result(context.directory, record)
     context.log(f"[heads] {record['arm']}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cache
+from .pixels import to_rgb
 from .backbones import Preprocessing
 from .data import DatasetIndex
 
@@ -40,7 +41,7 @@ def store_folder(cache_root: Path, download_key: str, stored_size: int) -> Path:
 def _load_square(path: Path, stored_size: int) -> numpy.ndarray:
     from PIL import Image
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         width, height = image.size
         scale = stored_size / min(width, height)
         size = (max(stored_size, round(width * scale)), max(stored_size, round(height * scale)))
@@ -60,8 +61,11 @@ def load_split(index: DatasetIndex, split: str, stored_size: int, folder: Path,
     if path.is_file() and meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("image_ids") == expected:
+            # The digest recorded when the array was written: a damaged array is decoded again, never used.
+            if meta.get("image_ids") == expected and meta.get("sha256") == cache.file_digest(path):
                 return torch.from_numpy(numpy.load(path))
+            if meta.get("image_ids") == expected:
+                log(f"[images] {path} is damaged or unverified (sha256 differs from the one recorded); decoding again")
         except (OSError, ValueError):
             pass        # unreadable or torn: rebuild below
     paths = index.paths(split)
@@ -73,7 +77,8 @@ def load_split(index: DatasetIndex, split: str, stored_size: int, folder: Path,
             array[position] = pixels
     with cache.atomic_path(path) as temporary:
         numpy.save(temporary, array)
-    cache.write_json_atomic(meta_path, {"split": split, "stored_size": stored_size, "image_ids": expected})
+    cache.write_json_atomic(meta_path, {"split": split, "stored_size": stored_size, "image_ids": expected,
+                                        "sha256": cache.file_digest(path)})
     return torch.from_numpy(array)
 
 

@@ -12,7 +12,13 @@ import numpy
 import torch
 from torch import nn
 
+from .errors import PipelineError
+
 NORMALIZATIONS = ("none", "standardize", "l2", "l2-standardize")
+
+
+class HeadError(PipelineError, RuntimeError):
+    """A head that cannot give a trustworthy result (weights that are not finite)."""
 
 
 @dataclass

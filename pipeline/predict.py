@@ -24,6 +24,7 @@ from . import (backbones, cache, evaluate, extract, features, heads, images, lin
 from .config import Config
 from .errors import PipelineError
 from .graph import Graph, read_json
+from .pixels import decode_problem, open_rgb
 from .runtime import Runtime, resolve_runtime, seed_everything
 
 DEFAULT_TOP = 5
@@ -54,7 +55,7 @@ class Arm:
 
 def image_files(inputs: list) -> list[Path]:
     """Every image named by `inputs` (files, or folders whose image files are taken in name order), checked readable."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
     if not inputs:
         raise PredictError("no image given; pass one or more image files or a folder (make predict IMG=<path>)")
     paths = []
@@ -70,12 +71,16 @@ def image_files(inputs: list) -> list[Path]:
         else:
             raise PredictError(f"no such image file or folder: {path}")
     for path in paths:
-        # Checked up front so a bad file fails in one line before any model is loaded.
-        try:
-            with Image.open(path) as image:
-                image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise PredictError(f"{path} is not a readable image ({type(error).__name__}: {error})") from None
+        # Checked up front so a bad file fails in one line before any model is loaded; a JPEG that
+        # decodes only with warnings (corrupt data) is refused too, as the data check refuses it.
+        problem = decode_problem(path)
+        if problem is None:
+            try:
+                open_rgb(path)
+            except (UnidentifiedImageError, OSError, ValueError) as error:
+                problem = f"{type(error).__name__}: {error}"
+        if problem is not None:
+            raise PredictError(f"{path} is not a readable image ({problem}); replace it or leave it out")
     return paths
 
 
@@ -92,8 +97,8 @@ def trained_arms(config: Config, graph: Graph) -> tuple[list[dict], dict[str, Ar
             continue
         directory = cache.unit_dir(graph.cache_root, state["stage"], state["unit"])
         try:
-            result = read_json(directory / evaluate.RESULT)
-        except (OSError, ValueError) as error:
+            result = read_json(cache.require_intact(directory / evaluate.RESULT))
+        except (OSError, ValueError, cache.CacheError) as error:
             state["missing"] = f"cannot read {directory / evaluate.RESULT}: {error}"
             continue
         trained[state["arm"]] = Arm(state["arm"], state["method"], state["stage"], state["unit"], directory, result)
@@ -135,7 +140,7 @@ def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarr
     """Class probabilities from a heads unit's saved head (heads.load_head gives only the argmax)."""
     directory = Path(directory)
     if (directory / heads.SOFTMAX_FILE).is_file():
-        saved = torch.load(directory / heads.SOFTMAX_FILE, weights_only=True)
+        saved = torch.load(cache.require_intact(directory / heads.SOFTMAX_FILE), weights_only=True)
         weight = saved["state_dict"]["weight"]
         head = torch.nn.Linear(weight.shape[1], weight.shape[0])
         head.load_state_dict(saved["state_dict"])
@@ -147,7 +152,7 @@ def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarr
         return softmax
     if (directory / heads.LOGISTIC_FILE).is_file():
         import joblib
-        saved = joblib.load(directory / heads.LOGISTIC_FILE)
+        saved = joblib.load(cache.require_intact(directory / heads.LOGISTIC_FILE))
         model, normalizer = saved["model"], linear_heads.Normalizer.from_state(saved["normalizer"])
         num_classes = len(saved["class_names"])
 
@@ -163,7 +168,7 @@ def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarr
 def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) -> Callable[[list], numpy.ndarray]:
     """Image paths -> pooled features, exactly as the arm's features unit extracted its splits."""
     features_unit = graph.unit("heads", arm.unit).input("features")
-    attributes = extract.read_attributes(features.features_file(graph.directory(features_unit)))
+    attributes = extract.read_attributes(cache.require_intact(features.features_file(graph.directory(features_unit))))
     recipe = attributes["preprocessing"]
     preprocessing = backbones.Preprocessing(recipe["input_size"], recipe["resize_size"], recipe["interpolation"],
                                             tuple(recipe["mean"]), tuple(recipe["std"]))
@@ -202,7 +207,8 @@ def end_to_end_model(config: Config, arm: Arm, runtime: Runtime) -> tuple[torch.
     else:
         model = models.build_scratch_model(config.cnn, num_classes, result["input_size"])
         preprocessing = models.SCRATCH_PREPROCESSING
-    model.load_state_dict(torch.load(arm.directory / train.MODEL, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(cache.require_intact(arm.directory / train.MODEL), map_location="cpu",
+                                     weights_only=True))
     return runtime.place(model).eval(), preprocessing
 
 

@@ -32,7 +32,7 @@ METHOD_STAGES = {"scratch": "cnn", "frozen": "heads", "finetune": "finetune"}
 RECORD_FIELDS = ("arm", "run", "status", "missing_reason", "method", "backbone", "head", "input_size", "train_images",
                  "fit_on", "seed", "device", "precision", "val_top1", "test_top1", "test_mean_per_class",
                  "extract_seconds", "train_seconds", "eval_seconds", "total_seconds", "images_per_second",
-                 "epochs_run", "selected", "stage", "unit", "unit_key", "build_id")
+                 "epochs_run", "selected", "weights_verified", "stage", "unit", "unit_key", "build_id")
 # Per-arm statistics over seeds (summary.json, and the report's across-seeds table).
 SUMMARY_JSON = "summary.json"
 SUMMARY_METRICS = ("val_top1", "test_top1", "test_mean_per_class", "train_seconds", "total_seconds")
@@ -151,8 +151,8 @@ def _load_arm(cache_root: Path, state: dict) -> tuple[dict | None, dict | None, 
         return None, None, state
     directory = cache.unit_dir(cache_root, state["stage"], state["unit"])
     try:
-        return read_json(directory / RESULT), cache.read_manifest(directory) or {}, state
-    except (OSError, ValueError) as error:
+        return read_json(cache.require_intact(directory / RESULT)), cache.read_manifest(directory) or {}, state
+    except (OSError, ValueError, cache.CacheError) as error:
         return None, None, {**state, "missing": f"cannot read {directory / RESULT}: {error}"}
 
 
@@ -249,7 +249,7 @@ def build(context: BuildContext) -> BuildResult:
 def summary(graph) -> str:
     """The comparison table as plain text plus the report's path (what `make all` prints at the end)."""
     directory = graph.directory(graph.unit("report", UNIT))
-    records = read_json(directory / RESULTS_JSON)
+    records = read_json(cache.require_intact(directory / RESULTS_JSON))
     return report_render.text_table(records) + f"\nreport: {directory / HTML}\n        {directory / MARKDOWN}"
 
 

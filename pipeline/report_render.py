@@ -88,6 +88,8 @@ def text_table(records: list[dict]) -> str:
              seconds(r["eval_seconds"]), seconds(r["total_seconds"]), seconds(r["images_per_second"])] for r in records]
     lines = _aligned(headers, rows)
     lines += [f"missing: {r.get('run') or r['arm']}: {r['missing_reason']}" for r in records if r["status"] != "ok"]
+    lines += [f"unverified weights: {r.get('run') or r['arm']} (its weights file is not the published one)"
+              for r in records if r.get("weights_verified") == "no"]
     summary = summary_rows(records)
     if summary:
         lines += ["", "across seeds (mean ± sd):", *_aligned(SUMMARY_HEADERS, summary)]
@@ -280,6 +282,11 @@ def content(study: Study, images: dict) -> list:
     if missing:
         blocks += [("p", "Missing arms (not run, or their outputs are no longer valid):"),
                    ("ul", [f"{r['arm']}: {r['missing_reason']}" for r in missing])]
+    unverified = sorted({r["arm"] for r in records if r.get("weights_verified") == "no"})
+    if unverified:
+        blocks.append(("p", "Unverified weights: " + ", ".join(unverified) + " used a weights file whose sha256 "
+                            "is not the published one (a re-saved, fine-tuned or tampered copy); their numbers are "
+                            "not those of the published pretrained network."))
     if study.best is not None:
         blocks.append(("p", f"Best arm by val top-1: {study.best['arm']}."))
     blocks += [("h2", "Accuracy against time")]

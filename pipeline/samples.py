@@ -6,6 +6,7 @@ import io
 import numpy
 
 from . import cache, data
+from .pixels import open_rgb
 from .config import Config
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -55,7 +56,6 @@ def draw_grid(index: data.DatasetIndex, rows: int, columns: int, tile_pixels: in
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
-    from PIL import Image
 
     generator = numpy.random.default_rng(seed)
     labels = index.labels["train"]
@@ -69,8 +69,7 @@ def draw_grid(index: data.DatasetIndex, rows: int, columns: int, tile_pixels: in
     figure, axes = pyplot.subplots(rows, columns, figsize=(columns * inches, rows * inches * 1.2), squeeze=False)
     paths = index.paths("train")
     for axis, position in zip(axes.flat, picks):
-        with Image.open(paths[position]) as image:
-            axis.imshow(numpy.asarray(image.convert("RGB")))
+        axis.imshow(numpy.asarray(open_rgb(paths[position])))
         axis.set_title(index.class_names[labels[position]], fontsize=8)
         axis.axis("off")
     figure.tight_layout()

@@ -24,11 +24,16 @@ from torch import nn
 
 from . import cache, distributed
 from .config import TrainConfig
+from .errors import PipelineError
 from .images import ImageSet
 from .runtime import Runtime
 
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
+class TrainingError(PipelineError, RuntimeError):
+    """Training that cannot produce a trustworthy result (a non-finite loss)."""
+
+
 CHECKPOINT = "checkpoint.pt"     # resume state, in the unit directory; removed once the unit is complete
 MODEL = "model.pt"               # best-on-val weights (state dict)
 TIMED_STEPS = 3          # steps timed (after one warm-up step) for the duration estimate
@@ -151,15 +156,24 @@ def model_outputs(model: nn.Module) -> int:
     return [module for module in model.modules() if isinstance(module, nn.Linear)][-1].out_features
 
 
+def load_checkpoint(path: Path) -> dict:
+    """The state in a checkpoint file, after checking the digest sealed in it (DamagedArtifact otherwise)."""
+    return torch.load(io.BytesIO(cache.read_sealed(path)), map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path: Path, key: str, log: Callable[[str], None] = print) -> dict | None:
     """The resume checkpoint at `path` if it was written for `key`, else None (saying why)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path)
+    except cache.DamagedArtifact as error:
+        log(f"ignoring unreadable checkpoint {path} ({str(error).removeprefix(str(path)).strip()}); "
+            "training starts over")
+        return None
     except Exception as error:  # any unreadable file just means "start over"; never fatal
-        log(f"ignoring unreadable checkpoint {path} ({type(error).__name__})")
+        log(f"ignoring unreadable checkpoint {path} ({type(error).__name__}); training starts over")
         return None
     if not isinstance(state, dict) or state.get("key") != key:
         log(f"ignoring checkpoint {path.name}: it was made for other settings (key {str(state.get('key'))[:8]})")
@@ -276,8 +290,10 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
                    "scaler": scaler.state_dict() if scaler is not None else None,
                    "average": average.model.state_dict() if average is not None else None,
                    "average_updates": average.updates if average is not None else 0}
-        with cache.atomic_path(checkpoint) as temporary:
-            torch.save(payload, temporary)
+        # Sealed with its digest, so a checkpoint damaged on disk is never resumed.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        cache.write_sealed(checkpoint, buffer.getbuffer())
 
     if resume is None:
         save()
@@ -322,6 +338,11 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
             mine = distributed.shard(len(positions))
             batch_loss, batch_correct = train_step(trained, inputs[mine], train_set.labels[positions[mine]],
                                                     criterion, optimizer, scaler, runtime)
+            if not math.isfinite(batch_loss):
+                # A diverged run must stop here: cached, it would be a chance-level result shown as real.
+                raise TrainingError(f"[{label}] training diverged: the loss became {batch_loss / len(positions[mine])} "
+                                    f"at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}; nothing was "
+                                    "cached; lower the learning rate (or its backbone multiplier) and rerun")
             if average is not None:
                 average.update(model)
             step += 1

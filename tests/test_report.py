@@ -94,7 +94,8 @@ def write_arm(study: Graph, stage: str, unit_name: str, record: dict) -> dict:
                 "metrics": {}, "timings": {}, "extra": {},
                 "environment": {"python": "3.x", "torch": "2.test", "device": "cpu", "torch_threads": 2},
                 "config": study.config.to_dict(), "config_source": study.config.source, "created": "2026-01-01"}
-    cache.write_json_atomic(directory / cache.MANIFEST, manifest)
+    manifest["digests"] = cache.digests_of(directory, manifest["files"])
+    cache.write_manifest(directory, manifest)
     return manifest
 
 
@@ -224,7 +225,7 @@ def test_missing_arms_are_reported_with_their_reason(tiny_config, stand_in_stage
     study = Graph(tiny_config, log=lambda message: None)
     inputs = write_study(study, skip=("frozen-tiny-efficientnet-logistic", "scratch-bn-cnn"))
     stale = study.directory(study.unit("heads", "tiny-resnet-softmax")) / cache.MANIFEST
-    cache.write_json_atomic(stale, dict(json.loads(stale.read_text()), key="built-under-other-settings"))
+    cache.write_manifest(stale.parent, dict(json.loads(stale.read_text()), key="built-under-other-settings"))
     study.run("report")
     directory = report_directory(study)
     records = {record["arm"]: record for record in json.loads((directory / "results.json").read_text())}

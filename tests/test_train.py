@@ -101,7 +101,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, opti
 
 
 def straight_model_state(directory) -> dict:
-    return torch.load(directory / train.CHECKPOINT, weights_only=True)["model"]
+    return train.load_checkpoint(directory / train.CHECKPOINT)["model"]
 
 
 def test_checkpoint_for_other_settings_is_not_resumed(tmp_path):

@@ -1,22 +1,28 @@
 # Staged Flowers-102 study. Every stage target skips its work when its cached outputs are valid.
-#   make all                      run the whole study (installs first if needed)
-#   make test                     run the test suite (offline, CPU)
-#   make check-real DATA_DIR=...  checks on a real Flowers-102 copy with the real offline weights
-# Variables: CONFIG=configs/default.toml  DATA_DIR=<folder holding flowers-102/>  DEVICE=auto|cpu|cuda
-#            SET="section.key=value ..."  (per-run setting overrides)  STAGE=<name> (for invalidate)
-#            SEEDS=N  (run every trained arm once per seed; the report adds mean ± sd)
-#            NPROC=N  (features, finetune, cnn, all: N processes under torchrun, DistributedDataParallel)
+# `make help` lists the targets and variables: a `## ` comment after a target's colon describes it,
+# and a `## ` line above a variable describes that variable.
 
+## TOML study config (see docs/configuration.md)
 CONFIG ?= configs/default.toml
+## folder holding flowers-102/ (or that folder itself); only read, never written
 DATA_DIR ?=
+## auto, cpu, cuda, cuda:N or mps
 DEVICE ?=
+## space-separated section.key=value overrides, e.g. SET='finetune.epochs=5 heads.fit_on="train+val"'
 SET ?=
+## run every trained arm N times (seeds seed, seed+1, ...); the report adds mean ± sd
 SEEDS ?=
+## features, finetune, cnn, all: N processes under torchrun (DistributedDataParallel)
 NPROC ?=
+## the bench's own flags, e.g. BENCH_ARGS="--images 512 --rows compute,warm"
 BENCH_ARGS ?=
+## the stage `make invalidate` drops
 STAGE ?=
+## image files or folders for `make predict`
 IMG ?=
+## the arm `make predict` uses (default: the best on val)
 ARM ?=
+## the virtual environment `make install` creates
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
@@ -31,9 +37,9 @@ $(error error: NPROC=$(NPROC) is not a positive whole number; use e.g. NPROC=2, 
 endif
 endif
 
-.PHONY: install all download samples features heads finetune cnn report test check-real clean invalidate config predict bench
+.PHONY: install all download samples features heads finetune cnn report test check-real clean invalidate config predict bench help
 
-install: $(INSTALLED)
+install: $(INSTALLED) ## create .venv and install the project with its offline and dev extras
 
 # torch/torchvision are pinned to the builds this machine keeps on disk (see pyproject.toml).
 $(INSTALLED): pyproject.toml
@@ -42,39 +48,54 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[offline,dev]"
 	touch $@
 
-all: $(INSTALLED)
+all: $(INSTALLED) ## every stage in order, each skipping when cached, then print the results table
 	$(LAUNCH) stages.all $(ARGS)
 
 # NPROC > 1 launches N processes on this machine with torchrun (gloo on CPU, nccl on GPUs).
 LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m,$(PYTHON) -m)
 
-download samples features heads finetune cnn report: $(INSTALLED)
+download: $(INSTALLED) ## locate (DATA_DIR) or download Flowers-102 and verify it
+samples: $(INSTALLED) ## sample grid, dataset sizes per split and class, class-distribution chart
+features: $(INSTALLED) ## frozen backbone features of every image, cached in HDF5
+heads: $(INSTALLED) ## softmax and logistic heads on the cached features
+finetune: $(INSTALLED) ## fine-tune each pretrained backbone end to end
+cnn: $(INSTALLED) ## the BN-CNN trained from scratch
+report: $(INSTALLED) ## merge every arm's metrics and timings into one report
+download samples features heads finetune cnn report:
 	$(LAUNCH) stages.$@ $(ARGS)
 
 # make predict IMG=path/to/photo.jpg [ARM=frozen-efficientnet-lite0-logistic]: top-5 classes per image.
-predict: $(INSTALLED)
+predict: $(INSTALLED) ## IMG=<files or folders> [ARM=<arm>]: top-5 class names per image
 	@test -n "$(IMG)" || { echo "make predict needs IMG=<image file or folder>" >&2; exit 2; }
 	$(PYTHON) -m stages.predict $(ARGS) $(if $(ARM),--arm '$(ARM)') $(foreach image,$(IMG),'$(image)')
 
 # Speed against the compute limit and the notebook's protocol, side by side (cache/bench/bench.json).
 # BENCH_ARGS= passes the bench's own flags, e.g. BENCH_ARGS="--images 512 --rows compute,warm".
-bench: $(INSTALLED)
+bench: $(INSTALLED) ## speed against the hardware limit and the notebook's protocol (docs/benchmarks.md)
 	$(PYTHON) -m stages.bench $(ARGS) $(BENCH_ARGS)
 
-config: $(INSTALLED)
+config: $(INSTALLED) ## validate the config and print it resolved
 	$(PYTHON) -m stages.config $(ARGS)
 
-invalidate: $(INSTALLED)
+invalidate: $(INSTALLED) ## STAGE=<name>: drop that stage's outputs; it and its dependents rebuild
 	@test -n "$(STAGE)" || { echo "make invalidate needs STAGE=<name>, e.g. make invalidate STAGE=heads" >&2; exit 2; }
 	$(PYTHON) -m stages.invalidate $(ARGS) '$(STAGE)'
 
-test: $(INSTALLED)
+test: $(INSTALLED) ## the whole test suite (offline, CPU)
 	$(PYTHON) -m pytest -q
 
 # make check-real DATA_DIR=<folder holding flowers-102/>: checks on a real copy with the real offline weights.
-check-real: $(INSTALLED)
+check-real: $(INSTALLED) ## DATA_DIR=<folder>: checks on a real Flowers-102 copy with the real offline weights
 	@if [ -z "$(DATA_DIR)" ]; then echo "make check-real: skipped, it needs DATA_DIR=<folder holding flowers-102/>"; \
 	else FLOWERS_DATA_DIR="$(DATA_DIR)" $(PYTHON) -m pytest -q -rs tests/test_real_data.py; fi
 
-clean:
+clean: ## drop everything in cache/
 	rm -rf cache/*/
+
+help: ## list the targets and variables (this text)
+	@echo "Targets (make <target> [VARIABLE=value ...]):"
+	@awk -F ':[^#]*## ' '/^[a-z][a-z-]*:[^=]*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "Variables:"
+	@awk '/^## / {doc = substr($$0, 4); next} \
+	     doc != "" && /^[A-Z_]+ \?=/ {split($$0, part, " \\?= *"); printf "  %-12s %s%s\n", part[1], doc, \
+	         (part[2] != "" ? " (default: " part[2] ")" : ""); doc = ""; next} {doc = ""}' $(MAKEFILE_LIST)

@@ -74,18 +74,15 @@ class BenchError(PipelineError, ValueError):
 class BenchOptions:
     """Subset sizes and step counts: what keeps one bench run under 15 minutes on 2 CPU cores."""
     images: int = 5120            # extraction row: images (plus their augmented views) per backbone
-    # On 2 shared cores even model-only speed alone, in back-to-back windows of 1-8 s, differs from the
-    # mean of its two neighbours by 6-8% (sd), so each paired round ratio carries that much noise. With
-    # 7 rounds of ~340 images the Lite0 median spread over 0.84-0.94 between runs (sd 0.030); the
-    # median's noise shrinks with the square root of the rounds: 15 rounds (about 2 minutes more).
+    # A shared machine's speed drifts between back-to-back windows, so each paired round ratio is noisy;
+    # the median's noise shrinks only with the square root of the rounds (docs/benchmarks.md).
     rounds: int = 15              # extraction row: paired rounds (model-only, extraction) over images / rounds each
     test_images: int = 0          # frozen row: test images for both accuracies; 0 = the whole test split
     notebook_images: int = 96     # frozen row: train and val images timed through the notebook's protocol
     notebook_views: int = 4       # frozen row: augmented views cycled by the notebook-accuracy approximation
     steps: int = 5                # finetune row: timed steps of ours (the notebook loop gets as many images)
     # Ours (bf16, batch 32) and the notebook (fp32, batch 4) load the machine differently, so a change in
-    # its speed moves them unequally: with one notebook slice between two timings of ours, the ratio
-    # ranged over 0.34-0.42 in four runs of the same code.
+    # its speed moves them unequally; the median of paired rounds weighs it on both sides.
     finetune_rounds: int = 3      # finetune row: paired rounds (ours, notebook, ours, ...); ratio = their median
     memory_images: int = 1024     # memory row: the larger size; the smaller is half of it
     warm_timeout: float = 300.0   # warm row: seconds before the `stages.all` subprocess is stopped
@@ -312,8 +309,8 @@ def extraction_rows(config: Config, runtime: Runtime, index: DatasetIndex, optio
                     work: Path, log: Callable) -> tuple[list, list]:
     """Compute-limit forward rows and extraction-efficiency rows, one of each per [features] backbone.
 
-    Speed on a shared machine drifts by 10-20% within a minute, more than the margin the target
-    leaves, so the two are measured in paired rounds, model-only (M) and extraction (E) alternating
+    Speed on a shared machine drifts within a minute by more than the margin the target leaves,
+    so the two are measured in paired rounds, model-only (M) and extraction (E) alternating
     over the same images: M E M E M ... M. Each round's ratio divides E by the mean of the M passes
     on either side of it; the row reports the median ratio (and the median rates).
     """
@@ -509,8 +506,7 @@ def frozen_row(config: Config, runtime: Runtime, index: DatasetIndex, options: B
     test_count = options.test_images or len(index.image_ids["test"])
     tested = subset_index(index, {"test": test_count})
     # The notebook is timed in two slices, one on each side of ours, as the extraction rows pair their
-    # rounds: one slice half a minute after ours gave 12.9x in a run where the machine slowed down
-    # during our extraction, against 16.7x in two steadier runs.
+    # rounds, so a slowdown of the machine during ours weighs on both sides.
     timings_around = [time_notebook_frozen(name, weights, index, input_size, options.notebook_images, runtime,
                                            config.runtime.seed)]
     # Ours: the features stage's jobs (every train/val image, augmented views, the test images) and both heads.

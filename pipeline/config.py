@@ -1,7 +1,7 @@
 """Typed study configuration: one TOML file -> frozen dataclasses, validated before any work starts.
 
-Every field carries a one-line doc (shown by `python -m stages.config --docs`, mirrored in the
-README) and optional constraints. Unknown sections or keys, wrong types and impossible values are
+Every field carries a one-line doc (shown by `python -m stages.config --docs`, mirrored in
+docs/configuration.md) and optional constraints. Unknown sections or keys, wrong types and impossible values are
 rejected with a one-line `ConfigError` that names the key and the valid choices.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ HEAD_KINDS = ("softmax", "logistic")
 class RuntimeConfig:
     device: str = setting("auto", "Compute device: auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")
     threads: int = setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).", minimum=0)
-    num_workers: int = setting(2, "DataLoader worker processes (extraction with one stream, the notebook baselines).",
-                               minimum=0)
+    num_workers: int = setting(2, "DataLoader worker processes (extraction with one stream, the notebook baselines); "
+                                  "0 decodes inline, which suits small images on few cores.", minimum=0)
     inference_streams: int = setting(0, "Extraction batches in flight at once, each in its own thread with its share "
                                         "of the torch threads, decoding its own images; 0 = one per torch thread on "
                                         "CPU (at most 4), 1 on GPUs. Features are bit-identical either way.", minimum=0)
@@ -52,7 +52,8 @@ class RuntimeConfig:
                                             "gradients are several times slower there); inference stays bf16.")
     keep_freed_memory: bool = setting(True, "Linux (glibc): keep freed memory in the process for reuse instead of "
                                             "returning it to the kernel, so batches stop page-faulting their "
-                                            "activations back in; no effect on the numbers.")
+                                            "activations back in; no effect on the numbers. Turn off if resident "
+                                            "memory must fall again after the peak.")
     seed: int = setting(0, "Seed for data order, augmentation, initialisation and sampling.", minimum=0)
     seeds: int = setting(1, "Runs of every trained arm, with seeds seed, seed+1, ...; the report adds mean ± sd "
                             "when > 1 (SEEDS=).", minimum=1)
@@ -96,8 +97,9 @@ class FeaturesConfig:
     view_minimum_scale: float = setting(0.35, "Smallest crop area (fraction of the image) of an augmented view.",
                                         minimum=0.05, maximum=1)
     fold_batchnorm: bool = setting(True, "Fold each BatchNorm into the convolution before it (and move equal-sided "
-                                         "padding inside the convolutions) for extraction: the same function, about "
-                                         "40% faster on CPU; bf16 rounding moves, so it is part of the features key.")
+                                         "padding inside the convolutions) for extraction: the same function with "
+                                         "fewer passes over the activations. bf16 rounding moves, so it is part of "
+                                         "the features key; turn off to extract with the network as published.")
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,9 @@ class HeadsConfig:
     logistic_max_iter: int = setting(1000, "Iteration limit of the logistic solver.", minimum=1)
     logistic_tolerance: float = setting(1e-4, "Stopping tolerance of the logistic solver.", minimum=0)
     logistic_blas_threads: int = setting(1, "BLAS threads while the logistic solver runs (0 = the library's default, "
-                                            "one per core). On 2 cores one thread fitted 2.5x faster: the "
-                                            "matrices are too small to split. Rounding depends on it, so it is "
-                                            "part of the logistic heads' key.", minimum=0)
+                                            "one per core). One, because the study's matrices are too small to "
+                                            "split; raise it for much larger feature sets. Rounding depends on it, "
+                                            "so it is part of the logistic heads' key.", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -160,8 +162,8 @@ class FinetuneConfig(TrainConfig):
     freeze_bn_stats: bool = setting(False, "Keep BatchNorm running statistics fixed while fine-tuning.")
     fold_batchnorm: bool = setting(True, "Rewrite the convolutions for training, keeping the function: equal-sided "
                                          "padding moves inside them and, with freeze_bn_stats, each frozen BatchNorm "
-                                         "is computed by the convolution before it. About 25% faster steps on CPU; "
-                                         "rounding moves, so it is part of the key.")
+                                         "is computed by the convolution before it, saving a pass over the "
+                                         "activations; rounding moves, so it is part of the key.")
     linear_probe: bool = setting(False, "Fit the new head on frozen features first (LP-FT), then fine-tune from it.")
     probe_weight_decays: list = setting([1e-4, 1e-3, 1e-2], "L2 strengths of the linear probe (full-batch L-BFGS); "
                                         "the best on val initialises the head.")

@@ -9,7 +9,7 @@ from . import cache
 
 RESULT = "result.json"
 METHODS = ("scratch", "frozen", "finetune")
-# Fields every arm's result.json carries (the report and README document them).
+# Fields every arm's result.json carries (docs/results.md documents them).
 REQUIRED_FIELDS = ("arm", "method", "backbone", "head", "input_size", "train_images", "fit_on", "seed", "device",
                    "test_top1", "test_mean_per_class", "val_top1", "train_seconds", "extract_seconds",
                    "eval_seconds", "total_seconds", "images_per_second", "per_class_accuracy", "confusion_matrix",

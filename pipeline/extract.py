@@ -45,8 +45,7 @@ from .errors import PipelineError
 FORMAT_VERSION = 1
 GROUP_FIELDS = ("features", "labels", "image_ids", "views")
 # Rows per HDF5 chunk of features, and per block written and flushed: each write, attribute update and
-# flush holds the GIL in the main thread while the streams compute, 0.2-0.3 ms of it per row when every
-# batch of 8 was written on its own (Lite0, 2 cores).
+# flush holds the GIL in the main thread while the streams compute, so rows go out in blocks, not per batch.
 CHUNK_ROWS = 64
 
 
@@ -96,9 +95,9 @@ class ImageDataset(Dataset):
         if self.job.rows is not None:
             row = int(self.job.rows[row])
         # torch's random generator is one per process: under extraction streams, seeding and drawing must
-        # not interleave with another thread's. The transforms draw from the CPU generator only, which is
-        # all torch.manual_seed seeds here; it would also queue a seed for every accelerator, at 0.23 ms
-        # a row against 2 us (CUDA build, 2 cores), with the same draws.
+        # not interleave with another thread's. The transforms draw from the CPU generator only, so seeding
+        # it alone gives torch.manual_seed's draws without its per-accelerator seeding, which costs far more
+        # than the row's transform on a CUDA build.
         with _SEEDED_DRAWS, torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(self.job.seed * 1_000_003 + row)
             return self.job.transform(image)
@@ -109,9 +108,8 @@ def read_rgb(path, tensor: bool = False):
 
     With `tensor`, a JPEG is decoded by torchvision.io.decode_jpeg: the same libjpeg-turbo decoding as
     PIL's (all 8,189 Flowers-102 thumbnails bit for bit, greyscale and CMYK included) with less Python
-    around it, which two extraction streams otherwise queue on: reading a row (decoding and Lite0's
-    geometry) took 0.62 instead of 0.75 ms in the streams. Any other file, or a JPEG it cannot decode,
-    goes through PIL, whose errors name the file.
+    around it, which two extraction streams otherwise queue on. Any other file, or a JPEG it cannot
+    decode, goes through PIL, whose errors name the file.
     """
     if tensor:
         decoded = _decoded_jpeg(path)
@@ -171,9 +169,9 @@ class RowMajorResizedCrop:
     """A v2.RandomResizedCrop (its parameters and random draws) that copies its crop into [H, W, 3] rows first.
 
     A crop of an [H, W, 3]-backed image is a strided view; torch's uint8 resampling then writes a
-    [3, H, W] result, which stacking transposes back at 0.23 ms per 224 px view. Resampling a row-major
-    crop writes row-major pixels, the same values (bit for bit on 300 real thumbnails, Lite0), and the
-    copy of a 64 px crop is a few microseconds: 0.40 instead of 0.64 ms per view, stacking included.
+    [3, H, W] result, which stacking has to transpose back. Resampling a row-major crop writes row-major
+    pixels, the same values (bit for bit on 300 real thumbnails, Lite0), and copying a small crop costs
+    far less than that transpose.
     A plain class around the transform, so that it pickles for DataLoader workers.
     """
 
@@ -231,10 +229,9 @@ def uint8_transform(transform) -> tuple[Callable, tuple, tuple]:
     Workers then ship uint8 [H, W, 3] images (4x less to copy than float) and the float conversion
     and normalisation run batched where the model runs; the arithmetic (x / 255 - mean) / std is the same.
     The geometric steps run on the decoded uint8 tensor with their torchvision.transforms.v2 twins, whose
-    native uint8 resampling took 0.7 instead of 1.1 ms of CPU per 64 px thumbnail (Lite0 and Lite2, 2
-    streams). Same geometry and random draws per seed, but where the scale is not a whole number a
-    resampled pixel can differ from PIL's by one level (Lite2's 64 -> 292 px). A pipeline with any other
-    step stays on PIL.
+    native uint8 resampling costs less CPU than PIL's. Same geometry and random draws per seed, but where
+    the scale is not a whole number a resampled pixel can differ from PIL's by one level (Lite2's
+    64 -> 292 px). A pipeline with any other step stays on PIL.
     """
     from torchvision import transforms as tv
     steps = list(transform.transforms)
@@ -253,13 +250,13 @@ def normalise(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
 
     Stacked [H, W, 3] images already are channels_last once viewed as [N, 3, H, W], so no transpose
     is made, and the in-place steps repeat ToTensor + Normalize's operations in their order, so the
-    values are bit for bit theirs (a transpose per image plus a channels_last copy per batch took
-    about two thirds of this step's 20 ms per batch of 16 at 224 px).
+    values are bit for bit theirs (a transpose per image plus a channels_last copy per batch were most
+    of this step's cost).
     """
     if images.device.type == "cpu" and len(set(mean)) == 1 and len(set(std)) == 1 and _scalars_exact(mean[0], std[0]):
         # One statistic for every channel (EfficientNet-Lite: 0.5 / 0.5): scalar operands instead of
-        # broadcast [1, 3, 1, 1] tensors, which are slow over channels_last memory. With 2 streams at
-        # once at 224 px: 0.15 ms per image, against 0.65 broadcast and 0.32 for a 256-entry table.
+        # broadcast [1, 3, 1, 1] tensors, which are slow over channels_last memory (a 256-entry lookup
+        # table is slower too).
         return images.permute(0, 3, 1, 2).float().div_(255).sub_(mean[0]).div_(std[0])
     mean_tensor = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
     std_tensor = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
@@ -285,9 +282,8 @@ def in_streams(function: Callable, items, streams: int):
 
     Each stream thread gets torch.get_num_threads() // streams compute threads of its own. On a CPU,
     one single-threaded stream per core overlaps one stream's image decoding with another's model
-    and leaves no thread waiting at another's barrier: Lite0 extraction at 224 px on 2 cores ran at
-    185 vs 152 img/s with inline decoding (median of 5 rounds), above the 170 img/s of the
-    2-thread model alone, with bit-identical features. Items are submitted 2 x streams ahead.
+    and leaves no thread waiting at another's barrier, so extraction can outrun one multi-threaded
+    model, with bit-identical features. Items are submitted 2 x streams ahead.
     """
     if streams <= 1:
         yield from map(function, items)
@@ -365,9 +361,8 @@ def yield_to_compute(worker_id: int) -> None:
     """DataLoader worker start on CPU: lowest scheduling priority, so decoding takes the cores' slack.
 
     Workers and torch's compute threads share the same cores there, and a worker that pre-empts one
-    compute thread stalls the others at their next barrier. Measured on 2 cores, Lite0 at 224 px,
-    2 workers: 71.8 vs 61.2 img/s on full-size JPEGs (median of 5 rounds); on 64 px thumbnails,
-    where decoding is light, the two were level (84.4 vs 83.5).
+    compute thread stalls the others at their next barrier; this matters for full-size JPEGs, where
+    decoding is heavy.
     """
     try:
         os.nice(19)

@@ -94,10 +94,10 @@ def train_softmax_heads(features: numpy.ndarray, labels: numpy.ndarray, num_clas
     """train_softmax for several weight decays at once: one (head, val history) per decay, in order.
 
     The heads differ only in their decay: they start from the same seeded weights and see the same
-    batches, so they are trained side by side as the rows of one matrix. One matrix product per
-    step instead of one per head, and one optimizer step, made Lite0's search over three decays
-    about 1.5x faster on 2 cores (4.7-4.9 s against 6.9-8.3 s). Each head's loss is its own batch mean and AdamW acts element by element, so every
-    head follows its own training run; the decay is applied before the Adam step, as AdamW does.
+    batches, so they are trained side by side as the rows of one matrix: one matrix product and one
+    optimizer step per step instead of one per head. Each head's loss is its own batch mean and AdamW
+    acts element by element, so every head follows its own training run; the decay is applied before
+    the Adam step, as AdamW does.
     """
     count = len(weight_decays)
     generator = torch.Generator().manual_seed(seed)

@@ -46,9 +46,8 @@ def train_depthwise_in_float32(model: nn.Module) -> int:
     """Run every grouped convolution of `model` in fp32 while it trains under CPU bf16 autocast; returns how many.
 
     On CPUs with AMX the bf16 weight gradient of a depthwise convolution is several times slower than
-    in fp32 (one Lite0 layer: 193 ms vs 33 ms), which made bf16 fine-tuning slower than fp32; with
-    these layers in fp32 a Lite0 step at 160 px ran 1.55-1.75x faster than all-bf16 and 1.3x faster
-    than all-fp32 (two interleaved A/B runs). Forward passes without gradients (extraction, evaluation) keep the faster bf16 path.
+    in fp32, which made bf16 fine-tuning slower than fp32; with these layers in fp32, a step beats both
+    all-bf16 and all-fp32. Forward passes without gradients (extraction, evaluation) keep the faster bf16 path.
     The class is swapped in place, so parameter names, state_dict and checkpoints do not change.
     """
     swapped = 0
@@ -210,9 +209,8 @@ def fold_for_training(model: nn.Module, name: str, fold_norms: bool = True) -> n
     """`model` with equal-sided padding moved into its convolutions and, with `fold_norms`, frozen
     BatchNorm folded (fold_frozen_batchnorm), checked against the model as it came (`rewrite_checked`).
 
-    On Lite0 at 160 px, batch 32, 2 cores, a forward+backward step ran at 57 / 50 / 49 img/s as it
-    came, 65 / 59 / 61 with BatchNorm folded and 76 / 68 / 57 with the padding moved too (three
-    interleaved rounds).
+    Each rewrite saves a separate pass over the activations (the padding copy, the BatchNorm) in every
+    layer it touches, forward and backward.
     """
     def rewrite(network: nn.Module) -> None:
         pad_inside_convolutions(network)

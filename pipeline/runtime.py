@@ -118,10 +118,8 @@ def keep_freed_memory() -> bool:
     """Make glibc malloc keep freed memory for reuse; True where it now does (Linux with glibc), else False.
 
     By default glibc serves blocks above its mmap threshold (128 KB, adapting up to 32 MB) with a fresh
-    mmap and unmaps them on free, so each batch's activations are page-faulted in anew: on 2 KVM cores
-    that was about 2 million faults and a third of the CPU time in the kernel per EfficientNet-Lite0
-    pass over 320 images. Measured there with it: forward 64 -> 110 img/s (batch 16, 224 px, bf16),
-    forward+backward 37 -> 49 img/s (batch 32, 160 px). With mmap off for allocations and trimming
+    mmap and unmaps them on free, so each batch's activations are page-faulted in anew and much of the
+    CPU time goes to the kernel. With mmap off for allocations and trimming
     only past 2 GiB free, freed blocks stay in the heap and are reused. Resident memory then stays at the
     process's peak instead of falling after it. Idempotent; DataLoader workers inherit it by fork.
     """

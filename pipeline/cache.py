@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -170,10 +171,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Inside `writing` and after it reported a failure: h5py objects freed after a full disk retry their
+# flush while being deallocated, and each retry would print a traceback echoing the one-line error.
+_quiet_write_failures = False
+
+
+def _quiet_unraisable(unraisable) -> None:
+    if _quiet_write_failures and _write_failure(unraisable.exc_value) is not None:
+        return
+    _previous_unraisable_hook(unraisable)
+
+
+def _quiet_excepthook(kind, value, traceback) -> None:
+    # Cython prints an ignored exception's full traceback through sys.excepthook before reporting it.
+    if _quiet_write_failures and _write_failure(value) is not None:
+        return
+    _previous_excepthook(kind, value, traceback)
+
+
+_previous_unraisable_hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable
+_previous_excepthook, sys.excepthook = sys.excepthook, _quiet_excepthook
+
+
 @contextlib.contextmanager
 def writing(path: str | Path) -> Iterator[None]:
     """Turn a failed write of `path` done inside the block (OSError, a library's disk-full error) into CacheError."""
+    global _quiet_write_failures
     path = Path(path)
+    quiet_before, _quiet_write_failures = _quiet_write_failures, True
+    failed = False
     try:
         yield
     except CacheError:
@@ -184,9 +210,46 @@ def writing(path: str | Path) -> Iterator[None]:
         failure = _write_failure(error)
         if failure is None:
             raise
+        failed = True
         raise CacheError(f"cannot write {path}: the write failed ({failure}), most likely because the disk is full; "
                          "free space or point [cache] root at a writable folder "
                          "(earlier valid artifacts were left untouched)") from None
+    finally:
+        _quiet_write_failures = quiet_before or failed
+
+
+# Room kept free for a file's own bookkeeping (HDF5 metadata) on top of the data about to be written.
+FREE_SPACE_MARGIN = 1 << 20
+
+
+def require_free_space(path: str | Path, size: int) -> None:
+    """CacheError, as for a full disk, unless the file system holding `path` has room for `size` more bytes.
+
+    For writers that fail badly on a full disk (HDF5 can crash once a flush has failed), so they stop
+    before the disk is full instead.
+    """
+    path = Path(path)
+    try:
+        status = os.statvfs(path.parent)
+    except OSError as error:
+        raise _explain_os_error(error, path) from None
+    if status.f_bavail * status.f_frsize < size + FREE_SPACE_MARGIN:
+        raise _explain_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+
+
+@contextlib.contextmanager
+def silenced_stderr() -> Iterator[None]:
+    """Send what C libraries print on file descriptor 2 to /dev/null inside the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def finalize(partial: str | Path, path: str | Path) -> None:

@@ -188,7 +188,7 @@ def _integral(values: numpy.ndarray, what: str) -> numpy.ndarray:
     bad = ~numpy.isfinite(as_float) | (as_float != numpy.round(as_float))
     if bad.any():
         raise DataError(f"{what} holds {bad.sum()} value(s) that are not whole numbers, e.g. "
-                        f"{as_float[bad][0]!r} at position {numpy.flatnonzero(bad)[0]}; use the official file")
+                        f"{float(as_float[bad][0])!r} at position {int(numpy.flatnonzero(bad)[0])}; use the official file")
     return as_float.astype(numpy.int64)
 
 

@@ -373,6 +373,7 @@ def yield_to_compute(worker_id: int) -> None:
 def _open_partial(path: Path, key: str):
     """The partial file for this key, reopened to resume, or a fresh one when absent, stale or damaged."""
     import h5py
+    cache.require_free_space(path, 0)
     if path.exists():
         try:
             handle = h5py.File(path, "a")
@@ -429,6 +430,7 @@ class _Block:
         if not self.batches:
             return
         batches, rows, self.batches, self.rows = self.batches, self.rows, [], 0     # a failed write is not retried
+        cache.require_free_space(handle.filename, sum(batch.nbytes for batch in batches))
         self.group["features"][self.first:self.first + rows] = numpy.concatenate(batches)
         now = time.perf_counter()
         self.group.attrs["rows_done"] = self.first + rows
@@ -527,8 +529,13 @@ def _write_features(partial: Path, key: str, jobs: list, model: nn.Module, featu
             handle.attrs[name] = value
         handle.attrs["timings"] = json.dumps(timings)
         handle.attrs["complete"] = True
-    finally:
-        handle.close()
+    except BaseException:
+        # After a failed write (a full disk) every object the close flushes fails again and h5py prints
+        # each failure; the error that stopped us is reported once, in one line, by the caller.
+        with cache.silenced_stderr():
+            handle.close()
+        raise
+    handle.close()
     return timings
 
 

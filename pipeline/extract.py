@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import threading
@@ -390,14 +391,16 @@ def _open_partial(path: Path, key: str):
     return handle, False
 
 
-def _prepare_group(handle, job: Job, feature_dim: int):
+def _prepare_group(handle, job: Job, feature_dim: int, log: Callable[[str], None] = print):
     """The job's group, created with its labels/ids up front, or checked when resuming."""
     if job.group in handle:
         group = handle[job.group]
         if (group["features"].shape == (len(job.paths), feature_dim)
                 and numpy.array_equal(group["image_ids"][:], job.image_ids)
                 and numpy.array_equal(group["views"][:], job.views)):
-            return group
+            if _flushed_rows_intact(group):
+                return group
+            log(f"[features] {job.group}: the partial file's rows do not match their digests; extracting them again")
         del handle[job.group]
     group = handle.create_group(job.group)
     rows = len(job.paths)
@@ -407,9 +410,38 @@ def _prepare_group(handle, job: Job, feature_dim: int):
     group.create_dataset("labels", data=numpy.asarray(job.labels, dtype=numpy.int64))
     group.create_dataset("image_ids", data=numpy.asarray(job.image_ids, dtype=numpy.int64))
     group.create_dataset("views", data=numpy.asarray(job.views, dtype=numpy.int64))
+    # One record per flushed block (first row, rows, sha256 of its float32 bytes): a resumed file's rows
+    # are used only when they still hash as written.
+    group.create_dataset(BLOCKS, shape=(0,), maxshape=(None,), dtype=BLOCK_RECORD, chunks=(256,))
     group.attrs["rows_done"] = 0
     group.attrs["seconds"] = 0.0
     return group
+
+
+BLOCKS = "blocks"
+BLOCK_RECORD = numpy.dtype([("first", numpy.int64), ("rows", numpy.int64), ("sha256", "S64")])
+
+
+def _block_digest(rows: numpy.ndarray) -> bytes:
+    return hashlib.sha256(numpy.ascontiguousarray(rows, dtype=numpy.float32).tobytes()).hexdigest().encode()
+
+
+def _flushed_rows_intact(group) -> bool:
+    """Whether the rows a partial file says are done are all covered by block records whose digests match."""
+    if BLOCKS not in group:
+        return False            # written before block records existed: extract the group again
+    done, expected_first, kept = int(group.attrs["rows_done"]), 0, 0
+    records = group[BLOCKS]
+    for first, rows, digest in records[:]:
+        if first >= done:
+            break               # written, but killed before rows_done moved: those rows are redone
+        if first != expected_first or first + rows > done:
+            return False
+        if _block_digest(group["features"][first:first + rows]) != digest:
+            return False
+        expected_first, kept = first + rows, kept + 1
+    records.resize((kept,))
+    return expected_first == done
 
 
 class _Block:
@@ -431,7 +463,11 @@ class _Block:
             return
         batches, rows, self.batches, self.rows = self.batches, self.rows, [], 0     # a failed write is not retried
         cache.require_free_space(handle.filename, sum(batch.nbytes for batch in batches))
-        self.group["features"][self.first:self.first + rows] = numpy.concatenate(batches)
+        block = numpy.concatenate(batches)
+        self.group["features"][self.first:self.first + rows] = block
+        records = self.group[BLOCKS]
+        records.resize((len(records) + 1,))
+        records[-1] = (self.first, rows, _block_digest(block))
         now = time.perf_counter()
         self.group.attrs["rows_done"] = self.first + rows
         self.group.attrs["seconds"] = float(self.group.attrs["seconds"]) + now - self.started
@@ -468,7 +504,7 @@ def _write_features(partial: Path, key: str, jobs: list, model: nn.Module, featu
     try:
         groups, starts, pixel_jobs, normalisations = [], [], [], []
         for job in jobs:
-            group = _prepare_group(handle, job, feature_dim)
+            group = _prepare_group(handle, job, feature_dim, log)
             done = int(group.attrs["rows_done"])
             if resumed and 0 < done < len(job.paths):
                 log(f"[features] resuming {job.group} at row {done} of {len(job.paths)}")

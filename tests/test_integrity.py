@@ -504,3 +504,29 @@ def test_predict_reads_16_bit_and_transparent_images_and_refuses_corrupt_jpegs(t
     corrupt_scan(corrupt)
     with pytest.raises(predict_module.PredictError, match="corrupt.jpg is not a readable image .*Corrupt JPEG"):
         predict_module.image_files([str(corrupt)])
+
+
+def test_a_damaged_partial_features_file_is_extracted_again_not_resumed(fake_flowers_session, built_study, tmp_path,
+                                                                        capsys):
+    import sys
+
+    import h5py
+    from pipeline import extract
+    root = tmp_path / "cache"
+    environment = {**os.environ, "FAULT_HDF5_WRITE": "2", "FAULT_BLOCK_ROWS": "16", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "tests/fault_driver.py", "features",
+                             *arguments(fake_flowers_session, root)], cwd=PROJECT, env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    partial = root / "features" / "tiny-resnet" / "features.h5.partial"
+    with h5py.File(partial, "a") as handle:
+        assert int(handle["train"].attrs["rows_done"]) == 16
+        handle["train"]["features"][3, 0] += 1.0            # a flushed row changes after it was written
+    assert cli.run_stage("features", arguments(fake_flowers_session, root)) == 0
+    log = capsys.readouterr().out
+    assert "[features] train: the partial file's rows do not match their digests" in log, log
+    assert "resuming train" not in log
+    for group in ("train", "val", "test"):
+        got = extract.read_group(root / "features" / "tiny-resnet" / "features.h5", group)["features"]
+        expected = extract.read_group(built_study / "features" / "tiny-resnet" / "features.h5", group)["features"]
+        assert numpy.array_equal(got, expected), group

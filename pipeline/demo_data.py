@@ -1,9 +1,10 @@
 """A small procedural stand-in for Flowers-102, so `make demo` runs the whole study with nothing to download.
 
 Each class is a shape or pattern (disc, ring, square, ...) drawn anti-aliased at a random position,
-size and rotation, in a random colour over a random two-colour gradient, with pixel noise and JPEG
-compression: easy for ImageNet features, not trivial for a small network trained from scratch on
-ten images per class. Colour is a hint (each class leans towards its own hue), the shape decides.
+size and rotation, in a saturated colour over a muted two-colour gradient with faint stray lines,
+pixel noise and JPEG compression: easy for ImageNet features, not trivial for a small network trained
+from scratch on ten images per class. Colour is a hint (each class leans towards its own hue, with
+overlap), the shape decides.
 
 The output is torchvision's Flowers-102 layout (`flowers-102/jpg/image_NNNNN.jpg`, `imagelabels.mat`,
 `setid.mat` with trnid/valid/tstid, ids shuffled across classes as in the real set), plus
@@ -27,7 +28,7 @@ from .config import DataConfig
 from .errors import PipelineError
 
 # Bump when the drawing changes, so an existing demo folder is regenerated rather than trusted.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 MARKER = "demo.json"
 CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes", "checker", "dots")
 SPLIT_KEYS = ("train", "val", "test")
@@ -143,17 +144,17 @@ def _hsv_to_rgb(hue: float, saturation: float, value: float) -> numpy.ndarray:
 
 
 def _colours(label: int, spec: DemoSpec, rng: numpy.random.Generator):
-    """Two background colours and a figure colour that stands out from both.
+    """Two muted background colours and a saturated figure colour that stands out from both.
 
     The figure's hue leans towards its class's own hue (classes spread evenly around the colour
-    wheel, jittered by HUE_JITTER, so neighbouring classes overlap): colour is a hint, as in real
-    flowers, while the shape decides.
+    wheel, jittered by HUE_JITTER, so neighbouring classes overlap): colour is a hint, as with real
+    flowers on foliage, while the shape decides.
     """
     while True:
-        first, second = rng.uniform(0, 255, (2, 3))
+        first, second = (_hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0, 0.35), rng.uniform(0.2, 0.95)) for _ in "ab")
         hue = label / spec.num_classes + rng.normal(0, HUE_JITTER)
-        figure = _hsv_to_rgb(hue, rng.uniform(0.35, 1.0), rng.uniform(0.3, 1.0))
-        if min(numpy.linalg.norm(figure - first), numpy.linalg.norm(figure - second)) > 110:
+        figure = _hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.45, 1.0))
+        if min(numpy.linalg.norm(figure - first), numpy.linalg.norm(figure - second)) > 90:
             return first, second, figure
 
 

@@ -1,5 +1,5 @@
 """The demo's procedural dataset: deterministic, a valid Flowers-102 layout for configs/demo.toml, and
-classes that differ in shape (not in overall colour)."""
+classes that differ in shape far more than in overall colour."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -116,18 +116,18 @@ def _nearest_centroid_accuracy(train, test, classes):
     return float(numpy.mean(predictions == test_y))
 
 
-def test_classes_differ_in_shape_not_in_overall_colour(demo_root):
+def test_classes_differ_in_shape_more_than_in_overall_colour(demo_root):
     index = data.verify(data.dataset_folder(demo_root), demo_data.data_settings(demo_data.DemoSpec()))
     (train_images, train_y), (test_images, test_y) = _load(index, "train"), _load(index, "test")
     chance = 1 / len(demo_data.CLASSES)
-    # Measured 0.61 (chance 0.125): train on 10 images per class, test on 20.
+    # Measured 0.68 (chance 0.125): train on 10 images per class, test on 20.
     shape = _nearest_centroid_accuracy((_shape_features(train_images), train_y),
                                        (_shape_features(test_images), test_y), len(demo_data.CLASSES))
     assert shape > 3.5 * chance
-    # Measured 0.13: the mean colour of an image says next to nothing about its class.
+    # Measured 0.19: the figure's hue is only a hint, and the muted background dominates an image's mean colour.
     colour = _nearest_centroid_accuracy((train_images.mean((1, 2)), train_y), (test_images.mean((1, 2)), test_y),
                                         len(demo_data.CLASSES))
-    assert colour < 2 * chance
+    assert colour < 3 * chance and colour < shape / 2
 
 
 def test_a_class_names_file_must_name_every_class(tmp_path):

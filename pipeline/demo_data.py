@@ -33,7 +33,7 @@ MARKER = "demo.json"
 CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes", "checker", "dots")
 SPLIT_KEYS = ("train", "val", "test")
 # Spread (standard deviation, in turns of the colour wheel) of a figure's hue around its class's hue.
-HUE_JITTER = 0.07
+HUE_JITTER = 0.09
 
 
 class DemoDataError(PipelineError, RuntimeError):
@@ -174,7 +174,7 @@ def render(label: int, image_id: int, spec: DemoSpec) -> numpy.ndarray:
         line = numpy.abs(numpy.cos(angle) * (x - pixels / 2) + numpy.sin(angle) * (y - pixels / 2) - offset)
         coverage = _soft(line - rng.uniform(0.5, 1.5)) * rng.uniform(0.2, 0.45)
         image = image + coverage[..., None] * (rng.uniform(0, 255, 3) - image)
-    size = pixels * rng.uniform(0.2, 0.34)
+    size = pixels * rng.uniform(0.16, 0.3)
     centre = rng.uniform(0.85 * size, pixels - 0.85 * size, 2)
     rotation = rng.uniform(0, 2 * numpy.pi)
     dx, dy = x - centre[0], y - centre[1]
@@ -182,7 +182,7 @@ def render(label: int, image_id: int, spec: DemoSpec) -> numpy.ndarray:
     v = -numpy.sin(rotation) * dx + numpy.cos(rotation) * dy
     alpha = shape_alpha(CLASSES[label], u, v, size, rng)
     image = image + alpha[..., None] * (figure - image)
-    image = image + rng.normal(0, rng.uniform(6, 18), image.shape)
+    image = image + rng.normal(0, rng.uniform(8, 24), image.shape)
     return numpy.clip(numpy.rint(image), 0, 255).astype(numpy.uint8)
 
 

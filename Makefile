@@ -37,7 +37,7 @@ $(error error: NPROC=$(NPROC) is not a positive whole number; use e.g. NPROC=2, 
 endif
 endif
 
-.PHONY: install all download samples features heads finetune cnn report test check-real clean invalidate config predict bench help
+.PHONY: install all demo download samples features heads finetune cnn report test check-real clean invalidate config predict bench help
 
 install: $(INSTALLED) ## create .venv and install the project with its offline and dev extras
 
@@ -50,6 +50,17 @@ $(INSTALLED): pyproject.toml
 
 all: $(INSTALLED) ## every stage in order, each skipping when cached, then print the results table
 	$(LAUNCH) stages.all $(ARGS)
+
+# The demo's own config, data and cache root: it never reads or writes the study's cache folders.
+DEMO_CONFIG := configs/demo.toml
+DEMO_ARGS = --config $(DEMO_CONFIG) $(if $(DEVICE),--device '$(DEVICE)') $(if $(SEEDS),--set 'runtime.seeds=$(SEEDS)') \
+            $(foreach setting,$(SET),--set '$(setting)')
+
+demo: $(INSTALLED) ## the whole study in a few minutes on a generated dataset, nothing downloaded (cache/demo/)
+	$(PYTHON) -m stages.demo_data $(DEMO_ARGS)
+	$(PYTHON) -m stages.all $(DEMO_ARGS)
+	@echo "demo: everything above lives in cache/demo/ (report: cache/demo/report/study/report.html);" \
+	      "for the real study: make all CONFIG=configs/offline.toml DATA_DIR=<folder holding flowers-102/>"
 
 # NPROC > 1 launches N processes on this machine with torchrun (gloo on CPU, nccl on GPUs).
 LAUNCH = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m,$(PYTHON) -m)

@@ -184,6 +184,8 @@ class ReportConfig:
     confused_pairs: int = setting(10, "Most-confused class pairs of the best arm listed by name.", minimum=0)
     lowest_classes: int = setting(10, "Lowest-accuracy classes of the best arm listed by name.", minimum=0)
     dpi: int = setting(100, "Resolution of the report's figures (dots per inch).", minimum=30, maximum=300)
+    flowers_references: bool = setting(True, "Show the notebook's and the published Flowers-102 accuracies and our "
+                                             "gap to each; false for other data (the demo).")
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,23 @@ URL_PREFIX = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 OFFICIAL_MD5 = {"imagelabels.mat": "e0620be6f572b9609742df49c70aed4d",
                 "setid.mat": "a5357ecc9cb78c4bef273ce3793fc85c"}
 FOLDER = "flowers-102"
+# Optional, one class name per line in label order (the demo dataset writes one); Flowers-102 has none.
+CLASS_NAMES_FILE = "classnames.txt"
 
 
 class DataError(PipelineError, RuntimeError):
     """The dataset is missing or does not match what the config expects (one-line message)."""
 
 
-def class_names(num_classes: int) -> list[str]:
-    """The 102 English class names (torchvision's list), or generic names for other datasets."""
+def class_names(num_classes: int, folder: Path | None = None) -> list[str]:
+    """The names in `folder`/classnames.txt when present, else the 102 English class names (torchvision's
+    list), or generic names for other datasets."""
+    listed = Path(folder) / CLASS_NAMES_FILE if folder is not None else None
+    if listed is not None and listed.is_file():
+        names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+        if len(names) != num_classes:
+            raise DataError(f"{listed} lists {len(names)} class names, expected {num_classes} ([data] num_classes)")
+        return names
     if num_classes == 102:
         from torchvision.datasets import Flowers102
         return list(Flowers102.classes)
@@ -108,7 +117,7 @@ def fingerprint(folder: Path, memo_path: Path | None = None, write_memo: bool = 
     folder = Path(folder)
     if not folder.is_dir():
         return "absent"
-    names = [name for name in OFFICIAL_MD5 if (folder / name).exists() or (folder / name).is_symlink()]
+    names = [name for name in (*OFFICIAL_MD5, CLASS_NAMES_FILE) if (folder / name).exists() or (folder / name).is_symlink()]
     images = folder / "jpg"
     if images.is_dir():
         try:
@@ -282,7 +291,7 @@ def _verify(folder: Path, settings: DataConfig) -> DatasetIndex:
             keep = ~numpy.isin(image_ids[split], [image_id for image_id, _ in bad])
             image_ids[split], split_labels[split] = image_ids[split][keep], split_labels[split][keep]
         skipped = [(image_path(folder, image_id).name, reason) for image_id, reason in bad]
-    return DatasetIndex(folder=folder.resolve(), class_names=class_names(settings.num_classes),
+    return DatasetIndex(folder=folder.resolve(), class_names=class_names(settings.num_classes, folder),
                         image_ids=image_ids, labels=split_labels, skipped=tuple(skipped))
 
 

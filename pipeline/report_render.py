@@ -174,6 +174,8 @@ def _best_section(study: Study, images: dict) -> list:
 
 
 def _reference_section(study: Study) -> list:
+    if study.options is not None and not study.options.flowers_references:
+        return []
     present = [record for record in study.records if record["status"] == "ok" and record["test_top1"] is not None]
     gaps = []
     for name, method, target in PUBLISHED_TARGETS:

@@ -275,6 +275,22 @@ def test_best_arm_is_chosen_on_val_not_test(tiny_config, stand_in_stages):
     assert f"# Best arm: {by_val}" in (report_directory(study) / "report.md").read_text()
 
 
+def test_flowers_references_are_left_out_for_other_data(tiny_config, stand_in_stages):
+    import dataclasses
+    study = Graph(tiny_config, log=lambda message: None)
+    write_study(study)
+    study.run("report")
+    assert "Published targets on full-resolution Flowers-102" in (report_directory(study) / "report.md").read_text()
+    # The demo's setting: the report rebuilds (the report section is in its key) without the references.
+    other = dataclasses.replace(tiny_config, report=dataclasses.replace(tiny_config.report, flowers_references=False))
+    messages = []
+    Graph(other, log=messages.append).run("report")
+    assert any(message.startswith("[report] study: building") for message in messages)
+    markdown = (report_directory(study) / "report.md").read_text()
+    assert "References (not our measurements)" not in markdown and "Published targets" not in markdown
+    assert "## Data" in markdown
+
+
 def test_confused_pairs_sum_both_directions_and_rank():
     matrix = [[5, 3, 0], [2, 4, 1], [0, 0, 6]]
     assert confused_pairs(matrix, ["a", "b", "c"], 10) == [(5, "a", "b", 3, 2), (1, "b", "c", 1, 0)]

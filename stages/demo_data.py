@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.demo_data import main
+
+sys.exit(main())

@@ -32,10 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy
 import torch
@@ -873,7 +873,7 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
     started = time.perf_counter()
     runtime = resolve_runtime(config.runtime)
     folder = Path(config.cache.root) / FOLDER
-    report = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": False,
+    report = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "complete": False,
               "config_source": config.source, "options": asdict(options), "environment": environment(runtime),
               # Other work on the machine slows every row; the 1-minute load average shows whether there was any.
               "load_average_at_start": os.getloadavg()[0], "rows": []}

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import PipelineError
 
@@ -398,10 +399,9 @@ SEAL = b"flowers-transfer sealed v1 sha256="
 def write_sealed(path: str | Path, payload: bytes) -> None:
     """Write `payload` atomically behind a header holding its sha256, for files no manifest lists."""
     header = SEAL + hashlib.sha256(payload).hexdigest().encode() + b"\n"
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as handle:
-            handle.write(header)
-            handle.write(payload)
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        handle.write(header)
+        handle.write(payload)
 
 
 def read_sealed(path: str | Path) -> bytes:

@@ -211,7 +211,7 @@ class Config:
         """The seed of each repeat of a trained arm: seed, seed + 1, ... (runtime.seeds of them)."""
         return [self.runtime.seed + index for index in range(self.runtime.seeds)]
 
-    def with_seed(self, seed: int) -> "Config":
+    def with_seed(self, seed: int) -> Config:
         """This config for one repeat (what a per-seed unit is planned and built with)."""
         return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, seed=seed))
 

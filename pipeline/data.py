@@ -161,7 +161,7 @@ class DatasetIndex:
                 "skipped": [list(item) for item in self.skipped]}
 
     @classmethod
-    def from_json(cls, value: dict) -> "DatasetIndex":
+    def from_json(cls, value: dict) -> DatasetIndex:
         return cls(folder=Path(value["folder"]), class_names=list(value["class_names"]),
                    image_ids={split: numpy.asarray(ids, dtype=numpy.int64) for split, ids in value["image_ids"].items()},
                    labels={split: numpy.asarray(labels, dtype=numpy.int64) for split, labels in value["labels"].items()},

@@ -30,10 +30,10 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy
 import torch
@@ -66,7 +66,7 @@ class Job:
     seed: int | None = None      # per-row seeding for random (augmented) transforms
     rows: numpy.ndarray | None = None   # each row's number in the unsharded job (seeds its view); None = own
 
-    def shard(self, rank: int, world: int) -> "Job":
+    def shard(self, rank: int, world: int) -> Job:
         """Rows rank, rank + world, ... of this job (one process's part of a sharded extraction)."""
         rows = numpy.arange(len(self.paths)) if self.rows is None else self.rows
         return dataclasses.replace(self, paths=self.paths[rank::world], labels=self.labels[rank::world],

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cache, distributed, images, train
-from .backbones import (WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint,
-                        weights_verified)
+from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint, weights_verified
 from .config import Config, ConfigError
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage

@@ -29,7 +29,7 @@ class Normalizer:
     scale: numpy.ndarray | None = None
 
     @classmethod
-    def fit(cls, kind: str, features: numpy.ndarray) -> "Normalizer":
+    def fit(cls, kind: str, features: numpy.ndarray) -> Normalizer:
         """Statistics from `features` only (the rows the head is fitted on, never val or test when selecting)."""
         if kind not in NORMALIZATIONS:
             raise ValueError(f"normalization {kind!r} is not one of {', '.join(NORMALIZATIONS)}")
@@ -59,7 +59,7 @@ class Normalizer:
         return {"kind": self.kind, "mean": self.mean, "scale": self.scale}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Normalizer":
+    def from_state(cls, state: dict) -> Normalizer:
         """Inverse of state(); statistics may come back as numpy arrays or torch tensors."""
         def array(value):
             return None if value is None else numpy.asarray(value, dtype=numpy.float64)

@@ -5,13 +5,21 @@ groups (head at lr, body at lr x multiplier); scratch = one of the CNNs below, o
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Preprocessing, body_parameters, build_backbone,
-                        get_backbone, head_parameters)
+from .backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneSpec,
+    Preprocessing,
+    body_parameters,
+    build_backbone,
+    get_backbone,
+    head_parameters,
+)
 from .config import CnnConfig
 from .errors import PipelineError
 

@@ -12,15 +12,27 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy
 import torch
 
-from . import (backbones, cache, evaluate, extract, features, heads, images, linear_heads, models, report, train,
-               transforms)
+from . import (
+    backbones,
+    cache,
+    evaluate,
+    extract,
+    features,
+    heads,
+    images,
+    linear_heads,
+    models,
+    report,
+    train,
+    transforms,
+)
 from .config import Config
 from .errors import PipelineError
 from .graph import Graph, read_json

@@ -130,7 +130,7 @@ def _finite(value):
 
 def make_record(state: dict, result: dict | None, cache_root: Path) -> dict:
     """One results.json record: the arm's scalar fields (bulky arrays stay in the arm's own result.json)."""
-    record = {name: None for name in RECORD_FIELDS}
+    record = dict.fromkeys(RECORD_FIELDS)
     record.update(arm=state["arm"], run=state.get("run", state["arm"]), seed=state.get("seed"),
                   method=state["method"], backbone=state["backbone"], head=state["head"],
                   stage=state["stage"], unit=state["unit"], unit_key=state["key"], build_id=state["build_id"])

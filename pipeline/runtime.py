@@ -10,8 +10,8 @@ import os
 import platform
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .config import ConfigError, RuntimeConfig
 

@@ -6,10 +6,10 @@ import io
 import numpy
 
 from . import cache, data
-from .pixels import open_rgb
 from .config import Config
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from .pixels import open_rgb
 
 GRID = "grid.png"
 SIZES_JSON = "sizes.json"

@@ -25,6 +25,7 @@ from torch import nn
 from . import cache, distributed
 from .config import TrainConfig
 from .errors import PipelineError
+from .graph import BuildResult
 from .images import ImageSet
 from .runtime import Runtime
 
@@ -388,14 +389,13 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
 
 
 def finish_arm(context, model: nn.Module, result: FitResult, test_set: ImageSet, runtime: Runtime,
-               settings: TrainConfig, record: dict, timings: dict) -> "BuildResult":
+               settings: TrainConfig, record: dict, timings: dict) -> BuildResult:
     """Test the best-on-val weights, write model.pt, history and result.json, drop the resume checkpoint.
 
     `record` holds the arm's own fields (arm, method, backbone, head, input_size, selected...);
     the test metrics, times and history are added here.
     """
     from . import evaluate
-    from .graph import BuildResult
     from .runtime import environment
 
     model.load_state_dict(result.best_state)

@@ -12,6 +12,7 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -360,7 +361,7 @@ class TinyResNet(nn.Module):
         self.stages = nn.Sequential(*(
             BasicBlock(inputs, outputs, stride=2, downsample=nn.Sequential(
                 nn.Conv2d(inputs, outputs, 1, stride=2, bias=False), nn.BatchNorm2d(outputs)))
-            for inputs, outputs in zip(widths[:-1], widths[1:])
+            for inputs, outputs in pairwise(widths)
         ))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)

@@ -346,7 +346,7 @@ def digests_of(directory: Path, names: list) -> dict:
         except OSError as error:
             raise CacheError(f"cannot read {path} to record its digest ({error.strerror or error}); "
                              "check the cache folder's permissions and rerun") from None
-    return dict(zip(names, _in_parallel(describe, list(names))))
+    return dict(zip(names, _in_parallel(describe, list(names)), strict=True))
 
 
 def _damage(path: Path, recorded: dict | None) -> str | None:

@@ -118,7 +118,7 @@ def fingerprint(folder: Path, memo_path: Path | None = None, write_memo: bool = 
             raise DataError(f"cannot list {images} ({error.strerror or error}); make it readable or point DATA_DIR "
                             "at a readable copy") from None
     digests = _file_digests(folder, names, memo_path, write_memo)
-    material = "\n".join(f"{name} {digest}" for name, digest in zip(names, digests))
+    material = "\n".join(f"{name} {digest}" for name, digest in zip(names, digests, strict=True))
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -243,7 +243,7 @@ def _verify(folder: Path, settings: DataConfig) -> DatasetIndex:
                         "re-extract 102flowers.tgz there")
     split_mat = _load_mat(folder / "setid.mat")
     image_ids, split_labels, seen = {}, {}, set()
-    for split, expected_size in zip(SPLITS, settings.expected_split_sizes):
+    for split, expected_size in zip(SPLITS, settings.expected_split_sizes, strict=True):
         key = SPLIT_KEYS[split]
         if key not in split_mat:
             raise DataError(f"{folder / 'setid.mat'} has no '{key}' variable; use the official file")

@@ -292,7 +292,7 @@ def in_streams(function: Callable, items, streams: int):
     threads = max(1, torch.get_num_threads() // streams)
     remaining = iter(items)
     with ThreadPoolExecutor(streams, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        pending = deque(pool.submit(function, item) for _, item in zip(range(2 * streams), remaining))
+        pending = deque(pool.submit(function, item) for _, item in zip(range(2 * streams), remaining, strict=False))
         try:
             while pending:
                 result = pending.popleft().result()
@@ -352,7 +352,7 @@ class JobsDataset(Dataset):
 def batch_plan(jobs: list, starts: list, batch_size: int) -> list:
     """Batches of (job number, row) indices from each job's start row on; a batch never spans two jobs."""
     batches = []
-    for job_number, (job, start) in enumerate(zip(jobs, starts)):
+    for job_number, (job, start) in enumerate(zip(jobs, starts, strict=True)):
         for first in range(start, len(job.paths), batch_size):
             batches.append([(job_number, row) for row in range(first, min(first + batch_size, len(job.paths)))])
     return batches
@@ -529,12 +529,12 @@ def _write_features(partial: Path, key: str, jobs: list, model: nn.Module, featu
                                 pin_memory=device.startswith("cuda"),
                                 worker_init_fn=yield_to_compute if device == "cpu" else None) if batches else []
             results = (features_of(model, images, device, autocast, channels_last, *normalisations[rows[0][0]])
-                       for rows, images in zip(batches, loader))
+                       for rows, images in zip(batches, loader, strict=True))
         bar, current = None, None
         block = _Block()
         with torch.inference_mode(), contextlib.closing(results):     # closing stops the streams on any exit
             try:
-                for rows, batch in zip(batches, results):
+                for rows, batch in zip(batches, results, strict=True):
                     job_number, first = rows[0]
                     if batch.shape[1] != feature_dim:
                         raise FeaturesFileError(f"backbone returned {batch.shape[1]} features per image, "
@@ -595,7 +595,7 @@ def _merge_shards(parts: list, partial: Path, key: str) -> dict:
     handles = [h5py.File(part, "r") for part in parts]
     world = len(handles)
     try:
-        for part, handle in zip(parts, handles):
+        for part, handle in zip(parts, handles, strict=True):
             if not handle.attrs.get("complete"):
                 raise FeaturesFileError(f"shard {part} is incomplete; rerun `make features` to finish it")
         timings = {}

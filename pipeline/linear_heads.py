@@ -173,7 +173,7 @@ def select_softmax(train: tuple, val: tuple, num_classes: int, *, normalizations
         trained = train_softmax_heads(fit_features, train[1], num_classes, weight_decays=weight_decays,
                                       epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
                                       seed=seed, val_features=val_features, val_labels=val[1])
-        for weight_decay, (head, history) in zip(weight_decays, trained):
+        for weight_decay, (head, history) in zip(weight_decays, trained, strict=True):
             epoch = int(numpy.argmax(history)) + 1       # first epoch that reaches the best val accuracy
             candidate = {"normalization": kind, "weight_decay": weight_decay, "epochs": epoch,
                          "val_top1": history[epoch - 1]}

@@ -97,7 +97,8 @@ def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes
 
 def per_class_accuracy(arm: str, accuracy: list, class_names: list, dpi: int = 100) -> bytes | None:
     """Bar per class (sorted, lowest first, named), with the mean per-class accuracy as a dashed line."""
-    pairs = sorted((value, name) for value, name in zip(accuracy, class_names) if value is not None)
+    # Not strict: the caller passes [] for a list the result lacks, and then nothing is drawn.
+    pairs = sorted((value, name) for value, name in zip(accuracy, class_names, strict=False) if value is not None)
     if not pairs:
         return None
     figure, axes = _figure(max(8, 0.13 * len(pairs)), 4.5)

@@ -261,7 +261,7 @@ def predict(config: Config, inputs: list, arm_name: str | None = None, top: int 
     probabilities = predictor(config, graph, arm)(paths)
     names = arm.class_names
     predictions = []
-    for path, row in zip(paths, probabilities):
+    for path, row in zip(paths, probabilities, strict=True):
         # Stable sort so equal probabilities keep label order, as argmax would pick.
         order = numpy.argsort(-row, kind="stable")[:min(top, len(names))]
         predictions.append({"path": str(path), "top": [{"class": names[label], "label": int(label),

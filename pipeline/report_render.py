@@ -99,8 +99,10 @@ def text_table(records: list[dict]) -> str:
 def _aligned(headers: list, rows: list) -> list[str]:
     """Fixed-width lines: first column left-aligned, the others right-aligned, a rule under the headers."""
     widths = [max(len(str(row[column])) for row in [headers, *rows]) for column in range(len(headers))]
-    line = lambda cells: "  ".join(str(cell).ljust(width) if column == 0 else str(cell).rjust(width)  # noqa: E731
-                                   for column, (cell, width) in enumerate(zip(cells, widths)))
+
+    def line(cells: list) -> str:
+        return "  ".join(str(cell).ljust(width) if column == 0 else str(cell).rjust(width)
+                         for column, (cell, width) in enumerate(zip(cells, widths, strict=True)))
     return [line(headers), "  ".join("-" * width for width in widths), *map(line, rows)]
 
 
@@ -165,7 +167,8 @@ def _best_section(study: Study, images: dict) -> list:
                    ("table", ["Class A", "Class B", "Errors between them", "A taken for B", "B taken for A"],
                     [[a, b, str(both), str(ab), str(ba)] for both, a, b, ab, ba in pairs])]
     accuracy = result.get("per_class_accuracy") or []
-    ranked = sorted((value, name) for value, name in zip(accuracy, names) if value is not None)
+    # Not strict: either list is [] when the result lacks it, and then the table is left out.
+    ranked = sorted((value, name) for value, name in zip(accuracy, names, strict=False) if value is not None)
     if ranked:
         lowest = ranked[:study.options.lowest_classes]
         blocks += [("h3", f"The {len(lowest)} lowest-accuracy classes (test)"),

@@ -68,7 +68,7 @@ def draw_grid(index: data.DatasetIndex, rows: int, columns: int, tile_pixels: in
     inches = tile_pixels / 100
     figure, axes = pyplot.subplots(rows, columns, figsize=(columns * inches, rows * inches * 1.2), squeeze=False)
     paths = index.paths("train")
-    for axis, position in zip(axes.flat, picks):
+    for axis, position in zip(axes.flat, picks, strict=True):
         axis.imshow(numpy.asarray(open_rgb(paths[position])))
         axis.set_title(index.class_names[labels[position]], fontsize=8)
         axis.axis("off")

@@ -115,7 +115,7 @@ class WeightAverage:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for average, current in zip(self.model.state_dict().values(), model.state_dict().values()):
+        for average, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
             if average.is_floating_point():
                 average.lerp_(current.to(average.dtype), 1 - decay)
             else:

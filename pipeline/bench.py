@@ -513,9 +513,9 @@ def frozen_row(config: Config, runtime: Runtime, index: DatasetIndex, options: B
     model = features.load_frozen_backbone(name, weights, runtime.device, runtime.channels_last,
                                           config.features.fold_batchnorm)
     jobs = features.extraction_jobs(tested, config, spec, input_size)
-    common = dict(device=runtime.device, autocast=runtime.autocast, channels_last=runtime.channels_last,
-                  batch_size=config.features.batch_size, num_workers=runtime.num_workers,
-                  streams=runtime.inference_streams, log=log, progress=False)
+    common = {"device": runtime.device, "autocast": runtime.autocast, "channels_last": runtime.channels_last,
+              "batch_size": config.features.batch_size, "num_workers": runtime.num_workers,
+              "streams": runtime.inference_streams, "log": log, "progress": False}
     log(f"[bench] frozen: extracting {_rows_of(jobs)} rows with {name} (ours)")
     path = work / f"frozen-{name}.h5"
     timings = extract.write_features(path, "bench", jobs, model, spec.feature_dim, attributes={}, **common)

@@ -501,7 +501,7 @@ def unit_lock(directory: Path, timeout_seconds: float = 3600.0, announce: Callab
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        handle = open(directory / LOCK, "a+")
+        handle = open(directory / LOCK, "a+")  # noqa: SIM115 - held across the yield, closed by the finally below
     except OSError as error:
         raise _explain_os_error(error, directory) from None
     try:

@@ -264,7 +264,7 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any, declared: An
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"[{section}] {key} must be a number, got {value!r}")
         value = float(value)
-    elif declared is str:
+    elif declared is str:  # noqa: SIM102 - one branch per type as above; merged, a str value would fall through
         if not isinstance(value, str):
             raise ConfigError(f"[{section}] {key} must be a string, got {value!r}")
     choices = meta.get("choices")

@@ -5,6 +5,7 @@ Layout (torchvision's `Flowers102`): `<root>/flowers-102/{jpg/image_NNNNN.jpg, i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,10 +91,8 @@ def _file_digests(folder: Path, names: list, memo_path: Path | None, write: bool
         fresh[name] = stamp + [digest]
         digests.append(digest)
     if write and memo_path is not None and fresh != memo:
-        try:
+        with contextlib.suppress(cache.CacheError):     # only a speed-up: the next run hashes again
             cache.write_json_atomic(memo_path, fresh)
-        except cache.CacheError:
-            pass                # only a speed-up: the next run hashes again
     return digests
 
 

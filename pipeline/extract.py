@@ -365,10 +365,8 @@ def yield_to_compute(worker_id: int) -> None:
     compute thread stalls the others at their next barrier; this matters for full-size JPEGs, where
     decoding is heavy.
     """
-    try:
+    with contextlib.suppress(OSError):      # not allowed here: run at normal priority
         os.nice(19)
-    except OSError:
-        pass            # not allowed here: run at normal priority
 
 
 def _open_partial(path: Path, key: str):
@@ -603,7 +601,7 @@ def _merge_shards(parts: list, partial: Path, key: str) -> dict:
             for name, value in handles[0].attrs.items():
                 merged.attrs[name] = value
             merged.attrs["unit_key"] = key
-            for group_name in handles[0].keys():
+            for group_name in handles[0]:
                 groups = [handle[group_name] for handle in handles]
                 total = sum(len(group["labels"]) for group in groups)
                 target = merged.create_group(group_name)

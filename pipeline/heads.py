@@ -69,8 +69,8 @@ def load_splits(path, use_augmented_views: bool) -> tuple[dict, dict]:
 
 
 def _softmax_options(settings: HeadsConfig, seed: int) -> dict:
-    return dict(lr=settings.softmax_lr, batch_size=settings.softmax_batch_size,
-                label_smoothing=settings.softmax_label_smoothing, seed=seed)
+    return {"lr": settings.softmax_lr, "batch_size": settings.softmax_batch_size,
+            "label_smoothing": settings.softmax_label_smoothing, "seed": seed}
 
 
 def _softmax_payload(head, normalizer: linear_heads.Normalizer) -> dict:

@@ -73,7 +73,7 @@ def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes
     if not arms:
         return None
     figure, axes = _figure(11, 3.2 * len(arms), rows=len(arms), columns=2)
-    for row, (arm, run) in enumerate(arms):
+    for row, (_, run) in enumerate(arms):
         history = results[run]["history"]
         epochs = [entry.get("epoch", number + 1) for number, entry in enumerate(history)]
         for column, (quantity, scale) in enumerate((("loss", 1), ("top1", 100))):

@@ -216,7 +216,7 @@ def estimate_seconds(model, train_set, val_set, settings, runtime, criterion, fr
     labels = train_set.labels[positions]
     set_train_mode(model, freeze_batchnorm)
     step_times = []
-    for attempt in range(TIMED_STEPS + 1):        # the first step pays one-off kernel set-up
+    for _ in range(TIMED_STEPS + 1):        # the first step pays one-off kernel set-up
         runtime.synchronize()
         started = time.perf_counter()
         with runtime.autocast():
@@ -229,7 +229,7 @@ def estimate_seconds(model, train_set, val_set, settings, runtime, criterion, fr
     model.eval()
     eval_times = []
     with torch.no_grad():
-        for attempt in range(TIMED_STEPS + 1):
+        for _ in range(TIMED_STEPS + 1):
             runtime.synchronize()
             started = time.perf_counter()
             with runtime.autocast():

@@ -835,8 +835,8 @@ def memory_row(config: Config, index: DatasetIndex, options: BenchOptions, work:
         subset = subset_index(index, proportional_counts(index, size))
         spec_path.write_text(json.dumps({"config": config.to_dict(), "index": subset.to_json(), "backbone": name,
                                          "weights": weights, "output": str(work / f"memory-{size}.h5")}))
-        done = subprocess.run([sys.executable, "-c", "import sys; from pipeline.bench import memory_probe; "
-                               "memory_probe(sys.argv[1])", str(spec_path)], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-c", ("import sys; from pipeline.bench import memory_probe; "
+                                "memory_probe(sys.argv[1])"), str(spec_path)], capture_output=True, text=True,
                               env=_subprocess_environment())
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]

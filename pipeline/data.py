@@ -162,8 +162,10 @@ class DatasetIndex:
     @classmethod
     def from_json(cls, value: dict) -> DatasetIndex:
         return cls(folder=Path(value["folder"]), class_names=list(value["class_names"]),
-                   image_ids={split: numpy.asarray(ids, dtype=numpy.int64) for split, ids in value["image_ids"].items()},
-                   labels={split: numpy.asarray(labels, dtype=numpy.int64) for split, labels in value["labels"].items()},
+                   image_ids={split: numpy.asarray(ids, dtype=numpy.int64)
+                              for split, ids in value["image_ids"].items()},
+                   labels={split: numpy.asarray(labels, dtype=numpy.int64)
+                           for split, labels in value["labels"].items()},
                    skipped=tuple(tuple(item) for item in value.get("skipped", [])))
 
 
@@ -187,7 +189,8 @@ def _integral(values: numpy.ndarray, what: str) -> numpy.ndarray:
     bad = ~numpy.isfinite(as_float) | (as_float != numpy.round(as_float))
     if bad.any():
         raise DataError(f"{what} holds {bad.sum()} value(s) that are not whole numbers, e.g. "
-                        f"{float(as_float[bad][0])!r} at position {int(numpy.flatnonzero(bad)[0])}; use the official file")
+                        f"{float(as_float[bad][0])!r} at position {int(numpy.flatnonzero(bad)[0])}; "
+                        "use the official file")
     return as_float.astype(numpy.int64)
 
 

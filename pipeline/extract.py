@@ -324,7 +324,10 @@ def features_of(model: nn.Module, images: torch.Tensor, device: str, autocast: C
 
 def extract_batches(model: nn.Module, loader, device: str, autocast: Callable, channels_last: bool,
                     mean: tuple, std: tuple):
-    """Yield float32 numpy features of uint8 [N, H, W, 3] batches; `model` is frozen here, whatever mode it arrives in."""
+    """Yield float32 numpy features of uint8 [N, H, W, 3] batches.
+
+    `model` is frozen here, whatever mode it arrives in.
+    """
     freeze(model)
     with torch.inference_mode():
         for images in loader:
@@ -608,8 +611,9 @@ def _merge_shards(parts: list, partial: Path, key: str) -> dict:
                 for field in GROUP_FIELDS:
                     source = groups[0][field]
                     shape = (total, *source.shape[1:])
-                    dataset = target.create_dataset(field, shape=shape, dtype=source.dtype,
-                                                    chunks=source.chunks and (max(1, min(total, CHUNK_ROWS)), *shape[1:]))
+                    dataset = target.create_dataset(
+                        field, shape=shape, dtype=source.dtype,
+                        chunks=source.chunks and (max(1, min(total, CHUNK_ROWS)), *shape[1:]))
                     block = 4096
                     for rank, group in enumerate(groups):
                         rows = len(group[field])

@@ -152,6 +152,7 @@ def build(context: BuildContext) -> BuildResult:
     return train.finish_arm(context, model, result, sets["test"], runtime, settings, record, phases)
 
 
-STAGE = register_stage(Stage(name="finetune", description="Fine-tune pretrained backbones end to end (best epoch on val).",
+STAGE = register_stage(Stage(name="finetune",
+                             description="Fine-tune pretrained backbones end to end (best epoch on val).",
                              code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build,
                              distributed=True))

@@ -251,7 +251,8 @@ def build(context: BuildContext) -> BuildResult:
     evaluate.write_result(context.directory, record)
     context.log(f"[heads] {record['arm']}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
                 f"mean per-class {metrics['mean_per_class']:.3f} (fit on {fit_on}; selection "
-                f"{timings.seconds['selection']:.1f} s{' (reused)' if reused else ''}, fit {timings.seconds['fit']:.1f} s)")
+                f"{timings.seconds['selection']:.1f} s{' (reused)' if reused else ''}, "
+                f"fit {timings.seconds['fit']:.1f} s)")
     return BuildResult(files=[evaluate.RESULT, head_file],
                        metrics={"test_top1": metrics["top1"], "test_mean_per_class": metrics["mean_per_class"],
                                 "val_top1": chosen["val_top1"]},

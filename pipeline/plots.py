@@ -47,8 +47,8 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
         span = numpy.ptp(numpy.log10(times) if logarithmic else times) or 1.0
         crowded = sum(abs(x - other[0]) < 0.15 * span and abs(position[1] - other[1]) < 3 for other in placed)
         placed.append(position)
-        axis.annotate(record.get("run") or record["arm"], (record["total_seconds"], 100 * record["test_top1"]), fontsize=8,
-                      textcoords="offset points", xytext=(5, 4 - 11 * crowded))
+        axis.annotate(record.get("run") or record["arm"], (record["total_seconds"], 100 * record["test_top1"]),
+                      fontsize=8, textcoords="offset points", xytext=(5, 4 - 11 * crowded))
     # At least a few points of headroom: a tight axis would blow 0.5-point gaps up to the full height.
     scores = [100 * r["test_top1"] for r in points]
     axis.set_ylim(max(0.0, min(scores) - 5), min(100.0, max(scores) + 5))

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.hub
@@ -360,7 +361,7 @@ class TinyResNet(nn.Module):
         self.stages = nn.Sequential(*(
             BasicBlock(inputs, outputs, stride=2, downsample=nn.Sequential(
                 nn.Conv2d(inputs, outputs, 1, stride=2, bias=False), nn.BatchNorm2d(outputs)))
-            for inputs, outputs in zip(widths[:-1], widths[1:])
+            for inputs, outputs in pairwise(widths)
         ))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)

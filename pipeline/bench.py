@@ -32,10 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy
 import torch
@@ -151,8 +151,8 @@ def options_from(parsed: argparse.Namespace) -> BenchOptions:
     if parsed.images < 8 * parsed.rounds:
         raise BenchError(f"--images {parsed.images} gives fewer than 8 images to each of --rounds {parsed.rounds}")
     return BenchOptions(images=parsed.images, rounds=parsed.rounds, test_images=parsed.test_images,
-                        notebook_images=parsed.notebook_images, notebook_views=parsed.notebook_views, steps=parsed.steps,
-                        finetune_rounds=parsed.finetune_rounds, memory_images=parsed.memory_images,
+                        notebook_images=parsed.notebook_images, notebook_views=parsed.notebook_views,
+                        steps=parsed.steps, finetune_rounds=parsed.finetune_rounds, memory_images=parsed.memory_images,
                         rows=tuple(parsed.rows))
 
 
@@ -361,7 +361,8 @@ def extraction_rows(config: Config, runtime: Runtime, index: DatasetIndex, optio
             "compute", f"{name} forward (frozen, eval, batch {batch}, {input_size} px)", float(numpy.median(passes)),
             None, "img/s",
             notes=f"{len(paths)} images in memory, {runtime.precision}, channels_last {runtime.channels_last}, "
-                  f"{runtime.inference_streams} stream(s) as in extraction, after {WARMUP_BATCHES} warm-up batches; median of {len(passes)} pass(es); reference, no target"))
+                  f"{runtime.inference_streams} stream(s) as in extraction, after {WARMUP_BATCHES} warm-up batches; "
+                  f"median of {len(passes)} pass(es); reference, no target"))
         log(f"[bench] {name}: model-only forward {numpy.median(passes):.1f} img/s")
         del model, pixels
     return compute, efficiency
@@ -513,9 +514,9 @@ def frozen_row(config: Config, runtime: Runtime, index: DatasetIndex, options: B
     model = features.load_frozen_backbone(name, weights, runtime.device, runtime.channels_last,
                                           config.features.fold_batchnorm)
     jobs = features.extraction_jobs(tested, config, spec, input_size)
-    common = dict(device=runtime.device, autocast=runtime.autocast, channels_last=runtime.channels_last,
-                  batch_size=config.features.batch_size, num_workers=runtime.num_workers,
-                  streams=runtime.inference_streams, log=log, progress=False)
+    common = {"device": runtime.device, "autocast": runtime.autocast, "channels_last": runtime.channels_last,
+              "batch_size": config.features.batch_size, "num_workers": runtime.num_workers,
+              "streams": runtime.inference_streams, "log": log, "progress": False}
     log(f"[bench] frozen: extracting {_rows_of(jobs)} rows with {name} (ours)")
     path = work / f"frozen-{name}.h5"
     timings = extract.write_features(path, "bench", jobs, model, spec.feature_dim, attributes={}, **common)
@@ -563,12 +564,13 @@ def frozen_row(config: Config, runtime: Runtime, index: DatasetIndex, options: B
              + (f", test time scaled to all {full_test}" if test_count < full_test else "")
              + f") + both heads ({head_text}); ours = the {chosen_kind} head (best val). Notebook time: its protocol "
              f"(fp32, batch 4, JPEG + RandomResizedCrop/flip for train, resize/centre-crop for val, SGD head) run on "
-             f"{timing['train_images_timed']} train + {timing['val_images_timed']} val images in two slices, before and "
-             f"after ours ({WARMUP_STEPS} warm-up batches of each not counted; seconds per image "
-             f"{slice_seconds} for train + val, averaged), extrapolated to {NOTEBOOK_EPOCHS} epochs x ({sizes['train']} train + "
-             f"{sizes['val']} val) = {training_seconds:.0f} s, plus one pass over the {full_test} test images at its val "
-             f"speed = {test_seconds:.0f} s (without that pass, ours would be {training_seconds / ours_seconds:.1f}x "
-             f"faster). Notebook accuracy APPROXIMATED: its head recipe (SGD 0.001 "
+             f"{timing['train_images_timed']} train + {timing['val_images_timed']} val images in two slices, before "
+             f"and after ours ({WARMUP_STEPS} warm-up batches of each not counted; seconds per image "
+             f"{slice_seconds} for train + val, averaged), extrapolated to {NOTEBOOK_EPOCHS} epochs x "
+             f"({sizes['train']} train + {sizes['val']} val) = {training_seconds:.0f} s, plus one pass over the "
+             f"{full_test} test images at its val speed = {test_seconds:.0f} s (without that pass, ours would be "
+             f"{training_seconds / ours_seconds:.1f}x faster). Notebook accuracy APPROXIMATED: "
+             f"its head recipe (SGD 0.001 "
              f"momentum 0.9, batch 4, StepLR 7/0.1, {NOTEBOOK_EPOCHS} epochs, best val epoch {notebook['best_epoch']}) "
              f"on cached {runtime.precision} eval-mode features of {options.notebook_views} notebook-style augmented "
              f"views per train image, cycled over the epochs; both accuracies on the same {test_count} test images.")
@@ -633,11 +635,12 @@ def finetune_rows(config: Config, runtime: Runtime, index: DatasetIndex, options
             # Again after our steps: speed drifts on a shared machine, and the faster pass is the limit.
             passes.append(backward_rate(model, inputs, labels, criterion, settings, runtime, options.steps))
         if "compute" in options.rows:
+            folded = " and folded into the convolutions" if settings.freeze_bn_stats and settings.fold_batchnorm else ""
             compute.append(make_row("compute", f"{name} forward+backward (train, batch {settings.batch_size}, "
                                     f"{input_size} px)", max(passes), None, "img/s",
                                     notes=f"{options.steps} steps after {WARMUP_STEPS} warm-up steps, "
                                     f"{runtime.precision}, BatchNorm statistics frozen {settings.freeze_bn_stats}"
-                                    f"{' and folded into the convolutions' if settings.freeze_bn_stats and settings.fold_batchnorm else ''}; "
+                                    f"{folded}; "
                                     f"best of {len(passes)} pass(es); reference, no target"))
             log(f"[bench] {name}: model-only forward+backward {max(passes):.1f} img/s")
         del model
@@ -653,8 +656,8 @@ def finetune_rows(config: Config, runtime: Runtime, index: DatasetIndex, options
                   f"{options.finetune_rounds} paired rounds; ratio = median of the per-round ratios "
                   f"({' / '.join(f'{value:.3f}' for value in round_ratios)}), epochs from the median timings. Ours: "
                   f"{options.steps} steps after {WARMUP_STEPS} warm-up, timed before the notebook's first slice and "
-                  f"after each ({' / '.join(f'{seconds:.3f}' for seconds in ours_steps)} s per step; uint8 cache, batched "
-                  f"{settings.augmentation}, batch "
+                  f"after each ({' / '.join(f'{seconds:.3f}' for seconds in ours_steps)} s per step; uint8 cache, "
+                  f"batched {settings.augmentation}, batch "
                   f"{settings.batch_size}, {runtime.precision}, channels_last {runtime.channels_last}, optimizer"
                   f"{' + EMA' if settings.ema_decay else ''}). Notebook: fp32, batch 4, PIL decode + "
                   f"RandomResizedCrop/flip per step via DataLoader, SGD 0.001 momentum 0.9, {notebook_images} images "
@@ -835,8 +838,8 @@ def memory_row(config: Config, index: DatasetIndex, options: BenchOptions, work:
         subset = subset_index(index, proportional_counts(index, size))
         spec_path.write_text(json.dumps({"config": config.to_dict(), "index": subset.to_json(), "backbone": name,
                                          "weights": weights, "output": str(work / f"memory-{size}.h5")}))
-        done = subprocess.run([sys.executable, "-c", "import sys; from pipeline.bench import memory_probe; "
-                               "memory_probe(sys.argv[1])", str(spec_path)], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-c", ("import sys; from pipeline.bench import memory_probe; "
+                                "memory_probe(sys.argv[1])"), str(spec_path)], capture_output=True, text=True,
                               env=_subprocess_environment())
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
@@ -873,7 +876,7 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
     started = time.perf_counter()
     runtime = resolve_runtime(config.runtime)
     folder = Path(config.cache.root) / FOLDER
-    report = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": False,
+    report = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "complete": False,
               "config_source": config.source, "options": asdict(options), "environment": environment(runtime),
               # Other work on the machine slows every row; the 1-minute load average shows whether there was any.
               "load_average_at_start": os.getloadavg()[0], "rows": []}

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import PipelineError
 
@@ -345,7 +346,7 @@ def digests_of(directory: Path, names: list) -> dict:
         except OSError as error:
             raise CacheError(f"cannot read {path} to record its digest ({error.strerror or error}); "
                              "check the cache folder's permissions and rerun") from None
-    return dict(zip(names, _in_parallel(describe, list(names))))
+    return dict(zip(names, _in_parallel(describe, list(names)), strict=True))
 
 
 def _damage(path: Path, recorded: dict | None) -> str | None:
@@ -398,10 +399,9 @@ SEAL = b"flowers-transfer sealed v1 sha256="
 def write_sealed(path: str | Path, payload: bytes) -> None:
     """Write `payload` atomically behind a header holding its sha256, for files no manifest lists."""
     header = SEAL + hashlib.sha256(payload).hexdigest().encode() + b"\n"
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as handle:
-            handle.write(header)
-            handle.write(payload)
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        handle.write(header)
+        handle.write(payload)
 
 
 def read_sealed(path: str | Path) -> bytes:
@@ -501,7 +501,7 @@ def unit_lock(directory: Path, timeout_seconds: float = 3600.0, announce: Callab
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        handle = open(directory / LOCK, "a+")
+        handle = open(directory / LOCK, "a+")  # noqa: SIM115 - held across the yield, closed by the finally below
     except OSError as error:
         raise _explain_os_error(error, directory) from None
     try:

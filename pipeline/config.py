@@ -109,7 +109,8 @@ class HeadsConfig:
                           choices=("train", "train+val"))
     normalizations: list = setting(["none"], "Feature normalisations tried on val (statistics from the fit rows only).",
                                    choices=("none", "standardize", "l2", "l2-standardize"))
-    use_augmented_views: bool = setting(True, "Also fit on the cached augmented training views, when the features have them.")
+    use_augmented_views: bool = setting(
+        True, "Also fit on the cached augmented training views, when the features have them.")
     softmax_weight_decays: list = setting([0.0, 1.0, 3.0], "Softmax head AdamW weight decays tried on val.", minimum=0)
     softmax_epochs: int = setting(100, "Maximum softmax-head epochs (the best epoch is chosen on val).", minimum=1)
     softmax_lr: float = setting(3e-3, "Softmax head learning rate (AdamW, constant).", minimum=0)
@@ -136,7 +137,8 @@ class TrainConfig:
                         minimum=0)
     momentum: float = setting(0.9, "SGD momentum.", minimum=0, maximum=1)
     weight_decay: float = setting(5e-4, "Weight decay.", minimum=0)
-    schedule: str = setting("cosine", "Learning-rate schedule (step replicates the notebook: StepLR).", choices=SCHEDULES)
+    schedule: str = setting("cosine", "Learning-rate schedule (step replicates the notebook: StepLR).",
+                            choices=SCHEDULES)
     warmup_epochs: float = setting(1.0, "Warmup length in epochs (linear from 0; onecycle: cosine up from lr/25).",
                                    minimum=0)
     step_size: int = setting(7, "StepLR period in epochs (schedule = step).", minimum=1)
@@ -146,7 +148,8 @@ class TrainConfig:
     patience: int = setting(0, "Stop after this many epochs without a better val accuracy; 0 never stops early.",
                             minimum=0)
     input_size: int = setting(0, "Input crop in pixels; 0 uses the backbone's native size.", minimum=0)
-    minimum_crop_scale: float = setting(0.35, "Smallest image area a random-resized crop keeps (crop-flip and policies).",
+    minimum_crop_scale: float = setting(0.35,
+                                        "Smallest image area a random-resized crop keeps (crop-flip and policies).",
                                         minimum=0.01, maximum=1)
     stored_size: int = setting(0, "Side of the square uint8 image cache decoded once; 0 = the eval resize size "
                                   "(e.g. 256 for a 224 crop). Smaller, such as 64 for 64 px thumbnails, is upscaled "
@@ -213,7 +216,7 @@ class Config:
         """The seed of each repeat of a trained arm: seed, seed + 1, ... (runtime.seeds of them)."""
         return [self.runtime.seed + index for index in range(self.runtime.seeds)]
 
-    def with_seed(self, seed: int) -> "Config":
+    def with_seed(self, seed: int) -> Config:
         """This config for one repeat (what a per-seed unit is planned and built with)."""
         return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, seed=seed))
 
@@ -266,7 +269,7 @@ def _check_value(section: str, spec: dataclasses.Field, value: Any, declared: An
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"[{section}] {key} must be a number, got {value!r}")
         value = float(value)
-    elif declared is str:
+    elif declared is str:  # noqa: SIM102 - one branch per type as above; merged, a str value would fall through
         if not isinstance(value, str):
             raise ConfigError(f"[{section}] {key} must be a string, got {value!r}")
     choices = meta.get("choices")
@@ -303,7 +306,8 @@ def _build_section(section: str, cls: type, values: dict) -> Any:
 def _cross_check(config: Config) -> None:
     split_sizes = config.data.expected_split_sizes
     if len(split_sizes) != 3 or any(not isinstance(size, int) or size < 1 for size in split_sizes):
-        raise ConfigError(f"[data] expected_split_sizes must be three positive integers (train, val, test), got {split_sizes!r}")
+        raise ConfigError(f"[data] expected_split_sizes must be three positive integers (train, val, test), "
+                          f"got {split_sizes!r}")
     if not config.heads.kinds:
         raise ConfigError(f"[heads] kinds must name at least one of: {', '.join(HEAD_KINDS)}")
     for key in ("softmax_weight_decays", "logistic_cs"):

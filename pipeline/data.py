@@ -5,6 +5,7 @@ Layout (torchvision's `Flowers102`): `<root>/flowers-102/{jpg/image_NNNNN.jpg, i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -99,10 +100,8 @@ def _file_digests(folder: Path, names: list, memo_path: Path | None, write: bool
         fresh[name] = stamp + [digest]
         digests.append(digest)
     if write and memo_path is not None and fresh != memo:
-        try:
+        with contextlib.suppress(cache.CacheError):     # only a speed-up: the next run hashes again
             cache.write_json_atomic(memo_path, fresh)
-        except cache.CacheError:
-            pass                # only a speed-up: the next run hashes again
     return digests
 
 
@@ -127,7 +126,7 @@ def fingerprint(folder: Path, memo_path: Path | None = None, write_memo: bool = 
             raise DataError(f"cannot list {images} ({error.strerror or error}); make it readable or point DATA_DIR "
                             "at a readable copy") from None
     digests = _file_digests(folder, names, memo_path, write_memo)
-    material = "\n".join(f"{name} {digest}" for name, digest in zip(names, digests))
+    material = "\n".join(f"{name} {digest}" for name, digest in zip(names, digests, strict=True))
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -170,10 +169,12 @@ class DatasetIndex:
                 "skipped": [list(item) for item in self.skipped]}
 
     @classmethod
-    def from_json(cls, value: dict) -> "DatasetIndex":
+    def from_json(cls, value: dict) -> DatasetIndex:
         return cls(folder=Path(value["folder"]), class_names=list(value["class_names"]),
-                   image_ids={split: numpy.asarray(ids, dtype=numpy.int64) for split, ids in value["image_ids"].items()},
-                   labels={split: numpy.asarray(labels, dtype=numpy.int64) for split, labels in value["labels"].items()},
+                   image_ids={split: numpy.asarray(ids, dtype=numpy.int64)
+                              for split, ids in value["image_ids"].items()},
+                   labels={split: numpy.asarray(labels, dtype=numpy.int64)
+                           for split, labels in value["labels"].items()},
                    skipped=tuple(tuple(item) for item in value.get("skipped", [])))
 
 
@@ -197,7 +198,8 @@ def _integral(values: numpy.ndarray, what: str) -> numpy.ndarray:
     bad = ~numpy.isfinite(as_float) | (as_float != numpy.round(as_float))
     if bad.any():
         raise DataError(f"{what} holds {bad.sum()} value(s) that are not whole numbers, e.g. "
-                        f"{float(as_float[bad][0])!r} at position {int(numpy.flatnonzero(bad)[0])}; use the official file")
+                        f"{float(as_float[bad][0])!r} at position {int(numpy.flatnonzero(bad)[0])}; "
+                        "use the official file")
     return as_float.astype(numpy.int64)
 
 
@@ -252,7 +254,7 @@ def _verify(folder: Path, settings: DataConfig) -> DatasetIndex:
                         "re-extract 102flowers.tgz there")
     split_mat = _load_mat(folder / "setid.mat")
     image_ids, split_labels, seen = {}, {}, set()
-    for split, expected_size in zip(SPLITS, settings.expected_split_sizes):
+    for split, expected_size in zip(SPLITS, settings.expected_split_sizes, strict=True):
         key = SPLIT_KEYS[split]
         if key not in split_mat:
             raise DataError(f"{folder / 'setid.mat'} has no '{key}' variable; use the official file")

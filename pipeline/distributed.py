@@ -106,7 +106,7 @@ def sum_values(values: list[float]) -> list[float]:
     import torch.distributed as dist
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, [float(value) for value in values])
-    return [sum(column) for column in zip(*gathered)]
+    return [sum(column) for column in zip(*gathered, strict=True)]
 
 
 def gather_rows(rows):

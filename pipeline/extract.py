@@ -30,10 +30,10 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy
 import torch
@@ -66,7 +66,7 @@ class Job:
     seed: int | None = None      # per-row seeding for random (augmented) transforms
     rows: numpy.ndarray | None = None   # each row's number in the unsharded job (seeds its view); None = own
 
-    def shard(self, rank: int, world: int) -> "Job":
+    def shard(self, rank: int, world: int) -> Job:
         """Rows rank, rank + world, ... of this job (one process's part of a sharded extraction)."""
         rows = numpy.arange(len(self.paths)) if self.rows is None else self.rows
         return dataclasses.replace(self, paths=self.paths[rank::world], labels=self.labels[rank::world],
@@ -292,7 +292,7 @@ def in_streams(function: Callable, items, streams: int):
     threads = max(1, torch.get_num_threads() // streams)
     remaining = iter(items)
     with ThreadPoolExecutor(streams, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        pending = deque(pool.submit(function, item) for _, item in zip(range(2 * streams), remaining))
+        pending = deque(pool.submit(function, item) for _, item in zip(range(2 * streams), remaining, strict=False))
         try:
             while pending:
                 result = pending.popleft().result()
@@ -324,7 +324,10 @@ def features_of(model: nn.Module, images: torch.Tensor, device: str, autocast: C
 
 def extract_batches(model: nn.Module, loader, device: str, autocast: Callable, channels_last: bool,
                     mean: tuple, std: tuple):
-    """Yield float32 numpy features of uint8 [N, H, W, 3] batches; `model` is frozen here, whatever mode it arrives in."""
+    """Yield float32 numpy features of uint8 [N, H, W, 3] batches.
+
+    `model` is frozen here, whatever mode it arrives in.
+    """
     freeze(model)
     with torch.inference_mode():
         for images in loader:
@@ -352,7 +355,7 @@ class JobsDataset(Dataset):
 def batch_plan(jobs: list, starts: list, batch_size: int) -> list:
     """Batches of (job number, row) indices from each job's start row on; a batch never spans two jobs."""
     batches = []
-    for job_number, (job, start) in enumerate(zip(jobs, starts)):
+    for job_number, (job, start) in enumerate(zip(jobs, starts, strict=True)):
         for first in range(start, len(job.paths), batch_size):
             batches.append([(job_number, row) for row in range(first, min(first + batch_size, len(job.paths)))])
     return batches
@@ -365,10 +368,8 @@ def yield_to_compute(worker_id: int) -> None:
     compute thread stalls the others at their next barrier; this matters for full-size JPEGs, where
     decoding is heavy.
     """
-    try:
+    with contextlib.suppress(OSError):      # not allowed here: run at normal priority
         os.nice(19)
-    except OSError:
-        pass            # not allowed here: run at normal priority
 
 
 def _open_partial(path: Path, key: str):
@@ -529,12 +530,12 @@ def _write_features(partial: Path, key: str, jobs: list, model: nn.Module, featu
                                 pin_memory=device.startswith("cuda"),
                                 worker_init_fn=yield_to_compute if device == "cpu" else None) if batches else []
             results = (features_of(model, images, device, autocast, channels_last, *normalisations[rows[0][0]])
-                       for rows, images in zip(batches, loader))
+                       for rows, images in zip(batches, loader, strict=True))
         bar, current = None, None
         block = _Block()
         with torch.inference_mode(), contextlib.closing(results):     # closing stops the streams on any exit
             try:
-                for rows, batch in zip(batches, results):
+                for rows, batch in zip(batches, results, strict=True):
                     job_number, first = rows[0]
                     if batch.shape[1] != feature_dim:
                         raise FeaturesFileError(f"backbone returned {batch.shape[1]} features per image, "
@@ -595,7 +596,7 @@ def _merge_shards(parts: list, partial: Path, key: str) -> dict:
     handles = [h5py.File(part, "r") for part in parts]
     world = len(handles)
     try:
-        for part, handle in zip(parts, handles):
+        for part, handle in zip(parts, handles, strict=True):
             if not handle.attrs.get("complete"):
                 raise FeaturesFileError(f"shard {part} is incomplete; rerun `make features` to finish it")
         timings = {}
@@ -603,15 +604,16 @@ def _merge_shards(parts: list, partial: Path, key: str) -> dict:
             for name, value in handles[0].attrs.items():
                 merged.attrs[name] = value
             merged.attrs["unit_key"] = key
-            for group_name in handles[0].keys():
+            for group_name in handles[0]:
                 groups = [handle[group_name] for handle in handles]
                 total = sum(len(group["labels"]) for group in groups)
                 target = merged.create_group(group_name)
                 for field in GROUP_FIELDS:
                     source = groups[0][field]
                     shape = (total, *source.shape[1:])
-                    dataset = target.create_dataset(field, shape=shape, dtype=source.dtype,
-                                                    chunks=source.chunks and (max(1, min(total, CHUNK_ROWS)), *shape[1:]))
+                    dataset = target.create_dataset(
+                        field, shape=shape, dtype=source.dtype,
+                        chunks=source.chunks and (max(1, min(total, CHUNK_ROWS)), *shape[1:]))
                     block = 4096
                     for rank, group in enumerate(groups):
                         rows = len(group[field])

@@ -143,10 +143,9 @@ def build(context: BuildContext) -> BuildResult:
                 f"{runtime.device} {runtime.precision}, weights {source['weights_id']}")
     # A partial file is resumed only under equal settings and data (its rows would be the same numbers).
     key = compute_key("features", CODE_VERSION, settings, {"download": context.unit.input("download").key})
-    options = dict(device=runtime.device, autocast=runtime.autocast, channels_last=runtime.channels_last,
-                   batch_size=config.features.batch_size, num_workers=runtime.num_workers,
-                   streams=runtime.inference_streams, attributes=attributes,
-                   log=context.log)
+    options = {"device": runtime.device, "autocast": runtime.autocast, "channels_last": runtime.channels_last,
+               "batch_size": config.features.batch_size, "num_workers": runtime.num_workers,
+               "streams": runtime.inference_streams, "attributes": attributes, "log": context.log}
     world = distributed.world_size()
     if world == 1:
         group_timings = extract.write_features(context.directory / FEATURES_FILE, key, jobs, model,

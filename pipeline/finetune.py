@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cache, distributed, images, train
-from .backbones import (WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint,
-                        weights_verified)
+from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint, weights_verified
 from .config import Config, ConfigError
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -153,6 +152,7 @@ def build(context: BuildContext) -> BuildResult:
     return train.finish_arm(context, model, result, sets["test"], runtime, settings, record, phases)
 
 
-STAGE = register_stage(Stage(name="finetune", description="Fine-tune pretrained backbones end to end (best epoch on val).",
+STAGE = register_stage(Stage(name="finetune",
+                             description="Fine-tune pretrained backbones end to end (best epoch on val).",
                              code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build,
                              distributed=True))

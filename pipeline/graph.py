@@ -12,10 +12,11 @@ import importlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import cache, distributed
 from .config import Config
@@ -45,7 +46,7 @@ class Unit:
         return cache.compute_key(self.stage, self.code_version, self.settings,
                                  {label: unit.key for label, unit in self.inputs})
 
-    def input(self, label: str) -> "Unit":
+    def input(self, label: str) -> Unit:
         for name, unit in self.inputs:
             if name == label:
                 return unit
@@ -84,7 +85,7 @@ class Stage:
     description: str
     code_version: str
     depends_on: tuple
-    plan: Callable[[Config, "Graph"], list]      # -> list[Unit]
+    plan: Callable[[Config, Graph], list]      # -> list[Unit]
     build: Callable[[BuildContext], BuildResult]
     # Under torchrun: True if every rank runs `build` (it splits the work itself and writes its final
     # files from rank 0); False if rank 0 builds alone while the others wait.
@@ -266,7 +267,7 @@ class Graph:
             "timings": {**result.timings, "stage_seconds": elapsed}, "extra": result.extra,
             "environment": result.environment, "config": config.to_dict(),
             "config_source": config.source,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         if processes > 1:
             manifest["world_size"] = processes          # built by this many torchrun processes together

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy
 
@@ -69,8 +69,8 @@ def load_splits(path, use_augmented_views: bool) -> tuple[dict, dict]:
 
 
 def _softmax_options(settings: HeadsConfig, seed: int) -> dict:
-    return dict(lr=settings.softmax_lr, batch_size=settings.softmax_batch_size,
-                label_smoothing=settings.softmax_label_smoothing, seed=seed)
+    return {"lr": settings.softmax_lr, "batch_size": settings.softmax_batch_size,
+            "label_smoothing": settings.softmax_label_smoothing, "seed": seed}
 
 
 def _softmax_payload(head, normalizer: linear_heads.Normalizer) -> dict:
@@ -251,7 +251,8 @@ def build(context: BuildContext) -> BuildResult:
     evaluate.write_result(context.directory, record)
     context.log(f"[heads] {record['arm']}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
                 f"mean per-class {metrics['mean_per_class']:.3f} (fit on {fit_on}; selection "
-                f"{timings.seconds['selection']:.1f} s{' (reused)' if reused else ''}, fit {timings.seconds['fit']:.1f} s)")
+                f"{timings.seconds['selection']:.1f} s{' (reused)' if reused else ''}, "
+                f"fit {timings.seconds['fit']:.1f} s)")
     return BuildResult(files=[evaluate.RESULT, head_file],
                        metrics={"test_top1": metrics["top1"], "test_mean_per_class": metrics["mean_per_class"],
                                 "val_top1": chosen["val_top1"]},

@@ -13,19 +13,19 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy
 import torch
 import torch.nn.functional as F
 
 from . import cache
-from .pixels import to_rgb
 from .backbones import Preprocessing
 from .data import DatasetIndex
+from .pixels import to_rgb
 
 # Bump when the stored pixels would change (resize method, crop rule), so old arrays are never reused.
 STORE_VERSION = "1"
@@ -93,7 +93,7 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: str) -> "ImageSet":
+    def to(self, device: str) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.preprocessing, self.input_size)
 
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:

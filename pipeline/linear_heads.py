@@ -29,7 +29,7 @@ class Normalizer:
     scale: numpy.ndarray | None = None
 
     @classmethod
-    def fit(cls, kind: str, features: numpy.ndarray) -> "Normalizer":
+    def fit(cls, kind: str, features: numpy.ndarray) -> Normalizer:
         """Statistics from `features` only (the rows the head is fitted on, never val or test when selecting)."""
         if kind not in NORMALIZATIONS:
             raise ValueError(f"normalization {kind!r} is not one of {', '.join(NORMALIZATIONS)}")
@@ -59,7 +59,7 @@ class Normalizer:
         return {"kind": self.kind, "mean": self.mean, "scale": self.scale}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Normalizer":
+    def from_state(cls, state: dict) -> Normalizer:
         """Inverse of state(); statistics may come back as numpy arrays or torch tensors."""
         def array(value):
             return None if value is None else numpy.asarray(value, dtype=numpy.float64)
@@ -173,7 +173,7 @@ def select_softmax(train: tuple, val: tuple, num_classes: int, *, normalizations
         trained = train_softmax_heads(fit_features, train[1], num_classes, weight_decays=weight_decays,
                                       epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
                                       seed=seed, val_features=val_features, val_labels=val[1])
-        for weight_decay, (head, history) in zip(weight_decays, trained):
+        for weight_decay, (head, history) in zip(weight_decays, trained, strict=True):
             epoch = int(numpy.argmax(history)) + 1       # first epoch that reaches the best val accuracy
             candidate = {"normalization": kind, "weight_decay": weight_decay, "epochs": epoch,
                          "val_top1": history[epoch - 1]}

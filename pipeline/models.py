@@ -5,13 +5,22 @@ groups (head at lr, body at lr x multiplier); scratch = one of the CNNs below, o
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 from torch import nn
 
-from .backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Preprocessing, body_parameters, build_backbone,
-                        get_backbone, head_parameters)
+from .backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneSpec,
+    Preprocessing,
+    body_parameters,
+    build_backbone,
+    get_backbone,
+    head_parameters,
+)
 from .config import CnnConfig
 from .errors import PipelineError
 
@@ -79,7 +88,7 @@ def _convolution_norm_pairs(model: nn.Module):
     """(parent, conv name, norm name) for each Conv2d registered right before a matching BatchNorm2d."""
     for parent in list(model.modules()):
         names = list(parent._modules)
-        for first, second in zip(names, names[1:]):
+        for first, second in pairwise(names):
             convolution, norm = parent._modules[first], parent._modules[second]
             if (isinstance(convolution, nn.Conv2d) and type(norm) is nn.BatchNorm2d and norm.track_running_stats
                     and norm.num_features == convolution.out_channels):

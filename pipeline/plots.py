@@ -47,8 +47,8 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
         span = numpy.ptp(numpy.log10(times) if logarithmic else times) or 1.0
         crowded = sum(abs(x - other[0]) < 0.15 * span and abs(position[1] - other[1]) < 3 for other in placed)
         placed.append(position)
-        axis.annotate(record.get("run") or record["arm"], (record["total_seconds"], 100 * record["test_top1"]), fontsize=8,
-                      textcoords="offset points", xytext=(5, 4 - 11 * crowded))
+        axis.annotate(record.get("run") or record["arm"], (record["total_seconds"], 100 * record["test_top1"]),
+                      fontsize=8, textcoords="offset points", xytext=(5, 4 - 11 * crowded))
     # At least a few points of headroom: a tight axis would blow 0.5-point gaps up to the full height.
     scores = [100 * r["test_top1"] for r in points]
     axis.set_ylim(max(0.0, min(scores) - 5), min(100.0, max(scores) + 5))
@@ -73,7 +73,7 @@ def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes
     if not arms:
         return None
     figure, axes = _figure(11, 3.2 * len(arms), rows=len(arms), columns=2)
-    for row, (arm, run) in enumerate(arms):
+    for row, (_, run) in enumerate(arms):
         history = results[run]["history"]
         epochs = [entry.get("epoch", number + 1) for number, entry in enumerate(history)]
         for column, (quantity, scale) in enumerate((("loss", 1), ("top1", 100))):
@@ -97,7 +97,8 @@ def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes
 
 def per_class_accuracy(arm: str, accuracy: list, class_names: list, dpi: int = 100) -> bytes | None:
     """Bar per class (sorted, lowest first, named), with the mean per-class accuracy as a dashed line."""
-    pairs = sorted((value, name) for value, name in zip(accuracy, class_names) if value is not None)
+    # Not strict: the caller passes [] for a list the result lacks, and then nothing is drawn.
+    pairs = sorted((value, name) for value, name in zip(accuracy, class_names, strict=False) if value is not None)
     if not pairs:
         return None
     figure, axes = _figure(max(8, 0.13 * len(pairs)), 4.5)

@@ -12,15 +12,27 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy
 import torch
 
-from . import (backbones, cache, evaluate, extract, features, heads, images, linear_heads, models, report, train,
-               transforms)
+from . import (
+    backbones,
+    cache,
+    evaluate,
+    extract,
+    features,
+    heads,
+    images,
+    linear_heads,
+    models,
+    report,
+    train,
+    transforms,
+)
 from .config import Config
 from .errors import PipelineError
 from .graph import Graph, read_json
@@ -249,7 +261,7 @@ def predict(config: Config, inputs: list, arm_name: str | None = None, top: int 
     probabilities = predictor(config, graph, arm)(paths)
     names = arm.class_names
     predictions = []
-    for path, row in zip(paths, probabilities):
+    for path, row in zip(paths, probabilities, strict=True):
         # Stable sort so equal probabilities keep label order, as argmax would pick.
         order = numpy.argsort(-row, kind="stable")[:min(top, len(names))]
         predictions.append({"path": str(path), "top": [{"class": names[label], "label": int(label),

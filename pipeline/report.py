@@ -28,7 +28,8 @@ RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
 # Where each method's arms come from, in the order the report lists them.
 METHOD_STAGES = {"scratch": "cnn", "frozen": "heads", "finetune": "finetune"}
-# One results.json record per arm with these fields (results.csv columns, in this order; docs/results.md documents them).
+# One results.json record per arm with these fields (results.csv columns, in this order;
+# docs/results.md documents them).
 RECORD_FIELDS = ("arm", "run", "status", "missing_reason", "method", "backbone", "head", "input_size", "train_images",
                  "fit_on", "seed", "device", "precision", "val_top1", "test_top1", "test_mean_per_class",
                  "extract_seconds", "train_seconds", "eval_seconds", "total_seconds", "images_per_second",
@@ -130,7 +131,7 @@ def _finite(value):
 
 def make_record(state: dict, result: dict | None, cache_root: Path) -> dict:
     """One results.json record: the arm's scalar fields (bulky arrays stay in the arm's own result.json)."""
-    record = {name: None for name in RECORD_FIELDS}
+    record = dict.fromkeys(RECORD_FIELDS)
     record.update(arm=state["arm"], run=state.get("run", state["arm"]), seed=state.get("seed"),
                   method=state["method"], backbone=state["backbone"], head=state["head"],
                   stage=state["stage"], unit=state["unit"], unit_key=state["key"], build_id=state["build_id"])

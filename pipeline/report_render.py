@@ -27,10 +27,10 @@ CAPTIONS = {
 NOTEBOOK_REFERENCE = [("CNN from scratch", 0.35), ("Frozen ResNet-18", 0.79),
                       ("Fine-tuned ResNet-18", 0.89), ("EfficientNet-B5", 0.82)]
 NOTEBOOK_FLAWS = [
-    "Its EfficientNet-B5 head was set on `.fc`, an attribute that model never calls, so the live 1000-way "
-    "ImageNet `_fc` stayed and the 102-class layer went unused.",
-    "It did not follow this study's protocol (official train/val/test splits, every choice made on val, "
-    "test held out until the end), so its numbers are not comparable to ours one for one.",
+    ("Its EfficientNet-B5 head was set on `.fc`, an attribute that model never calls, so the live 1000-way "
+     "ImageNet `_fc` stayed and the 102-class layer went unused."),
+    ("It did not follow this study's protocol (official train/val/test splits, every choice made on val, "
+     "test held out until the end), so its numbers are not comparable to ours one for one."),
 ]
 # Published results on the full-resolution images, all 6,149 test images.
 PUBLISHED_TARGETS = [("ResNet-50 linear probe", "frozen", 0.947), ("ResNet-50 fine-tuned", "finetune", 0.976),
@@ -99,8 +99,10 @@ def text_table(records: list[dict]) -> str:
 def _aligned(headers: list, rows: list) -> list[str]:
     """Fixed-width lines: first column left-aligned, the others right-aligned, a rule under the headers."""
     widths = [max(len(str(row[column])) for row in [headers, *rows]) for column in range(len(headers))]
-    line = lambda cells: "  ".join(str(cell).ljust(width) if column == 0 else str(cell).rjust(width)  # noqa: E731
-                                   for column, (cell, width) in enumerate(zip(cells, widths)))
+
+    def line(cells: list) -> str:
+        return "  ".join(str(cell).ljust(width) if column == 0 else str(cell).rjust(width)
+                         for column, (cell, width) in enumerate(zip(cells, widths, strict=True)))
     return [line(headers), "  ".join("-" * width for width in widths), *map(line, rows)]
 
 
@@ -152,10 +154,10 @@ def _best_section(study: Study, images: dict) -> list:
     repeats = sum(record["arm"] == best["arm"] for record in study.records) > 1
     shown = f" (figures and tables below: its run {best.get('run')}, seed {best['seed']})" if repeats else ""
     blocks = [("h2", f"Best arm: {best['arm']}"),
-              ("p", f"Chosen by validation top-1 ({'mean over seeds; ' if repeats else ''}this run "
-                    f"{percent(best['val_top1'])} %), not by test, so the choice does not peek at the test set"
-                    f"{shown}. Its test top-1 is {percent(best['test_top1'])} % and its mean "
-                    f"per-class accuracy {percent(best['test_mean_per_class'])} %.")]
+              ("p", (f"Chosen by validation top-1 ({'mean over seeds; ' if repeats else ''}this run "
+                     f"{percent(best['val_top1'])} %), not by test, so the choice does not peek at the test set"
+                     f"{shown}. Its test top-1 is {percent(best['test_top1'])} % and its mean "
+                     f"per-class accuracy {percent(best['test_mean_per_class'])} %."))]
     blocks += [("img", name) for name in ("per_class_accuracy.png", "confusion_matrix.png") if name in images]
     names = result.get("class_names") or []
     matrix = result.get("confusion_matrix")
@@ -165,7 +167,8 @@ def _best_section(study: Study, images: dict) -> list:
                    ("table", ["Class A", "Class B", "Errors between them", "A taken for B", "B taken for A"],
                     [[a, b, str(both), str(ab), str(ba)] for both, a, b, ab, ba in pairs])]
     accuracy = result.get("per_class_accuracy") or []
-    ranked = sorted((value, name) for value, name in zip(accuracy, names) if value is not None)
+    # Not strict: either list is [] when the result lacks it, and then the table is left out.
+    ranked = sorted((value, name) for value, name in zip(accuracy, names, strict=False) if value is not None)
     if ranked:
         lowest = ranked[:study.options.lowest_classes]
         blocks += [("h3", f"The {len(lowest)} lowest-accuracy classes (test)"),
@@ -193,9 +196,9 @@ def _reference_section(study: Study) -> list:
               ("table", ["Published result", "Test top-1 %"],
                [[name, f"{100 * value:.1f}"] for name, _, value in PUBLISHED_TARGETS])]
     if gaps:
-        blocks += [("p", "Our best arm of the same method against each target. Backbones and image resolution "
-                         "may differ from the published setting (see Protocol), so a gap is a fact, not a verdict "
-                         "on the method:"),
+        blocks += [("p", ("Our best arm of the same method against each target. Backbones and image resolution "
+                          "may differ from the published setting (see Protocol), so a gap is a fact, not a verdict "
+                          "on the method:")),
                    ("table", ["Target", "Target %", "Our best arm of that method", "Ours %", "Gap"], gaps)]
     return blocks
 
@@ -215,14 +218,14 @@ def _protocol_section(study: Study) -> list:
     frozen = [r for r in present if r["method"] == "frozen"]
     fits = sorted({plain(r["fit_on"]) for r in frozen})
     items = [f"Splits: {split_text}.",
-             "Every hyper-parameter and epoch choice was made on val only (each arm's choices are listed below); "
-             "the test split was held out and evaluated once per arm, after selection.",
+             ("Every hyper-parameter and epoch choice was made on val only (each arm's choices are listed below); "
+              "the test split was held out and evaluated once per arm, after selection."),
              "Input sizes: " + ("; ".join(f"{size} px: {', '.join(arms)}" for size, arms in by_size.items())
                                 if by_size else "no arm present") + ".",
-             "Frozen arms reuse the cached features of their backbone, so their time is feature extraction + "
-             "head training + evaluation; the extraction is shared by the heads of one backbone and counted "
-             "in each of them. End-to-end arms have no extraction time. Total s is the arm's own total: it may "
-             "exceed extract + train + eval by data preparation (e.g. decoding images once into a cache).",
+             ("Frozen arms reuse the cached features of their backbone, so their time is feature extraction + "
+              "head training + evaluation; the extraction is shared by the heads of one backbone and counted "
+              "in each of them. End-to-end arms have no extraction time. Total s is the arm's own total: it may "
+              "exceed extract + train + eval by data preparation (e.g. decoding images once into a cache)."),
              "Frozen heads were fit on: " + (", ".join(fits) if fits else "no frozen arm present")
              + " (train+val means the final fit also used val, with the hyper-parameters chosen on val).",
              _seeds_note(study.records)]
@@ -261,8 +264,8 @@ def _environment_section(study: Study) -> list:
         blocks.append(("p", "No arm present, so no resolved config to show."))
     for text, arms in groups.items():
         sources = sorted({plain(source) for _, source in arms})
-        blocks += [("p", f"Resolved config (from the manifests) of {', '.join(arm for arm, _ in arms)}; "
-                         f"config file: {', '.join(sources)}."), ("code", text)]
+        blocks += [("p", (f"Resolved config (from the manifests) of {', '.join(arm for arm, _ in arms)}; "
+                          f"config file: {', '.join(sources)}.")), ("code", text)]
     return blocks
 
 
@@ -271,15 +274,15 @@ def content(study: Study, images: dict) -> list:
     records = study.records
     missing = [r for r in records if r["status"] != "ok"]
     blocks = [("h1", study.title),
-              ("p", f"{len(records) - len(missing)} of {len(records)} arms present. Built only from each arm's "
-                    "result.json and manifest.json; this report never trains. Percentages are of the test or val "
-                    "split; times are wall-clock seconds on the device shown."),
+              ("p", (f"{len(records) - len(missing)} of {len(records)} arms present. Built only from each arm's "
+                     "result.json and manifest.json; this report never trains. Percentages are of the test or val "
+                     "split; times are wall-clock seconds on the device shown.")),
               ("h2", "Comparison"), ("table", COMPARISON_HEADERS, [comparison_row(r) for r in records])]
     summary = summary_rows(records)
     if summary:
         blocks += [("h2", "Across seeds"),
-                   ("p", "Mean ± sample standard deviation over each arm's runs (one per seed); `Runs` counts the "
-                         "runs present of those the config asks for."),
+                   ("p", ("Mean ± sample standard deviation over each arm's runs (one per seed); `Runs` counts the "
+                          "runs present of those the config asks for.")),
                    ("table", SUMMARY_HEADERS, summary)]
     if missing:
         blocks += [("p", "Missing arms (not run, or their outputs are no longer valid):"),

@@ -10,8 +10,8 @@ import os
 import platform
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .config import ConfigError, RuntimeConfig
 
@@ -138,7 +138,8 @@ def keep_freed_memory() -> bool:
 
 def _cpu_has_native_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -6,10 +6,10 @@ import io
 import numpy
 
 from . import cache, data
-from .pixels import open_rgb
 from .config import Config
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from .pixels import open_rgb
 
 GRID = "grid.png"
 SIZES_JSON = "sizes.json"
@@ -68,7 +68,7 @@ def draw_grid(index: data.DatasetIndex, rows: int, columns: int, tile_pixels: in
     inches = tile_pixels / 100
     figure, axes = pyplot.subplots(rows, columns, figsize=(columns * inches, rows * inches * 1.2), squeeze=False)
     paths = index.paths("train")
-    for axis, position in zip(axes.flat, picks):
+    for axis, position in zip(axes.flat, picks, strict=True):
         axis.imshow(numpy.asarray(open_rgb(paths[position])))
         axis.set_title(index.class_names[labels[position]], fontsize=8)
         axis.axis("off")

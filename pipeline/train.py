@@ -15,9 +15,9 @@ import csv
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch import nn
 from . import cache, distributed
 from .config import TrainConfig
 from .errors import PipelineError
+from .graph import BuildResult
 from .images import ImageSet
 from .runtime import Runtime
 
@@ -114,7 +115,7 @@ class WeightAverage:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for average, current in zip(self.model.state_dict().values(), model.state_dict().values()):
+        for average, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
             if average.is_floating_point():
                 average.lerp_(current.to(average.dtype), 1 - decay)
             else:
@@ -215,7 +216,7 @@ def estimate_seconds(model, train_set, val_set, settings, runtime, criterion, fr
     labels = train_set.labels[positions]
     set_train_mode(model, freeze_batchnorm)
     step_times = []
-    for attempt in range(TIMED_STEPS + 1):        # the first step pays one-off kernel set-up
+    for _ in range(TIMED_STEPS + 1):        # the first step pays one-off kernel set-up
         runtime.synchronize()
         started = time.perf_counter()
         with runtime.autocast():
@@ -228,7 +229,7 @@ def estimate_seconds(model, train_set, val_set, settings, runtime, criterion, fr
     model.eval()
     eval_times = []
     with torch.no_grad():
-        for attempt in range(TIMED_STEPS + 1):
+        for _ in range(TIMED_STEPS + 1):
             runtime.synchronize()
             started = time.perf_counter()
             with runtime.autocast():
@@ -388,14 +389,13 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
 
 
 def finish_arm(context, model: nn.Module, result: FitResult, test_set: ImageSet, runtime: Runtime,
-               settings: TrainConfig, record: dict, timings: dict) -> "BuildResult":
+               settings: TrainConfig, record: dict, timings: dict) -> BuildResult:
     """Test the best-on-val weights, write model.pt, history and result.json, drop the resume checkpoint.
 
     `record` holds the arm's own fields (arm, method, backbone, head, input_size, selected...);
     the test metrics, times and history are added here.
     """
     from . import evaluate
-    from .graph import BuildResult
     from .runtime import environment
 
     model.load_state_dict(result.best_state)

@@ -1,7 +1,7 @@
 """Image transforms derived from a backbone's preprocessing (eval) plus training augmentation."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .backbones import Preprocessing
 

@@ -116,7 +116,8 @@ def fingerprint(folder: Path, memo_path: Path | None = None, write_memo: bool = 
     folder = Path(folder)
     if not folder.is_dir():
         return "absent"
-    names = [name for name in (*OFFICIAL_MD5, CLASS_NAMES_FILE) if (folder / name).exists() or (folder / name).is_symlink()]
+    listed = (*OFFICIAL_MD5, CLASS_NAMES_FILE)
+    names = [name for name in listed if (folder / name).exists() or (folder / name).is_symlink()]
     images = folder / "jpg"
     if images.is_dir():
         try:

@@ -132,7 +132,7 @@ def shape_alpha(name: str, u: numpy.ndarray, v: numpy.ndarray, size: float, rng:
         reach = size * numpy.sqrt(rng.uniform(0.05, 1.0, count)) * 0.8
         radii = size * rng.uniform(0.12, 0.2, count)
         distance = numpy.min([numpy.hypot(u - r * numpy.cos(a), v - r * numpy.sin(a)) - dot
-                              for a, r, dot in zip(angles, reach, radii)], axis=0)
+                              for a, r, dot in zip(angles, reach, radii, strict=True)], axis=0)
         return _soft(distance)
     raise DemoDataError(f"unknown demo class {name!r}; classes: {', '.join(CLASSES)}")
 
@@ -194,7 +194,7 @@ def assignment(spec: DemoSpec) -> tuple[numpy.ndarray, dict]:
     for label in range(1, spec.num_classes + 1):
         ids = numpy.flatnonzero(labels == label) + 1
         start = 0
-        for split, count in zip(data.SPLITS, spec.per_class):
+        for split, count in zip(data.SPLITS, spec.per_class, strict=True):
             split_ids[split] += ids[start:start + count].tolist()
             start += count
     return labels, {split: numpy.sort(numpy.asarray(ids, dtype=numpy.int64)) for split, ids in split_ids.items()}

@@ -216,6 +216,18 @@ def test_cnn_killed_between_epochs_and_inside_the_manifest_write_matches(tmp_pat
     assert leftover_temporaries(root) == []
 
 
+def test_kill_inside_the_manifest_write_of_a_trained_arm_does_not_lose_the_training(tmp_path, fake_flowers_session,
+                                                                                    reference):
+    """The checkpoint is a resume-only file: the runner deletes it after the manifest, not before."""
+    reference_root, _ = reference
+    root = tmp_path / "cache"
+    run("cnn", fake_flowers_session, root, fault="*/cnn/*/manifest.json:kill", expect=KILLED)
+    log = run("cnn", fake_flowers_session, root)
+    assert "resuming after epoch 3/3" in log, log
+    assert_valid(root, "cnn/bn-cnn")
+    assert_same_results(root, reference_root, "cnn/bn-cnn")
+
+
 # --- 2. full disk and unwritable cache --------------------------------------------------------
 
 def one_line_error(capsys) -> str:

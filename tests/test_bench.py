@@ -11,7 +11,7 @@ import math
 import numpy
 import pytest
 
-from conftest import PROJECT, make_tiny_config
+from helpers import PROJECT, make_tiny_config
 from pipeline import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ import numpy
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from pipeline import backbones, cli, extract, features, transforms
 from pipeline.backbones import BackboneSpec, TinyResNet, WeightsSource, WeightsUnavailableError
 from pipeline.download import load_index

@@ -10,7 +10,7 @@ import numpy
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from pipeline import cache, evaluate, extract, heads, linear_heads
 from pipeline.config import HeadsConfig
 from pipeline.features import features_file

@@ -21,7 +21,7 @@ import torch
 from pipeline import cache, cli
 from pipeline.graph import Graph
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 
 PROJECT = Path(__file__).resolve().parents[1]
 KILLED = -9

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from pipeline import report
 from pipeline.graph import Graph
 from pipeline.report_render import summary_rows, text_table

@@ -17,6 +17,8 @@ from pipeline.features import features_file
 from pipeline.graph import Graph
 
 ONE_BACKBONE = ('features.backbones=["tiny-resnet"]',)
+# Tiny heads on two shared cores: torch's second thread only spins (runs took 2-4x longer with it).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(per_class: int, seed: int, classes: int = 5, dims: int = 12):

@@ -1,6 +1,7 @@
 # Staged Flowers-102 study. Every stage target skips its work when its cached outputs are valid.
 #   make all                      run the whole study (installs first if needed)
 #   make test                     run the test suite (offline, CPU)
+#   make test-quick               the quick tests only, for the edit loop (under a minute)
 #   make check-real DATA_DIR=...  checks on a real Flowers-102 copy with the real offline weights
 # Variables: CONFIG=configs/default.toml  DATA_DIR=<folder holding flowers-102/>  DEVICE=auto|cpu|cuda
 #            SET="section.key=value ..."  (per-run setting overrides)  STAGE=<name> (for invalidate)
@@ -23,7 +24,7 @@ INSTALLED := $(VENV)/.installed
 ARGS = --config $(CONFIG) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DEVICE),--device $(DEVICE)) \
        $(if $(SEEDS),--set runtime.seeds=$(SEEDS)) $(foreach setting,$(SET),--set '$(setting)')
 
-.PHONY: install all download samples features heads finetune cnn report test check-real clean invalidate config predict bench
+.PHONY: install all download samples features heads finetune cnn report test test-quick check-real clean invalidate config predict bench
 
 install: $(INSTALLED)
 
@@ -62,6 +63,10 @@ invalidate: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q
+
+# make test-quick: every test not marked slow, subprocess, distributed or real_data (pyproject.toml), under a minute.
+test-quick: $(INSTALLED)
+	$(PYTHON) -m pytest -q -m "not slow and not subprocess and not distributed and not real_data"
 
 # make check-real DATA_DIR=<folder holding flowers-102/>: checks on a real copy with the real offline weights.
 check-real: $(INSTALLED)

@@ -186,6 +186,8 @@ KILLABLE_STAGE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_kill_9_mid_write_leaves_nothing_that_reads_as_valid(tiny_config):
     settings = dict(tests=str(PROJECT / "tests"), data=tiny_config.data.root, cache_root=tiny_config.cache.root)
     process = subprocess.Popen([sys.executable, "-c", KILLABLE_STAGE.format(pause=True, **settings)],
@@ -211,6 +213,8 @@ def run_cli(*arguments, cwd=PROJECT):
     return subprocess.run([sys.executable, "-m", *arguments], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_cli_bad_key_and_missing_data_are_one_line_errors(tmp_path):
     bad = run_cli("stages.samples", "--config", "configs/tiny.toml", "--set", "samples.colour=1")
     assert bad.returncode == 2

@@ -22,6 +22,8 @@ STAGE ?=
 IMG ?=
 ## the arm `make predict` uses (default: the best on val)
 ARM ?=
+## where make test-quick puts its temporary folders (default: /dev/shm where writable; empty turns it off)
+TEST_TMPDIR ?= $(shell test -d /dev/shm -a -w /dev/shm && echo /dev/shm)
 ## the virtual environment `make install` creates
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -37,7 +39,7 @@ $(error error: NPROC=$(NPROC) is not a positive whole number; use e.g. NPROC=2, 
 endif
 endif
 
-.PHONY: install all demo download samples features heads finetune cnn report test check-real clean invalidate config predict bench help
+.PHONY: install all demo download samples features heads finetune cnn report test test-quick lint check-real clean invalidate config predict bench help
 
 install: $(INSTALLED) ## create .venv and install the project with its offline and dev extras
 
@@ -94,6 +96,9 @@ invalidate: $(INSTALLED) ## STAGE=<name>: drop that stage's outputs; it and its 
 
 test: $(INSTALLED) ## the whole test suite (offline, CPU)
 	$(PYTHON) -m pytest -q
+
+test-quick: $(INSTALLED) ## the tests not marked slow, subprocess, distributed or real_data: the edit loop, under a minute
+	$(if $(TEST_TMPDIR),TMPDIR=$(TEST_TMPDIR) )$(PYTHON) -m pytest -q -m "not slow and not subprocess and not distributed and not real_data"
 
 # make check-real DATA_DIR=<folder holding flowers-102/>: checks on a real copy with the real offline weights.
 check-real: $(INSTALLED) ## DATA_DIR=<folder>: checks on a real Flowers-102 copy with the real offline weights

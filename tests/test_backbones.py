@@ -114,25 +114,55 @@ def test_unknown_name_lists_valid_names():
         build_backbone("efficientnet-b9", pretrained=False)
 
 
-def test_available_backbones_hides_test_models():
-    assert available_backbones() == ["efficientnet-b5", "efficientnet-lite0", "efficientnet-lite2", "resnet18"]
-    assert {"tiny-resnet", "tiny-efficientnet"} <= set(ALL_BACKBONES)
-    for name in set(ALL_BACKBONES) - set(available_backbones()):
-        assert get_backbone(name).weights is None and "test-only" in get_backbone(name).description
+def test_available_backbones_are_the_registry_less_the_test_only_models(private_registry):
+    shown, everything = available_backbones(), available_backbones(include_test=True)
+    assert shown == sorted(shown) and everything == sorted(everything) and set(shown) < set(everything)
+    for name in everything:
+        spec = get_backbone(name)
+        if name in shown:
+            assert spec.weights is not None, f"{name}: a study backbone needs pretrained weights"
+        else:
+            assert spec.weights is None and "test-only" in spec.description, name
+    # A new registration lands in the right list with no other edit.
+    register_backbone(dataclasses.replace(get_backbone("tiny-resnet"), name="tiny-resnet-copy"), backbones.TinyResNet,
+                      test_only=True)
+    register_backbone(dataclasses.replace(get_backbone("resnet18"), name="resnet18-copy"), backbones.TinyResNet)
+    assert "resnet18-copy" in available_backbones() and "tiny-resnet-copy" not in available_backbones()
+    assert {"resnet18-copy", "tiny-resnet-copy"} <= set(available_backbones(include_test=True))
 
 
-def test_declared_preprocessing():
-    def recipe(name):
-        preprocessing = get_backbone(name).preprocessing
-        return preprocessing.resize_size, preprocessing.input_size, preprocessing.interpolation
+# How each family's weights expect their inputs: ImageNet statistics for the PyTorch-trained families,
+# [-1, 1] for the TF EfficientNet-Lite conversions (TF's Lite builder normalises with mean 127, std 128).
+FAMILY_NORMALIZATION = {"torchvision": (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD),
+                        "efficientnet_pytorch": (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD),
+                        "efficientnet_lite": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
-    assert recipe("resnet18") == (256, 224, "bilinear")
-    assert recipe("efficientnet-b5") == (456, 456, "bicubic")
-    assert recipe("efficientnet-lite0") == (256, 224, "bilinear") and recipe("efficientnet-lite2")[1] == 260
-    lite0 = get_backbone("efficientnet-lite0").preprocessing
-    assert lite0.mean == lite0.std == (0.5, 0.5, 0.5)
-    resnet = get_backbone("resnet18")
-    assert resnet.weights.sha256_prefix == "f37072fd" and resnet.weights.url.endswith(resnet.weights.filename)
+
+@pytest.mark.parametrize("name", ALL_BACKBONES)
+def test_declared_preprocessing_follows_the_family_and_gives_the_input_size(name):
+    from PIL import Image
+    from pipeline import transforms
+
+    spec = get_backbone(name)
+    preprocessing = spec.preprocessing
+    assert (preprocessing.mean, preprocessing.std) == FAMILY_NORMALIZATION[spec.family]
+    assert preprocessing.resize_size >= preprocessing.input_size           # the centre crop fits the resize
+    size = preprocessing.input_size
+    tensor = transforms.eval_transform(preprocessing)(Image.new("RGB", (3 * size // 2, size + 5), (200, 30, 90)))
+    assert tensor.shape == (3, size, size)
+
+
+@pytest.mark.parametrize("name", [name for name in ALL_BACKBONES if get_backbone(name).weights is not None])
+def test_declared_weights_source_names_one_checkable_file(name):
+    spec = get_backbone(name)
+    source = spec.weights
+    assert source.url or source.package, "no way to get the file: neither a url nor a shipping package"
+    if source.url:
+        assert source.url.rsplit("/", 1)[-1] == source.filename
+    # torch.hub's convention: a hex tag before the extension is the sha256 prefix, and it is checked.
+    # efficientnet_pytorch's tags are not verified digests (pytorch/vision#7744), so that family may opt out.
+    tag = backbones._hash_prefix(source.filename)
+    assert source.sha256_prefix == tag or (source.sha256_prefix is None and spec.family == "efficientnet_pytorch")
 
 
 def test_resnet18_spec_matches_torchvision_weights_enum():
@@ -161,6 +191,9 @@ def test_replace_head_then_strip_head(name):
     if spec.head_attribute == "_fc":
         # The notebook's mistake was `model.fc = ...`: an unused layer beside the live 1000-way `_fc`.
         assert not hasattr(model, "fc")
+    if hasattr(model, "_global_params"):
+        # Both EfficientNet packages record the resolution the network is scaled for: the declared crop.
+        assert spec.preprocessing.input_size == model._global_params.image_size
     assert not any(isinstance(module, nn.Linear) and module.out_features == 1000 for module in model.modules())
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -11,7 +11,7 @@ import math
 import numpy
 import pytest
 
-from conftest import PROJECT, make_tiny_config
+from helpers import PROJECT, make_tiny_config
 from pipeline import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +26,11 @@ def study_arguments(config) -> list[str]:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, fake_flowers_session):
-    """One full bench run on the tiny study (module-scoped: every test below reads the same run)."""
+    """One full bench run on the tiny study (module-scoped: every test below reads the same run).
+
+    Its memory row runs the features code in fresh python processes, so the tests reading it are
+    marked subprocess (and slow: the run takes ~10 s).
+    """
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -39,6 +43,8 @@ def report(tmp_path_factory, fake_flowers_session):
     return result, config, lines
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_bench_writes_every_row_atomically_with_environment_and_subsets(report):
     result, config, _ = report
     folder = bench.Path(config.cache.root) / bench.FOLDER
@@ -57,6 +63,8 @@ def test_bench_writes_every_row_atomically_with_environment_and_subsets(report):
     assert written["subsets"]["test_images"] == 36 and written["options"]["steps"] == 1
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
     result, _, _ = report
     for row in result["rows"]:
@@ -110,6 +118,8 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
     assert memory["met"] == (memory["ratio"] <= 1.15) and memory["ours"] > 0
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_warm_row_is_not_measured_while_the_study_is_not_cached(report):
     result, _, _ = report
     warm = next(row for row in result["rows"] if row["section"] == "warm")
@@ -117,6 +127,7 @@ def test_warm_row_is_not_measured_while_the_study_is_not_cached(report):
     assert "not measured" in warm["notes"] and "not cached" in warm["notes"]
 
 
+@pytest.mark.subprocess
 def test_warm_row_times_the_study_command_when_nothing_is_pending(tiny_config, monkeypatch):
     # The real study takes a minute to build here; a cheap stage command with the same arguments
     # stands in for `stages.all`, so this checks the measuring and the rule, not the study.
@@ -129,6 +140,8 @@ def test_warm_row_times_the_study_command_when_nothing_is_pending(tiny_config, m
     assert failed["ours"] is None and failed["met"] is None and "not measured" in failed["notes"]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_printed_table_has_one_line_per_row_and_the_notes(report):
     result, _, _ = report
     table = bench.format_table(result).splitlines()

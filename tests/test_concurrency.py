@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline import cache
 
 PROJECT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 
 def test_two_concurrent_runs_build_each_unit_once(tmp_path, fake_flowers_session):

@@ -42,6 +42,9 @@ def succeed(result: subprocess.CompletedProcess) -> str:
     return result.stdout
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_sharded_extraction_merges_into_the_single_process_file(tmp_path, fake_flowers_session):
     views = ('features.backbones=["tiny-resnet"]', "features.augmented_views=2")
     succeed(launch("features", fake_flowers_session, tmp_path / "one", 1, *views))
@@ -61,6 +64,9 @@ def test_sharded_extraction_merges_into_the_single_process_file(tmp_path, fake_f
     assert manifest["world_size"] == 2 and manifest["files"] == [FEATURES_FILE]
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ddp_finetune_matches_the_single_process_run(tmp_path, fake_flowers_session):
     # Frozen BatchNorm statistics and an even split: the 2-process gradient is the 1-process one.
     recipe = ('finetune.augmentation="trivialaugment"',)
@@ -79,6 +85,9 @@ def test_ddp_finetune_matches_the_single_process_run(tmp_path, fake_flowers_sess
     assert not (folder / "checkpoint.pt").exists()
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_killed_ddp_finetune_resumes_and_matches_an_uninterrupted_run(tmp_path, fake_flowers_session):
     # SIGKILL rank 0 right after the epoch-1 checkpoint (its 2nd write: epoch 0 is saved first);
     # torchrun then stops the other rank, as it would on a real crash.
@@ -95,6 +104,9 @@ def test_killed_ddp_finetune_resumes_and_matches_an_uninterrupted_run(tmp_path, 
     assert resumed["test_top1"] == straight["test_top1"]
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ddp_cnn_writes_one_complete_result(tmp_path, fake_flowers_session):
     # Training-mode BatchNorm sees each rank's half batch on CPU (gloo has no SyncBatchNorm), so the
     # scratch CNN is close to, not equal to, the single-process run.
@@ -109,6 +121,9 @@ def test_ddp_cnn_writes_one_complete_result(tmp_path, fake_flowers_session):
                                   [row["train_loss"] for row in single["history"]], rtol=0.1)
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_uneven_global_batch_is_a_one_line_error_before_any_work(tmp_path, fake_flowers_session):
     result = launch("cnn", fake_flowers_session, tmp_path / "cache", 2, "cnn.batch_size=7")
     assert result.returncode != 0

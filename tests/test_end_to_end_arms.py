@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import make_tiny_config
 from pipeline import evaluate, finetune, graph, train
 from pipeline.backbones import available_backbones, get_backbone, head_parameters
 from pipeline.config import CnnConfig
@@ -63,7 +64,6 @@ def interrupt_after_first_epoch(monkeypatch):
 
 def test_interrupted_finetune_resumes_from_its_checkpoint_and_matches_a_straight_run(tiny_config, monkeypatch,
                                                                                      tmp_path):
-    from conftest import make_tiny_config
     probe = ['finetune.linear_probe=true']
     interrupted = make_tiny_config(tiny_config.data.root, tmp_path / "interrupted", probe)
     straight = make_tiny_config(tiny_config.data.root, tmp_path / "straight", probe)
@@ -83,7 +83,6 @@ def test_interrupted_finetune_resumes_from_its_checkpoint_and_matches_a_straight
 
 
 def test_checkpoint_made_under_other_settings_is_not_resumed(tiny_config, monkeypatch):
-    from conftest import make_tiny_config
     original = interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_stage(tiny_config, "cnn")

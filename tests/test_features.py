@@ -16,13 +16,16 @@ import numpy
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from pipeline import backbones, cli, extract, features, transforms
 from pipeline.backbones import BackboneSpec, TinyResNet, WeightsSource, WeightsUnavailableError
 from pipeline.download import load_index
 from pipeline.graph import Graph
 
 ONE_BACKBONE = ('features.backbones=["tiny-resnet"]',)
+# One torch thread: with two, OpenMP spins on the shared cores and these tiny extractions took 3-10x the CPU.
+# The stage's thread-dependent choices are pinned where a test is about them (streams, thread split).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def graph_for(config):
@@ -46,8 +49,9 @@ def hub_dir(tmp_path, monkeypatch):
     return tmp_path / "hub" / "checkpoints"
 
 
-def test_hdf5_schema_matches_the_split_index(tiny_config):
-    graph, lines = graph_for(tiny_config)
+def test_hdf5_schema_matches_the_split_index(tmp_path, fake_flowers_session):
+    # Two extraction streams, as auto picks on 2 cores: the stage's streams path, whatever the thread count here.
+    graph, lines = graph_for(make_tiny_config(fake_flowers_session, tmp_path / "cache", ("runtime.inference_streams=2",)))
     manifests = graph.run("features")
     assert [manifest["unit"] for manifest in manifests] == ["tiny-resnet", "tiny-efficientnet"]
     index = load_index(graph.directory(graph.units("download")[0]))
@@ -232,6 +236,7 @@ def test_workers_decode_at_lowest_priority_and_give_inline_features(tmp_path):
 
 
 def test_streams_give_the_rows_of_one_stream_bit_for_bit_augmented_views_included(tmp_path):
+    torch.set_num_threads(2)        # one stream runs the 2-thread model, two streams 1 thread each (restored after)
     jobs = _jobs(tmp_path)
     preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
     views = dataclasses.replace(jobs[0], group="train_augmented", seed=3, views=numpy.ones(len(jobs[0].paths), int),
@@ -258,9 +263,10 @@ def test_in_streams_keeps_order_splits_threads_and_stops_on_failure():
         if item == 5:
             raise Interrupted("stream failed")
         return item * 10
+    torch.set_num_threads(4)        # whatever this machine has: two streams must get 2 threads each (restored after)
     threads = torch.get_num_threads()
     assert list(extract.in_streams(work, range(5), 2)) == [0, 10, 20, 30, 40]
-    assert {count for _, count in seen_threads} == {max(1, threads // 2)}
+    assert {count for _, count in seen_threads} == {threads // 2}
     assert len({ident for ident, _ in seen_threads}) <= 2 and torch.get_num_threads() == threads
     started.clear()
     with pytest.raises(Interrupted):

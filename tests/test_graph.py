@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_tiny_config, write_fake_flowers
 from pipeline import cache
 from pipeline.graph import Graph, StageError
 from pipeline.samples import DISTRIBUTION, GRID, SIZES_JSON
@@ -47,7 +48,6 @@ def test_second_run_is_all_cache_hits(tiny_config):
 
 
 def test_changed_setting_rebuilds_only_that_stage(tiny_config, tmp_path):
-    from conftest import make_tiny_config
     graph, _ = logged(tiny_config)
     graph.run("samples")
     changed = make_tiny_config(Path(tiny_config.data.root), Path(tiny_config.cache.root), ["samples.rows=1"])
@@ -73,7 +73,6 @@ def test_other_data_behind_the_same_path_rebuilds(tiny_config):
     graph, _ = logged(tiny_config)
     before = graph.units("download")[0].key
     assert Graph(tiny_config).units("download")[0].key == before      # deterministic
-    from conftest import make_tiny_config, write_fake_flowers
     other = write_fake_flowers(Path(tiny_config.cache.root).parent / "other", seed=1)
     moved = make_tiny_config(other, Path(tiny_config.cache.root))
     assert Graph(moved).units("download")[0].key != before
@@ -162,7 +161,7 @@ def test_lock_timeout_is_a_clear_error(tmp_path):
 KILLABLE_STAGE = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    from conftest import make_tiny_config
+    from helpers import make_tiny_config
     from pipeline import cache
     from pipeline.graph import BuildResult, Graph, Stage, Unit, register_stage
 
@@ -187,6 +186,8 @@ KILLABLE_STAGE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_kill_9_mid_write_leaves_nothing_that_reads_as_valid(tiny_config):
     settings = dict(tests=str(PROJECT / "tests"), data=tiny_config.data.root, cache_root=tiny_config.cache.root)
     process = subprocess.Popen([sys.executable, "-c", KILLABLE_STAGE.format(pause=True, **settings)],
@@ -212,6 +213,8 @@ def run_cli(*arguments, cwd=PROJECT):
     return subprocess.run([sys.executable, "-m", *arguments], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_cli_bad_key_and_missing_data_are_one_line_errors(tmp_path):
     bad = run_cli("stages.samples", "--config", "configs/tiny.toml", "--set", "samples.colour=1")
     assert bad.returncode == 2

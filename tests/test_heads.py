@@ -10,13 +10,15 @@ import numpy
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from pipeline import cache, evaluate, extract, heads, linear_heads
 from pipeline.config import HeadsConfig
 from pipeline.features import features_file
 from pipeline.graph import Graph
 
 ONE_BACKBONE = ('features.backbones=["tiny-resnet"]',)
+# Tiny heads on two shared cores: torch's second thread only spins (runs took 2-4x longer with it).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(per_class: int, seed: int, classes: int = 5, dims: int = 12):

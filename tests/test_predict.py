@@ -10,7 +10,7 @@ import numpy
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from pipeline import download, evaluate, extract, features, graph, heads, images, predict, train
 
 FROZEN_ARMS = ("frozen-tiny-resnet-softmax", "frozen-tiny-resnet-logistic")

@@ -24,9 +24,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 ROOT = os.environ.get("FLOWERS_DATA_DIR", "")
 BACKBONE = "efficientnet-lite0"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.real_data, pytest.mark.skipif(
     not ROOT or not data.dataset_folder(ROOT).is_dir(),
-    reason="no real Flowers-102: run `make check-real DATA_DIR=<folder holding flowers-102/>`")
+    reason="no real Flowers-102: run `make check-real DATA_DIR=<folder holding flowers-102/>`")]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 from pipeline import cache, cli, train
 from pipeline.graph import Graph
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 
 PROJECT = Path(__file__).resolve().parents[1]
 KILLED = -9
@@ -128,6 +128,8 @@ def restore_threads():
 
 # --- 5. concurrency ---------------------------------------------------------------------------
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_two_concurrent_make_all_build_each_unit_once(reference):
     cache_root, logs = reference
     log = "".join(logs)
@@ -142,6 +144,8 @@ def test_two_concurrent_make_all_build_each_unit_once(reference):
 
 # --- 1. interruption of the real stages -------------------------------------------------------
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_features_killed_inside_the_hdf5_write_resume_and_match(tmp_path, fake_flowers_session, reference):
     reference_root, _ = reference
     root = tmp_path / "cache"
@@ -176,6 +180,8 @@ def test_features_killed_inside_the_hdf5_write_resume_and_match(tmp_path, fake_f
     assert leftover_temporaries(root) == [] and not list(root.rglob("*.partial"))
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_finetune_killed_inside_checkpoint_and_model_writes_resumes_and_matches(tmp_path, fake_flowers_session,
                                                                                 reference):
     reference_root, _ = reference
@@ -197,6 +203,8 @@ def test_finetune_killed_inside_checkpoint_and_model_writes_resumes_and_matches(
     assert not (folder / "checkpoint.pt").exists() and leftover_temporaries(root) == []
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_cnn_killed_between_epochs_and_inside_the_manifest_write_matches(tmp_path, fake_flowers_session, reference):
     reference_root, _ = reference
     root = tmp_path / "cache"
@@ -214,6 +222,20 @@ def test_cnn_killed_between_epochs_and_inside_the_manifest_write_matches(tmp_pat
     assert_valid(root, "cnn/bn-cnn")
     assert_same_results(root, reference_root, "cnn/bn-cnn")
     assert leftover_temporaries(root) == []
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_kill_inside_the_manifest_write_of_a_trained_arm_does_not_lose_the_training(tmp_path, fake_flowers_session,
+                                                                                    reference):
+    """The checkpoint is a resume-only file: the runner deletes it after the manifest, not before."""
+    reference_root, _ = reference
+    root = tmp_path / "cache"
+    run("cnn", fake_flowers_session, root, fault="*/cnn/*/manifest.json:kill", expect=KILLED)
+    log = run("cnn", fake_flowers_session, root)
+    assert "resuming after epoch 3/3" in log, log
+    assert_valid(root, "cnn/bn-cnn")
+    assert_same_results(root, reference_root, "cnn/bn-cnn")
 
 
 # --- 2. full disk and unwritable cache --------------------------------------------------------
@@ -355,6 +377,9 @@ def test_truncated_partial_features_file_is_rebuilt_not_trusted(tmp_path, fake_f
     assert not (folder / "features.h5.partial").exists()
 
 
+# In-process itself, but it compares against `reference`: two `make all` subprocesses (~20 s when run alone).
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_full_disk_mid_training_then_truncated_checkpoint_restarts_and_matches(
         tmp_path, fake_flowers_session, capsys, monkeypatch, restore_threads, reference):
     reference_root, _ = reference

@@ -162,6 +162,7 @@ def parse_page(study: Graph) -> PageParser:
     return page
 
 
+@pytest.mark.slow
 def test_every_file_is_written_and_numbers_equal_the_inputs(tiny_config, stand_in_stages):
     study = Graph(tiny_config, log=lambda message: None)
     inputs = write_study(study)
@@ -202,6 +203,7 @@ def test_every_file_is_written_and_numbers_equal_the_inputs(tiny_config, stand_i
     assert all(row[2] == "2.test" for row in environment[1:])
 
 
+@pytest.mark.slow
 def test_html_is_self_contained_and_embeds_every_figure(tiny_config, stand_in_stages):
     study = Graph(tiny_config, log=lambda message: None)
     write_study(study)
@@ -219,6 +221,7 @@ def test_html_is_self_contained_and_embeds_every_figure(tiny_config, stand_in_st
         assert f"]({name})" in markdown
 
 
+@pytest.mark.slow
 def test_missing_arms_are_reported_with_their_reason(tiny_config, stand_in_stages, monkeypatch):
     del stand_in_stages["cnn"]
     monkeypatch.setattr(graph, "_NOT_BUILT", ["cnn"])
@@ -246,6 +249,7 @@ def test_missing_arms_are_reported_with_their_reason(tiny_config, stand_in_stage
     assert "missing: scratch-bn-cnn: stage not built yet" in summary
 
 
+@pytest.mark.slow
 def test_report_is_cached_until_an_arm_is_rebuilt(tiny_config, stand_in_stages):
     messages = []
     study = Graph(tiny_config, log=messages.append)
@@ -262,6 +266,7 @@ def test_report_is_cached_until_an_arm_is_rebuilt(tiny_config, stand_in_stages):
     assert rows["finetune-tiny-resnet"][8] == "98.77"
 
 
+@pytest.mark.slow
 def test_best_arm_is_chosen_on_val_not_test(tiny_config, stand_in_stages):
     study = Graph(tiny_config, log=lambda message: None)
     inputs = write_study(study)
@@ -297,6 +302,7 @@ def test_confused_pairs_sum_both_directions_and_rank():
     assert confused_pairs(matrix, ["a", "b", "c"], 1) == [(5, "a", "b", 3, 2)]
 
 
+@pytest.mark.slow
 def test_make_all_prints_the_table_and_report_path(tiny_config, stand_in_stages, fake_flowers_session, capsys):
     study = Graph(tiny_config, log=lambda message: None)
     inputs = write_study(study)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import make_tiny_config
+from helpers import make_tiny_config
 from pipeline import report
 from pipeline.graph import Graph
 from pipeline.report_render import summary_rows, text_table
@@ -90,6 +90,7 @@ def test_single_seed_studies_have_no_summary_table():
     assert rows[0]["test_top1_mean"] == 0.70 and rows[0]["test_top1_sd"] is None
 
 
+@pytest.mark.slow
 def test_report_shows_runs_per_seed_and_the_across_seeds_table(tmp_path, fake_flowers_session):
     config = make_tiny_config(fake_flowers_session, tmp_path / "cache",
                               FROZEN_ONLY + ("runtime.seeds=2", 'heads.kinds=["softmax"]'))

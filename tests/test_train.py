@@ -58,6 +58,7 @@ def without_timing(history: list) -> list:
     return [{name: value for name, value in row.items() if name not in TIMING_FIELDS} for row in history]
 
 
+@pytest.mark.slow
 def test_loop_overfits_a_tiny_set(tmp_path):
     data = image_set(count=12)
     config = settings(epochs=30, lr=2e-2, schedule="constant", warmup_epochs=0)
@@ -280,6 +281,8 @@ print(environment()["freed_memory_kept"], *[faults() for _ in range(6)])
 """
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="keep_freed_memory acts on glibc malloc")
 def test_kept_freed_memory_stops_page_faulting_every_pass():
     import subprocess

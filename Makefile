@@ -94,6 +94,10 @@ invalidate: $(INSTALLED) ## STAGE=<name>: drop that stage's outputs; it and its 
 	@test -n "$(STAGE)" || { echo "make invalidate needs STAGE=<name>, e.g. make invalidate STAGE=heads" >&2; exit 2; }
 	$(PYTHON) -m stages.invalidate $(ARGS) '$(STAGE)'
 
+lint: $(INSTALLED) ## ruff: the lint rules in pyproject.toml and the formatting, on the whole tree (no files changed)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
 test: $(INSTALLED) ## the whole test suite (offline, CPU)
 	$(PYTHON) -m pytest -q
 
@@ -114,4 +118,4 @@ help: ## list the targets and variables (this text)
 	@echo "Variables:"
 	@awk '/^## / {doc = substr($$0, 4); next} \
 	     doc != "" && /^[A-Z_]+ \?=/ {split($$0, part, " \\?= *"); printf "  %-12s %s%s\n", part[1], doc, \
-	         (part[2] != "" ? " (default: " part[2] ")" : ""); doc = ""; next} {doc = ""}' $(MAKEFILE_LIST)
+	         (part[2] != "" && part[2] !~ /\$$/ ? " (default: " part[2] ")" : ""); doc = ""; next} {doc = ""}' $(MAKEFILE_LIST)

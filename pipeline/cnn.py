@@ -4,6 +4,7 @@ One unit named by [cnn] architecture ("bn-cnn", or "notebook" for the reconstruc
 keyed by the [cnn] settings, the number of classes, the seed, the precision and the device type.
 The architectures live in pipeline/models.py; the loop is pipeline/train.py, shared with fine-tuning.
 """
+
 from __future__ import annotations
 
 from . import distributed, images, train
@@ -20,11 +21,23 @@ CODE_VERSION = "1"
 def plan(config: Config, graph) -> list[Unit]:
     distributed.check_batch_size("cnn", config.cnn.batch_size)
     runtime = resolve_runtime(config.runtime)
-    return [Unit(stage="cnn", name=config.seeded_name(config.cnn.architecture, seed), code_version=CODE_VERSION,
-                 settings={"cnn": config.section("cnn"), "num_classes": config.data.num_classes, "seed": seed,
-                           "precision": runtime.precision, "device": runtime.device_type},
-                 inputs=(("download", graph.units("download")[0]),), seed=seed)
-            for seed in config.run_seeds()]
+    return [
+        Unit(
+            stage="cnn",
+            name=config.seeded_name(config.cnn.architecture, seed),
+            code_version=CODE_VERSION,
+            settings={
+                "cnn": config.section("cnn"),
+                "num_classes": config.data.num_classes,
+                "seed": seed,
+                "precision": runtime.precision,
+                "device": runtime.device_type,
+            },
+            inputs=(("download", graph.units("download")[0]),),
+            seed=seed,
+        )
+        for seed in config.run_seeds()
+    ]
 
 
 def build(context: BuildContext) -> BuildResult:
@@ -32,7 +45,7 @@ def build(context: BuildContext) -> BuildResult:
     settings = config.cnn
     architecture = config.cnn.architecture
     runtime = resolve_runtime(config.runtime)
-    seed_everything(runtime.seed)          # the initial weights come from this seed
+    seed_everything(runtime.seed)  # the initial weights come from this seed
     timings = Timings(runtime)
     input_size = settings.input_size or SCRATCH_PREPROCESSING.input_size
     stored_size = settings.stored_size or crop_sizes(SCRATCH_PREPROCESSING, input_size)[0]
@@ -44,17 +57,51 @@ def build(context: BuildContext) -> BuildResult:
     parameters = sum(parameter.numel() for parameter in model.parameters())
     context.log(f"[cnn] {architecture}: {parameters / 1e6:.2f} M parameters at {input_size} px")
     resume = train.read_checkpoint(context.directory / train.CHECKPOINT, context.unit.key, context.log)
-    result = train.fit(model, [{"name": "model", "params": list(model.parameters()), "lr_scale": 1.0}],
-                       sets["train"], sets["val"], settings, runtime, checkpoint=context.directory / train.CHECKPOINT,
-                       key=context.unit.key, label=f"cnn {architecture}", log=context.log, resume=resume)
-    record = {"arm": f"scratch-{architecture}", "method": "scratch", "backbone": architecture, "head": "none",
-              "input_size": input_size, "stored_size": stored_size, "train_images": len(sets["train"]),
-              "class_names": index.class_names, "selected": {"best_epoch": result.best_epoch},
-              "parameters": parameters}
-    return train.finish_arm(context, model, result, sets["test"], runtime, settings, record,
-                            {"data_seconds": timings.seconds.get("data", 0.0)})
+    result = train.fit(
+        model,
+        [{"name": "model", "params": list(model.parameters()), "lr_scale": 1.0}],
+        sets["train"],
+        sets["val"],
+        settings,
+        runtime,
+        checkpoint=context.directory / train.CHECKPOINT,
+        key=context.unit.key,
+        label=f"cnn {architecture}",
+        log=context.log,
+        resume=resume,
+    )
+    record = {
+        "arm": f"scratch-{architecture}",
+        "method": "scratch",
+        "backbone": architecture,
+        "head": "none",
+        "input_size": input_size,
+        "stored_size": stored_size,
+        "train_images": len(sets["train"]),
+        "class_names": index.class_names,
+        "selected": {"best_epoch": result.best_epoch},
+        "parameters": parameters,
+    }
+    return train.finish_arm(
+        context,
+        model,
+        result,
+        sets["test"],
+        runtime,
+        settings,
+        record,
+        {"data_seconds": timings.seconds.get("data", 0.0)},
+    )
 
 
-STAGE = register_stage(Stage(name="cnn", description="Train a CNN from scratch (best epoch on val).",
-                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build,
-                             distributed=True))
+STAGE = register_stage(
+    Stage(
+        name="cnn",
+        description="Train a CNN from scratch (best epoch on val).",
+        code_version=CODE_VERSION,
+        depends_on=("download",),
+        plan=plan,
+        build=build,
+        distributed=True,
+    )
+)

@@ -4,6 +4,7 @@ Every field carries a one-line doc (shown by `python -m stages.config --docs`, m
 docs/configuration.md) and optional constraints. Unknown sections or keys, wrong types and impossible values are
 rejected with a one-line `ConfigError` that names the key and the valid choices.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,9 @@ class ConfigError(PipelineError, ValueError):
     """A bad configuration file, key or value (message is one line and says what to fix)."""
 
 
-def setting(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None,
-            maximum: float | None = None):
+def setting(
+    default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None, maximum: float | None = None
+):
     """A dataclass field with its documentation and constraints attached as metadata."""
     metadata = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
     if isinstance(default, (list, dict)):
@@ -40,30 +42,49 @@ HEAD_KINDS = ("softmax", "logistic")
 class RuntimeConfig:
     device: str = setting("auto", "Compute device: auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps.")
     threads: int = setting(0, "CPU threads for torch; 0 keeps torch's default (all cores).", minimum=0)
-    num_workers: int = setting(2, "DataLoader worker processes (extraction with one stream, the notebook baselines); "
-                                  "0 decodes inline, which suits small images on few cores.", minimum=0)
-    inference_streams: int = setting(0, "Extraction batches in flight at once, each in its own thread with its share "
-                                        "of the torch threads, decoding its own images; 0 = one per torch thread on "
-                                        "CPU (at most 4), 1 on GPUs. Features are bit-identical either way.", minimum=0)
-    precision: str = setting("auto", "auto = bf16 autocast where the device supports it, else fp16 on CUDA, else fp32.",
-                             choices=PRECISIONS)
+    num_workers: int = setting(
+        2,
+        "DataLoader worker processes (extraction with one stream, the notebook baselines); "
+        "0 decodes inline, which suits small images on few cores.",
+        minimum=0,
+    )
+    inference_streams: int = setting(
+        0,
+        "Extraction batches in flight at once, each in its own thread with its share "
+        "of the torch threads, decoding its own images; 0 = one per torch thread on "
+        "CPU (at most 4), 1 on GPUs. Features are bit-identical either way.",
+        minimum=0,
+    )
+    precision: str = setting(
+        "auto", "auto = bf16 autocast where the device supports it, else fp16 on CUDA, else fp32.", choices=PRECISIONS
+    )
     channels_last: bool = setting(True, "Use channels_last memory format for convolutional models.")
-    float32_depthwise: bool = setting(True, "On CPU in bf16, train depthwise convolutions in fp32 (their bf16 weight "
-                                            "gradients are several times slower there); inference stays bf16.")
-    keep_freed_memory: bool = setting(True, "Linux (glibc): keep freed memory in the process for reuse instead of "
-                                            "returning it to the kernel, so batches stop page-faulting their "
-                                            "activations back in; no effect on the numbers. Turn off if resident "
-                                            "memory must fall again after the peak.")
+    float32_depthwise: bool = setting(
+        True,
+        "On CPU in bf16, train depthwise convolutions in fp32 (their bf16 weight "
+        "gradients are several times slower there); inference stays bf16.",
+    )
+    keep_freed_memory: bool = setting(
+        True,
+        "Linux (glibc): keep freed memory in the process for reuse instead of "
+        "returning it to the kernel, so batches stop page-faulting their "
+        "activations back in; no effect on the numbers. Turn off if resident "
+        "memory must fall again after the peak.",
+    )
     seed: int = setting(0, "Seed for data order, augmentation, initialisation and sampling.", minimum=0)
-    seeds: int = setting(1, "Runs of every trained arm, with seeds seed, seed+1, ...; the report adds mean ± sd "
-                            "when > 1 (SEEDS=).", minimum=1)
+    seeds: int = setting(
+        1,
+        "Runs of every trained arm, with seeds seed, seed+1, ...; the report adds mean ± sd when > 1 (SEEDS=).",
+        minimum=1,
+    )
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     root: str = setting("cache", "Folder that holds every artifact (relative paths are taken from the project root).")
     lock_timeout_seconds: float = setting(
-        3600.0, "How long a stage waits for another run holding its lock before giving up.", minimum=0)
+        3600.0, "How long a stage waits for another run holding its lock before giving up.", minimum=0
+    )
 
 
 @dataclass(frozen=True)
@@ -90,72 +111,103 @@ class FeaturesConfig:
     backbones: list = setting(["resnet18", "efficientnet-b5"], "Frozen backbones whose features are cached.")
     input_size: int = setting(0, "Input crop in pixels; 0 uses each backbone's native size.", minimum=0)
     batch_size: int = setting(64, "Images per extraction batch.", minimum=1)
-    augmented_views: int = setting(0, "Extra augmented (crop/flip) views of each training image cached as rows.",
-                                   minimum=0, maximum=64)
-    view_augmentation: str = setting("crop-flip", "How augmented views are drawn (augmented_views > 0).",
-                                     choices=AUGMENTATIONS[1:])
-    view_minimum_scale: float = setting(0.35, "Smallest crop area (fraction of the image) of an augmented view.",
-                                        minimum=0.05, maximum=1)
-    fold_batchnorm: bool = setting(True, "Fold each BatchNorm into the convolution before it (and move equal-sided "
-                                         "padding inside the convolutions) for extraction: the same function with "
-                                         "fewer passes over the activations. bf16 rounding moves, so it is part of "
-                                         "the features key; turn off to extract with the network as published.")
+    augmented_views: int = setting(
+        0, "Extra augmented (crop/flip) views of each training image cached as rows.", minimum=0, maximum=64
+    )
+    view_augmentation: str = setting(
+        "crop-flip", "How augmented views are drawn (augmented_views > 0).", choices=AUGMENTATIONS[1:]
+    )
+    view_minimum_scale: float = setting(
+        0.35, "Smallest crop area (fraction of the image) of an augmented view.", minimum=0.05, maximum=1
+    )
+    fold_batchnorm: bool = setting(
+        True,
+        "Fold each BatchNorm into the convolution before it (and move equal-sided "
+        "padding inside the convolutions) for extraction: the same function with "
+        "fewer passes over the activations. bf16 rounding moves, so it is part of "
+        "the features key; turn off to extract with the network as published.",
+    )
 
 
 @dataclass(frozen=True)
 class HeadsConfig:
     kinds: list = setting(["softmax", "logistic"], "Linear heads trained on cached features.", choices=HEAD_KINDS)
-    fit_on: str = setting("train", "Final fit on train only, or on train+val with the hyper-parameters chosen on val.",
-                          choices=("train", "train+val"))
-    normalizations: list = setting(["none"], "Feature normalisations tried on val (statistics from the fit rows only).",
-                                   choices=("none", "standardize", "l2", "l2-standardize"))
+    fit_on: str = setting(
+        "train",
+        "Final fit on train only, or on train+val with the hyper-parameters chosen on val.",
+        choices=("train", "train+val"),
+    )
+    normalizations: list = setting(
+        ["none"],
+        "Feature normalisations tried on val (statistics from the fit rows only).",
+        choices=("none", "standardize", "l2", "l2-standardize"),
+    )
     use_augmented_views: bool = setting(
-        True, "Also fit on the cached augmented training views, when the features have them.")
+        True, "Also fit on the cached augmented training views, when the features have them."
+    )
     softmax_weight_decays: list = setting([0.0, 1.0, 3.0], "Softmax head AdamW weight decays tried on val.", minimum=0)
     softmax_epochs: int = setting(100, "Maximum softmax-head epochs (the best epoch is chosen on val).", minimum=1)
     softmax_lr: float = setting(3e-3, "Softmax head learning rate (AdamW, constant).", minimum=0)
     softmax_batch_size: int = setting(256, "Softmax head mini-batch size.", minimum=1)
     softmax_label_smoothing: float = setting(0.0, "Label smoothing of the softmax head's loss.", minimum=0, maximum=1)
     logistic_cs: list = setting([0.3, 1.0, 3.0], "Inverse regularisation strengths C tried on val (scikit-learn).")
-    logistic_solver: str = setting("lbfgs", "scikit-learn solver of the (multinomial) logistic head.",
-                                   choices=("lbfgs", "newton-cg"))
+    logistic_solver: str = setting(
+        "lbfgs", "scikit-learn solver of the (multinomial) logistic head.", choices=("lbfgs", "newton-cg")
+    )
     logistic_max_iter: int = setting(1000, "Iteration limit of the logistic solver.", minimum=1)
     logistic_tolerance: float = setting(1e-4, "Stopping tolerance of the logistic solver.", minimum=0)
-    logistic_blas_threads: int = setting(1, "BLAS threads while the logistic solver runs (0 = the library's default, "
-                                            "one per core). One, because the study's matrices are too small to "
-                                            "split; raise it for much larger feature sets. Rounding depends on it, "
-                                            "so it is part of the logistic heads' key.", minimum=0)
+    logistic_blas_threads: int = setting(
+        1,
+        "BLAS threads while the logistic solver runs (0 = the library's default, "
+        "one per core). One, because the study's matrices are too small to "
+        "split; raise it for much larger feature sets. Rounding depends on it, "
+        "so it is part of the logistic heads' key.",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings shared by every end-to-end arm (fine-tuning and the scratch CNN)."""
+
     epochs: int = setting(30, "Maximum epochs.", minimum=1)
     batch_size: int = setting(32, "Images per training step.", minimum=1)
     optimizer: str = setting("sgd", "Optimizer.", choices=OPTIMIZERS)
-    lr: float = setting(0.01, "Peak learning rate of the head (and of the whole model when training from scratch).",
-                        minimum=0)
+    lr: float = setting(
+        0.01, "Peak learning rate of the head (and of the whole model when training from scratch).", minimum=0
+    )
     momentum: float = setting(0.9, "SGD momentum.", minimum=0, maximum=1)
     weight_decay: float = setting(5e-4, "Weight decay.", minimum=0)
-    schedule: str = setting("cosine", "Learning-rate schedule (step replicates the notebook: StepLR).",
-                            choices=SCHEDULES)
-    warmup_epochs: float = setting(1.0, "Warmup length in epochs (linear from 0; onecycle: cosine up from lr/25).",
-                                   minimum=0)
+    schedule: str = setting(
+        "cosine", "Learning-rate schedule (step replicates the notebook: StepLR).", choices=SCHEDULES
+    )
+    warmup_epochs: float = setting(
+        1.0, "Warmup length in epochs (linear from 0; onecycle: cosine up from lr/25).", minimum=0
+    )
     step_size: int = setting(7, "StepLR period in epochs (schedule = step).", minimum=1)
     step_gamma: float = setting(0.1, "StepLR decay factor (schedule = step).", minimum=0, maximum=1)
     label_smoothing: float = setting(0.1, "Label smoothing of the cross-entropy loss.", minimum=0, maximum=1)
     augmentation: str = setting("crop-flip", "Training augmentation.", choices=AUGMENTATIONS)
-    patience: int = setting(0, "Stop after this many epochs without a better val accuracy; 0 never stops early.",
-                            minimum=0)
+    patience: int = setting(
+        0, "Stop after this many epochs without a better val accuracy; 0 never stops early.", minimum=0
+    )
     input_size: int = setting(0, "Input crop in pixels; 0 uses the backbone's native size.", minimum=0)
-    minimum_crop_scale: float = setting(0.35,
-                                        "Smallest image area a random-resized crop keeps (crop-flip and policies).",
-                                        minimum=0.01, maximum=1)
-    stored_size: int = setting(0, "Side of the square uint8 image cache decoded once; 0 = the eval resize size "
-                                  "(e.g. 256 for a 224 crop). Smaller, such as 64 for 64 px thumbnails, is upscaled "
-                                  "per batch.", minimum=0)
-    ema_decay: float = setting(0.0, "Validate, select and test an exponential moving average of the weights with "
-                                    "this per-step decay; 0 = off.", minimum=0, maximum=1)
+    minimum_crop_scale: float = setting(
+        0.35, "Smallest image area a random-resized crop keeps (crop-flip and policies).", minimum=0.01, maximum=1
+    )
+    stored_size: int = setting(
+        0,
+        "Side of the square uint8 image cache decoded once; 0 = the eval resize size "
+        "(e.g. 256 for a 224 crop). Smaller, such as 64 for 64 px thumbnails, is upscaled "
+        "per batch.",
+        minimum=0,
+    )
+    ema_decay: float = setting(
+        0.0,
+        "Validate, select and test an exponential moving average of the weights with this per-step decay; 0 = off.",
+        minimum=0,
+        maximum=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -163,19 +215,27 @@ class FinetuneConfig(TrainConfig):
     backbones: list = setting(["resnet18", "efficientnet-b5"], "Pretrained backbones fine-tuned end to end.")
     backbone_lr_multiplier: float = setting(0.1, "Backbone learning rate = lr x this.", minimum=0)
     freeze_bn_stats: bool = setting(False, "Keep BatchNorm running statistics fixed while fine-tuning.")
-    fold_batchnorm: bool = setting(True, "Rewrite the convolutions for training, keeping the function: equal-sided "
-                                         "padding moves inside them and, with freeze_bn_stats, each frozen BatchNorm "
-                                         "is computed by the convolution before it, saving a pass over the "
-                                         "activations; rounding moves, so it is part of the key.")
+    fold_batchnorm: bool = setting(
+        True,
+        "Rewrite the convolutions for training, keeping the function: equal-sided "
+        "padding moves inside them and, with freeze_bn_stats, each frozen BatchNorm "
+        "is computed by the convolution before it, saving a pass over the "
+        "activations; rounding moves, so it is part of the key.",
+    )
     linear_probe: bool = setting(False, "Fit the new head on frozen features first (LP-FT), then fine-tune from it.")
-    probe_weight_decays: list = setting([1e-4, 1e-3, 1e-2], "L2 strengths of the linear probe (full-batch L-BFGS); "
-                                        "the best on val initialises the head.")
+    probe_weight_decays: list = setting(
+        [1e-4, 1e-3, 1e-2],
+        "L2 strengths of the linear probe (full-batch L-BFGS); the best on val initialises the head.",
+    )
 
 
 @dataclass(frozen=True)
 class CnnConfig(TrainConfig):
-    architecture: str = setting("bn-cnn", "bn-cnn (conv-BN-ReLU blocks, global pooling) or notebook (its exact net).",
-                                choices=("bn-cnn", "notebook"))
+    architecture: str = setting(
+        "bn-cnn",
+        "bn-cnn (conv-BN-ReLU blocks, global pooling) or notebook (its exact net).",
+        choices=("bn-cnn", "notebook"),
+    )
     widths: list = setting([32, 64, 128, 256], "Channels of each conv-BN-ReLU stage (bn-cnn).")
     convs_per_stage: int = setting(2, "Conv-BN-ReLU layers per stage (bn-cnn).", minimum=1)
     dropout: float = setting(0.2, "Dropout before the classifier.", minimum=0, maximum=1)
@@ -187,8 +247,11 @@ class ReportConfig:
     confused_pairs: int = setting(10, "Most-confused class pairs of the best arm listed by name.", minimum=0)
     lowest_classes: int = setting(10, "Lowest-accuracy classes of the best arm listed by name.", minimum=0)
     dpi: int = setting(100, "Resolution of the report's figures (dots per inch).", minimum=30, maximum=300)
-    flowers_references: bool = setting(True, "Show the notebook's and the published Flowers-102 accuracies and our "
-                                             "gap to each; false for other data (the demo).")
+    flowers_references: bool = setting(
+        True,
+        "Show the notebook's and the published Flowers-102 accuracies and our "
+        "gap to each; false for other data (the demo).",
+    )
 
 
 @dataclass(frozen=True)
@@ -306,8 +369,9 @@ def _build_section(section: str, cls: type, values: dict) -> Any:
 def _cross_check(config: Config) -> None:
     split_sizes = config.data.expected_split_sizes
     if len(split_sizes) != 3 or any(not isinstance(size, int) or size < 1 for size in split_sizes):
-        raise ConfigError(f"[data] expected_split_sizes must be three positive integers (train, val, test), "
-                          f"got {split_sizes!r}")
+        raise ConfigError(
+            f"[data] expected_split_sizes must be three positive integers (train, val, test), got {split_sizes!r}"
+        )
     if not config.heads.kinds:
         raise ConfigError(f"[heads] kinds must name at least one of: {', '.join(HEAD_KINDS)}")
     for key in ("softmax_weight_decays", "logistic_cs"):
@@ -357,8 +421,12 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
     return config
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), data_dir: str | None = None,
-                device: str | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple = (),
+    data_dir: str | None = None,
+    device: str | None = None,
+) -> Config:
     """Read a TOML config, apply `section.key=value` overrides and the DATA_DIR / DEVICE shortcuts."""
     raw: dict = {}
     source = "<defaults>"

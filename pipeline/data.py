@@ -3,6 +3,7 @@
 Layout (torchvision's `Flowers102`): `<root>/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}`.
 `DATA_DIR` may point at `<root>` or at the `flowers-102` folder itself; it is only ever read.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,7 @@ SPLITS = ("train", "val", "test")
 # setid.mat variable per split; note the official "trnid"/"valid"/"tstid" names.
 SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
 URL_PREFIX = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
-OFFICIAL_MD5 = {"imagelabels.mat": "e0620be6f572b9609742df49c70aed4d",
-                "setid.mat": "a5357ecc9cb78c4bef273ce3793fc85c"}
+OFFICIAL_MD5 = {"imagelabels.mat": "e0620be6f572b9609742df49c70aed4d", "setid.mat": "a5357ecc9cb78c4bef273ce3793fc85c"}
 FOLDER = "flowers-102"
 # Optional, one class name per line in label order (the demo dataset writes one); Flowers-102 has none.
 CLASS_NAMES_FILE = "classnames.txt"
@@ -43,6 +43,7 @@ def class_names(num_classes: int, folder: Path | None = None) -> list[str]:
         return names
     if num_classes == 102:
         from torchvision.datasets import Flowers102
+
         return list(Flowers102.classes)
     return [f"class {index}" for index in range(num_classes)]
 
@@ -70,23 +71,26 @@ def md5_of(path: Path) -> str:
 def _file_digests(folder: Path, names: list, memo_path: Path | None, write: bool) -> list[str]:
     """sha256 of each file, reusing a memo of earlier digests for files whose size, times and inode are unchanged."""
     from . import cache
+
     memo = {}
     if memo_path is not None:
         try:
             memo = json.loads(Path(memo_path).read_text())
         except (OSError, ValueError):
-            memo = {}           # absent or torn: every file is hashed again
+            memo = {}  # absent or torn: every file is hashed again
     fresh, digests = {}, []
     for name in names:
         path = folder / name
         try:
             status = os.stat(path)
         except FileNotFoundError:
-            raise DataError(f"{path} is missing or a dangling link; replace it or point DATA_DIR at a complete copy") \
-                from None
+            raise DataError(
+                f"{path} is missing or a dangling link; replace it or point DATA_DIR at a complete copy"
+            ) from None
         except OSError as error:
-            raise DataError(f"cannot read {path} ({error.strerror or error}); make it readable or point DATA_DIR "
-                            "at a readable copy") from None
+            raise DataError(
+                f"cannot read {path} ({error.strerror or error}); make it readable or point DATA_DIR at a readable copy"
+            ) from None
         stamp = [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino]
         known = memo.get(name)
         if known is not None and known[:4] == stamp:
@@ -95,12 +99,14 @@ def _file_digests(folder: Path, names: list, memo_path: Path | None, write: bool
             try:
                 digest = cache.file_digest(path)
             except OSError as error:
-                raise DataError(f"cannot read {path} ({error.strerror or error}); make it readable or point "
-                                "DATA_DIR at a readable copy") from None
+                raise DataError(
+                    f"cannot read {path} ({error.strerror or error}); make it readable or point "
+                    "DATA_DIR at a readable copy"
+                ) from None
         fresh[name] = stamp + [digest]
         digests.append(digest)
     if write and memo_path is not None and fresh != memo:
-        with contextlib.suppress(cache.CacheError):     # only a speed-up: the next run hashes again
+        with contextlib.suppress(cache.CacheError):  # only a speed-up: the next run hashes again
             cache.write_json_atomic(memo_path, fresh)
     return digests
 
@@ -124,8 +130,10 @@ def fingerprint(folder: Path, memo_path: Path | None = None, write_memo: bool = 
             with os.scandir(images) as entries:
                 names += sorted(f"jpg/{entry.name}" for entry in entries if entry.name.endswith(".jpg"))
         except OSError as error:
-            raise DataError(f"cannot list {images} ({error.strerror or error}); make it readable or point DATA_DIR "
-                            "at a readable copy") from None
+            raise DataError(
+                f"cannot list {images} ({error.strerror or error}); make it readable or point DATA_DIR "
+                "at a readable copy"
+            ) from None
     digests = _file_digests(folder, names, memo_path, write_memo)
     material = "\n".join(f"{name} {digest}" for name, digest in zip(names, digests, strict=True))
     return hashlib.sha256(material.encode()).hexdigest()[:16]
@@ -134,6 +142,7 @@ def fingerprint(folder: Path, memo_path: Path | None = None, write_memo: bool = 
 def download(root: Path) -> None:
     """Fetch Flowers-102 through torchvision into `root` (needs internet)."""
     from torchvision.datasets import Flowers102
+
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -143,51 +152,61 @@ def download(root: Path) -> None:
         raise DataError(
             f"could not download Flowers-102 from {URL_PREFIX} ({type(error).__name__}: {str(error)[:120]}); "
             f"place 102flowers.tgz's jpg/ folder with imagelabels.mat and setid.mat in {root / FOLDER}/ "
-            "or pass DATA_DIR=<folder holding flowers-102/>") from None
+            "or pass DATA_DIR=<folder holding flowers-102/>"
+        ) from None
 
 
 def missing_message(folder: Path, what: str) -> str:
-    return (f"Flowers-102 not found: {what}; expected {folder}/jpg/image_00001.jpg..., {folder}/imagelabels.mat "
-            f"and {folder}/setid.mat (from {URL_PREFIX}); pass DATA_DIR=<folder holding flowers-102/> "
-            "or enable [data] download with internet")
+    return (
+        f"Flowers-102 not found: {what}; expected {folder}/jpg/image_00001.jpg..., {folder}/imagelabels.mat "
+        f"and {folder}/setid.mat (from {URL_PREFIX}); pass DATA_DIR=<folder holding flowers-102/> "
+        "or enable [data] download with internet"
+    )
 
 
 @dataclass(frozen=True)
 class DatasetIndex:
     folder: Path
     class_names: list
-    image_ids: dict      # split -> numpy int array (1-based official ids)
-    labels: dict         # split -> numpy int array (0-based)
+    image_ids: dict  # split -> numpy int array (1-based official ids)
+    labels: dict  # split -> numpy int array (0-based)
     skipped: tuple = ()  # (file name, reason) of unreadable images dropped by [data] skip_bad_images
 
     def paths(self, split: str) -> list[Path]:
         return [image_path(self.folder, image_id) for image_id in self.image_ids[split]]
 
     def to_json(self) -> dict:
-        return {"folder": str(self.folder), "class_names": self.class_names,
-                "image_ids": {split: ids.tolist() for split, ids in self.image_ids.items()},
-                "labels": {split: labels.tolist() for split, labels in self.labels.items()},
-                "skipped": [list(item) for item in self.skipped]}
+        return {
+            "folder": str(self.folder),
+            "class_names": self.class_names,
+            "image_ids": {split: ids.tolist() for split, ids in self.image_ids.items()},
+            "labels": {split: labels.tolist() for split, labels in self.labels.items()},
+            "skipped": [list(item) for item in self.skipped],
+        }
 
     @classmethod
     def from_json(cls, value: dict) -> DatasetIndex:
-        return cls(folder=Path(value["folder"]), class_names=list(value["class_names"]),
-                   image_ids={split: numpy.asarray(ids, dtype=numpy.int64)
-                              for split, ids in value["image_ids"].items()},
-                   labels={split: numpy.asarray(labels, dtype=numpy.int64)
-                           for split, labels in value["labels"].items()},
-                   skipped=tuple(tuple(item) for item in value.get("skipped", [])))
+        return cls(
+            folder=Path(value["folder"]),
+            class_names=list(value["class_names"]),
+            image_ids={split: numpy.asarray(ids, dtype=numpy.int64) for split, ids in value["image_ids"].items()},
+            labels={split: numpy.asarray(labels, dtype=numpy.int64) for split, labels in value["labels"].items()},
+            skipped=tuple(tuple(item) for item in value.get("skipped", [])),
+        )
 
 
 def _load_mat(path: Path) -> dict:
     from scipy.io import loadmat
+
     try:
         return loadmat(path, squeeze_me=True)
     except OSError:
-        raise                   # permission or I/O: verify() names the file and the fix
+        raise  # permission or I/O: verify() names the file and the fix
     except Exception as error:  # scipy raises several types for a damaged file
-        raise DataError(f"{path} cannot be read as a MATLAB file ({type(error).__name__}); "
-                        f"replace it with the official one from {URL_PREFIX}{path.name}") from None
+        raise DataError(
+            f"{path} cannot be read as a MATLAB file ({type(error).__name__}); "
+            f"replace it with the official one from {URL_PREFIX}{path.name}"
+        ) from None
 
 
 def _integral(values: numpy.ndarray, what: str) -> numpy.ndarray:
@@ -198,24 +217,28 @@ def _integral(values: numpy.ndarray, what: str) -> numpy.ndarray:
         raise DataError(f"{what} holds non-numeric values; use the official file") from None
     bad = ~numpy.isfinite(as_float) | (as_float != numpy.round(as_float))
     if bad.any():
-        raise DataError(f"{what} holds {bad.sum()} value(s) that are not whole numbers, e.g. "
-                        f"{float(as_float[bad][0])!r} at position {int(numpy.flatnonzero(bad)[0])}; "
-                        "use the official file")
+        raise DataError(
+            f"{what} holds {bad.sum()} value(s) that are not whole numbers, e.g. "
+            f"{float(as_float[bad][0])!r} at position {int(numpy.flatnonzero(bad)[0])}; "
+            "use the official file"
+        )
     return as_float.astype(numpy.int64)
 
 
 def unreadable_message(error: OSError, fallback: Path) -> str:
     """One line for a file-system error on the data: the path, the reason and the fix."""
     path = error.filename or fallback
-    return (f"cannot read {path} ({error.strerror or error}); make it readable (or replace it) or point "
-            "DATA_DIR at a readable copy")
+    return (
+        f"cannot read {path} ({error.strerror or error}); make it readable (or replace it) or point "
+        "DATA_DIR at a readable copy"
+    )
 
 
 def verify(folder: Path, settings: DataConfig) -> DatasetIndex:
     """Check the dataset against the config and return its split index; DataError says what is wrong."""
     try:
         return _verify(Path(folder), settings)
-    except OSError as error:    # permission denied, a dangling link, an I/O error: never a traceback
+    except OSError as error:  # permission denied, a dangling link, an I/O error: never a traceback
         raise DataError(unreadable_message(error, Path(folder))) from None
 
 
@@ -232,27 +255,37 @@ def _verify(folder: Path, settings: DataConfig) -> DatasetIndex:
         for name, expected in OFFICIAL_MD5.items():
             actual = md5_of(folder / name)
             if actual != expected:
-                raise DataError(f"{folder / name} has md5 {actual}, not the official {expected}; re-download it from "
-                                f"{URL_PREFIX}{name} (or set [data] check_md5 = false for a custom split)")
+                raise DataError(
+                    f"{folder / name} has md5 {actual}, not the official {expected}; re-download it from "
+                    f"{URL_PREFIX}{name} (or set [data] check_md5 = false for a custom split)"
+                )
     labels_mat = _load_mat(folder / "imagelabels.mat")
     if "labels" not in labels_mat:
         raise DataError(f"{folder / 'imagelabels.mat'} has no 'labels' variable; use the official file")
     labels = numpy.atleast_1d(numpy.asarray(labels_mat["labels"]))
     if labels.ndim != 1:
-        raise DataError(f"{folder / 'imagelabels.mat'} 'labels' has shape {labels.shape}, expected one row of "
-                        f"{settings.expected_images}; use the official file")
+        raise DataError(
+            f"{folder / 'imagelabels.mat'} 'labels' has shape {labels.shape}, expected one row of "
+            f"{settings.expected_images}; use the official file"
+        )
     labels = _integral(labels, f"{folder / 'imagelabels.mat'} 'labels'")
     if len(labels) != settings.expected_images:
-        raise DataError(f"{folder / 'imagelabels.mat'} lists {len(labels)} labels, expected {settings.expected_images} "
-                        "([data] expected_images)")
+        raise DataError(
+            f"{folder / 'imagelabels.mat'} lists {len(labels)} labels, expected {settings.expected_images} "
+            "([data] expected_images)"
+        )
     if labels.min() < 1 or labels.max() > settings.num_classes:
-        raise DataError(f"{folder / 'imagelabels.mat'} has labels {labels.min()}..{labels.max()}, "
-                        f"expected 1..{settings.num_classes} ([data] num_classes)")
+        raise DataError(
+            f"{folder / 'imagelabels.mat'} has labels {labels.min()}..{labels.max()}, "
+            f"expected 1..{settings.num_classes} ([data] num_classes)"
+        )
     found = len(labels)
     image_names = {entry for entry in os.listdir(folder / "jpg") if entry.endswith(".jpg")}
     if len(image_names) != settings.expected_images:
-        raise DataError(f"{folder / 'jpg'} holds {len(image_names)} images, expected {settings.expected_images}; "
-                        "re-extract 102flowers.tgz there")
+        raise DataError(
+            f"{folder / 'jpg'} holds {len(image_names)} images, expected {settings.expected_images}; "
+            "re-extract 102flowers.tgz there"
+        )
     split_mat = _load_mat(folder / "setid.mat")
     image_ids, split_labels, seen = {}, {}, set()
     for split, expected_size in zip(SPLITS, settings.expected_split_sizes, strict=True):
@@ -261,26 +294,34 @@ def _verify(folder: Path, settings: DataConfig) -> DatasetIndex:
             raise DataError(f"{folder / 'setid.mat'} has no '{key}' variable; use the official file")
         ids = numpy.atleast_1d(numpy.asarray(split_mat[key]))
         if ids.ndim != 1:
-            raise DataError(f"{folder / 'setid.mat'} '{key}' has shape {ids.shape}, expected one row of image ids; "
-                            "use the official file")
+            raise DataError(
+                f"{folder / 'setid.mat'} '{key}' has shape {ids.shape}, expected one row of image ids; "
+                "use the official file"
+            )
         ids = _integral(ids, f"{folder / 'setid.mat'} '{key}'")
         if len(ids) != expected_size:
-            raise DataError(f"{folder / 'setid.mat'} split {split} has {len(ids)} images, expected {expected_size} "
-                            "([data] expected_split_sizes)")
+            raise DataError(
+                f"{folder / 'setid.mat'} split {split} has {len(ids)} images, expected {expected_size} "
+                "([data] expected_split_sizes)"
+            )
         if ids.min() < 1 or ids.max() > found:
             raise DataError(f"{folder / 'setid.mat'} split {split} refers to image ids outside 1..{found}")
         unique, counts = numpy.unique(ids, return_counts=True)
         if (counts > 1).any():
-            raise DataError(f"{folder / 'setid.mat'} split {split} lists image {unique[counts > 1][0]} more than once; "
-                            "use the official file")
+            raise DataError(
+                f"{folder / 'setid.mat'} split {split} lists image {unique[counts > 1][0]} more than once; "
+                "use the official file"
+            )
         overlap = seen.intersection(ids.tolist())
         if overlap:
             raise DataError(f"{folder / 'setid.mat'}: image {min(overlap)} is in more than one split")
         seen.update(ids.tolist())
         missing = [image_id for image_id in ids if image_path(folder, image_id).name not in image_names]
         if missing:
-            raise DataError(f"{len(missing)} images of split {split} are missing, e.g. "
-                            f"{image_path(folder, missing[0])}; re-extract 102flowers.tgz")
+            raise DataError(
+                f"{len(missing)} images of split {split} are missing, e.g. "
+                f"{image_path(folder, missing[0])}; re-extract 102flowers.tgz"
+            )
         image_ids[split] = ids
         split_labels[split] = labels[ids - 1] - 1
     skipped = []
@@ -288,20 +329,28 @@ def _verify(folder: Path, settings: DataConfig) -> DatasetIndex:
         bad = unreadable_images(folder, sorted(seen))
         if bad and not settings.skip_bad_images:
             image_id, reason = bad[0]
-            raise DataError(f"{len(bad)} unreadable image(s), e.g. {image_path(folder, image_id)} ({reason}); replace "
-                            "them from 102flowers.tgz, or set [data] skip_bad_images = true to leave them out")
+            raise DataError(
+                f"{len(bad)} unreadable image(s), e.g. {image_path(folder, image_id)} ({reason}); replace "
+                "them from 102flowers.tgz, or set [data] skip_bad_images = true to leave them out"
+            )
         for split in SPLITS:
             keep = ~numpy.isin(image_ids[split], [image_id for image_id, _ in bad])
             image_ids[split], split_labels[split] = image_ids[split][keep], split_labels[split][keep]
         skipped = [(image_path(folder, image_id).name, reason) for image_id, reason in bad]
-    return DatasetIndex(folder=folder.resolve(), class_names=class_names(settings.num_classes, folder),
-                        image_ids=image_ids, labels=split_labels, skipped=tuple(skipped))
+    return DatasetIndex(
+        folder=folder.resolve(),
+        class_names=class_names(settings.num_classes, folder),
+        image_ids=image_ids,
+        labels=split_labels,
+        skipped=tuple(skipped),
+    )
 
 
 def unreadable_images(folder: Path, image_ids) -> list[tuple[int, str]]:
     """(id, reason) for every image that does not decode cleanly (pixels.decode_problem: corrupt-data
     warnings count as failures)."""
     from .pixels import decode_problem
+
     bad = []
     for image_id in image_ids:
         problem = decode_problem(image_path(folder, image_id))

@@ -13,6 +13,7 @@ of the spec and its id alone, so the same settings write the same bytes. Generat
 temporary folder and renames it into place when complete; a folder this module did not make is
 never replaced.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,16 +43,18 @@ class DemoDataError(PipelineError, RuntimeError):
 @dataclass(frozen=True)
 class DemoSpec:
     """What the generated dataset looks like; recorded in demo.json."""
+
     num_classes: int = 8
-    per_class: tuple = (10, 10, 20)      # train, val, test images per class
+    per_class: tuple = (10, 10, 20)  # train, val, test images per class
     pixels: int = 96
     seed: int = 0
     jpeg_quality: int = 90
 
     def __post_init__(self):
         if not 2 <= self.num_classes <= len(CLASSES):
-            raise DemoDataError(f"the demo dataset has 2 to {len(CLASSES)} classes ({', '.join(CLASSES)}), "
-                                f"not {self.num_classes}")
+            raise DemoDataError(
+                f"the demo dataset has 2 to {len(CLASSES)} classes ({', '.join(CLASSES)}), not {self.num_classes}"
+            )
         if len(self.per_class) != 3 or min(self.per_class) < 1:
             raise DemoDataError(f"per_class must be 3 positive counts (train, val, test), not {self.per_class}")
         if self.pixels < 16:
@@ -65,27 +68,39 @@ class DemoSpec:
         return [self.num_classes * count for count in self.per_class]
 
     def to_json(self) -> dict:
-        return {"generator_version": GENERATOR_VERSION, **asdict(self), "per_class": list(self.per_class),
-                "classes": list(CLASSES[:self.num_classes])}
+        return {
+            "generator_version": GENERATOR_VERSION,
+            **asdict(self),
+            "per_class": list(self.per_class),
+            "classes": list(CLASSES[: self.num_classes]),
+        }
 
 
 def spec_for(settings: DataConfig, pixels: int = 96, seed: int = 0) -> DemoSpec:
     """The demo dataset that a config's [data] section expects (split sizes divide evenly by class)."""
     sizes = list(settings.expected_split_sizes)
     if len(sizes) != 3 or any(size % settings.num_classes for size in sizes):
-        raise DemoDataError(f"[data] expected_split_sizes {sizes} must be 3 multiples of num_classes "
-                            f"({settings.num_classes}) for the demo dataset")
+        raise DemoDataError(
+            f"[data] expected_split_sizes {sizes} must be 3 multiples of num_classes "
+            f"({settings.num_classes}) for the demo dataset"
+        )
     spec = DemoSpec(settings.num_classes, tuple(size // settings.num_classes for size in sizes), pixels, seed)
     if spec.total != settings.expected_images:
-        raise DemoDataError(f"[data] expected_images is {settings.expected_images}, but the splits add up to "
-                            f"{spec.total}")
+        raise DemoDataError(
+            f"[data] expected_images is {settings.expected_images}, but the splits add up to {spec.total}"
+        )
     return spec
 
 
 def data_settings(spec: DemoSpec) -> DataConfig:
     """The [data] settings under which `pipeline.data.verify` accepts this dataset."""
-    return DataConfig(check_md5=False, download=False, num_classes=spec.num_classes, expected_images=spec.total,
-                      expected_split_sizes=spec.split_sizes())
+    return DataConfig(
+        check_md5=False,
+        download=False,
+        num_classes=spec.num_classes,
+        expected_images=spec.total,
+        expected_split_sizes=spec.split_sizes(),
+    )
 
 
 # --- drawing ---------------------------------------------------------------------------------------
@@ -131,14 +146,20 @@ def shape_alpha(name: str, u: numpy.ndarray, v: numpy.ndarray, size: float, rng:
         angles = rng.uniform(0, 2 * numpy.pi, count)
         reach = size * numpy.sqrt(rng.uniform(0.05, 1.0, count)) * 0.8
         radii = size * rng.uniform(0.12, 0.2, count)
-        distance = numpy.min([numpy.hypot(u - r * numpy.cos(a), v - r * numpy.sin(a)) - dot
-                              for a, r, dot in zip(angles, reach, radii, strict=True)], axis=0)
+        distance = numpy.min(
+            [
+                numpy.hypot(u - r * numpy.cos(a), v - r * numpy.sin(a)) - dot
+                for a, r, dot in zip(angles, reach, radii, strict=True)
+            ],
+            axis=0,
+        )
         return _soft(distance)
     raise DemoDataError(f"unknown demo class {name!r}; classes: {', '.join(CLASSES)}")
 
 
 def _hsv_to_rgb(hue: float, saturation: float, value: float) -> numpy.ndarray:
     import colorsys
+
     return 255.0 * numpy.array(colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
@@ -189,13 +210,13 @@ def assignment(spec: DemoSpec) -> tuple[numpy.ndarray, dict]:
     """1-based labels of images 1..total, and the 1-based image ids of each split."""
     rng = numpy.random.default_rng([spec.seed, 0x5EED])
     labels = numpy.repeat(numpy.arange(1, spec.num_classes + 1), sum(spec.per_class))
-    labels = labels[rng.permutation(spec.total)]     # ids shuffled across classes, as in the real set
+    labels = labels[rng.permutation(spec.total)]  # ids shuffled across classes, as in the real set
     split_ids = {split: [] for split in data.SPLITS}
     for label in range(1, spec.num_classes + 1):
         ids = numpy.flatnonzero(labels == label) + 1
         start = 0
         for split, count in zip(data.SPLITS, spec.per_class, strict=True):
-            split_ids[split] += ids[start:start + count].tolist()
+            split_ids[split] += ids[start : start + count].tolist()
             start += count
     return labels, {split: numpy.sort(numpy.asarray(ids, dtype=numpy.int64)) for split, ids in split_ids.items()}
 
@@ -206,6 +227,7 @@ def _write_mat(path: Path, variables: dict) -> None:
     import io
 
     from scipy.io import savemat
+
     buffer = io.BytesIO()
     savemat(buffer, variables)
     header = b"MATLAB 5.0 MAT-file, written by flowers-transfer's demo generator".ljust(116)
@@ -219,12 +241,15 @@ def write(folder: Path, spec: DemoSpec) -> None:
     (folder / "jpg").mkdir(parents=True, exist_ok=True)
     labels, split_ids = assignment(spec)
     for image_id, label in enumerate(labels, start=1):
-        Image.fromarray(render(int(label) - 1, image_id, spec)).save(data.image_path(folder, image_id),
-                                                                     quality=spec.jpeg_quality)
+        Image.fromarray(render(int(label) - 1, image_id, spec)).save(
+            data.image_path(folder, image_id), quality=spec.jpeg_quality
+        )
     _write_mat(folder / "imagelabels.mat", {"labels": labels.astype(numpy.uint8).reshape(1, -1)})
-    _write_mat(folder / "setid.mat", {key: split_ids[split].astype(numpy.uint16).reshape(1, -1)
-                                      for split, key in data.SPLIT_KEYS.items()})
-    (folder / data.CLASS_NAMES_FILE).write_text("\n".join(CLASSES[:spec.num_classes]) + "\n")
+    _write_mat(
+        folder / "setid.mat",
+        {key: split_ids[split].astype(numpy.uint16).reshape(1, -1) for split, key in data.SPLIT_KEYS.items()},
+    )
+    (folder / data.CLASS_NAMES_FILE).write_text("\n".join(CLASSES[: spec.num_classes]) + "\n")
     (folder / MARKER).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
 
 
@@ -245,8 +270,10 @@ def ensure(root: str | Path, spec: DemoSpec, force: bool = False, log=print) -> 
     folder = root / data.FOLDER
     recorded = made_here(folder)
     if folder.exists() and recorded is None:
-        raise DemoDataError(f"{folder} exists and was not made by the demo generator (no {MARKER}); "
-                            "move it away or point the demo at another folder")
+        raise DemoDataError(
+            f"{folder} exists and was not made by the demo generator (no {MARKER}); "
+            "move it away or point the demo at another folder"
+        )
     if not force and recorded == spec.to_json():
         try:
             data.verify(folder, data_settings(spec))
@@ -258,8 +285,10 @@ def ensure(root: str | Path, spec: DemoSpec, force: bool = False, log=print) -> 
     root.mkdir(parents=True, exist_ok=True)
     partial = root / f"{data.FOLDER}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    log(f"[demo-data] writing {spec.total} procedural {spec.pixels} px images of {spec.num_classes} classes "
-        f"({', '.join(CLASSES[:spec.num_classes])}) into {folder}")
+    log(
+        f"[demo-data] writing {spec.total} procedural {spec.pixels} px images of {spec.num_classes} classes "
+        f"({', '.join(CLASSES[: spec.num_classes])}) into {folder}"
+    )
     try:
         write(partial, spec)
         data.verify(partial, data_settings(spec))
@@ -278,10 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     def action():
         arguments = parser("Generate the demo's procedural dataset at [data] root (skipped when present).")
         arguments.add_argument("--pixels", type=int, default=DemoSpec.pixels, help="image side (default %(default)s)")
-        arguments.add_argument("--data-seed", type=int, default=DemoSpec.seed,
-                               help="seed of the images and splits (default %(default)s)")
+        arguments.add_argument(
+            "--data-seed", type=int, default=DemoSpec.seed, help="seed of the images and splits (default %(default)s)"
+        )
         parsed = arguments.parse_args(argv)
         config = load(parsed)
         spec = spec_for(config.data, pixels=parsed.pixels, seed=parsed.data_seed)
         ensure(config.data.root, spec, force=parsed.force)
+
     return guarded(action)

@@ -6,6 +6,7 @@ builds the stages that do not split their work, while the others wait at a barri
 split (features, finetune, cnn) run on every rank and write their final files from rank 0 only.
 Backend: gloo on CPU, nccl on CUDA (one GPU per local rank).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -27,9 +28,11 @@ def check_batch_size(section: str, batch_size: int) -> None:
     """The configured batch is the global batch: it must split evenly over the processes."""
     world = world_size()
     if batch_size % world:
-        raise DistributedError(f"[{section}] batch_size {batch_size} is the global batch and must divide evenly "
-                               f"over {world} processes; use a multiple of {world} "
-                               f"(e.g. --set {section}.batch_size={batch_size - batch_size % world or world})")
+        raise DistributedError(
+            f"[{section}] batch_size {batch_size} is the global batch and must divide evenly "
+            f"over {world} processes; use a multiple of {world} "
+            f"(e.g. --set {section}.batch_size={batch_size - batch_size % world or world})"
+        )
 
 
 def launched() -> bool:
@@ -38,9 +41,10 @@ def launched() -> bool:
 
 
 def active() -> bool:
-    if not launched():        # no launcher: answer without importing torch (CLI start-up stays fast)
+    if not launched():  # no launcher: answer without importing torch (CLI start-up stays fast)
         return False
     import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized()
 
 
@@ -50,6 +54,7 @@ def setup(device: str) -> str:
         return device
     import torch
     import torch.distributed as dist
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
@@ -62,6 +67,7 @@ def setup(device: str) -> str:
 def shutdown() -> None:
     if active():
         import torch.distributed as dist
+
         dist.destroy_process_group()
 
 
@@ -69,6 +75,7 @@ def rank() -> int:
     if not active():
         return 0
     import torch.distributed as dist
+
     return dist.get_rank()
 
 
@@ -76,6 +83,7 @@ def world_size() -> int:
     if not active():
         return 1
     import torch.distributed as dist
+
     return dist.get_world_size()
 
 
@@ -86,6 +94,7 @@ def is_main() -> bool:
 def barrier() -> None:
     if active():
         import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -94,6 +103,7 @@ def broadcast(value: Any) -> Any:
     if not active():
         return value
     import torch.distributed as dist
+
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -104,6 +114,7 @@ def sum_values(values: list[float]) -> list[float]:
     if not active():
         return list(values)
     import torch.distributed as dist
+
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, [float(value) for value in values])
     return [sum(column) for column in zip(*gathered, strict=True)]
@@ -115,11 +126,12 @@ def gather_rows(rows):
         return rows
     import torch
     import torch.distributed as dist
+
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, rows.cpu())
     merged = torch.empty((sum(len(part) for part in gathered), *rows.shape[1:]), dtype=rows.dtype)
     for position, part in enumerate(gathered):
-        merged[position::len(gathered)] = part
+        merged[position :: len(gathered)] = part
     return merged.to(rows.device)
 
 

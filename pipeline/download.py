@@ -1,4 +1,5 @@
 """The download stage: make Flowers-102 available (download or DATA_DIR) and verify it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -25,12 +26,17 @@ def fingerprint_memo(cache_root: Path, folder: Path) -> Path:
 
 def plan(config: Config, graph) -> list[Unit]:
     folder = data.dataset_folder(data_root(config))
-    settings = {"folder": str(folder), "check_md5": config.data.check_md5, "num_classes": config.data.num_classes,
-                "expected_images": config.data.expected_images,
-                "expected_split_sizes": list(config.data.expected_split_sizes),
-                "check_images": config.data.check_images, "skip_bad_images": config.data.skip_bad_images,
-                # Content, not just the path: other data behind the same path must rebuild downstream.
-                "fingerprint": data.fingerprint(folder, fingerprint_memo(graph.cache_root, folder))}
+    settings = {
+        "folder": str(folder),
+        "check_md5": config.data.check_md5,
+        "num_classes": config.data.num_classes,
+        "expected_images": config.data.expected_images,
+        "expected_split_sizes": list(config.data.expected_split_sizes),
+        "check_images": config.data.check_images,
+        "skip_bad_images": config.data.skip_bad_images,
+        # Content, not just the path: other data behind the same path must rebuild downstream.
+        "fingerprint": data.fingerprint(folder, fingerprint_memo(graph.cache_root, folder)),
+    }
     return [Unit(stage="download", name=UNIT, code_version="1", settings=settings)]
 
 
@@ -50,17 +56,22 @@ def build(context: BuildContext) -> BuildResult:
         folder = data.dataset_folder(root)
         index = data.verify(folder, config.data)
     if index.skipped:
-        context.log(f"[download] warning: skipped {len(index.skipped)} unreadable image(s): "
-                    + ", ".join(f"{name} ({reason})" for name, reason in index.skipped))
+        context.log(
+            f"[download] warning: skipped {len(index.skipped)} unreadable image(s): "
+            + ", ".join(f"{name} ({reason})" for name, reason in index.skipped)
+        )
     cache.write_json_atomic(context.directory / INDEX, index.to_json())
     # Remember every file's digest, so later plans only stat the files (planning itself writes nothing).
     data.fingerprint(folder, fingerprint_memo(context.cache_root, folder), write_memo=True)
     sizes = {split: int(len(index.image_ids[split])) for split in data.SPLITS}
-    context.log("[download] verified " + ", ".join(f"{split} {size}" for split, size in sizes.items())
-                + f" images in {folder}")
-    return BuildResult(files=[INDEX], metrics={"split_sizes": sizes, "num_classes": len(index.class_names),
-                                               "skipped_images": len(index.skipped)},
-                       extra={"folder": str(folder)})
+    context.log(
+        "[download] verified " + ", ".join(f"{split} {size}" for split, size in sizes.items()) + f" images in {folder}"
+    )
+    return BuildResult(
+        files=[INDEX],
+        metrics={"split_sizes": sizes, "num_classes": len(index.class_names), "skipped_images": len(index.skipped)},
+        extra={"folder": str(folder)},
+    )
 
 
 def load_index(directory: Path) -> data.DatasetIndex:
@@ -68,5 +79,13 @@ def load_index(directory: Path) -> data.DatasetIndex:
     return data.DatasetIndex.from_json(read_json(Path(directory) / INDEX))
 
 
-STAGE = register_stage(Stage(name="download", description="Locate or download Flowers-102 and verify it.",
-                             code_version="1", depends_on=(), plan=plan, build=build))
+STAGE = register_stage(
+    Stage(
+        name="download",
+        description="Locate or download Flowers-102 and verify it.",
+        code_version="1",
+        depends_on=(),
+        plan=plan,
+        build=build,
+    )
+)

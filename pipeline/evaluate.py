@@ -1,4 +1,5 @@
 """Test metrics and the one result record every arm writes (what the report reads)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,10 +11,29 @@ from . import cache
 RESULT = "result.json"
 METHODS = ("scratch", "frozen", "finetune")
 # Fields every arm's result.json carries (docs/results.md documents them).
-REQUIRED_FIELDS = ("arm", "method", "backbone", "head", "input_size", "train_images", "fit_on", "seed", "device",
-                   "test_top1", "test_mean_per_class", "val_top1", "train_seconds", "extract_seconds",
-                   "eval_seconds", "total_seconds", "images_per_second", "per_class_accuracy", "confusion_matrix",
-                   "class_names", "selected")
+REQUIRED_FIELDS = (
+    "arm",
+    "method",
+    "backbone",
+    "head",
+    "input_size",
+    "train_images",
+    "fit_on",
+    "seed",
+    "device",
+    "test_top1",
+    "test_mean_per_class",
+    "val_top1",
+    "train_seconds",
+    "extract_seconds",
+    "eval_seconds",
+    "total_seconds",
+    "images_per_second",
+    "per_class_accuracy",
+    "confusion_matrix",
+    "class_names",
+    "selected",
+)
 
 
 def classification_metrics(labels, predictions, num_classes: int) -> dict:
@@ -25,12 +45,13 @@ def classification_metrics(labels, predictions, num_classes: int) -> dict:
     confusion = numpy.zeros((num_classes, num_classes), dtype=numpy.int64)
     numpy.add.at(confusion, (labels, predictions), 1)
     support = confusion.sum(axis=1)
-    per_class = numpy.divide(numpy.diag(confusion), support, out=numpy.full(num_classes, numpy.nan),
-                             where=support > 0)
-    return {"top1": float(numpy.mean(labels == predictions)) if len(labels) else float("nan"),
-            "mean_per_class": float(numpy.nanmean(per_class)) if numpy.any(support > 0) else float("nan"),
-            "per_class_accuracy": [None if numpy.isnan(value) else float(value) for value in per_class],
-            "confusion_matrix": confusion.tolist()}
+    per_class = numpy.divide(numpy.diag(confusion), support, out=numpy.full(num_classes, numpy.nan), where=support > 0)
+    return {
+        "top1": float(numpy.mean(labels == predictions)) if len(labels) else float("nan"),
+        "mean_per_class": float(numpy.nanmean(per_class)) if numpy.any(support > 0) else float("nan"),
+        "per_class_accuracy": [None if numpy.isnan(value) else float(value) for value in per_class],
+        "confusion_matrix": confusion.tolist(),
+    }
 
 
 def write_result(directory: Path, record: dict) -> None:

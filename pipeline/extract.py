@@ -19,6 +19,7 @@ file that is renamed to its final name only once every group is complete, so a k
 never leaves a file that reads as complete, memory stays flat in the dataset size, and a rerun resumes
 after the last flushed block (an error or Ctrl-C flushes the rows already computed first).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,21 +58,27 @@ class FeaturesFileError(PipelineError, RuntimeError):
 @dataclass(frozen=True)
 class Job:
     """One group of rows to extract: which images, with which transform, and what to record."""
+
     group: str
-    paths: list                  # image file per row
-    labels: numpy.ndarray        # int64 [N]
-    image_ids: numpy.ndarray     # int64 [N]
-    views: numpy.ndarray         # int64 [N]; 0 = eval crop
+    paths: list  # image file per row
+    labels: numpy.ndarray  # int64 [N]
+    image_ids: numpy.ndarray  # int64 [N]
+    views: numpy.ndarray  # int64 [N]; 0 = eval crop
     transform: Callable
-    seed: int | None = None      # per-row seeding for random (augmented) transforms
-    rows: numpy.ndarray | None = None   # each row's number in the unsharded job (seeds its view); None = own
+    seed: int | None = None  # per-row seeding for random (augmented) transforms
+    rows: numpy.ndarray | None = None  # each row's number in the unsharded job (seeds its view); None = own
 
     def shard(self, rank: int, world: int) -> Job:
         """Rows rank, rank + world, ... of this job (one process's part of a sharded extraction)."""
         rows = numpy.arange(len(self.paths)) if self.rows is None else self.rows
-        return dataclasses.replace(self, paths=self.paths[rank::world], labels=self.labels[rank::world],
-                                   image_ids=self.image_ids[rank::world], views=self.views[rank::world],
-                                   rows=rows[rank::world])
+        return dataclasses.replace(
+            self,
+            paths=self.paths[rank::world],
+            labels=self.labels[rank::world],
+            image_ids=self.image_ids[rank::world],
+            views=self.views[rank::world],
+            rows=rows[rank::world],
+        )
 
 
 _SEEDED_DRAWS = threading.Lock()
@@ -137,13 +144,13 @@ def _decoded_jpeg(path) -> torch.Tensor | None:
         with open(path, "rb") as stream:
             data = stream.read()
     except OSError:
-        return None             # PIL reports it
+        return None  # PIL reports it
     if not data.startswith(b"\xff\xd8"):
         return None
     try:
         image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
-        return None             # truncated or unsupported: PIL decodes it or says why not
+        return None  # truncated or unsupported: PIL decodes it or says why not
     # Row-major like PIL's pixels, the layout the uint8 resampling keeps (see RowMajorResizedCrop).
     return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
@@ -181,6 +188,7 @@ class RowMajorResizedCrop:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.v2 import functional
+
         place = self.crop.make_params([image])
         crop = functional.crop(image, place["top"], place["left"], place["height"], place["width"])
         rows = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
@@ -194,13 +202,15 @@ def _on_uint8_tensors(step):
     """The torchvision.transforms.v2 twin of a geometric step, run on uint8 tensors; None where it has none here."""
     from torchvision import transforms as tv
     from torchvision.transforms import v2
+
     if type(step) is tv.Resize:
         return v2.Resize(step.size, step.interpolation, step.max_size, step.antialias)
     if type(step) is tv.CenterCrop:
         return v2.CenterCrop(step.size)
     if type(step) is tv.RandomResizedCrop:
-        return RowMajorResizedCrop(v2.RandomResizedCrop(step.size, step.scale, step.ratio, step.interpolation,
-                                                        step.antialias))
+        return RowMajorResizedCrop(
+            v2.RandomResizedCrop(step.size, step.scale, step.ratio, step.interpolation, step.antialias)
+        )
     if type(step) is tv.RandomHorizontalFlip:
         return v2.RandomHorizontalFlip(step.p)
     return None
@@ -235,6 +245,7 @@ def uint8_transform(transform) -> tuple[Callable, tuple, tuple]:
     64 -> 292 px). A pipeline with any other step stays on PIL.
     """
     from torchvision import transforms as tv
+
     steps = list(transform.transforms)
     if len(steps) < 2 or not isinstance(steps[-2], tv.ToTensor) or not isinstance(steps[-1], tv.Normalize):
         raise ValueError("expected a transform ending in ToTensor() and Normalize()")
@@ -271,8 +282,9 @@ def _scalars_exact(mean: float, std: float) -> bool:
     A CPU kernel may divide by a scalar through its reciprocal, which can round differently.
     """
     values = torch.arange(256, dtype=torch.uint8).float().div_(255)
-    return torch.equal(values.clone().sub_(mean).div_(std),
-                       values.clone().sub_(torch.tensor([mean])).div_(torch.tensor([std])))
+    return torch.equal(
+        values.clone().sub_(mean).div_(std), values.clone().sub_(torch.tensor([mean])).div_(torch.tensor([std]))
+    )
 
 
 _NO_ITEM = object()
@@ -301,7 +313,7 @@ def in_streams(function: Callable, items, streams: int):
                     pending.append(pool.submit(function, following))
                 yield result
         finally:
-            for future in pending:       # a failure or an early stop: start nothing more
+            for future in pending:  # a failure or an early stop: start nothing more
                 future.cancel()
 
 
@@ -311,8 +323,15 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def features_of(model: nn.Module, images: torch.Tensor, device: str, autocast: Callable, channels_last: bool,
-                mean: tuple, std: tuple) -> numpy.ndarray:
+def features_of(
+    model: nn.Module,
+    images: torch.Tensor,
+    device: str,
+    autocast: Callable,
+    channels_last: bool,
+    mean: tuple,
+    std: tuple,
+) -> numpy.ndarray:
     """float32 numpy features of one uint8 [N, H, W, 3] batch through a frozen `model` (call under inference mode)."""
     images = normalise(images.to(device, non_blocking=True), mean, std)
     if not channels_last:
@@ -322,8 +341,9 @@ def features_of(model: nn.Module, images: torch.Tensor, device: str, autocast: C
     return features.float().cpu().numpy()
 
 
-def extract_batches(model: nn.Module, loader, device: str, autocast: Callable, channels_last: bool,
-                    mean: tuple, std: tuple):
+def extract_batches(
+    model: nn.Module, loader, device: str, autocast: Callable, channels_last: bool, mean: tuple, std: tuple
+):
     """Yield float32 numpy features of uint8 [N, H, W, 3] batches.
 
     `model` is frozen here, whatever mode it arrives in.
@@ -368,13 +388,14 @@ def yield_to_compute(worker_id: int) -> None:
     compute thread stalls the others at their next barrier; this matters for full-size JPEGs, where
     decoding is heavy.
     """
-    with contextlib.suppress(OSError):      # not allowed here: run at normal priority
+    with contextlib.suppress(OSError):  # not allowed here: run at normal priority
         os.nice(19)
 
 
 def _open_partial(path: Path, key: str):
     """The partial file for this key, reopened to resume, or a fresh one when absent, stale or damaged."""
     import h5py
+
     cache.require_free_space(path, 0)
     if path.exists():
         try:
@@ -383,7 +404,7 @@ def _open_partial(path: Path, key: str):
                 return handle, True
             handle.close()
         except (OSError, RuntimeError, KeyError):
-            pass        # torn by a kill mid-write: start over
+            pass  # torn by a kill mid-write: start over
         path.unlink()
     handle = h5py.File(path, "w")
     handle.attrs["unit_key"] = key
@@ -396,9 +417,11 @@ def _prepare_group(handle, job: Job, feature_dim: int, log: Callable[[str], None
     """The job's group, created with its labels/ids up front, or checked when resuming."""
     if job.group in handle:
         group = handle[job.group]
-        if (group["features"].shape == (len(job.paths), feature_dim)
-                and numpy.array_equal(group["image_ids"][:], job.image_ids)
-                and numpy.array_equal(group["views"][:], job.views)):
+        if (
+            group["features"].shape == (len(job.paths), feature_dim)
+            and numpy.array_equal(group["image_ids"][:], job.image_ids)
+            and numpy.array_equal(group["views"][:], job.views)
+        ):
             if _flushed_rows_intact(group):
                 return group
             log(f"[features] {job.group}: the partial file's rows do not match their digests; extracting them again")
@@ -406,8 +429,9 @@ def _prepare_group(handle, job: Job, feature_dim: int, log: Callable[[str], None
     group = handle.create_group(job.group)
     rows = len(job.paths)
     # One chunk per block of rows keeps partial writes cheap and reads of a whole split contiguous enough.
-    group.create_dataset("features", shape=(rows, feature_dim), dtype="float32",
-                         chunks=(max(1, min(rows, CHUNK_ROWS)), feature_dim))
+    group.create_dataset(
+        "features", shape=(rows, feature_dim), dtype="float32", chunks=(max(1, min(rows, CHUNK_ROWS)), feature_dim)
+    )
     group.create_dataset("labels", data=numpy.asarray(job.labels, dtype=numpy.int64))
     group.create_dataset("image_ids", data=numpy.asarray(job.image_ids, dtype=numpy.int64))
     group.create_dataset("views", data=numpy.asarray(job.views, dtype=numpy.int64))
@@ -430,15 +454,15 @@ def _block_digest(rows: numpy.ndarray) -> bytes:
 def _flushed_rows_intact(group) -> bool:
     """Whether the rows a partial file says are done are all covered by block records whose digests match."""
     if BLOCKS not in group:
-        return False            # written before block records existed: extract the group again
+        return False  # written before block records existed: extract the group again
     done, expected_first, kept = int(group.attrs["rows_done"]), 0, 0
     records = group[BLOCKS]
     for first, rows, digest in records[:]:
         if first >= done:
-            break               # written, but killed before rows_done moved: those rows are redone
+            break  # written, but killed before rows_done moved: those rows are redone
         if first != expected_first or first + rows > done:
             return False
-        if _block_digest(group["features"][first:first + rows]) != digest:
+        if _block_digest(group["features"][first : first + rows]) != digest:
             return False
         expected_first, kept = first + rows, kept + 1
     records.resize((kept,))
@@ -462,10 +486,10 @@ class _Block:
         """Write and flush the rows held; what is flushed survives a kill and is not extracted again."""
         if not self.batches:
             return
-        batches, rows, self.batches, self.rows = self.batches, self.rows, [], 0     # a failed write is not retried
+        batches, rows, self.batches, self.rows = self.batches, self.rows, [], 0  # a failed write is not retried
         cache.require_free_space(handle.filename, sum(batch.nbytes for batch in batches))
         block = numpy.concatenate(batches)
-        self.group["features"][self.first:self.first + rows] = block
+        self.group["features"][self.first : self.first + rows] = block
         records = self.group[BLOCKS]
         records.resize((len(records) + 1,))
         records[-1] = (self.first, rows, _block_digest(block))
@@ -476,10 +500,23 @@ class _Block:
         self.started = now
 
 
-def write_features(path: Path, key: str, jobs: list, model: nn.Module, feature_dim: int, *, device: str,
-                   autocast: Callable, channels_last: bool, batch_size: int, num_workers: int,
-                   attributes: dict, log: Callable[[str], None] = print, progress: bool | None = None,
-                   streams: int = 1) -> dict:
+def write_features(
+    path: Path,
+    key: str,
+    jobs: list,
+    model: nn.Module,
+    feature_dim: int,
+    *,
+    device: str,
+    autocast: Callable,
+    channels_last: bool,
+    batch_size: int,
+    num_workers: int,
+    attributes: dict,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+    streams: int = 1,
+) -> dict:
     """Extract every job into `path` (resuming a matching partial file); returns per-group timings.
 
     `attributes` are written on the root; timings are added as JSON. The file appears under `path`
@@ -490,17 +527,45 @@ def write_features(path: Path, key: str, jobs: list, model: nn.Module, feature_d
     partial = path.with_name(path.name + ".partial")
     # A full disk or an unwritable folder ends in one line; the rows flushed so far stay for a rerun.
     with cache.writing(partial):
-        timings = _write_features(partial, key, jobs, model, feature_dim, device=device, autocast=autocast,
-                                  channels_last=channels_last, batch_size=batch_size, num_workers=num_workers,
-                                  attributes=attributes, log=log, progress=progress, streams=streams)
+        timings = _write_features(
+            partial,
+            key,
+            jobs,
+            model,
+            feature_dim,
+            device=device,
+            autocast=autocast,
+            channels_last=channels_last,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            attributes=attributes,
+            log=log,
+            progress=progress,
+            streams=streams,
+        )
     cache.finalize(partial, path)
     return timings
 
 
-def _write_features(partial: Path, key: str, jobs: list, model: nn.Module, feature_dim: int, *, device: str,
-                    autocast: Callable, channels_last: bool, batch_size: int, num_workers: int,
-                    attributes: dict, log: Callable[[str], None], progress: bool | None, streams: int) -> dict:
+def _write_features(
+    partial: Path,
+    key: str,
+    jobs: list,
+    model: nn.Module,
+    feature_dim: int,
+    *,
+    device: str,
+    autocast: Callable,
+    channels_last: bool,
+    batch_size: int,
+    num_workers: int,
+    attributes: dict,
+    log: Callable[[str], None],
+    progress: bool | None,
+    streams: int,
+) -> dict:
     from tqdm import tqdm
+
     handle, resumed = _open_partial(partial, key)
     try:
         groups, starts, pixel_jobs, normalisations = [], [], [], []
@@ -520,48 +585,77 @@ def _write_features(partial: Path, key: str, jobs: list, model: nn.Module, featu
 
         def features_of_rows(rows: list) -> numpy.ndarray:
             with torch.inference_mode():
-                return features_of(model, torch.stack([dataset[row] for row in rows]), device, autocast,
-                                   channels_last, *normalisations[rows[0][0]])
+                return features_of(
+                    model,
+                    torch.stack([dataset[row] for row in rows]),
+                    device,
+                    autocast,
+                    channels_last,
+                    *normalisations[rows[0][0]],
+                )
+
         if streams > 1:
             results = in_streams(features_of_rows, batches, streams)
         else:
             # No loader (and no workers started) when a resumed file only lacked its completion mark.
-            loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                pin_memory=device.startswith("cuda"),
-                                worker_init_fn=yield_to_compute if device == "cpu" else None) if batches else []
-            results = (features_of(model, images, device, autocast, channels_last, *normalisations[rows[0][0]])
-                       for rows, images in zip(batches, loader, strict=True))
+            loader = (
+                DataLoader(
+                    dataset,
+                    batch_sampler=batches,
+                    num_workers=num_workers,
+                    pin_memory=device.startswith("cuda"),
+                    worker_init_fn=yield_to_compute if device == "cpu" else None,
+                )
+                if batches
+                else []
+            )
+            results = (
+                features_of(model, images, device, autocast, channels_last, *normalisations[rows[0][0]])
+                for rows, images in zip(batches, loader, strict=True)
+            )
         bar, current = None, None
         block = _Block()
-        with torch.inference_mode(), contextlib.closing(results):     # closing stops the streams on any exit
+        with torch.inference_mode(), contextlib.closing(results):  # closing stops the streams on any exit
             try:
                 for rows, batch in zip(batches, results, strict=True):
                     job_number, first = rows[0]
                     if batch.shape[1] != feature_dim:
-                        raise FeaturesFileError(f"backbone returned {batch.shape[1]} features per image, "
-                                                f"expected {feature_dim}; is its head stripped?")
+                        raise FeaturesFileError(
+                            f"backbone returned {batch.shape[1]} features per image, "
+                            f"expected {feature_dim}; is its head stripped?"
+                        )
                     if job_number != current:
                         block.write(handle)
                         if bar is not None:
                             bar.close()
                         job = jobs[job_number]
-                        bar = tqdm(total=len(job.paths), initial=first, desc=f"{job.group:>15}", unit="img",
-                                   leave=False, disable=None if progress is None else not progress, dynamic_ncols=True)
+                        bar = tqdm(
+                            total=len(job.paths),
+                            initial=first,
+                            desc=f"{job.group:>15}",
+                            unit="img",
+                            leave=False,
+                            disable=None if progress is None else not progress,
+                            dynamic_ncols=True,
+                        )
                         current = job_number
                     block.add(groups[job_number], first, batch)
                     if block.rows >= CHUNK_ROWS:
                         block.write(handle)
                     bar.update(len(batch))
             finally:
-                block.write(handle)     # rows computed before an error or Ctrl-C are kept for the rerun
+                block.write(handle)  # rows computed before an error or Ctrl-C are kept for the rerun
         if bar is not None:
             bar.close()
         timings = {}
         for job in jobs:
             group = handle[job.group]
             seconds = float(group.attrs["seconds"])
-            timings[job.group] = {"seconds": seconds, "images": len(job.paths),
-                                  "images_per_second": len(job.paths) / seconds if seconds > 0 else None}
+            timings[job.group] = {
+                "seconds": seconds,
+                "images": len(job.paths),
+                "images_per_second": len(job.paths) / seconds if seconds > 0 else None,
+            }
         for name, value in attributes.items():
             handle.attrs[name] = value
         handle.attrs["timings"] = json.dumps(timings)
@@ -593,6 +687,7 @@ def merge_shards(parts: list, path: Path, key: str) -> dict:
 
 def _merge_shards(parts: list, partial: Path, key: str) -> dict:
     import h5py
+
     handles = [h5py.File(part, "r") for part in parts]
     world = len(handles)
     try:
@@ -612,20 +707,28 @@ def _merge_shards(parts: list, partial: Path, key: str) -> dict:
                     source = groups[0][field]
                     shape = (total, *source.shape[1:])
                     dataset = target.create_dataset(
-                        field, shape=shape, dtype=source.dtype,
-                        chunks=source.chunks and (max(1, min(total, CHUNK_ROWS)), *shape[1:]))
+                        field,
+                        shape=shape,
+                        dtype=source.dtype,
+                        chunks=source.chunks and (max(1, min(total, CHUNK_ROWS)), *shape[1:]),
+                    )
                     block = 4096
                     for rank, group in enumerate(groups):
                         rows = len(group[field])
                         for start in range(0, rows, block):
                             stop = min(rows, start + block)
                             # Part row i is row rank + i * world of the whole.
-                            dataset[rank + start * world:rank + (stop - 1) * world + 1:world] = group[field][start:stop]
+                            dataset[rank + start * world : rank + (stop - 1) * world + 1 : world] = group[field][
+                                start:stop
+                            ]
                 seconds = max(float(group.attrs["seconds"]) for group in groups)
                 target.attrs["rows_done"] = total
                 target.attrs["seconds"] = seconds
-                timings[group_name] = {"seconds": seconds, "images": total,
-                                       "images_per_second": total / seconds if seconds > 0 else None}
+                timings[group_name] = {
+                    "seconds": seconds,
+                    "images": total,
+                    "images_per_second": total / seconds if seconds > 0 else None,
+                }
             merged.attrs["timings"] = json.dumps(timings)
             merged.attrs["complete"] = True
     finally:
@@ -637,6 +740,7 @@ def _merge_shards(parts: list, partial: Path, key: str) -> dict:
 def read_attributes(path: Path) -> dict:
     """Root attributes of a complete features file, JSON fields decoded."""
     import h5py
+
     path = Path(path)
     if not path.is_file():
         raise FeaturesFileError(f"features file {path} is missing; run `make features` first")
@@ -644,8 +748,9 @@ def read_attributes(path: Path) -> dict:
         attributes = {name: _plain(value) for name, value in handle.attrs.items()}
         groups = list(handle.keys())
     if attributes.get("format_version") != FORMAT_VERSION or not attributes.get("complete"):
-        raise FeaturesFileError(f"{path} is not a complete features file (format {FORMAT_VERSION}); "
-                                "rerun `make features` to rebuild it")
+        raise FeaturesFileError(
+            f"{path} is not a complete features file (format {FORMAT_VERSION}); rerun `make features` to rebuild it"
+        )
     for name in ("preprocessing", "timings", "class_names"):
         if isinstance(attributes.get(name), str):
             attributes[name] = json.loads(attributes[name])
@@ -656,6 +761,7 @@ def read_attributes(path: Path) -> dict:
 def read_group(path: Path, group: str) -> dict:
     """One group's arrays ({features, labels, image_ids, views}) fully in memory."""
     import h5py
+
     with h5py.File(path, "r") as handle:
         if group not in handle:
             raise FeaturesFileError(f"{path} has no group {group!r}; it holds {', '.join(handle.keys())}")

@@ -5,6 +5,7 @@ preprocessing, the sha256 of its weights file ("random-init" for test-only backb
 of augmented views (with their recipe and seed), and the precision actually used (bf16 changes the
 numbers). The HDF5 layout is documented in pipeline/extract.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ from .runtime import Timings, environment, resolve_runtime, seed_everything
 
 FEATURES_FILE = "features.h5"
 AUGMENTED_GROUP = "train_augmented"
-CODE_VERSION = "2"          # 2: geometry resampled on uint8 tensors (extract.uint8_transform)
+CODE_VERSION = "2"  # 2: geometry resampled on uint8 tensors (extract.uint8_transform)
 # Stands in for the sha256 of weights that a build will download; the build's final key has the real one.
 NOT_DOWNLOADED = "not-downloaded-yet"
 
@@ -36,10 +37,14 @@ def resolve_source(config: Config, name: str, allow_download: bool = False) -> d
     """
     spec = backbones.get_backbone(name)
     resize, crop = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
-    source = {"backbone": name, "input_size": crop, "resize_size": resize,
-              # The recipe actually applied: the weights' own, at the configured input size.
-              "preprocessing": {**dataclasses.asdict(spec.preprocessing), "input_size": crop, "resize_size": resize},
-              "weights_path": None}
+    source = {
+        "backbone": name,
+        "input_size": crop,
+        "resize_size": resize,
+        # The recipe actually applied: the weights' own, at the configured input size.
+        "preprocessing": {**dataclasses.asdict(spec.preprocessing), "input_size": crop, "resize_size": resize},
+        "weights_path": None,
+    }
     if spec.weights is None:
         return {**source, "weights_id": "random-init", "weights_sha256": "random-init"}
     explicit = config.weights.get(name)
@@ -50,58 +55,88 @@ def resolve_source(config: Config, name: str, allow_download: bool = False) -> d
             raise
         # Planning never downloads; the build will, and then records the file's real sha256.
         return {**source, "weights_id": spec.weights.filename, "weights_sha256": NOT_DOWNLOADED}
-    return {**source, "weights_path": str(path), "weights_id": path.name,
-            "weights_sha256": backbones.weights_fingerprint(path),
-            "weights_verified": backbones.weights_verified(spec, path)}
+    return {
+        **source,
+        "weights_path": str(path),
+        "weights_id": path.name,
+        "weights_sha256": backbones.weights_fingerprint(path),
+        "weights_verified": backbones.weights_verified(spec, path),
+    }
 
 
 def unit_settings(config: Config, source: dict, precision: str) -> dict:
     """Everything that changes the extracted numbers (and nothing that does not, like batch size)."""
-    settings = {name: source[name] for name in ("backbone", "input_size", "resize_size", "preprocessing",
-                                                "weights_id", "weights_sha256")}
+    settings = {
+        name: source[name]
+        for name in ("backbone", "input_size", "resize_size", "preprocessing", "weights_id", "weights_sha256")
+    }
     settings.update(precision=precision, augmented_views=config.features.augmented_views)
     if config.features.fold_batchnorm:
-        settings.update(fold_batchnorm=True)        # absent when off, so earlier keys stay valid
+        settings.update(fold_batchnorm=True)  # absent when off, so earlier keys stay valid
     if config.features.augmented_views:
-        settings.update(view_augmentation=config.features.view_augmentation,
-                        view_minimum_scale=config.features.view_minimum_scale, seed=config.runtime.seed)
+        settings.update(
+            view_augmentation=config.features.view_augmentation,
+            view_minimum_scale=config.features.view_minimum_scale,
+            seed=config.runtime.seed,
+        )
     return settings
 
 
 def plan(config: Config, graph) -> list[Unit]:
     precision = resolve_runtime(config.runtime).precision
     download = graph.units("download")[0]
-    return [Unit(stage="features", name=name, code_version=CODE_VERSION,
-                 settings=unit_settings(config, resolve_source(config, name), precision),
-                 inputs=(("download", download),))
-            for name in config.features.backbones]
+    return [
+        Unit(
+            stage="features",
+            name=name,
+            code_version=CODE_VERSION,
+            settings=unit_settings(config, resolve_source(config, name), precision),
+            inputs=(("download", download),),
+        )
+        for name in config.features.backbones
+    ]
 
 
 def extraction_jobs(index: data.DatasetIndex, config: Config, spec: backbones.BackboneSpec, input_size: int) -> list:
     """train, val and test with the weights' eval crop, plus K augmented views of train when asked."""
     evaluation = transforms.eval_transform(spec.preprocessing, input_size)
-    jobs = [extract.Job(group=split, paths=index.paths(split), labels=index.labels[split],
-                        image_ids=index.image_ids[split], transform=evaluation,
-                        views=numpy.zeros(len(index.labels[split]), dtype=numpy.int64))
-            for split in data.SPLITS]
+    jobs = [
+        extract.Job(
+            group=split,
+            paths=index.paths(split),
+            labels=index.labels[split],
+            image_ids=index.image_ids[split],
+            transform=evaluation,
+            views=numpy.zeros(len(index.labels[split]), dtype=numpy.int64),
+        )
+        for split in data.SPLITS
+    ]
     views = config.features.augmented_views
     if views:
         settings = config.features
         count = len(index.labels["train"])
-        jobs.append(extract.Job(
-            group=AUGMENTED_GROUP, paths=index.paths("train") * views, labels=numpy.tile(index.labels["train"], views),
-            image_ids=numpy.tile(index.image_ids["train"], views),
-            views=numpy.repeat(numpy.arange(1, views + 1, dtype=numpy.int64), count),
-            transform=transforms.train_transform(spec.preprocessing, input_size, settings.view_augmentation,
-                                                 settings.view_minimum_scale),
-            seed=config.runtime.seed))
+        jobs.append(
+            extract.Job(
+                group=AUGMENTED_GROUP,
+                paths=index.paths("train") * views,
+                labels=numpy.tile(index.labels["train"], views),
+                image_ids=numpy.tile(index.image_ids["train"], views),
+                views=numpy.repeat(numpy.arange(1, views + 1, dtype=numpy.int64), count),
+                transform=transforms.train_transform(
+                    spec.preprocessing, input_size, settings.view_augmentation, settings.view_minimum_scale
+                ),
+                seed=config.runtime.seed,
+            )
+        )
     return jobs
 
 
-def load_frozen_backbone(name: str, weights_path: str | None, device: str, channels_last: bool,
-                         fold_batchnorm: bool = False) -> torch.nn.Module:
+def load_frozen_backbone(
+    name: str, weights_path: str | None, device: str, channels_last: bool, fold_batchnorm: bool = False
+) -> torch.nn.Module:
     """The backbone with its head stripped, frozen (eval mode, no gradients), rewritten for inference, on `device`."""
     from .models import fold_for_inference
+
     spec = backbones.get_backbone(name)
     model = backbones.build_backbone(name, pretrained=weights_path is not None, weights_path=weights_path)
     backbones.strip_head(model, spec)
@@ -124,40 +159,66 @@ def build(context: BuildContext) -> BuildResult:
     # Weight download and loading stay out of extraction time (they are recorded separately).
     with timings.phase("model_load"):
         source = resolve_source(config, name, allow_download=True)
-        model = load_frozen_backbone(name, source["weights_path"], runtime.device, runtime.channels_last,
-                                     config.features.fold_batchnorm)
+        model = load_frozen_backbone(
+            name, source["weights_path"], runtime.device, runtime.channels_last, config.features.fold_batchnorm
+        )
     jobs = extraction_jobs(index, config, spec, source["input_size"])
     settings = unit_settings(config, source, runtime.precision)
-    attributes = {"backbone": name, "weights_id": source["weights_id"], "weights_sha256": source["weights_sha256"],
-                  "weights_verified": source.get("weights_verified", "unknown"),
-                  "input_size": source["input_size"], "resize_size": source["resize_size"],
-                  "preprocessing": json.dumps(source["preprocessing"]), "precision": runtime.precision,
-                  "channels_last": runtime.channels_last, "device": runtime.device,
-                  "augmented_views": config.features.augmented_views,
-                  "view_augmentation": config.features.view_augmentation if config.features.augmented_views else "",
-                  "seed": runtime.seed, "feature_dim": spec.feature_dim,
-                  "fold_batchnorm": config.features.fold_batchnorm,
-                  "class_names": json.dumps(index.class_names),
-                  "model_load_seconds": timings.seconds["model_load"]}
-    context.log(f"[features] {name}: {sum(len(job.paths) for job in jobs)} images at {source['input_size']} px, "
-                f"{runtime.device} {runtime.precision}, weights {source['weights_id']}")
+    attributes = {
+        "backbone": name,
+        "weights_id": source["weights_id"],
+        "weights_sha256": source["weights_sha256"],
+        "weights_verified": source.get("weights_verified", "unknown"),
+        "input_size": source["input_size"],
+        "resize_size": source["resize_size"],
+        "preprocessing": json.dumps(source["preprocessing"]),
+        "precision": runtime.precision,
+        "channels_last": runtime.channels_last,
+        "device": runtime.device,
+        "augmented_views": config.features.augmented_views,
+        "view_augmentation": config.features.view_augmentation if config.features.augmented_views else "",
+        "seed": runtime.seed,
+        "feature_dim": spec.feature_dim,
+        "fold_batchnorm": config.features.fold_batchnorm,
+        "class_names": json.dumps(index.class_names),
+        "model_load_seconds": timings.seconds["model_load"],
+    }
+    context.log(
+        f"[features] {name}: {sum(len(job.paths) for job in jobs)} images at {source['input_size']} px, "
+        f"{runtime.device} {runtime.precision}, weights {source['weights_id']}"
+    )
     # A partial file is resumed only under equal settings and data (its rows would be the same numbers).
     key = compute_key("features", CODE_VERSION, settings, {"download": context.unit.input("download").key})
-    options = {"device": runtime.device, "autocast": runtime.autocast, "channels_last": runtime.channels_last,
-               "batch_size": config.features.batch_size, "num_workers": runtime.num_workers,
-               "streams": runtime.inference_streams, "attributes": attributes, "log": context.log}
+    options = {
+        "device": runtime.device,
+        "autocast": runtime.autocast,
+        "channels_last": runtime.channels_last,
+        "batch_size": config.features.batch_size,
+        "num_workers": runtime.num_workers,
+        "streams": runtime.inference_streams,
+        "attributes": attributes,
+        "log": context.log,
+    }
     world = distributed.world_size()
     if world == 1:
-        group_timings = extract.write_features(context.directory / FEATURES_FILE, key, jobs, model,
-                                               spec.feature_dim, **options)
+        group_timings = extract.write_features(
+            context.directory / FEATURES_FILE, key, jobs, model, spec.feature_dim, **options
+        )
         _remove_shards(context.directory)
     else:
         # Under torchrun each rank extracts a strided shard into its own resumable file; rank 0 then
         # merges them into the file one process would have written (same rows, order and schema).
         rank = distributed.rank()
         parts = [context.directory / f"{FEATURES_FILE}.part{index}-of-{world}" for index in range(world)]
-        extract.write_features(parts[rank], f"{key}:part{rank}-of-{world}", [job.shard(rank, world) for job in jobs],
-                               model, spec.feature_dim, progress=None if rank == 0 else False, **options)
+        extract.write_features(
+            parts[rank],
+            f"{key}:part{rank}-of-{world}",
+            [job.shard(rank, world) for job in jobs],
+            model,
+            spec.feature_dim,
+            progress=None if rank == 0 else False,
+            **options,
+        )
         distributed.barrier()
         group_timings = None
         if distributed.is_main():
@@ -166,18 +227,30 @@ def build(context: BuildContext) -> BuildResult:
         group_timings = distributed.broadcast(group_timings)
     for group, record in group_timings.items():
         rate = record["images_per_second"]
-        context.log(f"[features] {name} {group}: {record['images']} images in {record['seconds']:.1f} s"
-                    + (f" ({rate:.1f} img/s)" if rate else ""))
+        context.log(
+            f"[features] {name} {group}: {record['images']} images in {record['seconds']:.1f} s"
+            + (f" ({rate:.1f} img/s)" if rate else "")
+        )
     extract_seconds = sum(record["seconds"] for record in group_timings.values())
     images = sum(record["images"] for record in group_timings.values())
-    result_timings = {"model_load_seconds": timings.seconds["model_load"], "extract_seconds": extract_seconds,
-                      **{f"extract_{group}_seconds": record["seconds"] for group, record in group_timings.items()}}
-    metrics = {"feature_dim": spec.feature_dim, "images": images,
-               "images_per_second": images / extract_seconds if extract_seconds > 0 else None,
-               "groups": group_timings}
-    return BuildResult(files=[FEATURES_FILE], metrics=metrics, timings=result_timings,
-                       extra={"weights_path": source["weights_path"], "attributes_file": FEATURES_FILE},
-                       environment=environment(runtime))
+    result_timings = {
+        "model_load_seconds": timings.seconds["model_load"],
+        "extract_seconds": extract_seconds,
+        **{f"extract_{group}_seconds": record["seconds"] for group, record in group_timings.items()},
+    }
+    metrics = {
+        "feature_dim": spec.feature_dim,
+        "images": images,
+        "images_per_second": images / extract_seconds if extract_seconds > 0 else None,
+        "groups": group_timings,
+    }
+    return BuildResult(
+        files=[FEATURES_FILE],
+        metrics=metrics,
+        timings=result_timings,
+        extra={"weights_path": source["weights_path"], "attributes_file": FEATURES_FILE},
+        environment=environment(runtime),
+    )
 
 
 def _remove_shards(directory: Path) -> None:
@@ -191,6 +264,14 @@ def features_file(directory: Path) -> Path:
     return Path(directory) / FEATURES_FILE
 
 
-STAGE = register_stage(Stage(name="features", description="Extract and cache frozen-backbone features (HDF5).",
-                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build,
-                             distributed=True))
+STAGE = register_stage(
+    Stage(
+        name="features",
+        description="Extract and cache frozen-backbone features (HDF5).",
+        code_version=CODE_VERSION,
+        depends_on=("download",),
+        plan=plan,
+        build=build,
+        distributed=True,
+    )
+)

@@ -7,6 +7,7 @@ as a linear probe on frozen features (LP-FT: the L2 strength chosen on val), the
 with the body at a lower LR, BatchNorm statistics optionally frozen, and keep the best epoch on val.
 Test is touched once, by the best-on-val weights.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,8 @@ from .runtime import Timings, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
 CODE_VERSION = "1"
-NOT_DOWNLOADED = "not-downloaded-yet"      # the build downloads, and the final key then has the real sha256
-PROBE_ITERATIONS = 500                     # L-BFGS iterations per L2 strength; converges well before on 1k rows
+NOT_DOWNLOADED = "not-downloaded-yet"  # the build downloads, and the final key then has the real sha256
+PROBE_ITERATIONS = 500  # L-BFGS iterations per L2 strength; converges well before on 1k rows
 
 
 def _weights_identity(config: Config, name: str, allow_download: bool) -> tuple[str | None, str]:
@@ -45,11 +46,18 @@ def _weights_identity(config: Config, name: str, allow_download: bool) -> tuple[
 
 def _settings(config: Config, name: str, weights: str, runtime) -> dict:
     section = config.section("finetune")
-    section.pop("backbones")     # adding a backbone to the list must not retrain the others
-    return {"backbone": name, "finetune": section, "weights_sha256": weights, "num_classes": config.data.num_classes,
-            "seed": config.runtime.seed, "precision": runtime.precision, "device": runtime.device_type,
-            # fp32 depthwise training changes the numbers (bf16 rounding of their gradients is gone)
-            "float32_depthwise": runtime.float32_depthwise}
+    section.pop("backbones")  # adding a backbone to the list must not retrain the others
+    return {
+        "backbone": name,
+        "finetune": section,
+        "weights_sha256": weights,
+        "num_classes": config.data.num_classes,
+        "seed": config.runtime.seed,
+        "precision": runtime.precision,
+        "device": runtime.device_type,
+        # fp32 depthwise training changes the numbers (bf16 rounding of their gradients is gone)
+        "float32_depthwise": runtime.float32_depthwise,
+    }
 
 
 def plan(config: Config, graph) -> list[Unit]:
@@ -59,19 +67,35 @@ def plan(config: Config, graph) -> list[Unit]:
         raise ConfigError("[finetune] probe_weight_decays must list at least one value >= 0 when linear_probe = true")
     runtime = resolve_runtime(config.runtime)
     download = graph.units("download")[0]
-    return [Unit(stage="finetune", name=config.seeded_name(name, seed), code_version=CODE_VERSION,
-                 settings=_settings(config.with_seed(seed), name, _weights_identity(config, name, False)[1], runtime),
-                 inputs=(("download", download),), seed=seed)
-            for name in settings.backbones for seed in config.run_seeds()]
+    return [
+        Unit(
+            stage="finetune",
+            name=config.seeded_name(name, seed),
+            code_version=CODE_VERSION,
+            settings=_settings(config.with_seed(seed), name, _weights_identity(config, name, False)[1], runtime),
+            inputs=(("download", download),),
+            seed=seed,
+        )
+        for name in settings.backbones
+        for seed in config.run_seeds()
+    ]
 
 
-def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
-                    label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_linear_head(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight [classes, dim], bias) minimising smoothed cross-entropy + weight_decay/2 |W|^2, full-batch L-BFGS."""
     weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=PROBE_ITERATIONS, history_size=20,
-                                  tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=PROBE_ITERATIONS,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -79,6 +103,7 @@ def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: i
         loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss
+
     optimizer.step(closure)
     return weight.detach(), bias.detach()
 
@@ -89,14 +114,17 @@ def linear_probe(model: nn.Module, spec, sets: dict, settings, runtime, log) -> 
     head = getattr(model, spec.head_attribute)
     setattr(model, spec.head_attribute, nn.Identity())
     runtime.place(model)
-    features = {split: train.predict(model, sets[split].to(runtime.device), runtime, 2 * settings.batch_size).cpu()
-                for split in ("train", "val")}
+    features = {
+        split: train.predict(model, sets[split].to(runtime.device), runtime, 2 * settings.batch_size).cpu()
+        for split in ("train", "val")
+    }
     setattr(model, spec.head_attribute, head)
     num_classes = head.out_features
     best = None
     for weight_decay in settings.probe_weight_decays:
-        weight, bias = fit_linear_head(features["train"], sets["train"].labels, num_classes, weight_decay,
-                                       settings.label_smoothing)
+        weight, bias = fit_linear_head(
+            features["train"], sets["train"].labels, num_classes, weight_decay, settings.label_smoothing
+        )
         val_top1 = float(((features["val"] @ weight.T + bias).argmax(1) == sets["val"].labels).float().mean())
         log(f"[finetune] {spec.name}: linear probe weight decay {weight_decay:g}: val top-1 {val_top1:.4f}")
         if best is None or val_top1 > best[0]:
@@ -122,9 +150,12 @@ def build(context: BuildContext) -> BuildResult:
         rewrite_for_finetuning(model, name, settings)
     # The key this build's checkpoint answers to, with the real weights hash even right after a download.
     unit = context.unit
-    key = cache.compute_key(unit.stage, unit.code_version,
-                            _settings(config, name, weights_sha256, runtime),
-                            {label: upstream.key for label, upstream in unit.inputs})
+    key = cache.compute_key(
+        unit.stage,
+        unit.code_version,
+        _settings(config, name, weights_sha256, runtime),
+        {label: upstream.key for label, upstream in unit.inputs},
+    )
     input_size = settings.input_size or spec.preprocessing.input_size
     stored_size = settings.stored_size or crop_sizes(spec.preprocessing, input_size)[0]
     with timings.phase("data"):
@@ -135,24 +166,54 @@ def build(context: BuildContext) -> BuildResult:
     probe = {}
     if resume is None and settings.linear_probe:
         probe = linear_probe(model, spec, sets, settings, runtime, context.log)
-    result = train.fit(model, finetune_groups(model, spec, settings.backbone_lr_multiplier), sets["train"],
-                       sets["val"], settings, runtime, checkpoint=context.directory / train.CHECKPOINT, key=key,
-                       label=f"finetune {name}", log=context.log, resume=resume,
-                       freeze_batchnorm=settings.freeze_bn_stats, extra={"probe": probe})
+    result = train.fit(
+        model,
+        finetune_groups(model, spec, settings.backbone_lr_multiplier),
+        sets["train"],
+        sets["val"],
+        settings,
+        runtime,
+        checkpoint=context.directory / train.CHECKPOINT,
+        key=key,
+        label=f"finetune {name}",
+        log=context.log,
+        resume=resume,
+        freeze_batchnorm=settings.freeze_bn_stats,
+        extra={"probe": probe},
+    )
     probe = result.extra.get("probe", {})
     selected = {"best_epoch": result.best_epoch}
     if probe:
         selected.update(probe_weight_decay=probe["weight_decay"], probe_val_top1=probe["val_top1"])
-    record = {"arm": f"finetune-{name}", "method": "finetune", "backbone": name, "head": "softmax",
-              "input_size": input_size, "stored_size": stored_size, "train_images": len(sets["train"]),
-              "class_names": index.class_names, "selected": selected, "weights_sha256": weights_sha256,
-              "weights_verified": weights_verified(spec, weights_path) if weights_path else "unknown"}
-    phases = {"weights_seconds": timings.seconds.get("weights", 0.0), "data_seconds": timings.seconds.get("data", 0.0),
-              "probe_seconds": probe.get("seconds", 0.0)}
+    record = {
+        "arm": f"finetune-{name}",
+        "method": "finetune",
+        "backbone": name,
+        "head": "softmax",
+        "input_size": input_size,
+        "stored_size": stored_size,
+        "train_images": len(sets["train"]),
+        "class_names": index.class_names,
+        "selected": selected,
+        "weights_sha256": weights_sha256,
+        "weights_verified": weights_verified(spec, weights_path) if weights_path else "unknown",
+    }
+    phases = {
+        "weights_seconds": timings.seconds.get("weights", 0.0),
+        "data_seconds": timings.seconds.get("data", 0.0),
+        "probe_seconds": probe.get("seconds", 0.0),
+    }
     return train.finish_arm(context, model, result, sets["test"], runtime, settings, record, phases)
 
 
-STAGE = register_stage(Stage(name="finetune",
-                             description="Fine-tune pretrained backbones end to end (best epoch on val).",
-                             code_version=CODE_VERSION, depends_on=("download",), plan=plan, build=build,
-                             distributed=True))
+STAGE = register_stage(
+    Stage(
+        name="finetune",
+        description="Fine-tune pretrained backbones end to end (best epoch on val).",
+        code_version=CODE_VERSION,
+        depends_on=("download",),
+        plan=plan,
+        build=build,
+        distributed=True,
+    )
+)

@@ -5,6 +5,7 @@ config (each with the settings that go into its key), and a `build` that writes 
 runner walks the graph, skips every valid unit (saying so), builds invalid inputs first, holds a
 lock per unit while building, and writes the manifest last.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,15 @@ from .config import Config
 from .errors import PipelineError
 
 # Modules that register stages, in graph order; imported on first use so `--help` stays fast.
-STAGE_MODULES = ["pipeline.download", "pipeline.samples", "pipeline.features", "pipeline.heads",
-                 "pipeline.finetune", "pipeline.cnn", "pipeline.report"]
+STAGE_MODULES = [
+    "pipeline.download",
+    "pipeline.samples",
+    "pipeline.features",
+    "pipeline.heads",
+    "pipeline.finetune",
+    "pipeline.cnn",
+    "pipeline.report",
+]
 # Stages named in the design whose module is not written yet: their targets fail with this note.
 _NOT_BUILT: list[str] = []
 
@@ -32,19 +40,21 @@ _NOT_BUILT: list[str] = []
 @dataclass(frozen=True)
 class Unit:
     """One output of a stage for one config (e.g. the features of one backbone)."""
+
     stage: str
     name: str
     code_version: str
-    settings: Any                           # plain data hashed into the key
-    inputs: tuple = ()                      # (label, Unit) pairs this unit reads
+    settings: Any  # plain data hashed into the key
+    inputs: tuple = ()  # (label, Unit) pairs this unit reads
     # The seed of a per-seed repeat (runtime.seeds > 1): its build sees the config with this seed.
     # Not part of the key by itself; stages put the seed into `settings`.
     seed: int | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
-        return cache.compute_key(self.stage, self.code_version, self.settings,
-                                 {label: unit.key for label, unit in self.inputs})
+        return cache.compute_key(
+            self.stage, self.code_version, self.settings, {label: unit.key for label, unit in self.inputs}
+        )
 
     def input(self, label: str) -> Unit:
         for name, unit in self.inputs:
@@ -56,6 +66,7 @@ class Unit:
 @dataclass
 class BuildResult:
     """What a stage's build returns; the runner turns it into the manifest."""
+
     files: list
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
@@ -85,7 +96,7 @@ class Stage:
     description: str
     code_version: str
     depends_on: tuple
-    plan: Callable[[Config, Graph], list]      # -> list[Unit]
+    plan: Callable[[Config, Graph], list]  # -> list[Unit]
     build: Callable[[BuildContext], BuildResult]
     # Under torchrun: True if every rank runs `build` (it splits the work itself and writes its final
     # files from rank 0); False if rank 0 builds alone while the others wait.
@@ -222,11 +233,14 @@ class Graph:
             self.log(f"{label}: cached (key {unit.key[:8]})")
             return cache.read_manifest(directory)
         # Only rank 0 takes the lock: it keeps separate runs apart, and the ranks of one run build together.
-        lock = (cache.unit_lock(directory, self.config.cache.lock_timeout_seconds, announce=self.log) if main
-                else contextlib.nullcontext())
+        lock = (
+            cache.unit_lock(directory, self.config.cache.lock_timeout_seconds, announce=self.log)
+            if main
+            else contextlib.nullcontext()
+        )
         with lock:
             reason = status()
-            if not force and reason is None:      # another run finished it while we waited
+            if not force and reason is None:  # another run finished it while we waited
                 self.log(f"{label}: cached (built by another run, key {unit.key[:8]})")
                 return cache.read_manifest(directory)
             self.log(f"{label}: building ({reason or 'forced'})")
@@ -237,7 +251,7 @@ class Graph:
                 cache.sweep_temporary_files(directory)
                 cache.sweep_temporary_files(directory / cache.MEMO)
             if every_rank:
-                distributed.barrier()             # the folder is clean before any rank writes into it
+                distributed.barrier()  # the folder is clean before any rank writes into it
             stage = get_stage(unit.stage)
             started = time.perf_counter()
             config = self.config if unit.seed is None else self.config.with_seed(unit.seed)
@@ -247,30 +261,51 @@ class Graph:
             self._plans.pop(unit.stage, None)
             final = self.unit(unit.stage, unit.name)
             if main:
-                self._write_manifest(directory, unit, final, result, config, elapsed,
-                                     distributed.world_size() if every_rank else 1)
+                self._write_manifest(
+                    directory, unit, final, result, config, elapsed, distributed.world_size() if every_rank else 1
+                )
                 self.log(f"{label}: done in {elapsed:.1f} s")
             if every_rank:
-                distributed.barrier()             # the manifest exists before any rank reads it
+                distributed.barrier()  # the manifest exists before any rank reads it
             return cache.read_manifest(directory)
 
-    def _write_manifest(self, directory: Path, unit: Unit, final: Unit, result: BuildResult, config: Config,
-                        elapsed: float, processes: int) -> None:
+    def _write_manifest(
+        self,
+        directory: Path,
+        unit: Unit,
+        final: Unit,
+        result: BuildResult,
+        config: Config,
+        elapsed: float,
+        processes: int,
+    ) -> None:
         manifest = {
-            "stage": unit.stage, "unit": unit.name, "key": final.key, "code_version": unit.code_version,
+            "stage": unit.stage,
+            "unit": unit.name,
+            "key": final.key,
+            "code_version": unit.code_version,
             "settings": final.settings,
             "build_id": uuid.uuid4().hex,
-            "inputs": {name: {"stage": up.stage, "unit": up.name, "key": up.key,
-                              "build_id": (cache.read_manifest(self.directory(up)) or {}).get("build_id")}
-                       for name, up in final.inputs},
-            "files": list(result.files), "metrics": result.metrics,
-            "timings": {**result.timings, "stage_seconds": elapsed}, "extra": result.extra,
-            "environment": result.environment, "config": config.to_dict(),
+            "inputs": {
+                name: {
+                    "stage": up.stage,
+                    "unit": up.name,
+                    "key": up.key,
+                    "build_id": (cache.read_manifest(self.directory(up)) or {}).get("build_id"),
+                }
+                for name, up in final.inputs
+            },
+            "files": list(result.files),
+            "metrics": result.metrics,
+            "timings": {**result.timings, "stage_seconds": elapsed},
+            "extra": result.extra,
+            "environment": result.environment,
+            "config": config.to_dict(),
             "config_source": config.source,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         if processes > 1:
-            manifest["world_size"] = processes          # built by this many torchrun processes together
+            manifest["world_size"] = processes  # built by this many torchrun processes together
         # Recorded now, as the unit is finished: every later reader checks its files against these.
         manifest["digests"] = cache.digests_of(directory, manifest["files"])
         cache.write_manifest(directory, manifest)

@@ -8,6 +8,7 @@ random-resized-crop, horizontal flip and the resize to the input size together. 
 the backbone's center crop (input/resize ratio) and resizes it with antialiasing, which matches
 `transforms.eval_transform` up to the order of resize and crop.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,6 +41,7 @@ def store_folder(cache_root: Path, download_key: str, stored_size: int) -> Path:
 
 def _load_square(path: Path, stored_size: int) -> numpy.ndarray:
     from PIL import Image
+
     with Image.open(path) as image:
         image = to_rgb(image)
         width, height = image.size
@@ -52,8 +54,9 @@ def _load_square(path: Path, stored_size: int) -> numpy.ndarray:
         return numpy.asarray(image, dtype=numpy.uint8).transpose(2, 0, 1)
 
 
-def load_split(index: DatasetIndex, split: str, stored_size: int, folder: Path,
-               log: Callable[[str], None] = print) -> torch.Tensor:
+def load_split(
+    index: DatasetIndex, split: str, stored_size: int, folder: Path, log: Callable[[str], None] = print
+) -> torch.Tensor:
     """uint8 tensor [N, 3, stored_size, stored_size] of one split, decoded once and cached on disk."""
     path = Path(folder) / f"{split}.npy"
     expected = [int(image_id) for image_id in index.image_ids[split]]
@@ -67,7 +70,7 @@ def load_split(index: DatasetIndex, split: str, stored_size: int, folder: Path,
             if meta.get("image_ids") == expected:
                 log(f"[images] {path} is damaged or unverified (sha256 differs from the one recorded); decoding again")
         except (OSError, ValueError):
-            pass        # unreadable or torn: rebuild below
+            pass  # unreadable or torn: rebuild below
     paths = index.paths(split)
     log(f"[images] decoding {len(paths)} {split} images once into a {stored_size} px uint8 cache ({folder})")
     array = numpy.empty((len(paths), 3, stored_size, stored_size), dtype=numpy.uint8)
@@ -77,16 +80,19 @@ def load_split(index: DatasetIndex, split: str, stored_size: int, folder: Path,
             array[position] = pixels
     with cache.atomic_path(path) as temporary:
         numpy.save(temporary, array)
-    cache.write_json_atomic(meta_path, {"split": split, "stored_size": stored_size, "image_ids": expected,
-                                        "sha256": cache.file_digest(path)})
+    cache.write_json_atomic(
+        meta_path,
+        {"split": split, "stored_size": stored_size, "image_ids": expected, "sha256": cache.file_digest(path)},
+    )
     return torch.from_numpy(array)
 
 
 @dataclass
 class ImageSet:
     """One split held in memory as uint8, turned into normalised float batches on demand."""
-    images: torch.Tensor          # uint8 [N, 3, S, S]
-    labels: torch.Tensor          # int64 [N]
+
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    labels: torch.Tensor  # int64 [N]
     preprocessing: Preprocessing
     input_size: int
 
@@ -107,14 +113,20 @@ class ImageSet:
         side = images.shape[-1]
         crop = max(1, round(side * self.preprocessing.input_size / self.preprocessing.resize_size))
         start = (side - crop) // 2
-        images = images[..., start:start + crop, start:start + crop]
+        images = images[..., start : start + crop, start : start + crop]
         if crop != self.input_size:
-            images = F.interpolate(images, size=(self.input_size, self.input_size),
-                                   mode=self.preprocessing.interpolation, align_corners=False, antialias=True)
+            images = F.interpolate(
+                images,
+                size=(self.input_size, self.input_size),
+                mode=self.preprocessing.interpolation,
+                align_corners=False,
+                antialias=True,
+            )
         return self._normalise(images.clamp(0, 255))
 
-    def train_batch(self, positions: torch.Tensor, augmentation: str, minimum_scale: float,
-                    generator: torch.Generator) -> torch.Tensor:
+    def train_batch(
+        self, positions: torch.Tensor, augmentation: str, minimum_scale: float, generator: torch.Generator
+    ) -> torch.Tensor:
         """Augmented batch: optional policy per image, then batched random-resized-crop + flip + resize."""
         if augmentation == "none":
             return self.eval_batch(positions)
@@ -132,14 +144,15 @@ class ImageSet:
         cropped = F.grid_sample(images.float(), grid, mode=mode, padding_mode="border", align_corners=False)
         return self._normalise(cropped.clamp(0, 255))
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = False,
-                drop_last: bool = False) -> Iterator[torch.Tensor]:
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = False, drop_last: bool = False
+    ) -> Iterator[torch.Tensor]:
         """Index tensors of each batch (shuffled with `generator` when asked)."""
         count = len(self)
         order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
         stop = count - count % batch_size if drop_last and count > batch_size else count
         for start in range(0, stop, batch_size):
-            yield order[start:start + batch_size]
+            yield order[start : start + batch_size]
 
 
 def random_crop_affines(count: int, minimum_scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -149,8 +162,7 @@ def random_crop_affines(count: int, minimum_scale: float, generator: torch.Gener
     so every draw is used; the crop centre is uniform over the positions that keep it inside.
     """
     area = torch.empty(count).uniform_(minimum_scale, 1.0, generator=generator)
-    log_ratio = torch.empty(count).uniform_(math.log(ASPECT_RATIOS[0]), math.log(ASPECT_RATIOS[1]),
-                                            generator=generator)
+    log_ratio = torch.empty(count).uniform_(math.log(ASPECT_RATIOS[0]), math.log(ASPECT_RATIOS[1]), generator=generator)
     ratio = torch.exp(log_ratio)
     width = torch.sqrt(area * ratio).clamp(max=1.0)
     height = torch.sqrt(area / ratio).clamp(max=1.0)
@@ -173,15 +185,31 @@ def apply_policy(images: torch.Tensor, augmentation: str, interpolation: str) ->
     RNG, which the training loop seeds per epoch so a resumed run repeats the same draws.
     """
     from torchvision.transforms import InterpolationMode, v2
+
     mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
-    policy = v2.TrivialAugmentWide(interpolation=mode) if augmentation == "trivialaugment" else v2.RandAugment(
-        interpolation=mode)
+    policy = (
+        v2.TrivialAugmentWide(interpolation=mode)
+        if augmentation == "trivialaugment"
+        else v2.RandAugment(interpolation=mode)
+    )
     return torch.stack([policy(image) for image in images])
 
 
-def load_image_sets(index: DatasetIndex, folder: Path, stored_size: int, preprocessing: Preprocessing,
-                    input_size: int, log: Callable[[str], None] = print) -> dict[str, ImageSet]:
+def load_image_sets(
+    index: DatasetIndex,
+    folder: Path,
+    stored_size: int,
+    preprocessing: Preprocessing,
+    input_size: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, ImageSet]:
     """train/val/test ImageSets from the uint8 cache in `folder` (built on first use)."""
-    return {split: ImageSet(load_split(index, split, stored_size, folder, log),
-                            torch.as_tensor(index.labels[split], dtype=torch.int64), preprocessing, input_size)
-            for split in ("train", "val", "test")}
+    return {
+        split: ImageSet(
+            load_split(index, split, stored_size, folder, log),
+            torch.as_tensor(index.labels[split], dtype=torch.int64),
+            preprocessing,
+            input_size,
+        )
+        for split in ("train", "val", "test")
+    }

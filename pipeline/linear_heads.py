@@ -3,6 +3,7 @@
 Selection never sees test: every candidate is fitted on the fit rows of train and scored on val;
 the final head is refitted with the chosen hyper-parameters (on train or train+val).
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,6 +25,7 @@ class HeadError(PipelineError, RuntimeError):
 @dataclass
 class Normalizer:
     """Optional L2 normalisation per row, then optional standardisation with statistics of the fit set."""
+
     kind: str
     mean: numpy.ndarray | None = None
     scale: numpy.ndarray | None = None
@@ -61,8 +63,10 @@ class Normalizer:
     @classmethod
     def from_state(cls, state: dict) -> Normalizer:
         """Inverse of state(); statistics may come back as numpy arrays or torch tensors."""
+
         def array(value):
             return None if value is None else numpy.asarray(value, dtype=numpy.float64)
+
         return cls(state["kind"], array(state["mean"]), array(state["scale"]))
 
 
@@ -73,24 +77,54 @@ def accuracy(labels: numpy.ndarray, predictions: numpy.ndarray) -> float:
 # --- softmax head (torch) ---------------------------------------------------------------------------
 
 
-def train_softmax(features: numpy.ndarray, labels: numpy.ndarray, num_classes: int, *, weight_decay: float,
-                  epochs: int, lr: float, batch_size: int, label_smoothing: float, seed: int,
-                  val_features: numpy.ndarray | None = None, val_labels: numpy.ndarray | None = None
-                  ) -> tuple[nn.Linear, list]:
+def train_softmax(
+    features: numpy.ndarray,
+    labels: numpy.ndarray,
+    num_classes: int,
+    *,
+    weight_decay: float,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    label_smoothing: float,
+    seed: int,
+    val_features: numpy.ndarray | None = None,
+    val_labels: numpy.ndarray | None = None,
+) -> tuple[nn.Linear, list]:
     """A linear layer trained with AdamW at a constant learning rate; returns it and val accuracy per epoch.
 
     With val data the head returned is the one after the best val epoch. The rate is constant so
     that this equals a fresh run of that many epochs: the choice can be refitted exactly.
     """
-    return train_softmax_heads(features, labels, num_classes, weight_decays=[weight_decay], epochs=epochs, lr=lr,
-                               batch_size=batch_size, label_smoothing=label_smoothing, seed=seed,
-                               val_features=val_features, val_labels=val_labels)[0]
+    return train_softmax_heads(
+        features,
+        labels,
+        num_classes,
+        weight_decays=[weight_decay],
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        label_smoothing=label_smoothing,
+        seed=seed,
+        val_features=val_features,
+        val_labels=val_labels,
+    )[0]
 
 
-def train_softmax_heads(features: numpy.ndarray, labels: numpy.ndarray, num_classes: int, *, weight_decays: list,
-                        epochs: int, lr: float, batch_size: int, label_smoothing: float, seed: int,
-                        val_features: numpy.ndarray | None = None, val_labels: numpy.ndarray | None = None
-                        ) -> list[tuple[nn.Linear, list]]:
+def train_softmax_heads(
+    features: numpy.ndarray,
+    labels: numpy.ndarray,
+    num_classes: int,
+    *,
+    weight_decays: list,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    label_smoothing: float,
+    seed: int,
+    val_features: numpy.ndarray | None = None,
+    val_labels: numpy.ndarray | None = None,
+) -> list[tuple[nn.Linear, list]]:
     """train_softmax for several weight decays at once: one (head, val history) per decay, in order.
 
     The heads differ only in their decay: they start from the same seeded weights and see the same
@@ -105,7 +139,7 @@ def train_softmax_heads(features: numpy.ndarray, labels: numpy.ndarray, num_clas
     targets = torch.from_numpy(numpy.asarray(labels, dtype=numpy.int64))
     dimensions = inputs.shape[1]
     # Seeded initialisation (not the global RNG) so selection and refit start from the same weights.
-    bound = 1 / dimensions ** 0.5
+    bound = 1 / dimensions**0.5
     weight = torch.empty(num_classes, dimensions).uniform_(-bound, bound, generator=generator)
     bias = torch.empty(num_classes).uniform_(-bound, bound, generator=generator)
     weight = nn.Parameter(weight.repeat(count, 1))
@@ -113,14 +147,15 @@ def train_softmax_heads(features: numpy.ndarray, labels: numpy.ndarray, num_clas
     decay = torch.tensor([1 - lr * value for value in weight_decays]).repeat_interleave(num_classes)
     optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
     loss_function = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="sum")
-    val_inputs = None if val_features is None else torch.from_numpy(numpy.ascontiguousarray(val_features,
-                                                                                           dtype=numpy.float32))
+    val_inputs = (
+        None if val_features is None else torch.from_numpy(numpy.ascontiguousarray(val_features, dtype=numpy.float32))
+    )
     histories = [[] for _ in weight_decays]
     best_states = [None] * count
     for _ in range(epochs):
         order = torch.randperm(len(targets), generator=generator)
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
             # [rows, heads x classes] read as [rows x heads, classes]: one cross-entropy over every head.
             logits = torch.addmm(bias, inputs[batch], weight.t()).view(-1, num_classes)
@@ -154,14 +189,28 @@ def train_softmax_heads(features: numpy.ndarray, labels: numpy.ndarray, num_clas
 
 def predict_softmax(head: nn.Linear, features) -> numpy.ndarray:
     """Predicted class per row."""
-    inputs = features if isinstance(features, torch.Tensor) else torch.from_numpy(
-        numpy.ascontiguousarray(features, dtype=numpy.float32))
+    inputs = (
+        features
+        if isinstance(features, torch.Tensor)
+        else torch.from_numpy(numpy.ascontiguousarray(features, dtype=numpy.float32))
+    )
     with torch.no_grad():
         return head(inputs).argmax(dim=1).numpy()
 
 
-def select_softmax(train: tuple, val: tuple, num_classes: int, *, normalizations: list, weight_decays: list,
-                   epochs: int, lr: float, batch_size: int, label_smoothing: float, seed: int) -> tuple:
+def select_softmax(
+    train: tuple,
+    val: tuple,
+    num_classes: int,
+    *,
+    normalizations: list,
+    weight_decays: list,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    label_smoothing: float,
+    seed: int,
+) -> tuple:
     """Best (normalization, weight decay, epochs) by val accuracy; ties keep the earlier, cheaper choice.
 
     Returns (choice, every candidate with its val history, the chosen head fitted on train, its normalizer).
@@ -170,13 +219,27 @@ def select_softmax(train: tuple, val: tuple, num_classes: int, *, normalizations
     for kind in normalizations:
         normalizer = Normalizer.fit(kind, train[0])
         fit_features, val_features = normalizer.apply(train[0]), normalizer.apply(val[0])
-        trained = train_softmax_heads(fit_features, train[1], num_classes, weight_decays=weight_decays,
-                                      epochs=epochs, lr=lr, batch_size=batch_size, label_smoothing=label_smoothing,
-                                      seed=seed, val_features=val_features, val_labels=val[1])
+        trained = train_softmax_heads(
+            fit_features,
+            train[1],
+            num_classes,
+            weight_decays=weight_decays,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            label_smoothing=label_smoothing,
+            seed=seed,
+            val_features=val_features,
+            val_labels=val[1],
+        )
         for weight_decay, (head, history) in zip(weight_decays, trained, strict=True):
-            epoch = int(numpy.argmax(history)) + 1       # first epoch that reaches the best val accuracy
-            candidate = {"normalization": kind, "weight_decay": weight_decay, "epochs": epoch,
-                         "val_top1": history[epoch - 1]}
+            epoch = int(numpy.argmax(history)) + 1  # first epoch that reaches the best val accuracy
+            candidate = {
+                "normalization": kind,
+                "weight_decay": weight_decay,
+                "epochs": epoch,
+                "val_top1": history[epoch - 1],
+            }
             candidates.append({**candidate, "val_history": history})
             if best is None or candidate["val_top1"] > best[0]["val_top1"]:
                 best = (candidate, head, normalizer)
@@ -189,8 +252,8 @@ def select_softmax(train: tuple, val: tuple, num_classes: int, *, normalizations
 def make_logistic(c: float, solver: str, max_iter: int, tolerance: float, seed: int):
     """Multinomial L2-regularised logistic regression, warm-startable along a C path."""
     from sklearn.linear_model import LogisticRegression
-    return LogisticRegression(C=c, max_iter=max_iter, tol=tolerance, solver=solver, warm_start=True,
-                              random_state=seed)
+
+    return LogisticRegression(C=c, max_iter=max_iter, tol=tolerance, solver=solver, warm_start=True, random_state=seed)
 
 
 def fit_logistic(model, features: numpy.ndarray, labels: numpy.ndarray, blas_threads: int = 0):
@@ -200,6 +263,7 @@ def fit_logistic(model, features: numpy.ndarray, labels: numpy.ndarray, blas_thr
 
     from sklearn.exceptions import ConvergenceWarning
     from threadpoolctl import threadpool_limits
+
     with warnings.catch_warnings(record=True) as caught, threadpool_limits(blas_threads or None, user_api="blas"):
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(features, labels)
@@ -207,8 +271,18 @@ def fit_logistic(model, features: numpy.ndarray, labels: numpy.ndarray, blas_thr
     return model, converged
 
 
-def select_logistic(train: tuple, val: tuple, *, normalizations: list, cs: list, solver: str, max_iter: int,
-                    tolerance: float, seed: int, blas_threads: int = 0) -> tuple:
+def select_logistic(
+    train: tuple,
+    val: tuple,
+    *,
+    normalizations: list,
+    cs: list,
+    solver: str,
+    max_iter: int,
+    tolerance: float,
+    seed: int,
+    blas_threads: int = 0,
+) -> tuple:
     """Best (normalization, C) by val accuracy; C runs from strong to weak regularisation, warm-started.
 
     Returns (choice, every candidate, the chosen model fitted on train, its normalizer).
@@ -221,8 +295,7 @@ def select_logistic(train: tuple, val: tuple, *, normalizations: list, cs: list,
         for c in sorted(cs):
             model.set_params(C=c)
             model, converged = fit_logistic(model, fit_features, train[1], blas_threads)
-            candidate = {"normalization": kind, "c": c,
-                         "val_top1": accuracy(val[1], model.predict(val_features))}
+            candidate = {"normalization": kind, "c": c, "val_top1": accuracy(val[1], model.predict(val_features))}
             candidates.append({**candidate, "iterations": int(numpy.max(model.n_iter_)), "converged": converged})
             if best is None or candidate["val_top1"] > best[0]["val_top1"]:
                 best = (candidate, copy.deepcopy(model), normalizer)

@@ -3,6 +3,7 @@
 Methods are data here: fine-tuning = a registered backbone, pretrained, head replaced, two parameter
 groups (head at lr, body at lr x multiplier); scratch = one of the CNNs below, one group.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -40,14 +41,22 @@ _FLOAT32_TRAINING_CLASSES: dict[type, type] = {}
 def _float32_training_class(base: type) -> type:
     """`base` whose forward leaves CPU autocast while its own weight is being trained."""
     if base not in _FLOAT32_TRAINING_CLASSES:
+
         def forward(self, input):
             if torch.is_grad_enabled() and self.weight.requires_grad and torch.is_autocast_enabled("cpu"):
                 with torch.autocast("cpu", enabled=False):
                     return base.forward(self, input.float())
             return base.forward(self, input)
-        _FLOAT32_TRAINING_CLASSES[base] = type(f"Float32Training{base.__name__}", (base,),
-                                               {"forward": forward, "__module__": __name__,
-                                                "__doc__": f"{base.__name__} trained in fp32 under CPU autocast."})
+
+        _FLOAT32_TRAINING_CLASSES[base] = type(
+            f"Float32Training{base.__name__}",
+            (base,),
+            {
+                "forward": forward,
+                "__module__": __name__,
+                "__doc__": f"{base.__name__} trained in fp32 under CPU autocast.",
+            },
+        )
     return _FLOAT32_TRAINING_CLASSES[base]
 
 
@@ -77,6 +86,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     output against the unfolded model, so a network where that order lies is refused, not silently changed.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
+
     pairs = list(_convolution_norm_pairs(model))
     for parent, first, second in pairs:
         parent._modules[first] = fuse_conv_bn_eval(parent._modules[first], parent._modules[second])
@@ -90,8 +100,12 @@ def _convolution_norm_pairs(model: nn.Module):
         names = list(parent._modules)
         for first, second in pairwise(names):
             convolution, norm = parent._modules[first], parent._modules[second]
-            if (isinstance(convolution, nn.Conv2d) and type(norm) is nn.BatchNorm2d and norm.track_running_stats
-                    and norm.num_features == convolution.out_channels):
+            if (
+                isinstance(convolution, nn.Conv2d)
+                and type(norm) is nn.BatchNorm2d
+                and norm.track_running_stats
+                and norm.num_features == convolution.out_channels
+            ):
                 yield parent, first, second
 
 
@@ -105,8 +119,12 @@ def pad_inside_convolutions(model: nn.Module) -> int:
     moved = 0
     for module in model.modules():
         padding = getattr(module, "static_padding", None)
-        if (isinstance(module, nn.Conv2d) and isinstance(padding, nn.ZeroPad2d) and len(set(padding.padding)) == 1
-                and tuple(module.padding) == (0, 0)):
+        if (
+            isinstance(module, nn.Conv2d)
+            and isinstance(padding, nn.ZeroPad2d)
+            and len(set(padding.padding)) == 1
+            and tuple(module.padding) == (0, 0)
+        ):
             module.padding = (padding.padding[0],) * 2
             module.static_padding = nn.Identity()
             moved += 1
@@ -118,15 +136,17 @@ def fold_for_inference(model: nn.Module, name: str) -> nn.Module:
 
     Checked on one random batch against the model as it came (`rewrite_checked`).
     """
+
     def rewrite(network: nn.Module) -> None:
         pad_inside_convolutions(network)
         fold_batchnorm(network)
-    return rewrite_checked(model, rewrite, f"rewriting {name} for inference",
-                           "set [features] fold_batchnorm = false")
+
+    return rewrite_checked(model, rewrite, f"rewriting {name} for inference", "set [features] fold_batchnorm = false")
 
 
-def rewrite_checked(model: nn.Module, rewrite: Callable[[nn.Module], None], what: str, advice: str,
-                    probe_size: int = 64) -> nn.Module:
+def rewrite_checked(
+    model: nn.Module, rewrite: Callable[[nn.Module], None], what: str, advice: str, probe_size: int = 64
+) -> nn.Module:
     """Apply `rewrite` to `model` in place, refusing it if the eval-mode output on a random batch moves.
 
     The check runs in the model's own dtype; a relative difference above 1e-4 means the rewrite
@@ -166,6 +186,7 @@ class _FoldedBatchNorm2d(nn.BatchNorm2d):
 def _folding_class(base: type) -> type:
     """`base` that, while its BatchNorm is in eval mode, convolves with the norm folded into its weights."""
     if base not in _FOLDING_CLASSES:
+
         def forward(self, input):
             norm = self.__dict__["frozen_norm"]
             if norm.training:
@@ -187,9 +208,16 @@ def _folding_class(base: type) -> type:
                 return base.forward(self, input)
             finally:
                 parameters["weight"], parameters["bias"] = saved
-        _FOLDING_CLASSES[base] = type(f"Folding{base.__name__}", (base,),
-                                      {"forward": forward, "__module__": __name__,
-                                       "__doc__": f"{base.__name__} computing the frozen BatchNorm after it."})
+
+        _FOLDING_CLASSES[base] = type(
+            f"Folding{base.__name__}",
+            (base,),
+            {
+                "forward": forward,
+                "__module__": __name__,
+                "__doc__": f"{base.__name__} computing the frozen BatchNorm after it.",
+            },
+        )
     return _FOLDING_CLASSES[base]
 
 
@@ -221,12 +249,15 @@ def fold_for_training(model: nn.Module, name: str, fold_norms: bool = True) -> n
     Each rewrite saves a separate pass over the activations (the padding copy, the BatchNorm) in every
     layer it touches, forward and backward.
     """
+
     def rewrite(network: nn.Module) -> None:
         pad_inside_convolutions(network)
         if fold_norms:
             fold_frozen_batchnorm(network)
-    return rewrite_checked(model, rewrite, f"rewriting {name}'s convolutions for training",
-                           "set [finetune] fold_batchnorm = false")
+
+    return rewrite_checked(
+        model, rewrite, f"rewriting {name}'s convolutions for training", "set [finetune] fold_batchnorm = false"
+    )
 
 
 def rewrite_for_finetuning(model: nn.Module, name: str, settings) -> nn.Module:
@@ -239,8 +270,11 @@ def rewrite_for_finetuning(model: nn.Module, name: str, settings) -> nn.Module:
 
 def conv_bn_relu(in_channels: int, out_channels: int, padding: int = 1) -> list[nn.Module]:
     # No conv bias: the BatchNorm shift that follows makes it redundant.
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=False), nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class BatchNormCNN(nn.Module):
@@ -283,8 +317,9 @@ class NotebookCNN(nn.Module):
     units, fit too; this is the conventional 32-64-128 ladder.) About 177.5 M parameters in all.
     """
 
-    def __init__(self, num_classes: int, input_size: int = 224, dropout: float = 0.0, widths=(32, 64, 128),
-                 hidden: int = 2048):
+    def __init__(
+        self, num_classes: int, input_size: int = 224, dropout: float = 0.0, widths=(32, 64, 128), hidden: int = 2048
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         channels, side = 3, input_size
@@ -294,8 +329,13 @@ class NotebookCNN(nn.Module):
         if side < 1:
             raise ModelError(f"the notebook CNN needs inputs of at least 22 px, got {input_size}")
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, hidden), nn.ReLU(inplace=True),
-                                        nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, images):
         return self.classifier(self.features(images))
@@ -310,20 +350,28 @@ def build_scratch_model(settings: CnnConfig, num_classes: int, input_size: int) 
     raise ModelError(f"unknown architecture {settings.architecture!r}; choose one of: {', '.join(ARCHITECTURES)}")
 
 
-def build_finetune_model(name: str, num_classes: int, pretrained: bool = True, weights_path: str | None = None,
-                         allow_download: bool = True) -> tuple[nn.Module, BackboneSpec]:
+def build_finetune_model(
+    name: str, num_classes: int, pretrained: bool = True, weights_path: str | None = None, allow_download: bool = True
+) -> tuple[nn.Module, BackboneSpec]:
     """A registered backbone with its pretrained weights (when it has any) and a fresh num_classes head.
 
     The head is replaced at the registry's `head_attribute` (`_fc` for EfficientNet), so no
     1000-way ImageNet layer survives, used or not.
     """
     spec = get_backbone(name)
-    model = build_backbone(name, pretrained=pretrained and spec.weights is not None, weights_path=weights_path,
-                           num_classes=num_classes, allow_download=allow_download)
+    model = build_backbone(
+        name,
+        pretrained=pretrained and spec.weights is not None,
+        weights_path=weights_path,
+        num_classes=num_classes,
+        allow_download=allow_download,
+    )
     return model, spec
 
 
 def finetune_groups(model: nn.Module, spec: BackboneSpec, backbone_lr_multiplier: float) -> list[dict]:
     """Optimizer groups for fine-tuning: the new head at the full LR, the pretrained body at LR x multiplier."""
-    return [{"name": "head", "params": head_parameters(model, spec), "lr_scale": 1.0},
-            {"name": "backbone", "params": body_parameters(model, spec), "lr_scale": backbone_lr_multiplier}]
+    return [
+        {"name": "head", "params": head_parameters(model, spec), "lr_scale": 1.0},
+        {"name": "backbone", "params": body_parameters(model, spec), "lr_scale": backbone_lr_multiplier},
+    ]

@@ -3,6 +3,7 @@
 Every path that reads an image (download verification, extraction, the end-to-end image cache,
 predict) goes through `to_rgb`, so a picture is turned into RGB the same way wherever it is read.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,6 +44,7 @@ def decode_problem(path: str | Path) -> str | None:
     import io
 
     from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             if data.startswith(JPEG_MAGIC):
@@ -63,6 +65,7 @@ def to_rgb(image):
     - Every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, RGBX) goes through PIL's own conversion.
     """
     from PIL import Image
+
     mode = image.mode
     if mode == "RGB":
         return image
@@ -79,7 +82,7 @@ def to_rgb(image):
         return Image.fromarray(grey, "L").convert("RGB")
     if mode in ALPHA_MODES or "transparency" in image.info:
         if mode == "La":
-            image = _unpremultiplied_grey(image)     # PIL has no conversion out of premultiplied grey
+            image = _unpremultiplied_grey(image)  # PIL has no conversion out of premultiplied grey
         rgba = image.convert("RGBA")
         backdrop = Image.new("RGBA", rgba.size, BACKDROP)
         return Image.alpha_composite(backdrop, rgba).convert("RGB")
@@ -89,6 +92,7 @@ def to_rgb(image):
 def _unpremultiplied_grey(image):
     """An La image (grey premultiplied by alpha) as LA."""
     from PIL import Image
+
     values = numpy.asarray(image, dtype=numpy.float64)
     grey, alpha = values[..., 0], values[..., 1]
     straight = numpy.where(alpha > 0, grey * 255.0 / numpy.maximum(alpha, 1.0), 0.0)
@@ -99,6 +103,7 @@ def _unpremultiplied_grey(image):
 def open_rgb(path: str | Path):
     """The image at `path` as an RGB PIL image (loaded, file closed)."""
     from PIL import Image
+
     with Image.open(path) as image:
-        image.load()            # the pixels must outlive the file, which closes on leaving the block
+        image.load()  # the pixels must outlive the file, which closes on leaving the block
         return to_rgb(image)

@@ -1,4 +1,5 @@
 """The report's figures as PNG bytes (matplotlib's Agg canvas, no pyplot state, no display needed)."""
+
 from __future__ import annotations
 
 import io
@@ -11,6 +12,7 @@ END_TO_END = ("scratch", "finetune")
 
 def _figure(width: float, height: float, rows: int = 1, columns: int = 1):
     from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width, height))
     axes = figure.subplots(rows, columns, squeeze=False)
     return figure, axes
@@ -24,8 +26,14 @@ def _png(figure, dpi: int) -> bytes:
 
 def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
     """Scatter of test top-1 against total seconds, one marker per present arm, labelled by name."""
-    points = [r for r in records if r["status"] == "ok" and r["test_top1"] is not None
-              and r["total_seconds"] is not None and r["total_seconds"] > 0]
+    points = [
+        r
+        for r in records
+        if r["status"] == "ok"
+        and r["test_top1"] is not None
+        and r["total_seconds"] is not None
+        and r["total_seconds"] > 0
+    ]
     if not points:
         return None
     figure, axes = _figure(8, 5)
@@ -33,10 +41,17 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
     for method, (colour, marker) in METHOD_STYLE.items():
         chosen = [r for r in points if r["method"] == method]
         if chosen:
-            axis.scatter([r["total_seconds"] for r in chosen], [100 * r["test_top1"] for r in chosen],
-                         color=colour, marker=marker, s=60, label=method, zorder=3)
+            axis.scatter(
+                [r["total_seconds"] for r in chosen],
+                [100 * r["test_top1"] for r in chosen],
+                color=colour,
+                marker=marker,
+                s=60,
+                label=method,
+                zorder=3,
+            )
     times = [r["total_seconds"] for r in points]
-    logarithmic = max(times) / min(times) > 20     # frozen heads take seconds, end-to-end training far longer
+    logarithmic = max(times) / min(times) > 20  # frozen heads take seconds, end-to-end training far longer
     if logarithmic:
         axis.set_xscale("log")
     placed = []
@@ -47,8 +62,13 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
         span = numpy.ptp(numpy.log10(times) if logarithmic else times) or 1.0
         crowded = sum(abs(x - other[0]) < 0.15 * span and abs(position[1] - other[1]) < 3 for other in placed)
         placed.append(position)
-        axis.annotate(record.get("run") or record["arm"], (record["total_seconds"], 100 * record["test_top1"]),
-                      fontsize=8, textcoords="offset points", xytext=(5, 4 - 11 * crowded))
+        axis.annotate(
+            record.get("run") or record["arm"],
+            (record["total_seconds"], 100 * record["test_top1"]),
+            fontsize=8,
+            textcoords="offset points",
+            xytext=(5, 4 - 11 * crowded),
+        )
     # At least a few points of headroom: a tight axis would blow 0.5-point gaps up to the full height.
     scores = [100 * r["test_top1"] for r in points]
     axis.set_ylim(max(0.0, min(scores) - 5), min(100.0, max(scores) + 5))
@@ -63,12 +83,17 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
 def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes | None:
     """Loss (left) and top-1 (right) per epoch, train and val, one row per end-to-end arm with a history."""
     from matplotlib.ticker import MaxNLocator
+
     # One row per arm: its first present run (repeats over seeds would only stack near-copies).
     arms = []
     for record in records:
         run = record.get("run") or record["arm"]
-        if (record["status"] == "ok" and record["method"] in END_TO_END and results[run].get("history")
-                and record["arm"] not in {label for label, _ in arms}):
+        if (
+            record["status"] == "ok"
+            and record["method"] in END_TO_END
+            and results[run].get("history")
+            and record["arm"] not in {label for label, _ in arms}
+        ):
             arms.append((record["arm"], run))
     if not arms:
         return None
@@ -81,8 +106,13 @@ def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes
             for split, style in (("train", "--"), ("val", "-")):
                 values = [entry.get(f"{split}_{quantity}") for entry in history]
                 if any(value is not None for value in values):
-                    axis.plot(epochs, [numpy.nan if value is None else scale * value for value in values],
-                              style, marker=".", label=split)
+                    axis.plot(
+                        epochs,
+                        [numpy.nan if value is None else scale * value for value in values],
+                        style,
+                        marker=".",
+                        label=split,
+                    )
             best = results[run].get("best_epoch") or (results[run].get("selected") or {}).get("best_epoch")
             if best:
                 axis.axvline(best, color="grey", linestyle=":", label=f"best on val ({best})")
@@ -117,6 +147,7 @@ def per_class_accuracy(arm: str, accuracy: list, class_names: list, dpi: int = 1
 def confusion_matrix(arm: str, matrix: list, class_names: list, dpi: int = 100) -> bytes | None:
     """Image of the confusion matrix, each row divided by its true class's test count."""
     from matplotlib.colors import PowerNorm
+
     counts = numpy.asarray(matrix, dtype=float)
     if counts.ndim != 2 or counts.size == 0:
         return None
@@ -126,10 +157,9 @@ def confusion_matrix(arm: str, matrix: list, class_names: list, dpi: int = 100) 
     figure, axes = _figure(9, 8)
     axis = axes[0, 0]
     # A square-root colour scale, so the few-percent confusions stay visible beside a bright diagonal.
-    image = axis.imshow(normalised, cmap="viridis", norm=PowerNorm(gamma=0.5, vmin=0, vmax=1),
-                        interpolation="nearest")
+    image = axis.imshow(normalised, cmap="viridis", norm=PowerNorm(gamma=0.5, vmin=0, vmax=1), interpolation="nearest")
     figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the true class (square-root scale)")
-    if size <= 30:      # names stay readable up to about 30 classes; beyond that, label numbers
+    if size <= 30:  # names stay readable up to about 30 classes; beyond that, label numbers
         axis.set_xticks(range(size), class_names, rotation=90, fontsize=7)
         axis.set_yticks(range(size), class_names, fontsize=7)
     else:
@@ -151,8 +181,10 @@ def draw_all(study) -> dict[str, bytes]:
             path = study.samples_directory / name
             if path.is_file():
                 images[name] = path.read_bytes()
-    drawn = {"accuracy_vs_time.png": accuracy_against_time(study.records, dpi),
-             "learning_curves.png": learning_curves(study.records, study.results, dpi)}
+    drawn = {
+        "accuracy_vs_time.png": accuracy_against_time(study.records, dpi),
+        "learning_curves.png": learning_curves(study.records, study.results, dpi),
+    }
     if study.best is not None:
         run = study.best.get("run") or study.best["arm"]
         result = study.results[run]

@@ -8,6 +8,7 @@ class the arm's own test evaluation gave it:
 - end-to-end arms (finetune, scratch): model.pt rebuilt the way the stage built it, the image stored
   as the stage stores its splits (pipeline/images.py) and evaluated with train.predict.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,6 +51,7 @@ class PredictError(PipelineError, ValueError):
 @dataclass(frozen=True)
 class Arm:
     """A trained arm: where its unit lives and its result.json."""
+
     name: str
     method: str
     stage: str
@@ -68,6 +70,7 @@ class Arm:
 def image_files(inputs: list) -> list[Path]:
     """Every image named by `inputs` (files, or folders whose image files are taken in name order), checked readable."""
     from PIL import UnidentifiedImageError
+
     if not inputs:
         raise PredictError("no image given; pass one or more image files or a folder (make predict IMG=<path>)")
     paths = []
@@ -126,13 +129,17 @@ def choose_arm(config: Config, graph: Graph, name: str | None = None) -> Arm:
     states, trained = trained_arms(config, graph)
     trained_list = ", ".join(trained) or "none yet"
     if name is None:
-        records = [report.make_record(state, trained[state["arm"]].result, graph.cache_root)
-                   for state in states if state["arm"] in trained]
+        records = [
+            report.make_record(state, trained[state["arm"]].result, graph.cache_root)
+            for state in states
+            if state["arm"] in trained
+        ]
         best = report.best_arm(records)
         if best is None:
             # An arm built under other settings is the likely surprise; name one so the user sees why.
-            stale = next((state for state in states
-                          if state["missing"] and not state["missing"].startswith("no manifest")), None)
+            stale = next(
+                (state for state in states if state["missing"] and not state["missing"].startswith("no manifest")), None
+            )
             hint = f" ({stale['arm']}: {stale['missing']})" if stale else ""
             raise PredictError(f"no arm is trained yet under this config{hint}; run `make all` (or `make heads`) first")
         return trained[best["arm"]]
@@ -140,8 +147,9 @@ def choose_arm(config: Config, graph: Graph, name: str | None = None) -> Arm:
         return trained[name]
     state = next((state for state in states if state["arm"] == name), None)
     if state is None:
-        raise PredictError(f"unknown arm {name!r}; this config's arms: {', '.join(s['arm'] for s in states)} "
-                           f"(trained: {trained_list})")
+        raise PredictError(
+            f"unknown arm {name!r}; this config's arms: {', '.join(s['arm'] for s in states)} (trained: {trained_list})"
+        )
     raise PredictError(f"arm {name} is not trained yet ({state['missing']}); trained arms: {trained_list}")
 
 
@@ -161,9 +169,11 @@ def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarr
         def softmax(rows: numpy.ndarray) -> numpy.ndarray:
             with torch.no_grad():
                 return torch.softmax(head(torch.from_numpy(normalizer.apply(rows))), dim=1).numpy()
+
         return softmax
     if (directory / heads.LOGISTIC_FILE).is_file():
         import joblib
+
         saved = joblib.load(cache.require_intact(directory / heads.LOGISTIC_FILE))
         model, normalizer = saved["model"], linear_heads.Normalizer.from_state(saved["normalizer"])
         num_classes = len(saved["class_names"])
@@ -173,6 +183,7 @@ def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarr
             probabilities = numpy.zeros((len(rows), num_classes))
             probabilities[:, model.classes_] = model.predict_proba(normalizer.apply(rows))
             return probabilities
+
         return logistic
     raise PredictError(f"no {heads.SOFTMAX_FILE} or {heads.LOGISTIC_FILE} in {directory}; run `make heads`")
 
@@ -182,29 +193,53 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
     features_unit = graph.unit("heads", arm.unit).input("features")
     attributes = extract.read_attributes(cache.require_intact(features.features_file(graph.directory(features_unit))))
     recipe = attributes["preprocessing"]
-    preprocessing = backbones.Preprocessing(recipe["input_size"], recipe["resize_size"], recipe["interpolation"],
-                                            tuple(recipe["mean"]), tuple(recipe["std"]))
+    preprocessing = backbones.Preprocessing(
+        recipe["input_size"],
+        recipe["resize_size"],
+        recipe["interpolation"],
+        tuple(recipe["mean"]),
+        tuple(recipe["std"]),
+    )
     pixels, mean, std = extract.uint8_transform(transforms.eval_transform(preprocessing, attributes["input_size"]))
     name = attributes["backbone"]
     source = features.resolve_source(config, name)
     if source["weights_sha256"] != attributes["weights_sha256"]:
-        raise PredictError(f"the {name} weights found now ({source['weights_id']}) are not the ones its features "
-                           f"were extracted with ({attributes['weights_id']}); rerun `make heads`")
+        raise PredictError(
+            f"the {name} weights found now ({source['weights_id']}) are not the ones its features "
+            f"were extracted with ({attributes['weights_id']}); rerun `make heads`"
+        )
     # Test-only backbones are random-init: the extraction seeded torch right before building them.
     seed_everything(attributes["seed"])
     # The rewrite the features were extracted with (files from before the setting had none).
-    model = features.load_frozen_backbone(name, source["weights_path"], runtime.device, runtime.channels_last,
-                                          bool(attributes.get("fold_batchnorm", False)))
+    model = features.load_frozen_backbone(
+        name,
+        source["weights_path"],
+        runtime.device,
+        runtime.channels_last,
+        bool(attributes.get("fold_batchnorm", False)),
+    )
 
     def run(paths: list) -> numpy.ndarray:
         count = len(paths)
-        job = extract.Job(group="predict", paths=list(paths), labels=numpy.zeros(count, dtype=numpy.int64),
-                          image_ids=numpy.zeros(count, dtype=numpy.int64), views=numpy.zeros(count, dtype=numpy.int64),
-                          transform=pixels)
-        loader = torch.utils.data.DataLoader(extract.ImageDataset(job), batch_size=config.features.batch_size,
-                                             shuffle=False, num_workers=0)
-        return numpy.concatenate(list(extract.extract_batches(model, loader, runtime.device, runtime.autocast,
-                                                              runtime.channels_last, mean, std)))
+        job = extract.Job(
+            group="predict",
+            paths=list(paths),
+            labels=numpy.zeros(count, dtype=numpy.int64),
+            image_ids=numpy.zeros(count, dtype=numpy.int64),
+            views=numpy.zeros(count, dtype=numpy.int64),
+            transform=pixels,
+        )
+        loader = torch.utils.data.DataLoader(
+            extract.ImageDataset(job), batch_size=config.features.batch_size, shuffle=False, num_workers=0
+        )
+        return numpy.concatenate(
+            list(
+                extract.extract_batches(
+                    model, loader, runtime.device, runtime.autocast, runtime.channels_last, mean, std
+                )
+            )
+        )
+
     return run
 
 
@@ -213,14 +248,16 @@ def end_to_end_model(config: Config, arm: Arm, runtime: Runtime) -> tuple[torch.
     result = arm.result
     num_classes = len(arm.class_names)
     if arm.method == "finetune":
-        model, spec = models.build_finetune_model(result["backbone"], num_classes, pretrained=False,
-                                                  allow_download=False)
+        model, spec = models.build_finetune_model(
+            result["backbone"], num_classes, pretrained=False, allow_download=False
+        )
         preprocessing = spec.preprocessing
     else:
         model = models.build_scratch_model(config.cnn, num_classes, result["input_size"])
         preprocessing = models.SCRATCH_PREPROCESSING
-    model.load_state_dict(torch.load(cache.require_intact(arm.directory / train.MODEL), map_location="cpu",
-                                     weights_only=True))
+    model.load_state_dict(
+        torch.load(cache.require_intact(arm.directory / train.MODEL), map_location="cpu", weights_only=True)
+    )
     return runtime.place(model).eval(), preprocessing
 
 
@@ -241,14 +278,16 @@ def predictor(config: Config, graph: Graph, arm: Arm) -> Callable[[list], numpy.
         data = images.ImageSet(pixels, torch.zeros(len(paths), dtype=torch.int64), preprocessing, input_size)
         logits = train.predict(model, data.to(runtime.device), runtime, 2 * settings.batch_size)
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
     return run
 
 
 # --- the command -------------------------------------------------------------------------------------
 
 
-def predict(config: Config, inputs: list, arm_name: str | None = None, top: int = DEFAULT_TOP,
-            graph: Graph | None = None) -> dict:
+def predict(
+    config: Config, inputs: list, arm_name: str | None = None, top: int = DEFAULT_TOP, graph: Graph | None = None
+) -> dict:
     """Top-`top` classes per image from one arm (default: best on val), as JSON-ready data.
 
     {"arm", "method", "val_top1", "test_top1", "predictions": [{"path", "top": [{"class", "label", "probability"}]}]}
@@ -263,11 +302,22 @@ def predict(config: Config, inputs: list, arm_name: str | None = None, top: int 
     predictions = []
     for path, row in zip(paths, probabilities, strict=True):
         # Stable sort so equal probabilities keep label order, as argmax would pick.
-        order = numpy.argsort(-row, kind="stable")[:min(top, len(names))]
-        predictions.append({"path": str(path), "top": [{"class": names[label], "label": int(label),
-                                                        "probability": float(row[label])} for label in order]})
-    return {"arm": arm.name, "method": arm.method, "val_top1": arm.result.get("val_top1"),
-            "test_top1": arm.result.get("test_top1"), "predictions": predictions}
+        order = numpy.argsort(-row, kind="stable")[: min(top, len(names))]
+        predictions.append(
+            {
+                "path": str(path),
+                "top": [
+                    {"class": names[label], "label": int(label), "probability": float(row[label])} for label in order
+                ],
+            }
+        )
+    return {
+        "arm": arm.name,
+        "method": arm.method,
+        "val_top1": arm.result.get("val_top1"),
+        "test_top1": arm.result.get("test_top1"),
+        "predictions": predictions,
+    }
 
 
 def format_text(output: dict) -> str:
@@ -286,8 +336,9 @@ def main(argv: list | None = None) -> int:
     def action():
         arguments = cli.parser("Top-k classes of images from one trained arm (default: the best on val).")
         arguments.add_argument("images", nargs="+", metavar="IMAGE", help="image files and/or folders of images")
-        arguments.add_argument("--arm", default=None,
-                               help="arm name, e.g. frozen-efficientnet-lite0-logistic (default: best val top-1)")
+        arguments.add_argument(
+            "--arm", default=None, help="arm name, e.g. frozen-efficientnet-lite0-logistic (default: best val top-1)"
+        )
         arguments.add_argument("--top", type=int, default=DEFAULT_TOP, help="classes shown per image (default: 5)")
         arguments.add_argument("--json", action="store_true", help="print machine-readable JSON instead")
         parsed = arguments.parse_args(argv)
@@ -295,8 +346,12 @@ def main(argv: list | None = None) -> int:
         if parsed.json:
             print(json.dumps(output, indent=2))
             return
-        scores = ", ".join(f"{split} top-1 {output[f'{split}_top1']:.3f}" for split in ("val", "test")
-                           if output[f"{split}_top1"] is not None)
+        scores = ", ".join(
+            f"{split} top-1 {output[f'{split}_top1']:.3f}"
+            for split in ("val", "test")
+            if output[f"{split}_top1"] is not None
+        )
         print(f"arm {output['arm']} ({scores})", file=sys.stderr)
         print(format_text(output))
+
     return cli.guarded(action)

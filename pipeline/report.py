@@ -6,6 +6,7 @@ config expects, that arm's current unit key and manifest build id (or why it is 
 report stays cached while nothing changed and rebuilds as soon as an arm is (re)built, and an arm
 that did not run is shown as missing with its reason instead of being dropped.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,10 +31,36 @@ RESULTS_JSON = "results.json"
 METHOD_STAGES = {"scratch": "cnn", "frozen": "heads", "finetune": "finetune"}
 # One results.json record per arm with these fields (results.csv columns, in this order;
 # docs/results.md documents them).
-RECORD_FIELDS = ("arm", "run", "status", "missing_reason", "method", "backbone", "head", "input_size", "train_images",
-                 "fit_on", "seed", "device", "precision", "val_top1", "test_top1", "test_mean_per_class",
-                 "extract_seconds", "train_seconds", "eval_seconds", "total_seconds", "images_per_second",
-                 "epochs_run", "selected", "weights_verified", "stage", "unit", "unit_key", "build_id")
+RECORD_FIELDS = (
+    "arm",
+    "run",
+    "status",
+    "missing_reason",
+    "method",
+    "backbone",
+    "head",
+    "input_size",
+    "train_images",
+    "fit_on",
+    "seed",
+    "device",
+    "precision",
+    "val_top1",
+    "test_top1",
+    "test_mean_per_class",
+    "extract_seconds",
+    "train_seconds",
+    "eval_seconds",
+    "total_seconds",
+    "images_per_second",
+    "epochs_run",
+    "selected",
+    "weights_verified",
+    "stage",
+    "unit",
+    "unit_key",
+    "build_id",
+)
 # Per-arm statistics over seeds (summary.json, and the report's across-seeds table).
 SUMMARY_JSON = "summary.json"
 SUMMARY_METRICS = ("val_top1", "test_top1", "test_mean_per_class", "train_seconds", "total_seconds")
@@ -42,8 +69,9 @@ SUMMARY_METRICS = ("val_top1", "test_top1", "test_mean_per_class", "train_second
 @dataclass(frozen=True)
 class ArmSpec:
     """One run of an arm the config asks for (one per seed), and the stage unit that produces it."""
+
     arm: str
-    run: str            # the arm's name, with -seed<N> for repeats after the first seed
+    run: str  # the arm's name, with -seed<N> for repeats after the first seed
     method: str
     stage: str
     unit: str
@@ -62,9 +90,11 @@ def expected_arms(config: Config) -> list[ArmSpec]:
             arms.append((f"frozen-{backbone}-{kind}", "frozen", "heads", f"{backbone}-{kind}", backbone, kind))
     for backbone in config.finetune.backbones:
         arms.append((f"finetune-{backbone}", "finetune", "finetune", backbone, backbone, "softmax"))
-    return [ArmSpec(arm, config.seeded_name(arm, seed), method, stage, config.seeded_name(unit, seed), backbone, head,
-                    seed)
-            for arm, method, stage, unit, backbone, head in arms for seed in config.run_seeds()]
+    return [
+        ArmSpec(arm, config.seeded_name(arm, seed), method, stage, config.seeded_name(unit, seed), backbone, head, seed)
+        for arm, method, stage, unit, backbone, head in arms
+        for seed in config.run_seeds()
+    ]
 
 
 def _planned_units(graph, stage: str) -> tuple[dict, str | None]:
@@ -73,7 +103,7 @@ def _planned_units(graph, stage: str) -> tuple[dict, str | None]:
         return {}, "stage not built yet"
     try:
         return {unit.name: unit for unit in graph.units(stage)}, None
-    except Exception as error:          # a broken or unplannable stage must still leave its arms visible
+    except Exception as error:  # a broken or unplannable stage must still leave its arms visible
         return {}, f"cannot plan stage {stage}: {error}"
 
 
@@ -94,13 +124,24 @@ def arm_states(config: Config, graph) -> list[dict]:
     states = []
     for spec in sorted(expected_arms(config), key=lambda arm: list(METHOD_STAGES).index(arm.method)):
         units, problem = planned[spec.stage]
-        state = {"arm": spec.arm, "run": spec.run, "seed": spec.seed, "method": spec.method, "stage": spec.stage,
-                 "unit": spec.unit, "backbone": spec.backbone, "head": spec.head}
+        state = {
+            "arm": spec.arm,
+            "run": spec.run,
+            "seed": spec.seed,
+            "method": spec.method,
+            "stage": spec.stage,
+            "unit": spec.unit,
+            "backbone": spec.backbone,
+            "head": spec.head,
+        }
         if problem is not None:
             state.update(key=None, build_id=None, missing=problem)
         elif spec.unit not in units:
-            state.update(key=None, build_id=None,
-                         missing=f"stage {spec.stage} plans no unit {spec.unit!r} (its units: {', '.join(units)})")
+            state.update(
+                key=None,
+                build_id=None,
+                missing=f"stage {spec.stage} plans no unit {spec.unit!r} (its units: {', '.join(units)})",
+            )
         else:
             state.update(_unit_state(graph, units[spec.unit], spec.stage, RESULT))
         states.append(state)
@@ -109,6 +150,7 @@ def arm_states(config: Config, graph) -> list[dict]:
 
 def _samples_state(graph) -> dict:
     from .samples import GRID
+
     units, problem = _planned_units(graph, "samples")
     if problem is not None or not units:
         return {"unit": None, "key": None, "build_id": None, "missing": problem or "samples stage plans no unit"}
@@ -117,8 +159,7 @@ def _samples_state(graph) -> dict:
 
 
 def plan(config: Config, graph) -> list[Unit]:
-    settings = {"report": config.section("report"), "arms": arm_states(config, graph),
-                "samples": _samples_state(graph)}
+    settings = {"report": config.section("report"), "arms": arm_states(config, graph), "samples": _samples_state(graph)}
     return [Unit(stage="report", name=UNIT, code_version=CODE_VERSION, settings=settings)]
 
 
@@ -132,9 +173,18 @@ def _finite(value):
 def make_record(state: dict, result: dict | None, cache_root: Path) -> dict:
     """One results.json record: the arm's scalar fields (bulky arrays stay in the arm's own result.json)."""
     record = dict.fromkeys(RECORD_FIELDS)
-    record.update(arm=state["arm"], run=state.get("run", state["arm"]), seed=state.get("seed"),
-                  method=state["method"], backbone=state["backbone"], head=state["head"],
-                  stage=state["stage"], unit=state["unit"], unit_key=state["key"], build_id=state["build_id"])
+    record.update(
+        arm=state["arm"],
+        run=state.get("run", state["arm"]),
+        seed=state.get("seed"),
+        method=state["method"],
+        backbone=state["backbone"],
+        head=state["head"],
+        stage=state["stage"],
+        unit=state["unit"],
+        unit_key=state["key"],
+        build_id=state["build_id"],
+    )
     if result is None:
         record.update(status="missing", missing_reason=state["missing"])
         return record
@@ -176,8 +226,15 @@ def summarize(records: list[dict]) -> list[dict]:
     rows = []
     for arm, runs in arms.items():
         present = [run for run in runs if run["status"] == "ok"]
-        row = {"arm": arm, "method": runs[0]["method"], "backbone": runs[0]["backbone"], "head": runs[0]["head"],
-               "runs": len(present), "expected_runs": len(runs), "seeds": [run["seed"] for run in present]}
+        row = {
+            "arm": arm,
+            "method": runs[0]["method"],
+            "backbone": runs[0]["backbone"],
+            "head": runs[0]["head"],
+            "runs": len(present),
+            "expected_runs": len(runs),
+            "seeds": [run["seed"] for run in present],
+        }
         for name in SUMMARY_METRICS:
             row[f"{name}_mean"], row[f"{name}_sd"] = _mean_and_sd([run[name] for run in present])
         rows.append(row)
@@ -191,8 +248,11 @@ def best_arm(records: list[dict]) -> dict | None:
     best = max(candidates, key=lambda row: row["val_top1_mean"], default=None)
     if best is None:
         return None
-    return next(record for record in records
-                if record["arm"] == best["arm"] and record["status"] == "ok" and record["val_top1"] is not None)
+    return next(
+        record
+        for record in records
+        if record["arm"] == best["arm"] and record["status"] == "ok" and record["val_top1"] is not None
+    )
 
 
 def _write_csv(path: Path, records: list[dict]) -> None:
@@ -221,9 +281,16 @@ def collect(context: BuildContext) -> report_render.Study:
     samples_directory = None
     if samples["missing"] is None:
         samples_directory = cache.unit_dir(context.cache_root, "samples", samples["unit"])
-    return report_render.Study(title=settings["report"]["title"], records=records, results=results,
-                               manifests=manifests, best=best_arm(records), samples_directory=samples_directory,
-                               samples_missing=samples["missing"], options=context.config.report)
+    return report_render.Study(
+        title=settings["report"]["title"],
+        records=records,
+        results=results,
+        manifests=manifests,
+        best=best_arm(records),
+        samples_directory=samples_directory,
+        samples_missing=samples["missing"],
+        options=context.config.report,
+    )
 
 
 def build(context: BuildContext) -> BuildResult:
@@ -240,11 +307,15 @@ def build(context: BuildContext) -> BuildResult:
     _write_csv(context.directory / RESULTS_CSV, study.records)
     files += [MARKDOWN, HTML, RESULTS_JSON, SUMMARY_JSON, RESULTS_CSV]
     missing = [record["run"] for record in study.records if record["status"] != "ok"]
-    context.log(f"[report] {len(study.records) - len(missing)} of {len(study.records)} runs present"
-                + (f"; missing: {', '.join(missing)}" if missing else "")
-                + f"; wrote {context.directory / HTML}")
-    return BuildResult(files=files, metrics={"arms": len(study.records), "missing": missing,
-                                             "best_arm": study.best["arm"] if study.best else None})
+    context.log(
+        f"[report] {len(study.records) - len(missing)} of {len(study.records)} runs present"
+        + (f"; missing: {', '.join(missing)}" if missing else "")
+        + f"; wrote {context.directory / HTML}"
+    )
+    return BuildResult(
+        files=files,
+        metrics={"arms": len(study.records), "missing": missing, "best_arm": study.best["arm"] if study.best else None},
+    )
 
 
 def summary(graph) -> str:
@@ -254,6 +325,13 @@ def summary(graph) -> str:
     return report_render.text_table(records) + f"\nreport: {directory / HTML}\n        {directory / MARKDOWN}"
 
 
-STAGE = register_stage(Stage(name="report", description="Merge every arm's results and timings into the report.",
-                             code_version=CODE_VERSION, depends_on=("samples", "heads", "finetune", "cnn"),
-                             plan=plan, build=build))
+STAGE = register_stage(
+    Stage(
+        name="report",
+        description="Merge every arm's results and timings into the report.",
+        code_version=CODE_VERSION,
+        depends_on=("samples", "heads", "finetune", "cnn"),
+        plan=plan,
+        build=build,
+    )
+)

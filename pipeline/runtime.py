@@ -3,6 +3,7 @@
 Decided once per process so every stage trains and measures the same way (nanoGPT style):
 bf16 autocast where the device supports it, fp16 + GradScaler only on CUDA without bf16.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,14 +19,14 @@ from .config import ConfigError, RuntimeConfig
 
 @dataclass(frozen=True)
 class Runtime:
-    device: str              # torch device string actually used
-    precision: str           # "bf16" | "fp16" | "fp32" after resolving "auto"
+    device: str  # torch device string actually used
+    precision: str  # "bf16" | "fp16" | "fp32" after resolving "auto"
     channels_last: bool
     num_workers: int
     seed: int
     # Train depthwise convolutions in fp32 (CPU + bf16 only; see models.train_depthwise_in_float32).
     float32_depthwise: bool = False
-    inference_streams: int = 1   # extraction batches in flight at once (extract.in_streams)
+    inference_streams: int = 1  # extraction batches in flight at once (extract.in_streams)
 
     @property
     def device_type(self) -> str:
@@ -34,6 +35,7 @@ class Runtime:
     def autocast(self):
         """Autocast context for forward passes (a no-op in fp32)."""
         import torch
+
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -42,11 +44,13 @@ class Runtime:
     def place(self, model):
         """`model` on this device and memory format, ready to train (layers slow in bf16 kept in fp32)."""
         import torch
+
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         if self.float32_depthwise:
             from .models import train_depthwise_in_float32
+
             train_depthwise_in_float32(model)
         return model
 
@@ -56,6 +60,7 @@ class Runtime:
     def synchronize(self) -> None:
         """Wait for queued device work so the clock measures it (timing honesty)."""
         import torch
+
         if self.device_type == "cuda":
             torch.cuda.synchronize()
         elif self.device_type == "mps":
@@ -68,6 +73,7 @@ MOST_AUTO_STREAMS = 4
 def resolve_runtime(settings: RuntimeConfig) -> Runtime:
     """Turn the [runtime] section into concrete choices for this machine; also sets threads."""
     import torch
+
     requested = settings.device
     if requested == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,10 +107,15 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
         raise ConfigError("[runtime] precision = 'fp16' needs a CUDA device; use bf16 or fp32 on this device")
     # Each stream holds a batch's activations, so auto stops at 4 (measured only on 2 cores).
     streams = settings.inference_streams or (min(torch.get_num_threads(), MOST_AUTO_STREAMS) if device == "cpu" else 1)
-    return Runtime(device=device, precision=precision, channels_last=settings.channels_last,
-                   num_workers=settings.num_workers, seed=settings.seed,
-                   float32_depthwise=settings.float32_depthwise and device == "cpu" and precision == "bf16",
-                   inference_streams=streams)
+    return Runtime(
+        device=device,
+        precision=precision,
+        channels_last=settings.channels_last,
+        num_workers=settings.num_workers,
+        seed=settings.seed,
+        float32_depthwise=settings.float32_depthwise and device == "cpu" and precision == "bf16",
+        inference_streams=streams,
+    )
 
 
 # glibc mallopt parameters (malloc.h) and the largest value its int argument takes.
@@ -127,6 +138,7 @@ def keep_freed_memory() -> bool:
         _allocator["kept"] = False
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
             import ctypes
+
             try:
                 libc = ctypes.CDLL("libc.so.6")
             except OSError:
@@ -148,6 +160,7 @@ def _cpu_has_native_bf16() -> bool:
 def seed_everything(seed: int) -> None:
     import numpy
     import torch
+
     random.seed(seed)
     numpy.random.seed(seed)
     torch.manual_seed(seed)
@@ -156,6 +169,7 @@ def seed_everything(seed: int) -> None:
 def environment(runtime: Runtime | None = None) -> dict:
     """What ran the stage: recorded in every manifest and shown in the report."""
     import torch
+
     record = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -165,8 +179,12 @@ def environment(runtime: Runtime | None = None) -> dict:
         "freed_memory_kept": bool(_allocator["kept"]),
     }
     if runtime is not None:
-        record.update(device=runtime.device, precision=runtime.precision, channels_last=runtime.channels_last,
-                      inference_streams=runtime.inference_streams)
+        record.update(
+            device=runtime.device,
+            precision=runtime.precision,
+            channels_last=runtime.channels_last,
+            inference_streams=runtime.inference_streams,
+        )
         if runtime.device_type == "cuda":
             record["device_name"] = torch.cuda.get_device_name(runtime.device)
     return record

@@ -1,4 +1,5 @@
 """The samples stage: a grid of training images with class names, split sizes, class distribution."""
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,15 @@ DISTRIBUTION = "class_distribution.png"
 
 def plan(config: Config, graph) -> list[Unit]:
     settings = {"samples": config.section("samples"), "seed": config.runtime.seed}
-    return [Unit(stage="samples", name="flowers-102", code_version="1", settings=settings,
-                 inputs=(("download", graph.units("download")[0]),))]
+    return [
+        Unit(
+            stage="samples",
+            name="flowers-102",
+            code_version="1",
+            settings=settings,
+            inputs=(("download", graph.units("download")[0]),),
+        )
+    ]
 
 
 def dataset_sizes(index: data.DatasetIndex) -> dict:
@@ -30,18 +38,28 @@ def dataset_sizes(index: data.DatasetIndex) -> dict:
         counts = {split: int(numpy.sum(index.labels[split] == number)) for split in data.SPLITS}
         per_class.append({"label": number, "name": name, **counts, "total": sum(counts.values())})
     splits = {split: int(len(index.labels[split])) for split in data.SPLITS}
-    return {"splits": splits, "total": sum(splits.values()), "num_classes": len(index.class_names),
-            "per_class": per_class}
+    return {
+        "splits": splits,
+        "total": sum(splits.values()),
+        "num_classes": len(index.class_names),
+        "per_class": per_class,
+    }
 
 
 def format_sizes(sizes: dict) -> str:
     """A plain-text table: split sizes, then every class with its count per split."""
-    lines = ["split   images", *(f"{split:<7} {count:>6}" for split, count in sizes["splits"].items()),
-             f"{'total':<7} {sizes['total']:>6}", "",
-             f"{'label':>5}  {'class':<28} {'train':>5} {'val':>5} {'test':>5} {'total':>5}"]
+    lines = [
+        "split   images",
+        *(f"{split:<7} {count:>6}" for split, count in sizes["splits"].items()),
+        f"{'total':<7} {sizes['total']:>6}",
+        "",
+        f"{'label':>5}  {'class':<28} {'train':>5} {'val':>5} {'test':>5} {'total':>5}",
+    ]
     for row in sizes["per_class"]:
-        lines.append(f"{row['label']:>5}  {row['name'][:28]:<28} {row['train']:>5} {row['val']:>5} "
-                     f"{row['test']:>5} {row['total']:>5}")
+        lines.append(
+            f"{row['label']:>5}  {row['name'][:28]:<28} {row['train']:>5} {row['val']:>5} "
+            f"{row['test']:>5} {row['total']:>5}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -54,6 +72,7 @@ def _figure_bytes(figure) -> bytes:
 def draw_grid(index: data.DatasetIndex, rows: int, columns: int, tile_pixels: int, seed: int) -> bytes:
     """PNG bytes of randomly chosen training images, one class per tile where possible, titled by class."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
 
@@ -81,6 +100,7 @@ def draw_grid(index: data.DatasetIndex, rows: int, columns: int, tile_pixels: in
 def draw_distribution(sizes: dict) -> bytes:
     """PNG bytes of a stacked bar chart: images per class, split by train/val/test."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
 
@@ -110,12 +130,22 @@ def build(context: BuildContext) -> BuildResult:
     table = format_sizes(sizes)
     cache.write_text_atomic(context.directory / SIZES_TEXT, table)
     context.log(table.rstrip())
-    cache.write_bytes_atomic(context.directory / GRID, draw_grid(index, settings.rows, settings.columns,
-                                                                 settings.tile_pixels, context.config.runtime.seed))
+    cache.write_bytes_atomic(
+        context.directory / GRID,
+        draw_grid(index, settings.rows, settings.columns, settings.tile_pixels, context.config.runtime.seed),
+    )
     cache.write_bytes_atomic(context.directory / DISTRIBUTION, draw_distribution(sizes))
     context.log(f"[samples] wrote {context.directory / GRID} and {context.directory / DISTRIBUTION}")
     return BuildResult(files=[GRID, SIZES_JSON, SIZES_TEXT, DISTRIBUTION], metrics={"splits": sizes["splits"]})
 
 
-STAGE = register_stage(Stage(name="samples", description="Sample grid, dataset sizes and class distribution.",
-                             code_version="1", depends_on=("download",), plan=plan, build=build))
+STAGE = register_stage(
+    Stage(
+        name="samples",
+        description="Sample grid, dataset sizes and class distribution.",
+        code_version="1",
+        depends_on=("download",),
+        plan=plan,
+        build=build,
+    )
+)

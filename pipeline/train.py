@@ -8,6 +8,7 @@ atomically to a checkpoint that carries the unit key, so a run killed at any poi
 last finished epoch and a checkpoint made under other settings is never resumed. Each epoch seeds
 torch from (seed, epoch), so a resumed run repeats exactly the draws an uninterrupted run makes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,20 +32,33 @@ from .runtime import Runtime
 
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
+
+
 class TrainingError(PipelineError, RuntimeError):
     """Training that cannot produce a trustworthy result (a non-finite loss)."""
 
 
-CHECKPOINT = "checkpoint.pt"     # resume state, in the unit directory; removed once the unit is complete
-MODEL = "model.pt"               # best-on-val weights (state dict)
-TIMED_STEPS = 3          # steps timed (after one warm-up step) for the duration estimate
-HISTORY_FIELDS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "lr", "train_seconds",
-                  "val_seconds", "seconds", "images_per_second")
+CHECKPOINT = "checkpoint.pt"  # resume state, in the unit directory; removed once the unit is complete
+MODEL = "model.pt"  # best-on-val weights (state dict)
+TIMED_STEPS = 3  # steps timed (after one warm-up step) for the duration estimate
+HISTORY_FIELDS = (
+    "epoch",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "lr",
+    "train_seconds",
+    "val_seconds",
+    "seconds",
+    "images_per_second",
+)
 
 
 @dataclass
 class FitResult:
     """What `fit` hands back: the best-on-val weights and the per-epoch record."""
+
     best_state: dict
     best_epoch: int
     best_val_top1: float
@@ -74,8 +88,9 @@ def make_optimizer(groups: list[dict], settings: TrainConfig) -> torch.optim.Opt
         for members, decay in ((decayed, settings.weight_decay), (plain, 0.0)):
             if members:
                 base = settings.lr * group.get("lr_scale", 1.0)
-                torch_groups.append({"params": members, "weight_decay": decay, "lr": base, "base_lr": base,
-                                     "name": group["name"]})
+                torch_groups.append(
+                    {"params": members, "weight_decay": decay, "lr": base, "base_lr": base, "name": group["name"]}
+                )
     if settings.optimizer == "sgd":
         return torch.optim.SGD(torch_groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.momentum > 0)
     return torch.optim.AdamW(torch_groups, lr=settings.lr)
@@ -146,7 +161,7 @@ def predict(model: nn.Module, data: ImageSet, runtime: Runtime, batch_size: int)
     outputs = []
     for start in range(0, len(mine), batch_size):
         with runtime.autocast():
-            outputs.append(model(_prepare(data.eval_batch(mine[start:start + batch_size]), runtime)).float())
+            outputs.append(model(_prepare(data.eval_batch(mine[start : start + batch_size]), runtime)).float())
     # A rank with an empty shard (more ranks than rows) still takes part in the gather.
     logits = torch.cat(outputs) if outputs else torch.zeros(0, model_outputs(model), device=runtime.device)
     return distributed.gather_rows(logits)
@@ -170,8 +185,10 @@ def read_checkpoint(path: Path, key: str, log: Callable[[str], None] = print) ->
     try:
         state = load_checkpoint(path)
     except cache.DamagedArtifact as error:
-        log(f"ignoring unreadable checkpoint {path} ({str(error).removeprefix(str(path)).strip()}); "
-            "training starts over")
+        log(
+            f"ignoring unreadable checkpoint {path} ({str(error).removeprefix(str(path)).strip()}); "
+            "training starts over"
+        )
         return None
     except Exception as error:  # any unreadable file just means "start over"; never fatal
         log(f"ignoring unreadable checkpoint {path} ({type(error).__name__}); training starts over")
@@ -216,7 +233,7 @@ def estimate_seconds(model, train_set, val_set, settings, runtime, criterion, fr
     labels = train_set.labels[positions]
     set_train_mode(model, freeze_batchnorm)
     step_times = []
-    for _ in range(TIMED_STEPS + 1):        # the first step pays one-off kernel set-up
+    for _ in range(TIMED_STEPS + 1):  # the first step pays one-off kernel set-up
         runtime.synchronize()
         started = time.perf_counter()
         with runtime.autocast():
@@ -241,10 +258,23 @@ def estimate_seconds(model, train_set, val_set, settings, runtime, criterion, fr
     return sum(step_times[1:]) / TIMED_STEPS, sum(eval_times[1:]) / TIMED_STEPS
 
 
-def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: ImageSet, settings: TrainConfig,
-        runtime: Runtime, *, checkpoint: Path, key: str, label: str, log: Callable[[str], None] = print,
-        resume: dict | None = None, freeze_batchnorm: bool = False,
-        extra: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    groups: list[dict],
+    train_set: ImageSet,
+    val_set: ImageSet,
+    settings: TrainConfig,
+    runtime: Runtime,
+    *,
+    checkpoint: Path,
+    key: str,
+    label: str,
+    log: Callable[[str], None] = print,
+    resume: dict | None = None,
+    freeze_batchnorm: bool = False,
+    extra: dict | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> FitResult:
     """Train `model` on `train_set`, select the epoch on `val_set`, checkpoint every epoch; see the module doc.
 
     `resume` is what `read_checkpoint` returned for this key (None starts fresh, after saving an
@@ -266,9 +296,18 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
     evaluated = average.model if average is not None else model
     steps_per_epoch = len(list(train_set.batches(settings.batch_size, drop_last=True)))
     eval_batch_size = 2 * settings.batch_size
-    state = {"key": key, "epoch": 0, "history": [], "best_epoch": 0, "best_val_top1": -1.0,
-             "best_val_loss": math.inf, "best_state": None, "stale_epochs": 0, "finished": False,
-             "extra": dict(extra or {})}
+    state = {
+        "key": key,
+        "epoch": 0,
+        "history": [],
+        "best_epoch": 0,
+        "best_val_top1": -1.0,
+        "best_val_loss": math.inf,
+        "best_state": None,
+        "stale_epochs": 0,
+        "finished": False,
+        "extra": dict(extra or {}),
+    }
     resumed_from = None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -280,17 +319,26 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
             average.updates = resume["average_updates"]
         state.update({name: resume[name] for name in state if name in resume and name != "key"})
         resumed_from = state["epoch"]
-        log(f"[{label}] resuming after epoch {state['epoch']}/{settings.epochs} from {Path(checkpoint).name}"
-            + (f" (best val top-1 {state['best_val_top1']:.4f} at epoch {state['best_epoch']})"
-               if state["best_epoch"] else ""))
+        log(
+            f"[{label}] resuming after epoch {state['epoch']}/{settings.epochs} from {Path(checkpoint).name}"
+            + (
+                f" (best val top-1 {state['best_val_top1']:.4f} at epoch {state['best_epoch']})"
+                if state["best_epoch"]
+                else ""
+            )
+        )
 
     def save() -> None:
-        if not main:               # rank 0 alone writes; every rank holds the same state
+        if not main:  # rank 0 alone writes; every rank holds the same state
             return
-        payload = {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scaler": scaler.state_dict() if scaler is not None else None,
-                   "average": average.model.state_dict() if average is not None else None,
-                   "average_updates": average.updates if average is not None else 0}
+        payload = {
+            **state,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "average": average.model.state_dict() if average is not None else None,
+            "average_updates": average.updates if average is not None else 0,
+        }
         # Sealed with its digest, so a checkpoint damaged on disk is never resumed.
         buffer = io.BytesIO()
         torch.save(payload, buffer)
@@ -299,13 +347,16 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
     if resume is None:
         save()
     if not state["finished"] and state["epoch"] < settings.epochs:
-        step_seconds, eval_seconds = estimate_seconds(model, train_set, val_set, settings, runtime, criterion,
-                                                      freeze_batchnorm)
+        step_seconds, eval_seconds = estimate_seconds(
+            model, train_set, val_set, settings, runtime, criterion, freeze_batchnorm
+        )
         epoch_seconds = step_seconds * steps_per_epoch + eval_seconds * math.ceil(len(val_set) / eval_batch_size)
         remaining = settings.epochs - state["epoch"]
-        log(f"[{label}] estimate: {step_seconds:.2f} s/step x {steps_per_epoch} steps + val "
+        log(
+            f"[{label}] estimate: {step_seconds:.2f} s/step x {steps_per_epoch} steps + val "
             f"{eval_seconds:.2f} s/batch -> ~{epoch_seconds:.0f} s/epoch, ~{epoch_seconds * remaining / 60:.1f} min "
-            f"for {remaining} epoch(s) (from {TIMED_STEPS} timed steps; early stopping may end sooner)")
+            f"for {remaining} epoch(s) (from {TIMED_STEPS} timed steps; early stopping may end sooner)"
+        )
     # Under torchrun: DistributedDataParallel averages gradients over ranks. Each rank draws the same
     # global batch (same generator), augments it whole and trains on its strided slice, so with an
     # even split the gradient is the single-process one; BatchNorm layers in train mode see only
@@ -313,13 +364,15 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
     trained = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
+
         if device.startswith("cuda") and not freeze_batchnorm:
             # On GPUs (nccl) BatchNorm can use statistics of the whole global batch; gloo has no
             # SyncBatchNorm, so on CPU each rank normalises with its own slice. The parameters stay
             # the same objects, so the optimizer and `model` keep working.
             trained = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        trained = DistributedDataParallel(trained, device_ids=[torch.device(device).index] if device.startswith("cuda")
-                                          else None)
+        trained = DistributedDataParallel(
+            trained, device_ids=[torch.device(device).index] if device.startswith("cuda") else None
+        )
     step = state["epoch"] * steps_per_epoch
     while not state["finished"] and state["epoch"] < settings.epochs:
         epoch = state["epoch"]
@@ -329,21 +382,28 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
         runtime.synchronize()
         started = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(list(train_set.batches(settings.batch_size, generator, shuffle=True, drop_last=True)),
-                   desc=f"{label} epoch {epoch + 1}/{settings.epochs}", leave=False, disable=None if main else True)
+        bar = tqdm(
+            list(train_set.batches(settings.batch_size, generator, shuffle=True, drop_last=True)),
+            desc=f"{label} epoch {epoch + 1}/{settings.epochs}",
+            leave=False,
+            disable=None if main else True,
+        )
         for positions in bar:
             factor = lr_factor(step, steps_per_epoch, settings)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             inputs = train_set.train_batch(positions, settings.augmentation, settings.minimum_crop_scale, generator)
             mine = distributed.shard(len(positions))
-            batch_loss, batch_correct = train_step(trained, inputs[mine], train_set.labels[positions[mine]],
-                                                    criterion, optimizer, scaler, runtime)
+            batch_loss, batch_correct = train_step(
+                trained, inputs[mine], train_set.labels[positions[mine]], criterion, optimizer, scaler, runtime
+            )
             if not math.isfinite(batch_loss):
                 # A diverged run must stop here: cached, it would be a chance-level result shown as real.
-                raise TrainingError(f"[{label}] training diverged: the loss became {batch_loss / len(positions[mine])} "
-                                    f"at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}; nothing was "
-                                    "cached; lower the learning rate (or its backbone multiplier) and rerun")
+                raise TrainingError(
+                    f"[{label}] training diverged: the loss became {batch_loss / len(positions[mine])} "
+                    f"at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}; nothing was "
+                    "cached; lower the learning rate (or its backbone multiplier) and rerun"
+                )
             if average is not None:
                 average.update(model)
             step += 1
@@ -357,17 +417,32 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
         val_loss = float(criterion(logits, val_set.labels.to(logits.device)))
         val_top1 = float((logits.argmax(1).cpu() == val_set.labels.cpu()).float().mean())
         seconds = time.perf_counter() - started
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-               "val_loss": val_loss, "val_top1": val_top1, "lr": optimizer.param_groups[0]["lr"],
-               "train_seconds": train_seconds, "val_seconds": seconds - train_seconds, "seconds": seconds,
-               "images_per_second": seen / train_seconds}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_top1": correct / seen,
+            "val_loss": val_loss,
+            "val_top1": val_top1,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_seconds": train_seconds,
+            "val_seconds": seconds - train_seconds,
+            "seconds": seconds,
+            "images_per_second": seen / train_seconds,
+        }
         state["history"].append(row)
         improved = val_top1 > state["best_val_top1"] or (
-            val_top1 == state["best_val_top1"] and val_loss < state["best_val_loss"])
+            val_top1 == state["best_val_top1"] and val_loss < state["best_val_loss"]
+        )
         if improved:
-            state.update(best_epoch=epoch + 1, best_val_top1=val_top1, best_val_loss=val_loss, stale_epochs=0,
-                         best_state={name: tensor.detach().to("cpu", copy=True)
-                                     for name, tensor in evaluated.state_dict().items()})
+            state.update(
+                best_epoch=epoch + 1,
+                best_val_top1=val_top1,
+                best_val_loss=val_loss,
+                stale_epochs=0,
+                best_state={
+                    name: tensor.detach().to("cpu", copy=True) for name, tensor in evaluated.state_dict().items()
+                },
+            )
         else:
             state["stale_epochs"] += 1
         state["epoch"] = epoch + 1
@@ -377,19 +452,35 @@ def fit(model: nn.Module, groups: list[dict], train_set: ImageSet, val_set: Imag
         save()
         if main:
             write_history(Path(checkpoint).parent, state["history"])
-        log(f"[{label}] epoch {epoch + 1}/{settings.epochs}: train loss {row['train_loss']:.3f} "
+        log(
+            f"[{label}] epoch {epoch + 1}/{settings.epochs}: train loss {row['train_loss']:.3f} "
             f"top-1 {row['train_top1']:.3f} | val loss {val_loss:.3f} top-1 {val_top1:.4f}"
-            f"{' *' if improved else ''} | lr {row['lr']:.2e} | {seconds:.1f} s, {row['images_per_second']:.1f} img/s")
+            f"{' *' if improved else ''} | lr {row['lr']:.2e} | {seconds:.1f} s, {row['images_per_second']:.1f} img/s"
+        )
         if on_epoch_end is not None:
             on_epoch_end(row)
-    return FitResult(best_state=state["best_state"], best_epoch=state["best_epoch"],
-                     best_val_top1=state["best_val_top1"], history=state["history"], epochs_run=state["epoch"],
-                     stopped_early=state["finished"] and state["epoch"] < settings.epochs,
-                     resumed_from_epoch=resumed_from, extra=state["extra"])
+    return FitResult(
+        best_state=state["best_state"],
+        best_epoch=state["best_epoch"],
+        best_val_top1=state["best_val_top1"],
+        history=state["history"],
+        epochs_run=state["epoch"],
+        stopped_early=state["finished"] and state["epoch"] < settings.epochs,
+        resumed_from_epoch=resumed_from,
+        extra=state["extra"],
+    )
 
 
-def finish_arm(context, model: nn.Module, result: FitResult, test_set: ImageSet, runtime: Runtime,
-               settings: TrainConfig, record: dict, timings: dict) -> BuildResult:
+def finish_arm(
+    context,
+    model: nn.Module,
+    result: FitResult,
+    test_set: ImageSet,
+    runtime: Runtime,
+    settings: TrainConfig,
+    record: dict,
+    timings: dict,
+) -> BuildResult:
     """Test the best-on-val weights, write model.pt, history and result.json, drop the resume checkpoint.
 
     `record` holds the arm's own fields (arm, method, backbone, head, input_size, selected...);
@@ -405,8 +496,7 @@ def finish_arm(context, model: nn.Module, result: FitResult, test_set: ImageSet,
     runtime.synchronize()
     eval_seconds = time.perf_counter() - started
     class_names = list(record.pop("class_names"))
-    metrics = evaluate.classification_metrics(test_set.labels.numpy(), logits.argmax(1).cpu().numpy(),
-                                              len(class_names))
+    metrics = evaluate.classification_metrics(test_set.labels.numpy(), logits.argmax(1).cpu().numpy(), len(class_names))
     directory = context.directory
     if distributed.is_main():
         with cache.atomic_path(directory / MODEL) as temporary:
@@ -414,30 +504,51 @@ def finish_arm(context, model: nn.Module, result: FitResult, test_set: ImageSet,
         write_history(directory, result.history)
     train_seconds = result.train_seconds + timings.get("probe_seconds", 0.0)
     images_trained = sum(row["images_per_second"] * row["train_seconds"] for row in result.history)
-    full = {**record, "fit_on": "train", "seed": runtime.seed, "device": runtime.device,
-            "precision": runtime.precision, "test_top1": metrics["top1"],
-            "test_mean_per_class": metrics["mean_per_class"], "val_top1": result.best_val_top1,
-            "train_seconds": train_seconds, "extract_seconds": 0.0, "eval_seconds": eval_seconds,
-            "total_seconds": train_seconds + eval_seconds + timings.get("data_seconds", 0.0),
-            "images_per_second": images_trained / max(1e-9, sum(row["train_seconds"] for row in result.history)),
-            "eval_images_per_second": len(test_set) / eval_seconds,
-            "per_class_accuracy": metrics["per_class_accuracy"], "confusion_matrix": metrics["confusion_matrix"],
-            "class_names": class_names, "history": result.history, "epochs_run": result.epochs_run,
-            "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-            "resumed_from_epoch": result.resumed_from_epoch, "timings": {**timings, "train_seconds": train_seconds,
-                                                                         "eval_seconds": eval_seconds},
-            "world_size": distributed.world_size()}
+    full = {
+        **record,
+        "fit_on": "train",
+        "seed": runtime.seed,
+        "device": runtime.device,
+        "precision": runtime.precision,
+        "test_top1": metrics["top1"],
+        "test_mean_per_class": metrics["mean_per_class"],
+        "val_top1": result.best_val_top1,
+        "train_seconds": train_seconds,
+        "extract_seconds": 0.0,
+        "eval_seconds": eval_seconds,
+        "total_seconds": train_seconds + eval_seconds + timings.get("data_seconds", 0.0),
+        "images_per_second": images_trained / max(1e-9, sum(row["train_seconds"] for row in result.history)),
+        "eval_images_per_second": len(test_set) / eval_seconds,
+        "per_class_accuracy": metrics["per_class_accuracy"],
+        "confusion_matrix": metrics["confusion_matrix"],
+        "class_names": class_names,
+        "history": result.history,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "timings": {**timings, "train_seconds": train_seconds, "eval_seconds": eval_seconds},
+        "world_size": distributed.world_size(),
+    }
     if distributed.is_main():
         evaluate.write_result(directory, full)
-    context.log(f"[{record['arm']}] test top-1 {metrics['top1']:.4f}, mean per-class {metrics['mean_per_class']:.4f} "
-                f"(best val {result.best_val_top1:.4f} at epoch {result.best_epoch}/{result.epochs_run}); "
-                f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s")
-    return BuildResult(files=[evaluate.RESULT, HISTORY_JSON, HISTORY_CSV, MODEL],
-                       metrics={"test_top1": metrics["top1"], "test_mean_per_class": metrics["mean_per_class"],
-                                "val_top1": result.best_val_top1, "best_epoch": result.best_epoch,
-                                "epochs_run": result.epochs_run},
-                       timings={**timings, "train_seconds": train_seconds, "eval_seconds": eval_seconds},
-                       environment=environment(runtime),
-                       # The checkpoint only resumes this build; keeping it would let a forced rebuild
-                       # "resume" a finished run. The runner drops it after the manifest is written.
-                       discard_after_manifest=[CHECKPOINT])
+    context.log(
+        f"[{record['arm']}] test top-1 {metrics['top1']:.4f}, mean per-class {metrics['mean_per_class']:.4f} "
+        f"(best val {result.best_val_top1:.4f} at epoch {result.best_epoch}/{result.epochs_run}); "
+        f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s"
+    )
+    return BuildResult(
+        files=[evaluate.RESULT, HISTORY_JSON, HISTORY_CSV, MODEL],
+        metrics={
+            "test_top1": metrics["top1"],
+            "test_mean_per_class": metrics["mean_per_class"],
+            "val_top1": result.best_val_top1,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+        },
+        timings={**timings, "train_seconds": train_seconds, "eval_seconds": eval_seconds},
+        environment=environment(runtime),
+        # The checkpoint only resumes this build; keeping it would let a forced rebuild
+        # "resume" a finished run. The runner drops it after the manifest is written.
+        discard_after_manifest=[CHECKPOINT],
+    )

@@ -1,4 +1,5 @@
 """Image transforms derived from a backbone's preprocessing (eval) plus training augmentation."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,6 +11,7 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 
 def _interpolation(name: str):
     from torchvision.transforms import InterpolationMode
+
     if name not in INTERPOLATIONS:
         raise ValueError(f"interpolation {name!r} is not one of {INTERPOLATIONS}")
     return InterpolationMode.BILINEAR if name == "bilinear" else InterpolationMode.BICUBIC
@@ -25,19 +27,24 @@ def crop_sizes(preprocessing: Preprocessing, input_size: int = 0) -> tuple[int, 
 def eval_transform(preprocessing: Preprocessing, input_size: int = 0) -> Callable:
     """PIL image -> normalised float tensor: resize shorter side, center crop, normalise."""
     from torchvision import transforms
+
     resize, crop = crop_sizes(preprocessing, input_size)
-    return transforms.Compose([
-        transforms.Resize(resize, interpolation=_interpolation(preprocessing.interpolation), antialias=True),
-        transforms.CenterCrop(crop),
-        transforms.ToTensor(),
-        transforms.Normalize(preprocessing.mean, preprocessing.std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=_interpolation(preprocessing.interpolation), antialias=True),
+            transforms.CenterCrop(crop),
+            transforms.ToTensor(),
+            transforms.Normalize(preprocessing.mean, preprocessing.std),
+        ]
+    )
 
 
-def train_transform(preprocessing: Preprocessing, input_size: int = 0, augmentation: str = "crop-flip",
-                    minimum_scale: float = 0.35) -> Callable:
+def train_transform(
+    preprocessing: Preprocessing, input_size: int = 0, augmentation: str = "crop-flip", minimum_scale: float = 0.35
+) -> Callable:
     """PIL image -> augmented normalised tensor (random resized crop, flip, optional policy)."""
     from torchvision import transforms
+
     _, crop = crop_sizes(preprocessing, input_size)
     interpolation = _interpolation(preprocessing.interpolation)
     if augmentation == "none":
@@ -47,8 +54,9 @@ def train_transform(preprocessing: Preprocessing, input_size: int = 0, augmentat
         resize, crop = crop_sizes(preprocessing, input_size)
         steps += [transforms.Resize(resize, interpolation=interpolation, antialias=True), transforms.CenterCrop(crop)]
     else:
-        steps.append(transforms.RandomResizedCrop(crop, scale=(minimum_scale, 1.0), interpolation=interpolation,
-                                                  antialias=True))
+        steps.append(
+            transforms.RandomResizedCrop(crop, scale=(minimum_scale, 1.0), interpolation=interpolation, antialias=True)
+        )
     steps.append(transforms.RandomHorizontalFlip())
     if augmentation == "trivialaugment":
         steps.append(transforms.TrivialAugmentWide(interpolation=interpolation))

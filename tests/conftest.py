@@ -1,19 +1,21 @@
 """Shared fixtures: sockets blocked, a fake Flowers-102 on disk, and the tiny test config."""
+
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
 import pytest
-
 from helpers import make_tiny_config, write_fake_flowers
 
 
 @pytest.fixture(autouse=True)
 def block_network(monkeypatch):
     """Nothing in the test suite may reach the network (a download attempt must fail loudly)."""
+
     def refuse(*args, **kwargs):
         raise OSError("network access is blocked in tests")
+
     local_connect = socket.socket.connect
 
     def connect(self, address):
@@ -21,6 +23,7 @@ def block_network(monkeypatch):
         if self.family == getattr(socket, "AF_UNIX", None):
             return local_connect(self, address)
         refuse()
+
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
@@ -30,6 +33,7 @@ def block_network(monkeypatch):
 def one_thread():
     """Tiny models gain nothing from threads, and on shared cores OpenMP waits make them several times slower."""
     import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

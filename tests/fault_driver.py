@@ -8,6 +8,7 @@ driver SIGKILLs the process right after the n-th write into a `features` dataset
 block's `rows_done` attribute is updated and the file flushed: the most torn state a kill can leave.
 FAULT_BLOCK_ROWS=<rows> shrinks the blocks, so that the tiny fake splits take several writes each.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def install_hdf5_kill(occurrence: int) -> None:
     import h5py
+
     original = h5py.Dataset.__setitem__
     writes = {"count": 0}
 
@@ -29,16 +31,19 @@ def install_hdf5_kill(occurrence: int) -> None:
             writes["count"] += 1
             if writes["count"] == occurrence:
                 os.kill(os.getpid(), signal.SIGKILL)
+
     h5py.Dataset.__setitem__ = write_then_maybe_die
 
 
 def main() -> int:
     from pipeline import cli
+
     stage, argv = sys.argv[1], sys.argv[2:]
     if os.environ.get("FAULT_HDF5_WRITE"):
         install_hdf5_kill(int(os.environ["FAULT_HDF5_WRITE"]))
     if os.environ.get("FAULT_BLOCK_ROWS"):
         from pipeline import extract
+
         extract.CHUNK_ROWS = int(os.environ["FAULT_BLOCK_ROWS"])
     return cli.run_all(argv) if stage == "all" else cli.run_stage(stage, argv)
 

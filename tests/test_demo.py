@@ -1,5 +1,6 @@
 """The demo's procedural dataset: deterministic, a valid Flowers-102 layout for configs/demo.toml, and
 classes that differ in shape far more than in overall colour."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,14 +35,18 @@ def test_generation_is_deterministic(tmp_path):
     first = demo_data.ensure(tmp_path / "a", spec, log=lambda line: None) / data.FOLDER
     second = demo_data.ensure(tmp_path / "b", spec, log=lambda line: None) / data.FOLDER
     files = sorted(path.relative_to(first) for path in first.rglob("*") if path.is_file())
-    assert len(files) == spec.total + 4      # images, the two .mat files, classnames.txt, demo.json
+    assert len(files) == spec.total + 4  # images, the two .mat files, classnames.txt, demo.json
     assert files == sorted(path.relative_to(second) for path in second.rglob("*") if path.is_file())
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     # Same download-stage fingerprint, so regenerated data keeps every cached stage valid.
     assert data.fingerprint(first) == data.fingerprint(second)
-    other = demo_data.ensure(tmp_path / "c", demo_data.DemoSpec(per_class=(2, 1, 1), pixels=32, seed=4),
-                             log=lambda line: None) / data.FOLDER
+    other = (
+        demo_data.ensure(
+            tmp_path / "c", demo_data.DemoSpec(per_class=(2, 1, 1), pixels=32, seed=4), log=lambda line: None
+        )
+        / data.FOLDER
+    )
     assert data.fingerprint(other) != data.fingerprint(first)
 
 
@@ -83,9 +88,10 @@ def test_the_layout_verifies_under_the_demo_config(demo_root):
 def _load(index, split, factor=4):
     """Images of a split, box-downscaled by `factor`, as float arrays."""
     from PIL import Image
+
     images = numpy.stack([numpy.asarray(Image.open(path), dtype=numpy.float64) for path in index.paths(split)])
     side = images.shape[1] // factor
-    images = images[:, :side * factor, :side * factor]
+    images = images[:, : side * factor, : side * factor]
     return images.reshape(len(images), side, factor, side, factor, 3).mean((2, 4)), index.labels[split]
 
 
@@ -102,7 +108,9 @@ def _shape_features(images):
     counts = numpy.bincount(rings, minlength=side // 2)
     radial = numpy.log(numpy.stack([numpy.bincount(rings, p.ravel(), side // 2) / counts for p in power]) + 1e-9)
     angle_bins = ((numpy.arctan2(gradient_y, gradient_x) + numpy.pi) / (2 * numpy.pi) * 36).astype(int) % 36
-    histogram = numpy.stack([numpy.bincount(b.ravel(), m.ravel() ** 2, 36) for b, m in zip(angle_bins, edges)])
+    histogram = numpy.stack(
+        [numpy.bincount(b.ravel(), m.ravel() ** 2, 36) for b, m in zip(angle_bins, edges, strict=True)]
+    )
     harmonics = numpy.abs(numpy.fft.rfft(histogram / histogram.sum(1, keepdims=True), axis=1))[:, 1:10]
     return numpy.concatenate([radial - radial.mean(1, keepdims=True), harmonics], 1)
 
@@ -121,12 +129,14 @@ def test_classes_differ_in_shape_more_than_in_overall_colour(demo_root):
     (train_images, train_y), (test_images, test_y) = _load(index, "train"), _load(index, "test")
     chance = 1 / len(demo_data.CLASSES)
     # Measured 0.54 (chance 0.125): train on 10 images per class, test on 20.
-    shape = _nearest_centroid_accuracy((_shape_features(train_images), train_y),
-                                       (_shape_features(test_images), test_y), len(demo_data.CLASSES))
+    shape = _nearest_centroid_accuracy(
+        (_shape_features(train_images), train_y), (_shape_features(test_images), test_y), len(demo_data.CLASSES)
+    )
     assert shape > 3.5 * chance
     # Measured 0.17: the figure's hue is only a hint, and the muted background dominates an image's mean colour.
-    colour = _nearest_centroid_accuracy((train_images.mean((1, 2)), train_y), (test_images.mean((1, 2)), test_y),
-                                        len(demo_data.CLASSES))
+    colour = _nearest_centroid_accuracy(
+        (train_images.mean((1, 2)), train_y), (test_images.mean((1, 2)), test_y), len(demo_data.CLASSES)
+    )
     assert colour < 3 * chance and colour < shape / 2
 
 
@@ -135,7 +145,7 @@ def test_a_class_names_file_must_name_every_class(tmp_path):
     folder = demo_data.ensure(tmp_path, spec, log=lambda line: None) / data.FOLDER
     before = data.fingerprint(folder)
     (folder / data.CLASS_NAMES_FILE).write_text("disc\nring\n")
-    assert data.fingerprint(folder) != before          # renamed classes rebuild the download stage
+    assert data.fingerprint(folder) != before  # renamed classes rebuild the download stage
     with pytest.raises(data.DataError, match="lists 2 class names, expected 3"):
         data.verify(folder, demo_data.data_settings(spec))
     (folder / data.CLASS_NAMES_FILE).unlink()

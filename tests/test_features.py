@@ -2,6 +2,7 @@
 
 Tiny random-init backbones on the fake Flowers-102 (32 px); nothing touches the network.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,8 @@ import h5py
 import numpy
 import pytest
 import torch
-
 from helpers import make_tiny_config
+
 from pipeline import backbones, cli, extract, features, transforms
 from pipeline.backbones import BackboneSpec, TinyResNet, WeightsSource, WeightsUnavailableError
 from pipeline.download import load_index
@@ -45,13 +46,16 @@ def hub_dir(tmp_path, monkeypatch):
 
     def refuse(url, dst, hash_prefix=None, progress=True):
         raise urllib.error.URLError("network disabled in tests")
+
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     return tmp_path / "hub" / "checkpoints"
 
 
 def test_hdf5_schema_matches_the_split_index(tmp_path, fake_flowers_session):
     # Two extraction streams, as auto picks on 2 cores: the stage's streams path, whatever the thread count here.
-    graph, lines = graph_for(make_tiny_config(fake_flowers_session, tmp_path / "cache", ("runtime.inference_streams=2",)))
+    graph, lines = graph_for(
+        make_tiny_config(fake_flowers_session, tmp_path / "cache", ("runtime.inference_streams=2",))
+    )
     manifests = graph.run("features")
     assert [manifest["unit"] for manifest in manifests] == ["tiny-resnet", "tiny-efficientnet"]
     index = load_index(graph.directory(graph.units("download")[0]))
@@ -81,7 +85,8 @@ def test_hdf5_schema_matches_the_split_index(tmp_path, fake_flowers_session):
         assert set(attributes["timings"]) == {"train", "val", "test"}
         assert all(record["seconds"] > 0 for record in attributes["timings"].values())
         assert manifest["timings"]["extract_seconds"] == pytest.approx(
-            sum(record["seconds"] for record in attributes["timings"].values()))
+            sum(record["seconds"] for record in attributes["timings"].values())
+        )
         assert manifest["settings"]["weights_sha256"] == "random-init"
         for split in ("train", "val", "test"):
             assert manifest["timings"][f"extract_{split}_seconds"] > 0
@@ -105,8 +110,9 @@ def test_augmented_views_are_extra_rows_and_reproducible(tmp_path, fake_flowers_
     assert not numpy.allclose(augmented["features"][:24], train["features"])
     again, _ = graph_for(tiny(tmp_path, fake_flowers_session, "features.augmented_views=2", cache_name="other"))
     again.run("features")
-    repeat = extract.read_group(features.features_file(again.directory(again.unit("features", "tiny-resnet"))),
-                                features.AUGMENTED_GROUP)
+    repeat = extract.read_group(
+        features.features_file(again.directory(again.unit("features", "tiny-resnet"))), features.AUGMENTED_GROUP
+    )
     numpy.testing.assert_allclose(repeat["features"], augmented["features"], rtol=1e-5, atol=1e-6)
 
 
@@ -114,7 +120,7 @@ def test_cache_hit_miss_and_what_enters_the_key(tmp_path, fake_flowers_session):
     graph, lines = graph_for(tiny(tmp_path, fake_flowers_session))
     first = graph.run("features")[0]
     again, lines = graph_for(tiny(tmp_path, fake_flowers_session, "features.batch_size=5"))
-    assert again.run("features")[0]["build_id"] == first["build_id"]          # batch size changes no number
+    assert again.run("features")[0]["build_id"] == first["build_id"]  # batch size changes no number
     assert any("cached" in line for line in lines)
     changed, lines = graph_for(tiny(tmp_path, fake_flowers_session, "features.input_size=40"))
     rebuilt = changed.run("features")[0]
@@ -123,18 +129,27 @@ def test_cache_hit_miss_and_what_enters_the_key(tmp_path, fake_flowers_session):
     views, _ = graph_for(tiny(tmp_path, fake_flowers_session, "features.augmented_views=1"))
     assert views.unit("features", "tiny-resnet").settings["seed"] == 0
     plain = graph.unit("features", "tiny-resnet").settings
-    assert "seed" not in plain          # without random views the seed changes nothing
+    assert "seed" not in plain  # without random views the seed changes nothing
     unfolded, _ = graph_for(tiny(tmp_path, fake_flowers_session, "features.fold_batchnorm=false"))
     assert plain["fold_batchnorm"] and "fold_batchnorm" not in unfolded.unit("features", "tiny-resnet").settings
 
 
 def test_backbone_batchnorm_statistics_do_not_move():
     model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
-    model.train()                       # whatever mode it arrives in, extraction must freeze it
+    model.train()  # whatever mode it arrives in, extraction must freeze it
     before = {name: value.clone() for name, value in model.state_dict().items()}
     images = [torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8) for _ in range(3)]
-    batches = list(extract.extract_batches(model, images, "cpu", lambda: torch.autocast("cpu", enabled=False), True,
-                                           (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    batches = list(
+        extract.extract_batches(
+            model,
+            images,
+            "cpu",
+            lambda: torch.autocast("cpu", enabled=False),
+            True,
+            (0.5, 0.5, 0.5),
+            (0.25, 0.25, 0.25),
+        )
+    )
     assert [batch.shape for batch in batches] == [(4, 32)] * 3
     assert not any(module.training for module in model.modules())
     assert not any(parameter.requires_grad for parameter in model.parameters())
@@ -158,7 +173,9 @@ def _trained_looking_norms(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("name", ["tiny-efficientnet", "tiny-resnet"])
 def test_inference_rewrite_folds_every_batchnorm_and_keeps_the_function(name):
     import copy
+
     from pipeline.models import fold_for_inference
+
     spec = backbones.get_backbone(name)
     model = backbones.build_backbone(name, pretrained=False)
     backbones.strip_head(model, spec)
@@ -166,9 +183,11 @@ def test_inference_rewrite_folds_every_batchnorm_and_keeps_the_function(name):
     reference = copy.deepcopy(model)
     fold_for_inference(model, name)
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
-    if name == "tiny-efficientnet":     # its stride-1 convolutions now pad internally
-        assert any(isinstance(getattr(module, "static_padding", None), torch.nn.Identity)
-                   and module.padding != (0, 0) for module in model.modules())
+    if name == "tiny-efficientnet":  # its stride-1 convolutions now pad internally
+        assert any(
+            isinstance(getattr(module, "static_padding", None), torch.nn.Identity) and module.padding != (0, 0)
+            for module in model.modules()
+        )
     images = torch.randn(3, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(model(images), reference(images), rtol=1e-4, atol=1e-5)
@@ -181,11 +200,12 @@ def test_inference_rewrite_refuses_a_network_whose_registration_order_misleads()
         def __init__(self):
             super().__init__()
             self.convolution = torch.nn.Conv2d(3, 4, 3)
-            self.norm = torch.nn.BatchNorm2d(4)          # registered after `convolution` but reads `other`
+            self.norm = torch.nn.BatchNorm2d(4)  # registered after `convolution` but reads `other`
             self.other = torch.nn.Conv2d(3, 4, 3)
 
         def forward(self, images):
             return (self.norm(self.other(images)) + self.convolution(images)).mean((2, 3))
+
     model = _trained_looking_norms(extract.freeze(Misordered()))
     with pytest.raises(ModelError, match="fold_batchnorm = false"):
         fold_for_inference(model, "misordered")
@@ -197,53 +217,85 @@ def test_head_is_stripped_where_the_family_keeps_it(name):
     model = features.load_frozen_backbone(name, None, "cpu", channels_last=False)
     assert isinstance(getattr(model, spec.head_attribute), torch.nn.Identity)
     if spec.family == "efficientnet_pytorch":
-        assert spec.head_attribute == "_fc" and not hasattr(model, "fc")   # `.fc` would be an unused layer
+        assert spec.head_attribute == "_fc" and not hasattr(model, "fc")  # `.fc` would be an unused layer
     with torch.inference_mode():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, spec.feature_dim)
 
 
 def _jobs(folder: Path, count: int = 10):
     from PIL import Image
+
     paths = []
     for number in range(count):
         path = folder / f"image_{number:05d}.jpg"
         Image.fromarray(numpy.full((16, 16, 3), number * 20, dtype=numpy.uint8)).save(path)
         paths.append(path)
     transform = transforms.eval_transform(backbones.get_backbone("tiny-resnet").preprocessing, 16)
-    return [extract.Job("train", paths, numpy.arange(count) % 3, numpy.arange(1, count + 1),
-                        numpy.zeros(count, dtype=numpy.int64), transform)]
+    return [
+        extract.Job(
+            "train",
+            paths,
+            numpy.arange(count) % 3,
+            numpy.arange(1, count + 1),
+            numpy.zeros(count, dtype=numpy.int64),
+            transform,
+        )
+    ]
 
 
 def test_workers_decode_at_lowest_priority_and_give_inline_features(tmp_path):
     from torchvision import transforms as tv
+
     jobs = _jobs(tmp_path)
     niceness = tmp_path / "niceness"
 
     def record(image):
         niceness.write_text(str(os.nice(0)))
         return image
-    recording = [dataclasses.replace(job, transform=tv.Compose([tv.Lambda(record), *job.transform.transforms]))
-                 for job in jobs]
+
+    recording = [
+        dataclasses.replace(job, transform=tv.Compose([tv.Lambda(record), *job.transform.transforms])) for job in jobs
+    ]
     model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
-    options = dict(device="cpu", autocast=lambda: torch.autocast("cpu", enabled=False), channels_last=True,
-                   batch_size=3, attributes={}, progress=False)
+    options = {
+        "device": "cpu",
+        "autocast": lambda: torch.autocast("cpu", enabled=False),
+        "channels_last": True,
+        "batch_size": 3,
+        "attributes": {},
+        "progress": False,
+    }
     extract.write_features(tmp_path / "inline.h5", "key", recording, model, 32, num_workers=0, **options)
     assert int(niceness.read_text()) == os.nice(0)
     extract.write_features(tmp_path / "workers.h5", "key", recording, model, 32, num_workers=2, **options)
-    assert int(niceness.read_text()) == 19            # yield_to_compute ran in the worker
-    assert numpy.array_equal(extract.read_group(tmp_path / "inline.h5", "train")["features"],
-                             extract.read_group(tmp_path / "workers.h5", "train")["features"])
+    assert int(niceness.read_text()) == 19  # yield_to_compute ran in the worker
+    assert numpy.array_equal(
+        extract.read_group(tmp_path / "inline.h5", "train")["features"],
+        extract.read_group(tmp_path / "workers.h5", "train")["features"],
+    )
 
 
 def test_streams_give_the_rows_of_one_stream_bit_for_bit_augmented_views_included(tmp_path):
-    torch.set_num_threads(2)        # one stream runs the 2-thread model, two streams 1 thread each (restored after)
+    torch.set_num_threads(2)  # one stream runs the 2-thread model, two streams 1 thread each (restored after)
     jobs = _jobs(tmp_path)
     preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
-    views = dataclasses.replace(jobs[0], group="train_augmented", seed=3, views=numpy.ones(len(jobs[0].paths), int),
-                                transform=transforms.train_transform(preprocessing, 16, "crop-flip"))
+    views = dataclasses.replace(
+        jobs[0],
+        group="train_augmented",
+        seed=3,
+        views=numpy.ones(len(jobs[0].paths), int),
+        transform=transforms.train_transform(preprocessing, 16, "crop-flip"),
+    )
     model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
-    options = dict(device="cpu", autocast=lambda: torch.autocast("cpu", enabled=False), channels_last=True,
-                   batch_size=3, num_workers=0, attributes={}, progress=False)
+    options = {
+        "device": "cpu",
+        "autocast": lambda: torch.autocast("cpu", enabled=False),
+        "channels_last": True,
+        "batch_size": 3,
+        "num_workers": 0,
+        "attributes": {},
+        "progress": False,
+    }
     extract.write_features(tmp_path / "one.h5", "key", jobs + [views], model, 32, streams=1, **options)
     extract.write_features(tmp_path / "two.h5", "key", jobs + [views], model, 32, streams=2, **options)
     for group in ("train", "train_augmented"):
@@ -254,16 +306,18 @@ def test_streams_give_the_rows_of_one_stream_bit_for_bit_augmented_views_include
 def test_in_streams_keeps_order_splits_threads_and_stops_on_failure():
     import threading
     import time
+
     seen_threads, started = [], []
 
     def work(item):
         started.append(item)
         seen_threads.append((threading.get_ident(), torch.get_num_threads()))
-        time.sleep(0.01 * (item % 3))          # finish out of order
+        time.sleep(0.01 * (item % 3))  # finish out of order
         if item == 5:
             raise Interrupted("stream failed")
         return item * 10
-    torch.set_num_threads(4)        # whatever this machine has: two streams must get 2 threads each (restored after)
+
+    torch.set_num_threads(4)  # whatever this machine has: two streams must get 2 threads each (restored after)
     threads = torch.get_num_threads()
     assert list(extract.in_streams(work, range(5), 2)) == [0, 10, 20, 30, 40]
     assert {count for _, count in seen_threads} == {threads // 2}
@@ -271,7 +325,7 @@ def test_in_streams_keeps_order_splits_threads_and_stops_on_failure():
     started.clear()
     with pytest.raises(Interrupted):
         list(extract.in_streams(work, range(100), 2))
-    assert len(started) < 20                   # at most 2 x streams submitted ahead of the failure
+    assert len(started) < 20  # at most 2 x streams submitted ahead of the failure
     assert list(extract.in_streams(work, range(3), 1)) == [0, 10, 20]
 
 
@@ -290,8 +344,15 @@ def test_killed_extraction_leaves_no_complete_file_and_resumes(tmp_path):
             raise Interrupted("killed")
         return model(images)
 
-    options = dict(device="cpu", autocast=lambda: torch.autocast("cpu", enabled=False), channels_last=False,
-                   batch_size=3, num_workers=0, attributes={"backbone": "tiny-resnet"}, progress=False)
+    options = {
+        "device": "cpu",
+        "autocast": lambda: torch.autocast("cpu", enabled=False),
+        "channels_last": False,
+        "batch_size": 3,
+        "num_workers": 0,
+        "attributes": {"backbone": "tiny-resnet"},
+        "progress": False,
+    }
     target = tmp_path / "out" / "features.h5"
     target.parent.mkdir()
     wrapped = torch.nn.Module()
@@ -309,8 +370,9 @@ def test_killed_extraction_leaves_no_complete_file_and_resumes(tmp_path):
     assert not partial.exists() and extract.read_attributes(target)["complete"]
     clean = tmp_path / "clean.h5"
     extract.write_features(clean, "key-1", jobs, model, 32, **options)
-    numpy.testing.assert_allclose(extract.read_group(target, "train")["features"],
-                                  extract.read_group(clean, "train")["features"], rtol=1e-6)
+    numpy.testing.assert_allclose(
+        extract.read_group(target, "train")["features"], extract.read_group(clean, "train")["features"], rtol=1e-6
+    )
     # A partial file made under other settings is never resumed.
     with pytest.raises(Interrupted):
         calls.clear()
@@ -346,7 +408,7 @@ def test_incomplete_file_is_refused(tmp_path):
 def test_offline_missing_weights_fail_at_build_with_the_fix(tmp_path, fake_flowers_session, hub_dir, capsys):
     config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ('features.backbones=["resnet18"]',))
     graph, _ = graph_for(config)
-    unit = graph.unit("features", "resnet18")          # planning works offline and never downloads
+    unit = graph.unit("features", "resnet18")  # planning works offline and never downloads
     assert unit.settings["weights_sha256"] == features.NOT_DOWNLOADED
     with pytest.raises(WeightsUnavailableError) as raised:
         graph.run("features")
@@ -354,18 +416,31 @@ def test_offline_missing_weights_fail_at_build_with_the_fix(tmp_path, fake_flowe
     assert "resnet18-f37072fd.pth" in message and "https://download.pytorch.org/" in message
     assert str(hub_dir) in message and "weights.resnet18" in message and "\n" not in message
     assert not features.features_file(graph.directory(unit)).exists()
-    arguments = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"),
-                 "--set", f'data.root="{fake_flowers_session}"', "--set", f'cache.root="{tmp_path / "cache"}"',
-                 "--set", 'features.backbones=["resnet18"]']
+    arguments = [
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"),
+        "--set",
+        f'data.root="{fake_flowers_session}"',
+        "--set",
+        f'cache.root="{tmp_path / "cache"}"',
+        "--set",
+        'features.backbones=["resnet18"]',
+    ]
     assert cli.run_stage("features", arguments) == 2
     assert "error: pretrained weights for resnet18 not found" in capsys.readouterr().err
 
 
 def test_weights_fingerprint_enters_the_key_and_weights_load(tmp_path, fake_flowers_session, monkeypatch):
     name = "tiny-weighted"
-    spec = BackboneSpec(name=name, family="torchvision", head_attribute="fc", feature_dim=32,
-                        preprocessing=backbones.get_backbone("tiny-resnet").preprocessing,
-                        weights=WeightsSource("tiny-weighted.pth", None, None, None), description="test")
+    spec = BackboneSpec(
+        name=name,
+        family="torchvision",
+        head_attribute="fc",
+        feature_dim=32,
+        preprocessing=backbones.get_backbone("tiny-resnet").preprocessing,
+        weights=WeightsSource("tiny-weighted.pth", None, None, None),
+        description="test",
+    )
     monkeypatch.setitem(backbones._REGISTRY, name, (spec, TinyResNet))
     path = tmp_path / "weights.pth"
     torch.manual_seed(1)
@@ -382,20 +457,26 @@ def test_weights_fingerprint_enters_the_key_and_weights_load(tmp_path, fake_flow
     assert again.unit("features", name).key != unit.key
     again.run("features")
     second = extract.read_group(features.features_file(again.directory(unit)), "val")["features"]
-    assert not numpy.allclose(first, second)         # the new weights were loaded, not a random init
+    assert not numpy.allclose(first, second)  # the new weights were loaded, not a random init
     missing = (f'features.backbones=["{name}"]', f'weights.{name}="{tmp_path / "absent.pth"}"')
     with pytest.raises(WeightsUnavailableError, match="absent.pth"):
         Graph(make_tiny_config(fake_flowers_session, tmp_path / "cache", missing)).units("features")
 
 
-@pytest.mark.parametrize("mean, std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),            # scalar operands
-                                       ((0.3, 0.3, 0.3), (0.7, 0.7, 0.7)),
-                                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])  # per channel
+@pytest.mark.parametrize(
+    "mean, std",
+    [
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # scalar operands
+        ((0.3, 0.3, 0.3), (0.7, 0.7, 0.7)),
+        ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ],
+)  # per channel
 def test_batch_normalisation_is_totensor_and_normalize_bit_for_bit(mean, std):
     from torchvision import transforms as tv
+
     pixels = torch.from_numpy(numpy.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=numpy.uint8))
-    pixels[0].view(-1)[:256] = torch.arange(256, dtype=torch.uint8)      # every value, in every channel
-    pixels[1].view(-1)[:256 * 3] = torch.arange(256, dtype=torch.uint8).repeat_interleave(3)
+    pixels[0].view(-1)[:256] = torch.arange(256, dtype=torch.uint8)  # every value, in every channel
+    pixels[1].view(-1)[: 256 * 3] = torch.arange(256, dtype=torch.uint8).repeat_interleave(3)
     reference = tv.Compose([tv.ToTensor(), tv.Normalize(mean, std)])
     expected = torch.stack([reference(image.numpy()) for image in pixels])
     normalised = extract.normalise(pixels, mean, std)
@@ -408,12 +489,14 @@ def test_geometry_runs_on_uint8_tensors_within_one_level_of_pil():
     scale, at most one level away otherwise, the same random crops per seed, and PIL for steps it cannot mirror."""
     from PIL import Image
     from torchvision import transforms as tv
+
     preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
     image = Image.fromarray(numpy.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=numpy.uint8))
 
     def pil_pixels(transform):
         return torch.from_numpy(numpy.array(tv.Compose(transform.transforms[:-2])(image)))
-    for size, whole in ((48, True), (36, False)):          # shorter side 24 -> 48 (x2) and -> 36 (x1.5)
+
+    for size, whole in ((48, True), (36, False)):  # shorter side 24 -> 48 (x2) and -> 36 (x1.5)
         transform = transforms.eval_transform(preprocessing, size)
         pixels, mean, std = extract.uint8_transform(transform)
         assert (mean, std) == (tuple(preprocessing.mean), tuple(preprocessing.std))
@@ -423,7 +506,7 @@ def test_geometry_runs_on_uint8_tensors_within_one_level_of_pil():
         assert difference == 0 if whole else difference <= 1
     views = transforms.train_transform(preprocessing, 16, "crop-flip")
     augmented, _, _ = extract.uint8_transform(views)
-    for seed in range(5):               # the same crop and flip draws as PIL's pipeline under one seed
+    for seed in range(5):  # the same crop and flip draws as PIL's pipeline under one seed
         torch.manual_seed(seed)
         ours = augmented(image)
         torch.manual_seed(seed)
@@ -441,12 +524,14 @@ def test_augmented_views_resample_a_row_major_crop_to_the_same_pixels_as_v2():
     """The crop is copied into [H, W, 3] rows before resampling, so the view leaves as [H, W, 3] rows (no
     transpose when stacked) with v2.RandomResizedCrop's pixels and draws under the same seed."""
     from torchvision.transforms import v2
+
     preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
     views = transforms.train_transform(preprocessing, 40, "crop-flip")
     augmented, _, _ = extract.uint8_transform(views)
     crop = next(step for step in augmented.transforms if isinstance(step, extract.RowMajorResizedCrop))
-    plain = v2.RandomResizedCrop(crop.crop.size, crop.crop.scale, crop.crop.ratio, crop.crop.interpolation,
-                                 crop.crop.antialias)
+    plain = v2.RandomResizedCrop(
+        crop.crop.size, crop.crop.scale, crop.crop.ratio, crop.crop.interpolation, crop.crop.antialias
+    )
     image = extract.image_tensor_of(numpy.random.default_rng(2).integers(0, 256, (29, 37, 3), dtype=numpy.uint8))
     for seed in range(8):
         torch.manual_seed(seed)
@@ -466,6 +551,7 @@ def test_tensor_pipelines_read_jpegs_with_torchvision_to_pils_pixels(tmp_path, m
     """A JPEG is decoded by torchvision for uint8-tensor pipelines, to PIL's RGB pixels bit for bit (greyscale
     and CMYK included) and in [H, W, 3] rows; anything else is read by PIL."""
     from PIL import Image
+
     rng = numpy.random.default_rng(3)
     pixels = rng.integers(0, 256, (30, 41, 3), dtype=numpy.uint8)
     path = tmp_path / f"image.{suffix}"
@@ -476,11 +562,12 @@ def test_tensor_pipelines_read_jpegs_with_torchvision_to_pils_pixels(tmp_path, m
     assert isinstance(read, torch.Tensor) == (suffix == "jpg")
     rows = extract.image_tensor_of(read)
     assert torch.equal(extract.pixel_rows(rows), expected) and extract.pixel_rows(rows).is_contiguous()
-    assert not isinstance(extract.read_rgb(path), torch.Tensor)         # PIL pipelines keep getting PIL images
+    assert not isinstance(extract.read_rgb(path), torch.Tensor)  # PIL pipelines keep getting PIL images
 
 
 def test_a_truncated_jpeg_is_named_whichever_decoder_reads_it(tmp_path):
     from PIL import Image
+
     path = tmp_path / "image_00007.jpg"
     Image.fromarray(numpy.zeros((40, 40, 3), dtype=numpy.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:300])

@@ -1,4 +1,5 @@
 """The stage runner and cache: hits, misses, invalidation, atomic writes, locks and kill -9."""
+
 import json
 import os
 import signal
@@ -10,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import make_tiny_config, write_fake_flowers
+
 from pipeline import cache
 from pipeline.graph import Graph, StageError
 from pipeline.samples import DISTRIBUTION, GRID, SIZES_JSON
@@ -36,7 +37,7 @@ def test_samples_outputs_are_valid_png_and_json(tiny_config):
     assert sum(row["total"] for row in sizes["per_class"]) == 84
     assert manifest["files"] and manifest["config"]["samples"]["rows"] == 2
     assert manifest["environment"] == {} or "torch" in manifest["environment"]
-    assert any("train       24" in line for line in lines)       # the printed sizes table
+    assert any("train       24" in line for line in lines)  # the printed sizes table
 
 
 def test_second_run_is_all_cache_hits(tiny_config):
@@ -72,7 +73,7 @@ def test_invalidating_an_input_rebuilds_its_dependents(tiny_config):
 def test_other_data_behind_the_same_path_rebuilds(tiny_config):
     graph, _ = logged(tiny_config)
     before = graph.units("download")[0].key
-    assert Graph(tiny_config).units("download")[0].key == before      # deterministic
+    assert Graph(tiny_config).units("download")[0].key == before  # deterministic
     other = write_fake_flowers(Path(tiny_config.cache.root).parent / "other", seed=1)
     moved = make_tiny_config(other, Path(tiny_config.cache.root))
     assert Graph(moved).units("download")[0].key != before
@@ -89,10 +90,9 @@ def test_missing_output_file_invalidates(tiny_config):
 def test_atomic_write_failure_keeps_previous_content(tmp_path):
     target = tmp_path / "result.json"
     cache.write_json_atomic(target, {"value": 1})
-    with pytest.raises(RuntimeError):
-        with cache.atomic_path(target) as temporary:
-            temporary.write_text("{partial")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), cache.atomic_path(target) as temporary:
+        temporary.write_text("{partial")
+        raise RuntimeError("killed mid-write")
     assert json.loads(target.read_text()) == {"value": 1}
     assert [path.name for path in tmp_path.iterdir()] == ["result.json"]
 
@@ -118,6 +118,7 @@ def test_disk_full_is_reported_and_previous_artifact_survives(tmp_path, monkeypa
 
     def full_disk(descriptor):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(cache.CacheError, match="the disk is full"):
         cache.write_json_atomic(target, {"ok": False})
@@ -129,9 +130,11 @@ def test_lock_makes_a_second_writer_wait(tmp_path):
     folder = tmp_path / "unit"
     order, messages = [], []
     with cache.unit_lock(folder):
+
         def second():
             with cache.unit_lock(folder, announce=messages.append):
                 order.append("second")
+
         thread = threading.Thread(target=second)
         thread.start()
         time.sleep(0.5)
@@ -152,6 +155,7 @@ def test_lock_timeout_is_a_clear_error(tmp_path):
                     pass
             except cache.CacheError as error:
                 result["error"] = str(error)
+
         thread = threading.Thread(target=second)
         thread.start()
         thread.join(5)
@@ -189,9 +193,13 @@ KILLABLE_STAGE = textwrap.dedent("""
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_kill_9_mid_write_leaves_nothing_that_reads_as_valid(tiny_config):
-    settings = dict(tests=str(PROJECT / "tests"), data=tiny_config.data.root, cache_root=tiny_config.cache.root)
-    process = subprocess.Popen([sys.executable, "-c", KILLABLE_STAGE.format(pause=True, **settings)],
-                               cwd=PROJECT, stdout=subprocess.PIPE, text=True)
+    settings = {"tests": str(PROJECT / "tests"), "data": tiny_config.data.root, "cache_root": tiny_config.cache.root}
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_STAGE.format(pause=True, **settings)],
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stdout:
         if "WRITING" in line:
             break
@@ -200,12 +208,17 @@ def test_kill_9_mid_write_leaves_nothing_that_reads_as_valid(tiny_config):
     folder = Path(tiny_config.cache.root) / "slow" / "only"
     assert not (folder / "big.bin").exists()
     assert cache.read_manifest(folder) is None
-    finished = subprocess.run([sys.executable, "-c", KILLABLE_STAGE.format(pause=False, **settings)], cwd=PROJECT,
-                              capture_output=True, text=True, timeout=120)
+    finished = subprocess.run(
+        [sys.executable, "-c", KILLABLE_STAGE.format(pause=False, **settings)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "DONE" in finished.stdout, finished.stderr
     assert "[slow] only: building (no manifest)" in finished.stdout
     assert (folder / "big.bin").stat().st_size == 1000
-    assert not [path.name for path in folder.iterdir() if ".tmp" in path.name]   # the killed run's temp swept
+    assert not [path.name for path in folder.iterdir() if ".tmp" in path.name]  # the killed run's temp swept
     assert cache.read_manifest(folder)["files"] == ["big.bin"]
 
 
@@ -218,11 +231,20 @@ def run_cli(*arguments, cwd=PROJECT):
 def test_cli_bad_key_and_missing_data_are_one_line_errors(tmp_path):
     bad = run_cli("stages.samples", "--config", "configs/tiny.toml", "--set", "samples.colour=1")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["error: unknown key [samples] colour; known keys: rows, columns, tile_pixels"]
+    assert bad.stderr.strip().splitlines() == [
+        "error: unknown key [samples] colour; known keys: rows, columns, tile_pixels"
+    ]
     empty = tmp_path / "empty"
     empty.mkdir()
-    missing = run_cli("stages.download", "--config", "configs/tiny.toml", "--data-dir", str(empty),
-                      "--set", f'cache.root="{tmp_path / "cache"}"')
+    missing = run_cli(
+        "stages.download",
+        "--config",
+        "configs/tiny.toml",
+        "--data-dir",
+        str(empty),
+        "--set",
+        f'cache.root="{tmp_path / "cache"}"',
+    )
     assert missing.returncode == 2
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1 and "Flowers-102 not found" in lines[0] and "DATA_DIR=" in lines[0]

@@ -1,4 +1,5 @@
 """The heads stage and its linear heads: selection on val only, exact refits, results, cache behaviour."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,8 @@ import h5py
 import numpy
 import pytest
 import torch
-
 from helpers import make_tiny_config
+
 from pipeline import cache, evaluate, extract, heads, linear_heads
 from pipeline.config import HeadsConfig
 from pipeline.features import features_file
@@ -39,11 +40,21 @@ def separable():
 def test_both_heads_separate_a_separable_set(separable, normalization):
     train, val, test = separable
     _, _, head, normalizer = linear_heads.select_softmax(
-        train, val, 5, normalizations=[normalization], weight_decays=[0.0], epochs=40, lr=1e-2, batch_size=32,
-        label_smoothing=0.0, seed=0)
+        train,
+        val,
+        5,
+        normalizations=[normalization],
+        weight_decays=[0.0],
+        epochs=40,
+        lr=1e-2,
+        batch_size=32,
+        label_smoothing=0.0,
+        seed=0,
+    )
     assert linear_heads.accuracy(test[1], linear_heads.predict_softmax(head, normalizer.apply(test[0]))) >= 0.99
     _, _, model, normalizer = linear_heads.select_logistic(
-        train, val, normalizations=[normalization], cs=[1.0], solver="lbfgs", max_iter=500, tolerance=1e-4, seed=0)
+        train, val, normalizations=[normalization], cs=[1.0], solver="lbfgs", max_iter=500, tolerance=1e-4, seed=0
+    )
     assert linear_heads.accuracy(test[1], model.predict(normalizer.apply(test[0]))) >= 0.99
 
 
@@ -52,15 +63,17 @@ def test_random_labels_stay_near_chance(separable):
     train, val, test = separable
     shuffled = (train[0], numpy.random.default_rng(5).permutation(train[1]))
     _, _, model, normalizer = linear_heads.select_logistic(
-        shuffled, val, normalizations=["none"], cs=[1.0], solver="lbfgs", max_iter=500, tolerance=1e-4, seed=0)
+        shuffled, val, normalizations=["none"], cs=[1.0], solver="lbfgs", max_iter=500, tolerance=1e-4, seed=0
+    )
     assert linear_heads.accuracy(test[1], model.predict(normalizer.apply(test[0]))) < 0.6
 
 
 def test_best_epoch_head_equals_a_refit_of_that_many_epochs(separable):
     train, val, _ = separable
-    options = dict(weight_decay=0.1, lr=1e-2, batch_size=16, label_smoothing=0.0, seed=3)
-    selected, history = linear_heads.train_softmax(*train, 5, epochs=15, val_features=val[0], val_labels=val[1],
-                                                   **options)
+    options = {"weight_decay": 0.1, "lr": 1e-2, "batch_size": 16, "label_smoothing": 0.0, "seed": 3}
+    selected, history = linear_heads.train_softmax(
+        *train, 5, epochs=15, val_features=val[0], val_labels=val[1], **options
+    )
     best_epoch = int(numpy.argmax(history)) + 1
     refit, _ = linear_heads.train_softmax(*train, 5, epochs=best_epoch, **options)
     for name, value in selected.state_dict().items():
@@ -70,11 +83,18 @@ def test_best_epoch_head_equals_a_refit_of_that_many_epochs(separable):
 def test_heads_trained_side_by_side_follow_their_own_runs(separable):
     """Several weight decays trained as one matrix give each decay's own run: same val history, same weights."""
     train, val, _ = separable
-    options = dict(epochs=12, lr=1e-2, batch_size=16, label_smoothing=0.1, seed=4, val_features=val[0],
-                   val_labels=val[1])
+    options = {
+        "epochs": 12,
+        "lr": 1e-2,
+        "batch_size": 16,
+        "label_smoothing": 0.1,
+        "seed": 4,
+        "val_features": val[0],
+        "val_labels": val[1],
+    }
     together = linear_heads.train_softmax_heads(*train, 5, weight_decays=[0.0, 3.0, 30.0], **options)
     alone = [linear_heads.train_softmax(*train, 5, weight_decay=decay, **options) for decay in (0.0, 3.0, 30.0)]
-    for (head, history), (reference, reference_history) in zip(together, alone):
+    for (head, history), (reference, reference_history) in zip(together, alone, strict=True):
         assert history == reference_history
         for name, value in head.state_dict().items():
             torch.testing.assert_close(value, reference.state_dict()[name], rtol=1e-5, atol=1e-6)
@@ -85,6 +105,7 @@ def test_heads_trained_side_by_side_follow_their_own_runs(separable):
 
 def test_logistic_fit_runs_under_the_blas_thread_limit(separable):
     from threadpoolctl import threadpool_info
+
     seen = []
 
     class Recording:
@@ -98,7 +119,7 @@ def test_logistic_fit_runs_under_the_blas_thread_limit(separable):
     assert seen[0] and all(count == 1 for count in seen[0])
     before = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
     linear_heads.fit_logistic(Recording(), *separable[0], blas_threads=0)
-    assert seen[1] == before                      # 0 leaves the library's own setting alone
+    assert seen[1] == before  # 0 leaves the library's own setting alone
 
 
 def test_normalizer_uses_fit_statistics_only():
@@ -106,7 +127,7 @@ def test_normalizer_uses_fit_statistics_only():
     other = numpy.array([[100.0, 0.0, 2.0]], dtype=numpy.float32)
     normalizer = linear_heads.Normalizer.fit("standardize", fit)
     numpy.testing.assert_allclose(normalizer.apply(fit), [[-1, 0, 0], [1, 0, 0]], atol=1e-6)
-    numpy.testing.assert_allclose(normalizer.apply(other), [[98, -5, 0]], atol=1e-4)   # constant columns: scale 1
+    numpy.testing.assert_allclose(normalizer.apply(other), [[98, -5, 0]], atol=1e-4)  # constant columns: scale 1
     l2 = linear_heads.Normalizer.fit("l2", fit).apply(other)
     numpy.testing.assert_allclose(numpy.linalg.norm(l2, axis=1), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="l2-standardize"):
@@ -146,10 +167,12 @@ def test_results_heads_files_and_timings(tmp_path, fake_flowers_session):
         assert result["arm"] == f"frozen-tiny-resnet-{kind}" and result["method"] == "frozen"
         assert result["head"] == kind and result["fit_on"] == "train" and result["train_images"] == 24
         assert result["extract_seconds"] == pytest.approx(extract_seconds)
-        assert result["total_seconds"] == pytest.approx(result["extract_seconds"] + result["train_seconds"]
-                                                        + result["eval_seconds"])
-        assert result["train_seconds"] == pytest.approx(result["timings"]["head_selection"]
-                                                        + result["timings"]["head_fit"])
+        assert result["total_seconds"] == pytest.approx(
+            result["extract_seconds"] + result["train_seconds"] + result["eval_seconds"]
+        )
+        assert result["train_seconds"] == pytest.approx(
+            result["timings"]["head_selection"] + result["timings"]["head_fit"]
+        )
         assert set(result["timings"]["extract"]) == {"train", "val", "test"}
         assert numpy.array(result["confusion_matrix"]).shape == (6, 6)
         assert numpy.array(result["confusion_matrix"]).sum() == 36
@@ -160,8 +183,11 @@ def test_results_heads_files_and_timings(tmp_path, fake_flowers_session):
 
 
 def test_fit_on_train_and_val_is_recorded(tmp_path, fake_flowers_session):
-    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ('heads.fit_on="train+val"',
-                                                                                       'heads.kinds=["logistic"]'))
+    config = make_tiny_config(
+        fake_flowers_session,
+        tmp_path / "cache",
+        ONE_BACKBONE + ('heads.fit_on="train+val"', 'heads.kinds=["logistic"]'),
+    )
     graph, _, _ = run_heads(config)
     result = json.loads((graph.directory(graph.units("heads")[0]) / evaluate.RESULT).read_text())
     assert result["fit_on"] == "train+val" and result["train_images"] == 48 and result["fit_rows"] == 48
@@ -177,7 +203,7 @@ def test_head_change_refits_only_that_kind(tmp_path, fake_flowers_session):
     assert graph.run("features")[0]["build_id"] == features_build
     assert not any("[features] tiny-resnet: building" in line for line in lines)
     by_unit = {manifest["unit"]: manifest["build_id"] for manifest in first}
-    assert second[0]["build_id"] == by_unit["tiny-resnet-softmax"]          # softmax untouched
+    assert second[0]["build_id"] == by_unit["tiny-resnet-softmax"]  # softmax untouched
     assert second[1]["build_id"] != by_unit["tiny-resnet-logistic"]
     assert second[1]["extra"]["selected"]["c"] == 2.0
 
@@ -189,13 +215,14 @@ def test_selection_and_fit_never_read_test(tmp_path, fake_flowers_session):
     with h5py.File(path, "a") as handle:
         handle["test"]["features"][...] = numpy.random.default_rng(0).normal(size=handle["test"]["features"].shape)
     rerun = Graph(graph.config, log=lambda line: None).run("heads", force=True)
-    for before, after in zip(first, rerun):
+    for before, after in zip(first, rerun, strict=True):
         assert after["extra"]["selected"] == before["extra"]["selected"]
         assert after["metrics"]["val_top1"] == before["metrics"]["val_top1"]
 
 
 def test_empty_normalizations_is_a_config_error(tmp_path, fake_flowers_session):
     from pipeline.config import ConfigError
+
     config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ("heads.normalizations=[]",))
     with pytest.raises(ConfigError, match="normalizations"):
         Graph(config).units("heads")
@@ -210,13 +237,13 @@ def test_fit_on_change_reuses_the_selection_and_matches_a_fresh_run(tmp_path, fa
     assert [manifest["extra"]["selection_reused"] for manifest in switched] == [True, True]
     assert sum("(reused)" in line for line in lines) == 2
     _, cold, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cold", both))
-    for reused, fresh in zip(switched, cold):
+    for reused, fresh in zip(switched, cold, strict=True):
         assert reused["extra"]["selected"] == fresh["extra"]["selected"]
         assert reused["metrics"] == pytest.approx(fresh["metrics"])
     # Back to train: the train-fitted head itself comes from the memo and matches the first run.
     _, back, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", train_only))
     _, cold_train, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cold", train_only))
-    for reused, fresh in zip(back, cold_train):
+    for reused, fresh in zip(back, cold_train, strict=True):
         assert reused["metrics"] == pytest.approx(fresh["metrics"])
     result = json.loads((graph.directory(graph.units("heads")[0]) / evaluate.RESULT).read_text())
     assert result["selection_reused"] is True and result["timings"]["head_selection"] > 0
@@ -224,11 +251,12 @@ def test_fit_on_change_reuses_the_selection_and_matches_a_fresh_run(tmp_path, fa
 
 def test_selection_memo_is_not_reused_when_a_search_setting_or_the_features_change(tmp_path, fake_flowers_session):
     run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE))
-    _, changed, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache",
-                                               ONE_BACKBONE + ("heads.softmax_epochs=7",)))
-    assert changed[0]["extra"]["selection_reused"] is False          # softmax searched again
+    _, changed, _ = run_heads(
+        make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ("heads.softmax_epochs=7",))
+    )
+    assert changed[0]["extra"]["selection_reused"] is False  # softmax searched again
     graph = Graph(make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE), log=lambda line: None)
-    graph.invalidate("features")                                     # same key, new build id
+    graph.invalidate("features")  # same key, new build id
     _, rebuilt, _ = run_heads(graph.config)
     assert [manifest["extra"]["selection_reused"] for manifest in rebuilt] == [False, False]
 

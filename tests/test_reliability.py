@@ -5,6 +5,7 @@ rerun resumes where designed and ends with the numbers of an uninterrupted run.
 Kills inside atomic writes use cache's PIPELINE_FAULT test hook; kills inside the HDF5 features
 write use tests/fault_driver.py. The reference results come from the concurrency test's two runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,26 +18,51 @@ import h5py
 import numpy
 import pytest
 import torch
+from helpers import make_tiny_config
 
 from pipeline import cache, cli, train
 from pipeline.graph import Graph
 
-from helpers import make_tiny_config
-
 PROJECT = Path(__file__).resolve().parents[1]
 KILLED = -9
 # Every unit of the tiny study, in the order `make all` builds them.
-TINY_UNITS = ["download/flowers-102", "samples/flowers-102", "features/tiny-resnet", "features/tiny-efficientnet",
-              "heads/tiny-resnet-softmax", "heads/tiny-resnet-logistic", "heads/tiny-efficientnet-softmax",
-              "heads/tiny-efficientnet-logistic", "finetune/tiny-resnet", "cnn/bn-cnn", "report/study"]
+TINY_UNITS = [
+    "download/flowers-102",
+    "samples/flowers-102",
+    "features/tiny-resnet",
+    "features/tiny-efficientnet",
+    "heads/tiny-resnet-softmax",
+    "heads/tiny-resnet-logistic",
+    "heads/tiny-efficientnet-softmax",
+    "heads/tiny-efficientnet-logistic",
+    "finetune/tiny-resnet",
+    "cnn/bn-cnn",
+    "report/study",
+]
 # What must equal an uninterrupted run's result.json (timings may differ).
-RESULT_FIELDS = ("test_top1", "test_mean_per_class", "val_top1", "per_class_accuracy", "confusion_matrix",
-                 "selected", "best_epoch", "epochs_run")
+RESULT_FIELDS = (
+    "test_top1",
+    "test_mean_per_class",
+    "val_top1",
+    "per_class_accuracy",
+    "confusion_matrix",
+    "selected",
+    "best_epoch",
+    "epochs_run",
+)
 
 
 def stage_arguments(data: Path, cache_root: Path, *overrides: str) -> list[str]:
-    arguments = ["--config", "configs/tiny.toml", "--data-dir", str(data), "--set", f'cache.root="{cache_root}"',
-                 "--set", "runtime.threads=1"]
+    arguments = [
+        "--config",
+        "configs/tiny.toml",
+        "--data-dir",
+        str(data),
+        "--set",
+        f'cache.root="{cache_root}"',
+        "--set",
+        "runtime.threads=1",
+    ]
     for override in overrides:
         arguments += ["--set", override]
     return arguments
@@ -54,12 +80,19 @@ def start(stage: str, data: Path, cache_root: Path, fault: str | None = None, hd
         entry = [sys.executable, "tests/fault_driver.py", stage]
     else:
         entry = [sys.executable, "-m", f"stages.{stage}"]
-    return subprocess.Popen(entry + stage_arguments(data, cache_root), cwd=PROJECT, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        entry + stage_arguments(data, cache_root),
+        cwd=PROJECT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
-def run(stage: str, data: Path, cache_root: Path, fault: str | None = None, hdf5_write: int | None = None,
-        expect: int = 0) -> str:
+def run(
+    stage: str, data: Path, cache_root: Path, fault: str | None = None, hdf5_write: int | None = None, expect: int = 0
+) -> str:
     process = start(stage, data, cache_root, fault, hdf5_write)
     log, _ = process.communicate(timeout=300)
     assert process.returncode == expect, f"exit {process.returncode}, expected {expect}:\n{log}"
@@ -71,7 +104,7 @@ def manifest(cache_root: Path, unit: str) -> dict | None:
 
 
 def leftover_temporaries(cache_root: Path) -> list[Path]:
-    return [path for path in cache_root.rglob(".*.tmp*")]
+    return list(cache_root.rglob(".*.tmp*"))
 
 
 def assert_valid(cache_root: Path, unit: str) -> dict:
@@ -86,11 +119,17 @@ def assert_valid(cache_root: Path, unit: str) -> dict:
 def close(got, expected, tolerance: float = 1e-6) -> bool:
     """Equal plain data, floats to `tolerance` (nested lists and dicts compared item by item)."""
     if isinstance(expected, dict):
-        return isinstance(got, dict) and got.keys() == expected.keys() and all(
-            close(got[key], expected[key], tolerance) for key in expected)
+        return (
+            isinstance(got, dict)
+            and got.keys() == expected.keys()
+            and all(close(got[key], expected[key], tolerance) for key in expected)
+        )
     if isinstance(expected, list):
-        return isinstance(got, list) and len(got) == len(expected) and all(
-            close(a, b, tolerance) for a, b in zip(got, expected))
+        return (
+            isinstance(got, list)
+            and len(got) == len(expected)
+            and all(close(a, b, tolerance) for a, b in zip(got, expected, strict=True))
+        )
     if isinstance(expected, float) and isinstance(got, (int, float)):
         return abs(got - expected) <= tolerance
     return got == expected
@@ -128,6 +167,7 @@ def restore_threads():
 
 # --- 5. concurrency ---------------------------------------------------------------------------
 
+
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_two_concurrent_make_all_build_each_unit_once(reference):
@@ -143,6 +183,7 @@ def test_two_concurrent_make_all_build_each_unit_once(reference):
 
 
 # --- 1. interruption of the real stages -------------------------------------------------------
+
 
 @pytest.mark.subprocess
 @pytest.mark.slow
@@ -168,11 +209,14 @@ def test_features_killed_inside_the_hdf5_write_resume_and_match(tmp_path, fake_f
     assert "[features] tiny-resnet: cached" in log and "[features] tiny-efficientnet: building (no manifest)" in log
     for backbone in ("tiny-resnet", "tiny-efficientnet"):
         assert_valid(root, f"features/{backbone}")
-        with h5py.File(root / "features" / backbone / "features.h5", "r") as got, \
-                h5py.File(reference_root / "features" / backbone / "features.h5", "r") as expected:
+        with (
+            h5py.File(root / "features" / backbone / "features.h5", "r") as got,
+            h5py.File(reference_root / "features" / backbone / "features.h5", "r") as expected,
+        ):
             for split in ("train", "val", "test"):
-                numpy.testing.assert_allclose(got[split]["features"][:], expected[split]["features"][:],
-                                              rtol=1e-5, atol=1e-6)
+                numpy.testing.assert_allclose(
+                    got[split]["features"][:], expected[split]["features"][:], rtol=1e-5, atol=1e-6
+                )
                 numpy.testing.assert_array_equal(got[split]["image_ids"][:], expected[split]["image_ids"][:])
         for kind in ("softmax", "logistic"):
             assert_valid(root, f"heads/{backbone}-{kind}")
@@ -182,8 +226,9 @@ def test_features_killed_inside_the_hdf5_write_resume_and_match(tmp_path, fake_f
 
 @pytest.mark.subprocess
 @pytest.mark.slow
-def test_finetune_killed_inside_checkpoint_and_model_writes_resumes_and_matches(tmp_path, fake_flowers_session,
-                                                                                reference):
+def test_finetune_killed_inside_checkpoint_and_model_writes_resumes_and_matches(
+    tmp_path, fake_flowers_session, reference
+):
     reference_root, _ = reference
     root = tmp_path / "cache"
     folder = root / "finetune" / "tiny-resnet"
@@ -226,8 +271,9 @@ def test_cnn_killed_between_epochs_and_inside_the_manifest_write_matches(tmp_pat
 
 @pytest.mark.subprocess
 @pytest.mark.slow
-def test_kill_inside_the_manifest_write_of_a_trained_arm_does_not_lose_the_training(tmp_path, fake_flowers_session,
-                                                                                    reference):
+def test_kill_inside_the_manifest_write_of_a_trained_arm_does_not_lose_the_training(
+    tmp_path, fake_flowers_session, reference
+):
     """The checkpoint is a resume-only file: the runner deletes it after the manifest, not before."""
     reference_root, _ = reference
     root = tmp_path / "cache"
@@ -240,6 +286,7 @@ def test_kill_inside_the_manifest_write_of_a_trained_arm_does_not_lose_the_train
 
 # --- 2. full disk and unwritable cache --------------------------------------------------------
 
+
 def one_line_error(capsys) -> str:
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error, error
@@ -250,11 +297,13 @@ def file_bytes(folder: Path) -> dict:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
 
 
-def test_full_disk_while_refitting_heads_keeps_earlier_artifacts(tmp_path, fake_flowers_session, capsys,
-                                                                monkeypatch, restore_threads):
+def test_full_disk_while_refitting_heads_keeps_earlier_artifacts(
+    tmp_path, fake_flowers_session, capsys, monkeypatch, restore_threads
+):
     root = tmp_path / "cache"
-    arguments = stage_arguments(fake_flowers_session, root, 'features.backbones=["tiny-resnet"]',
-                                'heads.kinds=["softmax"]')
+    arguments = stage_arguments(
+        fake_flowers_session, root, 'features.backbones=["tiny-resnet"]', 'heads.kinds=["softmax"]'
+    )
     assert cli.run_stage("heads", arguments) == 0
     features_before = file_bytes(root / "features" / "tiny-resnet")
     heads = root / "heads" / "tiny-resnet-softmax"
@@ -272,8 +321,11 @@ def test_full_disk_while_refitting_heads_keeps_earlier_artifacts(tmp_path, fake_
         assert "free space or point [cache] root at a writable folder" in error
         # Inputs untouched and still valid; the refit unit reads as invalid, never half-valid.
         assert file_bytes(root / "features" / "tiny-resnet") == features_before
-        study = Graph(make_tiny_config(fake_flowers_session, root, ('features.backbones=["tiny-resnet"]',
-                                                                    'heads.kinds=["softmax"]')))
+        study = Graph(
+            make_tiny_config(
+                fake_flowers_session, root, ('features.backbones=["tiny-resnet"]', 'heads.kinds=["softmax"]')
+            )
+        )
         assert study.status(study.unit("features", "tiny-resnet")) is None
         assert cache.read_manifest(heads) is None
         assert leftover_temporaries(root) == []
@@ -286,8 +338,9 @@ def test_full_disk_while_refitting_heads_keeps_earlier_artifacts(tmp_path, fake_
     assert json.loads((heads / "manifest.json").read_text())["settings"]["softmax_epochs"] == 20
 
 
-def test_full_disk_inside_a_training_checkpoint_is_one_line(tmp_path, fake_flowers_session, capsys, monkeypatch,
-                                                            restore_threads):
+def test_full_disk_inside_a_training_checkpoint_is_one_line(
+    tmp_path, fake_flowers_session, capsys, monkeypatch, restore_threads
+):
     root = tmp_path / "cache"
     monkeypatch.setenv(cache.FAULT_VARIABLE, "*/cnn/*/checkpoint.pt:full:2")
     assert cli.run_stage("cnn", stage_arguments(fake_flowers_session, root)) == 2
@@ -315,6 +368,7 @@ def test_unwritable_cache_root_is_one_line(tmp_path, fake_flowers_session, capsy
 def test_read_only_file_system_is_one_line(tmp_path, fake_flowers_session, capsys, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
+
     monkeypatch.setattr(cache.tempfile, "mkstemp", read_only)
     assert cli.run_stage("download", stage_arguments(fake_flowers_session, tmp_path / "cache")) == 2
     error = one_line_error(capsys)
@@ -323,12 +377,16 @@ def test_read_only_file_system_is_one_line(tmp_path, fake_flowers_session, capsy
 
 # --- 4. bad config at the command line, before any work ---------------------------------------
 
-@pytest.mark.parametrize("stage,override", [
-    ("features", 'features.backbones=["tiny-resnet", "resnet-9000"]'),
-    ("finetune", 'finetune.backbones=["resnet-9000"]'),
-    ("all", 'finetune.backbones=["resnet-9000"]'),
-    ("heads", 'features.backbones=["resnet-9000"]'),
-])
+
+@pytest.mark.parametrize(
+    "stage,override",
+    [
+        ("features", 'features.backbones=["tiny-resnet", "resnet-9000"]'),
+        ("finetune", 'finetune.backbones=["resnet-9000"]'),
+        ("all", 'finetune.backbones=["resnet-9000"]'),
+        ("heads", 'features.backbones=["resnet-9000"]'),
+    ],
+)
 def test_unknown_backbone_fails_before_any_work(tmp_path, fake_flowers_session, capsys, stage, override):
     root = tmp_path / "cache"
     arguments = stage_arguments(fake_flowers_session, root, override)
@@ -339,16 +397,18 @@ def test_unknown_backbone_fails_before_any_work(tmp_path, fake_flowers_session, 
     assert not root.exists(), "nothing may be built (not even the download stage) before the config is checked"
 
 
-@pytest.mark.parametrize("override,named", [
-    ("features.batch_size=0", "[features] batch_size"),
-    ("finetune.epochs=-1", "[finetune] epochs"),
-    ("cnn.architecture=\"vgg\"", "[cnn] architecture"),
-    ("heads.kinds=[\"svm\"]", "[heads] kinds"),
-    ("runtime.device=\"tpu\"", "[runtime] device"),
-    ("finetune.epochz=3", "[finetune] epochz"),
-])
-def test_bad_settings_at_the_command_line_fail_before_any_work(tmp_path, fake_flowers_session, capsys, override,
-                                                               named):
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("features.batch_size=0", "[features] batch_size"),
+        ("finetune.epochs=-1", "[finetune] epochs"),
+        ('cnn.architecture="vgg"', "[cnn] architecture"),
+        ('heads.kinds=["svm"]', "[heads] kinds"),
+        ('runtime.device="tpu"', "[runtime] device"),
+        ("finetune.epochz=3", "[finetune] epochz"),
+    ],
+)
+def test_bad_settings_at_the_command_line_fail_before_any_work(tmp_path, fake_flowers_session, capsys, override, named):
     root = tmp_path / "cache"
     assert cli.run_all(stage_arguments(fake_flowers_session, root, override)) == 2
     error = one_line_error(capsys)
@@ -357,6 +417,7 @@ def test_bad_settings_at_the_command_line_fail_before_any_work(tmp_path, fake_fl
 
 
 # --- damaged leftovers of earlier runs ---------------------------------------------------------
+
 
 def test_truncated_partial_features_file_is_rebuilt_not_trusted(tmp_path, fake_flowers_session, restore_threads):
     root = tmp_path / "cache"
@@ -381,7 +442,8 @@ def test_truncated_partial_features_file_is_rebuilt_not_trusted(tmp_path, fake_f
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_full_disk_mid_training_then_truncated_checkpoint_restarts_and_matches(
-        tmp_path, fake_flowers_session, capsys, monkeypatch, restore_threads, reference):
+    tmp_path, fake_flowers_session, capsys, monkeypatch, restore_threads, reference
+):
     reference_root, _ = reference
     root = tmp_path / "cache"
     arguments = stage_arguments(fake_flowers_session, root)

@@ -4,14 +4,15 @@ The arm stages are replaced by stand-ins whose build fails the test, so these te
 report never trains: it only reads the result.json + manifest.json files written here the way the
 runner writes them.
 """
+
 from __future__ import annotations
 
 import base64
 import csv
 import json
 import uuid
-from pathlib import Path
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy
 import pytest
@@ -30,8 +31,11 @@ CLASSES = [f"flower {number}" for number in range(6)]
 
 def arm_units(config) -> dict:
     """What the arm stages plan under the tiny config, written out independently of pipeline.report."""
-    return {"heads": [f"{backbone}-{kind}" for backbone in config.features.backbones for kind in config.heads.kinds],
-            "finetune": list(config.finetune.backbones), "cnn": [config.cnn.architecture]}
+    return {
+        "heads": [f"{backbone}-{kind}" for backbone in config.features.backbones for kind in config.heads.kinds],
+        "finetune": list(config.finetune.backbones),
+        "cnn": [config.cnn.architecture],
+    }
 
 
 def refuse_build(context):
@@ -44,9 +48,13 @@ def stand_in_stages(monkeypatch):
     real = {stage.name: stage for stage in (pipeline.download.STAGE, pipeline.samples.STAGE)}
     registry = dict(real)
     for name in ("heads", "finetune", "cnn"):
+
         def plan(config, study, stage_name=name):
-            return [Unit(stage_name, unit, "1", {"section": config.section(stage_name), "unit": unit})
-                    for unit in arm_units(config)[stage_name]]
+            return [
+                Unit(stage_name, unit, "1", {"section": config.section(stage_name), "unit": unit})
+                for unit in arm_units(config)[stage_name]
+            ]
+
         registry[name] = Stage(name, f"stand-in {name}", "1", (), plan, refuse_build)
     registry["report"] = pipeline.report.STAGE
     monkeypatch.setattr(graph, "_REGISTRY", registry)
@@ -59,19 +67,43 @@ def make_result(arm: str, method: str, backbone: str, head: str, generator) -> d
     """A synthetic result.json with awkward decimals so rounding in the table is exercised."""
     confusion = generator.integers(0, 4, size=(6, 6)) + numpy.diag(generator.integers(3, 9, size=6))
     metrics = evaluate.classification_metrics(*_labels_from(confusion), num_classes=6)
-    record = {"arm": arm, "method": method, "backbone": backbone, "head": head, "input_size": 32,
-              "train_images": 24, "fit_on": "train", "seed": 0, "device": "cpu",
-              "test_top1": metrics["top1"], "test_mean_per_class": metrics["mean_per_class"],
-              "val_top1": float(generator.uniform(0.2, 0.9)), "train_seconds": float(generator.uniform(1, 500)),
-              "extract_seconds": float(generator.uniform(1, 50)) if method == "frozen" else 0.0,
-              "eval_seconds": float(generator.uniform(0.1, 5)), "images_per_second": float(generator.uniform(10, 900)),
-              "per_class_accuracy": metrics["per_class_accuracy"], "confusion_matrix": metrics["confusion_matrix"],
-              "class_names": CLASSES, "selected": {"weight_decay": 0.001} if method == "frozen" else {"epoch": 3}}
+    record = {
+        "arm": arm,
+        "method": method,
+        "backbone": backbone,
+        "head": head,
+        "input_size": 32,
+        "train_images": 24,
+        "fit_on": "train",
+        "seed": 0,
+        "device": "cpu",
+        "test_top1": metrics["top1"],
+        "test_mean_per_class": metrics["mean_per_class"],
+        "val_top1": float(generator.uniform(0.2, 0.9)),
+        "train_seconds": float(generator.uniform(1, 500)),
+        "extract_seconds": float(generator.uniform(1, 50)) if method == "frozen" else 0.0,
+        "eval_seconds": float(generator.uniform(0.1, 5)),
+        "images_per_second": float(generator.uniform(10, 900)),
+        "per_class_accuracy": metrics["per_class_accuracy"],
+        "confusion_matrix": metrics["confusion_matrix"],
+        "class_names": CLASSES,
+        "selected": {"weight_decay": 0.001} if method == "frozen" else {"epoch": 3},
+    }
     record["total_seconds"] = record["train_seconds"] + record["extract_seconds"] + record["eval_seconds"]
     if method != "frozen":
-        record["history"] = [{"epoch": epoch, "train_loss": 2.0 / epoch, "train_top1": 0.2 * epoch,
-                              "val_loss": 2.2 / epoch, "val_top1": 0.18 * epoch, "lr": 0.01, "seconds": 1.5,
-                              "images_per_second": 16.0} for epoch in (1, 2, 3)]
+        record["history"] = [
+            {
+                "epoch": epoch,
+                "train_loss": 2.0 / epoch,
+                "train_top1": 0.2 * epoch,
+                "val_loss": 2.2 / epoch,
+                "val_top1": 0.18 * epoch,
+                "lr": 0.01,
+                "seconds": 1.5,
+                "images_per_second": 16.0,
+            }
+            for epoch in (1, 2, 3)
+        ]
     return record
 
 
@@ -89,11 +121,23 @@ def write_arm(study: Graph, stage: str, unit_name: str, record: dict) -> dict:
     unit = study.unit(stage, unit_name)
     directory = study.directory(unit)
     evaluate.write_result(directory, record)
-    manifest = {"stage": stage, "unit": unit_name, "key": unit.key, "code_version": unit.code_version,
-                "settings": unit.settings, "build_id": uuid.uuid4().hex, "inputs": {}, "files": [evaluate.RESULT],
-                "metrics": {}, "timings": {}, "extra": {},
-                "environment": {"python": "3.x", "torch": "2.test", "device": "cpu", "torch_threads": 2},
-                "config": study.config.to_dict(), "config_source": study.config.source, "created": "2026-01-01"}
+    manifest = {
+        "stage": stage,
+        "unit": unit_name,
+        "key": unit.key,
+        "code_version": unit.code_version,
+        "settings": unit.settings,
+        "build_id": uuid.uuid4().hex,
+        "inputs": {},
+        "files": [evaluate.RESULT],
+        "metrics": {},
+        "timings": {},
+        "extra": {},
+        "environment": {"python": "3.x", "torch": "2.test", "device": "cpu", "torch_threads": 2},
+        "config": study.config.to_dict(),
+        "config_source": study.config.source,
+        "created": "2026-01-01",
+    }
     manifest["digests"] = cache.digests_of(directory, manifest["files"])
     cache.write_manifest(directory, manifest)
     return manifest
@@ -168,16 +212,44 @@ def test_every_file_is_written_and_numbers_equal_the_inputs(tiny_config, stand_i
     inputs = write_study(study)
     study.run("report")
     directory = report_directory(study)
-    for name in ("report.md", "report.html", "results.csv", "results.json", "grid.png", "class_distribution.png",
-                 "accuracy_vs_time.png", "learning_curves.png", "per_class_accuracy.png", "confusion_matrix.png"):
+    for name in (
+        "report.md",
+        "report.html",
+        "results.csv",
+        "results.json",
+        "grid.png",
+        "class_distribution.png",
+        "accuracy_vs_time.png",
+        "learning_curves.png",
+        "per_class_accuracy.png",
+        "confusion_matrix.png",
+    ):
         assert (directory / name).is_file(), name
     records = {record["arm"]: record for record in json.loads((directory / "results.json").read_text())}
     assert set(records) == set(inputs)
-    numeric = ("val_top1", "test_top1", "test_mean_per_class", "extract_seconds", "train_seconds", "eval_seconds",
-               "total_seconds", "images_per_second")
+    numeric = (
+        "val_top1",
+        "test_top1",
+        "test_mean_per_class",
+        "extract_seconds",
+        "train_seconds",
+        "eval_seconds",
+        "total_seconds",
+        "images_per_second",
+    )
     for arm, expected in inputs.items():
-        for name in ("method", "backbone", "head", "input_size", "train_images", "fit_on", "seed", "device",
-                     "selected", *numeric):
+        for name in (
+            "method",
+            "backbone",
+            "head",
+            "input_size",
+            "train_images",
+            "fit_on",
+            "seed",
+            "device",
+            "selected",
+            *numeric,
+        ):
             assert records[arm][name] == expected[name], (arm, name)
         assert records[arm]["status"] == "ok"
     with open(directory / "results.csv", newline="") as handle:
@@ -186,7 +258,7 @@ def test_every_file_is_written_and_numbers_equal_the_inputs(tiny_config, stand_i
                 assert float(row[name]) == inputs[row["arm"]][name]
     table = parse_page(study).tables[0]
     headers = table[0]
-    rows = {row[0]: dict(zip(headers, row)) for row in table[1:]}
+    rows = {row[0]: dict(zip(headers, row, strict=True)) for row in table[1:]}
     markdown = (directory / "report.md").read_text()
     for arm, expected in inputs.items():
         row = rows[arm]
@@ -194,8 +266,13 @@ def test_every_file_is_written_and_numbers_equal_the_inputs(tiny_config, stand_i
         assert abs(float(row["Test top-1 %"]) - 100 * expected["test_top1"]) <= 0.005
         assert abs(float(row["Val top-1 %"]) - 100 * expected["val_top1"]) <= 0.005
         assert abs(float(row["Test mean per-class %"]) - 100 * expected["test_mean_per_class"]) <= 0.005
-        for header, name in (("Extract s", "extract_seconds"), ("Train s", "train_seconds"), ("Eval s", "eval_seconds"),
-                             ("Total s", "total_seconds"), ("Images/s", "images_per_second")):
+        for header, name in (
+            ("Extract s", "extract_seconds"),
+            ("Train s", "train_seconds"),
+            ("Eval s", "eval_seconds"),
+            ("Total s", "total_seconds"),
+            ("Images/s", "images_per_second"),
+        ):
             assert abs(float(row[header]) - expected[name]) <= 0.05, (arm, header)
         assert "| " + " | ".join(row[header] for header in headers) + " |" in markdown
     environment = next(table for table in parse_page(study).tables if table[0][:3] == ["Arm", "python", "torch"])
@@ -215,7 +292,7 @@ def test_html_is_self_contained_and_embeds_every_figure(tiny_config, stand_in_st
     for source in page.images:
         prefix = "data:image/png;base64,"
         assert source.startswith(prefix)
-        assert base64.b64decode(source[len(prefix):], validate=True).startswith(PNG_SIGNATURE)
+        assert base64.b64decode(source[len(prefix) :], validate=True).startswith(PNG_SIGNATURE)
     markdown = (report_directory(study) / "report.md").read_text()
     for name in pngs:
         assert f"]({name})" in markdown
@@ -259,7 +336,7 @@ def test_report_is_cached_until_an_arm_is_rebuilt(tiny_config, stand_in_stages):
     assert second["build_id"] == first["build_id"]
     assert "cached" in messages[-1]
     changed = dict(inputs["finetune-tiny-resnet"], test_top1=0.987654)
-    write_arm(study, "finetune", "tiny-resnet", changed)          # a rebuild: same key, new build id
+    write_arm(study, "finetune", "tiny-resnet", changed)  # a rebuild: same key, new build id
     third = Graph(tiny_config, log=messages.append).run("report")[0]
     assert third["build_id"] != first["build_id"]
     rows = {row[0]: row for row in parse_page(study).tables[0][1:]}
@@ -282,6 +359,7 @@ def test_best_arm_is_chosen_on_val_not_test(tiny_config, stand_in_stages):
 
 def test_flowers_references_are_left_out_for_other_data(tiny_config, stand_in_stages):
     import dataclasses
+
     study = Graph(tiny_config, log=lambda message: None)
     write_study(study)
     study.run("report")
@@ -306,12 +384,20 @@ def test_confused_pairs_sum_both_directions_and_rank():
 def test_make_all_prints_the_table_and_report_path(tiny_config, stand_in_stages, fake_flowers_session, capsys):
     study = Graph(tiny_config, log=lambda message: None)
     inputs = write_study(study)
-    code = cli.run_all(["--config", str(PROJECT / "configs" / "tiny.toml"),
-                        "--set", f'data.root="{fake_flowers_session}"', "--set", f'cache.root="{study.cache_root}"'])
+    code = cli.run_all(
+        [
+            "--config",
+            str(PROJECT / "configs" / "tiny.toml"),
+            "--set",
+            f'data.root="{fake_flowers_session}"',
+            "--set",
+            f'cache.root="{study.cache_root}"',
+        ]
+    )
     output = capsys.readouterr().out
     assert code == 0
     assert f"report: {report_directory(study) / 'report.html'}" in output
-    table = output[output.index("val top-1 %"):]
+    table = output[output.index("val top-1 %") :]
     for arm, record in inputs.items():
         line = next(line for line in table.splitlines() if line.startswith(arm + " "))
         assert f"{100 * record['test_top1']:.2f}" in line.split()

@@ -2,10 +2,12 @@
 
 Everything here runs on random tensors and tiny models (no dataset, no stage), on CPU, in seconds.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -37,8 +39,17 @@ def image_set(count: int = 12, classes: int = 3, side: int = 16, seed: int = 0) 
 
 
 def settings(**changes) -> TrainConfig:
-    base = dict(epochs=4, batch_size=4, optimizer="adamw", lr=1e-2, weight_decay=1e-4, warmup_epochs=0.5,
-                label_smoothing=0.0, augmentation="none", minimum_crop_scale=0.5)
+    base = {
+        "epochs": 4,
+        "batch_size": 4,
+        "optimizer": "adamw",
+        "lr": 1e-2,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 0.5,
+        "label_smoothing": 0.0,
+        "augmentation": "none",
+        "minimum_crop_scale": 0.5,
+    }
     return TrainConfig(**{**base, **changes})
 
 
@@ -48,10 +59,19 @@ def tiny_model(classes: int = 3, dropout: float = 0.0) -> nn.Module:
 
 
 def run(model, config, tmp_path, **options) -> train.FitResult:
-    return train.fit(model, [{"name": "model", "params": list(model.parameters())}], options.pop("train_set", image_set()),
-                     options.pop("val_set", image_set(seed=1)), config, options.pop("runtime", runtime()),
-                     checkpoint=tmp_path / train.CHECKPOINT, key=options.pop("key", "key-a"), label="test",
-                     log=options.pop("log", lambda line: None), **options)
+    return train.fit(
+        model,
+        [{"name": "model", "params": list(model.parameters())}],
+        options.pop("train_set", image_set()),
+        options.pop("val_set", image_set(seed=1)),
+        config,
+        options.pop("runtime", runtime()),
+        checkpoint=tmp_path / train.CHECKPOINT,
+        key=options.pop("key", "key-a"),
+        label="test",
+        log=options.pop("log", lambda line: None),
+        **options,
+    )
 
 
 def without_timing(history: list) -> list:
@@ -69,7 +89,9 @@ def test_loop_overfits_a_tiny_set(tmp_path):
     assert (tmp_path / train.HISTORY_JSON).is_file() and (tmp_path / train.HISTORY_CSV).read_text().count("\n") == 31
 
 
-@pytest.mark.parametrize("optimizer,augmentation,ema_decay", [("adamw", "trivialaugment", 0.9), ("sgd", "crop-flip", 0.0)])
+@pytest.mark.parametrize(
+    "optimizer,augmentation,ema_decay", [("adamw", "trivialaugment", 0.9), ("sgd", "crop-flip", 0.0)]
+)
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, optimizer, augmentation, ema_decay):
     config = settings(epochs=4, optimizer=optimizer, augmentation=augmentation, ema_decay=ema_decay, lr=5e-3)
     straight = run(tiny_model(dropout=0.3), config, tmp_path / "straight")
@@ -120,8 +142,14 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     config = settings(epochs=10, patience=2, lr=0.0)
     result = run(tiny_model(), config, tmp_path, freeze_batchnorm=True)
     assert result.epochs_run == 3 and result.stopped_early and result.best_epoch == 1
-    again = run(tiny_model(), config, tmp_path, freeze_batchnorm=True, resume=train.read_checkpoint(tmp_path / train.CHECKPOINT, "key-a"))
-    assert again.epochs_run == 3 and len(again.history) == 3      # a finished run is not extended
+    again = run(
+        tiny_model(),
+        config,
+        tmp_path,
+        freeze_batchnorm=True,
+        resume=train.read_checkpoint(tmp_path / train.CHECKPOINT, "key-a"),
+    )
+    assert again.epochs_run == 3 and len(again.history) == 3  # a finished run is not extended
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
@@ -149,9 +177,10 @@ def test_optimizer_groups_scale_lr_and_skip_decay_on_norms_and_biases():
     model = tiny_model()
     head = list(model.classifier.parameters())
     body = [parameter for parameter in model.parameters() if all(parameter is not other for other in head)]
-    optimizer = train.make_optimizer([{"name": "head", "params": head, "lr_scale": 1.0},
-                                      {"name": "backbone", "params": body, "lr_scale": 0.1}],
-                                     settings(lr=1e-3, weight_decay=0.05))
+    optimizer = train.make_optimizer(
+        [{"name": "head", "params": head, "lr_scale": 1.0}, {"name": "backbone", "params": body, "lr_scale": 0.1}],
+        settings(lr=1e-3, weight_decay=0.05),
+    )
     for group in optimizer.param_groups:
         expected_lr = 1e-3 if group["name"] == "head" else 1e-4
         assert group["lr"] == pytest.approx(expected_lr)
@@ -164,10 +193,11 @@ def test_learning_rate_schedules():
     cosine = settings(epochs=5, schedule="cosine", warmup_epochs=1)
     factors = [train.lr_factor(step, steps, cosine) for step in range(50)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert factors[-1] < 0.01 and all(later <= earlier for earlier, later in zip(factors[9:], factors[10:]))
+    assert factors[-1] < 0.01 and all(later <= earlier for earlier, later in itertools.pairwise(factors[9:]))
     stepped = settings(epochs=20, schedule="step", step_size=7, step_gamma=0.1, warmup_epochs=0)
     assert [train.lr_factor(epoch * steps, steps, stepped) for epoch in (0, 6, 7, 14)] == pytest.approx(
-        [1.0, 1.0, 0.1, 0.01])
+        [1.0, 1.0, 0.1, 0.01]
+    )
     onecycle = settings(epochs=5, schedule="onecycle", warmup_epochs=1)
     assert train.lr_factor(0, steps, onecycle) < 0.1 and train.lr_factor(9, steps, onecycle) == pytest.approx(1.0)
     assert train.lr_factor(49, steps, onecycle) < 0.01
@@ -188,10 +218,14 @@ def test_eval_batch_matches_the_backbone_eval_transform():
     from PIL import Image
 
     from pipeline.transforms import eval_transform
+
     preprocessing = Preprocessing(28, 32, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
     gradient = torch.linspace(0, 255, 32)
-    pixels = torch.stack([gradient[None, :].expand(32, 32), gradient[:, None].expand(32, 32),
-                          torch.full((32, 32), 90.0)]).round().to(torch.uint8)
+    pixels = (
+        torch.stack([gradient[None, :].expand(32, 32), gradient[:, None].expand(32, 32), torch.full((32, 32), 90.0)])
+        .round()
+        .to(torch.uint8)
+    )
     data = images.ImageSet(pixels[None], torch.zeros(1, dtype=torch.int64), preprocessing, 28)
     ours = data.eval_batch(torch.arange(1))[0]
     reference = eval_transform(preprocessing)(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
@@ -202,14 +236,19 @@ def test_eval_batch_matches_the_backbone_eval_transform():
 def test_image_cache_is_decoded_once(tmp_path, fake_flowers_session, monkeypatch):
     from pipeline import data
     from pipeline.config import DataConfig
-    index = data.verify(data.dataset_folder(fake_flowers_session),
-                        dataclasses.replace(DataConfig(), check_md5=False, num_classes=6, expected_images=84,
-                                            expected_split_sizes=[24, 24, 36]))
+
+    index = data.verify(
+        data.dataset_folder(fake_flowers_session),
+        dataclasses.replace(
+            DataConfig(), check_md5=False, num_classes=6, expected_images=84, expected_split_sizes=[24, 24, 36]
+        ),
+    )
     first = images.load_split(index, "val", 20, tmp_path, log=lambda line: None)
     assert first.shape == (24, 3, 20, 20) and first.dtype == torch.uint8
 
     def refuse(*args):
         raise AssertionError("decoded a JPEG again")
+
     monkeypatch.setattr(images, "_load_square", refuse)
     assert torch.equal(images.load_split(index, "val", 20, tmp_path, log=lambda line: None), first)
 
@@ -229,12 +268,13 @@ class DepthwiseNet(nn.Module):
 
 def test_depthwise_layers_train_in_float32_but_infer_in_bf16():
     from pipeline.models import train_depthwise_in_float32
+
     torch.manual_seed(0)
     plain, swapped = DepthwiseNet(), DepthwiseNet()
     swapped.load_state_dict(plain.state_dict())
     keys = list(swapped.state_dict())
     assert train_depthwise_in_float32(swapped) == 1
-    assert train_depthwise_in_float32(swapped) == 0          # idempotent: already swapped
+    assert train_depthwise_in_float32(swapped) == 0  # idempotent: already swapped
     assert list(swapped.state_dict()) == keys and isinstance(swapped.depthwise, nn.Conv2d)
     inputs = torch.randn(4, 3, 8, 8)
     seen = {}
@@ -245,20 +285,21 @@ def test_depthwise_layers_train_in_float32_but_infer_in_bf16():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         # No gradients: the bf16 path, bit for bit what the unswapped model computes.
         assert torch.equal(swapped(inputs), plain(inputs)) and seen["dtype"] == torch.bfloat16
-    copied = copy.deepcopy(swapped)                            # the EMA copies the model
+    copied = copy.deepcopy(swapped)  # the EMA copies the model
     assert type(copied.depthwise) is type(swapped.depthwise)
 
 
 def test_runtime_keeps_depthwise_float32_only_for_cpu_bf16():
     from pipeline.config import RuntimeConfig
     from pipeline.runtime import resolve_runtime
+
     assert resolve_runtime(RuntimeConfig(device="cpu", precision="bf16")).float32_depthwise
     assert not resolve_runtime(RuntimeConfig(device="cpu", precision="fp32")).float32_depthwise
     assert not resolve_runtime(RuntimeConfig(device="cpu", precision="bf16", float32_depthwise=False)).float32_depthwise
     assert resolve_runtime(RuntimeConfig(device="cpu")).inference_streams == min(torch.get_num_threads(), 4)
     assert resolve_runtime(RuntimeConfig(device="cpu", inference_streams=3)).inference_streams == 3
     model = runtime("bf16").place(DepthwiseNet())
-    assert type(model.depthwise).__name__ == "Conv2d"           # the field defaults to off
+    assert type(model.depthwise).__name__ == "Conv2d"  # the field defaults to off
     model = dataclasses.replace(runtime("bf16"), float32_depthwise=True).place(DepthwiseNet())
     assert type(model.depthwise).__name__ == "Float32TrainingConv2d"
     assert model.pointwise.weight.is_contiguous(memory_format=torch.channels_last)
@@ -270,7 +311,8 @@ from pipeline.config import RuntimeConfig
 from pipeline.runtime import environment, resolve_runtime
 resolve_runtime(RuntimeConfig(device="cpu", keep_freed_memory=sys.argv[1] == "on"))
 torch.set_num_threads(1)
-layers = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1))
+convolution = torch.nn.Conv2d
+layers = torch.nn.Sequential(convolution(3, 32, 3, padding=1), torch.nn.ReLU(), convolution(32, 32, 3, padding=1))
 inputs = torch.randn(4, 3, 256, 256)    # 34 MB activations: above glibc's largest adaptive mmap threshold
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -288,12 +330,15 @@ def test_kept_freed_memory_stops_page_faulting_every_pass():
     import subprocess
     import sys
     from pathlib import Path
+
     project = Path(__file__).resolve().parents[1]
 
     def probe(setting):
-        output = subprocess.run([sys.executable, "-c", ALLOCATION_PROBE, setting], cwd=project, check=True,
-                                capture_output=True, text=True).stdout.split()
+        output = subprocess.run(
+            [sys.executable, "-c", ALLOCATION_PROBE, setting], cwd=project, check=True, capture_output=True, text=True
+        ).stdout.split()
         return output[0], [int(value) for value in output[1:]]
+
     kept, on = probe("on")
     default, off = probe("off")
     assert (kept, default) == ("True", "False")
@@ -329,6 +374,7 @@ class FoldableNet(nn.Module):
 
 def test_frozen_batchnorm_folded_for_training_keeps_outputs_and_gradients():
     from pipeline.models import fold_for_training
+
     plain = FoldableNet().double()
     folded = fold_for_training(copy.deepcopy(plain), "foldable")
     assert list(folded.state_dict()) == list(plain.state_dict())
@@ -337,19 +383,20 @@ def test_frozen_batchnorm_folded_for_training_keeps_outputs_and_gradients():
     for model in (plain, folded):
         train.set_train_mode(model, freeze_batchnorm=True)
         torch.nn.functional.cross_entropy(model(inputs), torch.tensor([0, 1, 2, 0])).backward()
-    for (name, parameter), reference in zip(folded.named_parameters(), plain.parameters()):
+    for (name, parameter), reference in zip(folded.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-10, atol=1e-12, msg=name)
     # A norm back in train mode normalises by itself again (batch statistics, running ones updated).
     train.set_train_mode(plain, freeze_batchnorm=False)
     train.set_train_mode(folded, freeze_batchnorm=False)
     torch.testing.assert_close(folded(inputs), plain(inputs))
     torch.testing.assert_close(folded.stem_norm.running_mean, plain.stem_norm.running_mean)
-    average = copy.deepcopy(folded)                          # the EMA copies the model
+    average = copy.deepcopy(folded)  # the EMA copies the model
     assert average.stem.__dict__["frozen_norm"] is average.stem_norm
 
 
 def test_training_fold_composes_with_float32_depthwise_under_autocast():
     from pipeline.models import fold_for_training, train_depthwise_in_float32
+
     plain = FoldableNet()
     folded = fold_for_training(copy.deepcopy(plain), "foldable")
     assert train_depthwise_in_float32(folded) == 1
@@ -370,26 +417,30 @@ def test_training_fold_refuses_a_network_whose_registration_order_misleads():
     from pipeline.models import ModelError, fold_for_training
 
     class Misordered(FoldableNet):
-        def forward(self, inputs):       # stem_norm, registered right after stem, normalises depthwise
+        def forward(self, inputs):  # stem_norm, registered right after stem, normalises depthwise
             hidden = torch.relu(self.stem(inputs))
             hidden = self.stem_norm(self.depthwise(hidden))
             return self.head(self.project(hidden).mean((2, 3)))
+
     with pytest.raises(ModelError, match=r"\[finetune\] fold_batchnorm = false"):
         fold_for_training(Misordered(), "misordered")
 
 
 def test_finetune_rewrite_folds_only_frozen_statistics_and_only_when_asked(tiny_config):
     from pipeline.models import rewrite_for_finetuning
+
     settings = tiny_config.finetune
     for freeze, fold, expected in ((True, True, True), (True, False, False), (False, True, False)):
-        model = rewrite_for_finetuning(FoldableNet(), "foldable", dataclasses.replace(
-            settings, freeze_bn_stats=freeze, fold_batchnorm=fold))
+        model = rewrite_for_finetuning(
+            FoldableNet(), "foldable", dataclasses.replace(settings, freeze_bn_stats=freeze, fold_batchnorm=fold)
+        )
         assert ("frozen_norm" in model.stem.__dict__) is expected
 
 
 def test_finetune_rewrite_of_an_efficientnet_keeps_its_gradients(tiny_config):
     """Padding moved inside and frozen BatchNorm folded: in fp64 the same loss gradients, parameter by parameter."""
     from pipeline.models import build_finetune_model, rewrite_for_finetuning
+
     plain, _ = build_finetune_model("tiny-efficientnet", 5, pretrained=False)
     generator = torch.Generator().manual_seed(1)
     for module in plain.modules():
@@ -398,14 +449,19 @@ def test_finetune_rewrite_of_an_efficientnet_keeps_its_gradients(tiny_config):
             module.running_var.uniform_(0.5, 1.5, generator=generator)
             module.weight.data.uniform_(0.5, 1.5, generator=generator)
     plain = plain.double()
-    rewritten = rewrite_for_finetuning(copy.deepcopy(plain), "tiny-efficientnet", dataclasses.replace(
-        tiny_config.finetune, freeze_bn_stats=True, fold_batchnorm=True))
-    assert any(isinstance(getattr(module, "static_padding", None), nn.Identity) and module.padding != (0, 0)
-               for module in rewritten.modules())
+    rewritten = rewrite_for_finetuning(
+        copy.deepcopy(plain),
+        "tiny-efficientnet",
+        dataclasses.replace(tiny_config.finetune, freeze_bn_stats=True, fold_batchnorm=True),
+    )
+    assert any(
+        isinstance(getattr(module, "static_padding", None), nn.Identity) and module.padding != (0, 0)
+        for module in rewritten.modules()
+    )
     inputs = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     for model in (plain, rewritten):
         train.set_train_mode(model, freeze_batchnorm=True)
-        torch.manual_seed(2)                                  # the same drop-connect draws on both sides
+        torch.manual_seed(2)  # the same drop-connect draws on both sides
         torch.nn.functional.cross_entropy(model(inputs), torch.tensor([0, 3, 4])).backward()
-    for (name, parameter), reference in zip(rewritten.named_parameters(), plain.parameters()):
+    for (name, parameter), reference in zip(rewritten.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-9, atol=1e-12, msg=name)

@@ -99,7 +99,6 @@ STAGE = register_stage(
         name="cnn",
         description="Train a CNN from scratch (best epoch on val).",
         code_version=CODE_VERSION,
-        depends_on=("download",),
         plan=plan,
         build=build,
         distributed=True,

@@ -84,7 +84,6 @@ STAGE = register_stage(
         name="download",
         description="Locate or download Flowers-102 and verify it.",
         code_version="1",
-        depends_on=(),
         plan=plan,
         build=build,
     )

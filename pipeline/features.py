@@ -269,7 +269,6 @@ STAGE = register_stage(
         name="features",
         description="Extract and cache frozen-backbone features (HDF5).",
         code_version=CODE_VERSION,
-        depends_on=("download",),
         plan=plan,
         build=build,
         distributed=True,

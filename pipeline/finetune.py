@@ -211,7 +211,6 @@ STAGE = register_stage(
         name="finetune",
         description="Fine-tune pretrained backbones end to end (best epoch on val).",
         code_version=CODE_VERSION,
-        depends_on=("download",),
         plan=plan,
         build=build,
         distributed=True,

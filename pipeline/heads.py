@@ -356,7 +356,6 @@ STAGE = register_stage(
         name="heads",
         description="Softmax and logistic heads on cached features.",
         code_version=CODE_VERSION,
-        depends_on=("features",),
         plan=plan,
         build=build,
     )

@@ -144,7 +144,6 @@ STAGE = register_stage(
         name="samples",
         description="Sample grid, dataset sizes and class distribution.",
         code_version="1",
-        depends_on=("download",),
         plan=plan,
         build=build,
     )

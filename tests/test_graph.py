@@ -183,7 +183,7 @@ KILLABLE_STAGE = textwrap.dedent("""
                     time.sleep(60)
         return BuildResult(files=["big.bin"])
 
-    register_stage(Stage("slow", "test stage", "1", ("download",), plan, build))
+    register_stage(Stage("slow", "test stage", "1", plan, build))
     config = make_tiny_config({data!r}, {cache_root!r})
     Graph(config).run("slow")
     print("DONE", flush=True)

@@ -55,11 +55,10 @@ def stand_in_stages(monkeypatch):
                 for unit in arm_units(config)[stage_name]
             ]
 
-        registry[name] = Stage(name, f"stand-in {name}", "1", (), plan, refuse_build)
+        registry[name] = Stage(name, f"stand-in {name}", "1", plan, refuse_build)
     registry["report"] = pipeline.report.STAGE
     monkeypatch.setattr(graph, "_REGISTRY", registry)
     monkeypatch.setattr(graph, "STAGE_MODULES", [])
-    monkeypatch.setattr(graph, "_NOT_BUILT", [])
     return registry
 
 
@@ -300,8 +299,7 @@ def test_html_is_self_contained_and_embeds_every_figure(tiny_config, stand_in_st
 
 @pytest.mark.slow
 def test_missing_arms_are_reported_with_their_reason(tiny_config, stand_in_stages, monkeypatch):
-    del stand_in_stages["cnn"]
-    monkeypatch.setattr(graph, "_NOT_BUILT", ["cnn"])
+    del stand_in_stages["cnn"]  # a stage that cannot be planned still leaves its arms visible
     study = Graph(tiny_config, log=lambda message: None)
     inputs = write_study(study, skip=("frozen-tiny-efficientnet-logistic", "scratch-bn-cnn"))
     stale = study.directory(study.unit("heads", "tiny-resnet-softmax")) / cache.MANIFEST
@@ -316,14 +314,14 @@ def test_missing_arms_are_reported_with_their_reason(tiny_config, stand_in_stage
     assert records["frozen-tiny-efficientnet-logistic"]["status"] == "missing"
     assert records["frozen-tiny-efficientnet-logistic"]["missing_reason"] == "no manifest; run make heads"
     assert records["frozen-tiny-efficientnet-logistic"]["test_top1"] is None
-    assert records["scratch-bn-cnn"]["missing_reason"] == "stage not built yet"
+    assert records["scratch-bn-cnn"]["missing_reason"].startswith("cannot plan stage cnn: unknown stage 'cnn'")
     rows = {row[0]: row for row in parse_page(study).tables[0][1:]}
     assert rows["scratch-bn-cnn"][-1] == "missing" and rows["scratch-bn-cnn"][8] == "n/a"
     for text in ((directory / "report.html").read_text(), (directory / "report.md").read_text()):
         assert "frozen-tiny-efficientnet-logistic: no manifest; run make heads" in text
-        assert "scratch-bn-cnn: stage not built yet" in text
+        assert "scratch-bn-cnn: cannot plan stage cnn" in text
     summary = pipeline.report.summary(study)
-    assert "missing: scratch-bn-cnn: stage not built yet" in summary
+    assert "missing: scratch-bn-cnn: cannot plan stage cnn" in summary
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from .config import Config
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from .models import SCRATCH_PREPROCESSING, build_scratch_model
-from .runtime import Timings, resolve_runtime, seed_everything
+from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
 CODE_VERSION = "1"
@@ -20,7 +20,7 @@ CODE_VERSION = "1"
 
 def plan(config: Config, graph) -> list[Unit]:
     distributed.check_batch_size("cnn", config.cnn.batch_size)
-    runtime = resolve_runtime(config.runtime)
+    runtime = plan_runtime(config.runtime)
     return [
         Unit(
             stage="cnn",

@@ -20,7 +20,7 @@ from .cache import compute_key
 from .config import Config
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
-from .runtime import Timings, environment, resolve_runtime, seed_everything
+from .runtime import Timings, environment, plan_runtime, resolve_runtime, seed_everything
 
 FEATURES_FILE = "features.h5"
 AUGMENTED_GROUP = "train_augmented"
@@ -83,7 +83,7 @@ def unit_settings(config: Config, source: dict, precision: str) -> dict:
 
 
 def plan(config: Config, graph) -> list[Unit]:
-    precision = resolve_runtime(config.runtime).precision
+    precision = plan_runtime(config.runtime).precision
     download = graph.units("download")[0]
     return [
         Unit(

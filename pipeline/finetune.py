@@ -22,7 +22,7 @@ from .config import Config, ConfigError
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from .models import build_finetune_model, finetune_groups, rewrite_for_finetuning
-from .runtime import Timings, resolve_runtime, seed_everything
+from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
 CODE_VERSION = "1"
@@ -65,7 +65,7 @@ def plan(config: Config, graph) -> list[Unit]:
     settings = config.finetune
     if settings.linear_probe and (not settings.probe_weight_decays or min(settings.probe_weight_decays) < 0):
         raise ConfigError("[finetune] probe_weight_decays must list at least one value >= 0 when linear_probe = true")
-    runtime = resolve_runtime(config.runtime)
+    runtime = plan_runtime(config.runtime)
     download = graph.units("download")[0]
     return [
         Unit(

@@ -1,7 +1,9 @@
 """Device, precision, threads, seeds, honest timers and the environment record.
 
-Decided once per process so every stage trains and measures the same way (nanoGPT style):
-bf16 autocast where the device supports it, fp16 + GradScaler only on CUDA without bf16.
+The same rule decides for every stage, so each trains and measures the same way (nanoGPT style):
+bf16 autocast where the device computes it natively, fp16 + GradScaler only on CUDA without bf16.
+Planning asks `plan_runtime`, which changes nothing; a build calls `resolve_runtime`, which also
+sets the process's threads and allocator.
 """
 
 from __future__ import annotations
@@ -71,7 +73,19 @@ MOST_AUTO_STREAMS = 4
 
 
 def resolve_runtime(settings: RuntimeConfig) -> Runtime:
-    """Turn the [runtime] section into concrete choices for this machine; also sets threads."""
+    """The concrete choices for this machine (plan_runtime), applied to the process: torch threads and
+    the allocator. For code that is about to compute; planning uses plan_runtime, which changes nothing."""
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if settings.keep_freed_memory:
+        keep_freed_memory()
+    return plan_runtime(settings)
+
+
+def plan_runtime(settings: RuntimeConfig) -> Runtime:
+    """Turn the [runtime] section into concrete choices for this machine, without touching the process."""
     import torch
 
     requested = settings.device
@@ -89,10 +103,6 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
         device = "mps"
     else:
         raise ConfigError(f"[runtime] device = {requested!r} is not valid; choose one of: auto, cpu, cuda, cuda:N, mps")
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    if settings.keep_freed_memory:
-        keep_freed_memory()
     precision = settings.precision
     if precision == "auto":
         if device.startswith("cuda"):
@@ -106,7 +116,8 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("[runtime] precision = 'fp16' needs a CUDA device; use bf16 or fp32 on this device")
     # Each stream holds a batch's activations, so auto stops at 4 (measured only on 2 cores).
-    streams = settings.inference_streams or (min(torch.get_num_threads(), MOST_AUTO_STREAMS) if device == "cpu" else 1)
+    threads = settings.threads or torch.get_num_threads()
+    streams = settings.inference_streams or (min(threads, MOST_AUTO_STREAMS) if device == "cpu" else 1)
     return Runtime(
         device=device,
         precision=precision,

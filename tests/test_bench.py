@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy
 import pytest
 from helpers import PROJECT, make_tiny_config
 
-from pipeline import bench
+from pipeline.bench import main, notebook, options, protocol, rows, runner, statistics, subsets, warm
+from pipeline.bench.report import FOLDER, PARTIAL, RESULT, format_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY_KNOBS = bench.BenchOptions(
+TINY_KNOBS = options.BenchOptions(
     images=24, rounds=3, finetune_rounds=2, notebook_images=12, notebook_views=2, steps=1, memory_images=24
 )
 EXPECTED_SECTIONS = {"compute": 3, "extraction": 2, "frozen": 1, "finetune": 1, "warm": 1, "memory": 1}
@@ -47,7 +49,7 @@ def report(tmp_path_factory, fake_flowers_session):
     config = make_tiny_config(fake_flowers_session, tmp_path_factory.mktemp("bench") / "cache")
     lines = []
     try:
-        result = bench.run(config, TINY_KNOBS, study_arguments(config), log=lines.append)
+        result = runner.run(config, TINY_KNOBS, study_arguments(config), log=lines.append)
     finally:
         torch.set_num_threads(threads)
     return result, config, lines
@@ -57,9 +59,9 @@ def report(tmp_path_factory, fake_flowers_session):
 @pytest.mark.slow
 def test_bench_writes_every_row_atomically_with_environment_and_subsets(report):
     result, config, _ = report
-    folder = bench.Path(config.cache.root) / bench.FOLDER
-    written = json.loads((folder / bench.RESULT).read_text())
-    assert written["complete"] is True and not (folder / bench.PARTIAL).exists()
+    folder = Path(config.cache.root) / FOLDER
+    written = json.loads((folder / RESULT).read_text())
+    assert written["complete"] is True and not (folder / PARTIAL).exists()
     assert not list(folder.glob("work-*")), "temporary extraction files must be removed"
     counts = {}
     for row in written["rows"]:
@@ -67,7 +69,7 @@ def test_bench_writes_every_row_atomically_with_environment_and_subsets(report):
         assert {"what", "ours", "baseline", "ratio", "target", "met", "notes"} <= set(row)
     assert counts == EXPECTED_SECTIONS
     assert [row["section"] for row in written["rows"]] == sorted(
-        (row["section"] for row in written["rows"]), key=bench.SECTIONS.index
+        (row["section"] for row in written["rows"]), key=options.SECTIONS.index
     )
     assert written["environment"]["device"] == "cpu" and written["environment"]["torch_threads"] >= 1
     assert written["subsets"]["split_sizes"] == {"train": 24, "val": 24, "test": 36}
@@ -91,7 +93,7 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
             assert math.isclose(row["ratio"], row["ours"] / row["baseline"])
         else:
             assert row["ratio"] is None
-        assert row["met"] == bench.rule_met(row)
+        assert row["met"] == rows.rule_met(row)
         if row["section"] == "compute":
             assert row["met"] is None and row["ours"] > 0 and row["target"] is None
     frozen = next(row for row in result["rows"] if row["section"] == "frozen")
@@ -110,7 +112,7 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
     split_sizes = result["subsets"]["split_sizes"]
     # 25 epochs of train + val, then one test pass over the whole test split at the val loop's speed.
     assert frozen["notebook_training_seconds"] == pytest.approx(
-        bench.NOTEBOOK_EPOCHS * sum(split_sizes[split] * per_image[split] for split in per_image)
+        protocol.NOTEBOOK_EPOCHS * sum(split_sizes[split] * per_image[split] for split in per_image)
     )
     assert frozen["notebook_test_seconds"] == pytest.approx(split_sizes["test"] * per_image["val"])
     assert frozen["baseline"] == pytest.approx(frozen["notebook_training_seconds"] + frozen["notebook_test_seconds"])
@@ -148,12 +150,12 @@ def test_warm_row_is_not_measured_while_the_study_is_not_cached(report):
 def test_warm_row_times_the_study_command_when_nothing_is_pending(tiny_config, monkeypatch):
     # The real study takes a minute to build here; a cheap stage command with the same arguments
     # stands in for `stages.all`, so this checks the measuring and the rule, not the study.
-    monkeypatch.setattr(bench, "uncached_units", lambda config: [])
-    monkeypatch.setattr(bench, "STUDY_MODULE", "stages.config")
-    row = bench.warm_row(tiny_config, study_arguments(tiny_config), timeout=120, log=lambda line: None)
+    monkeypatch.setattr(warm, "uncached_units", lambda config: [])
+    monkeypatch.setattr(warm, "STUDY_MODULE", "stages.config")
+    row = warm.warm_row(tiny_config, study_arguments(tiny_config), timeout=120, log=lambda line: None)
     assert row["ours"] > 0 and row["met"] == (row["ours"] <= 10.0)
-    monkeypatch.setattr(bench, "STUDY_MODULE", "stages.no_such_stage")
-    failed = bench.warm_row(tiny_config, study_arguments(tiny_config), timeout=120, log=lambda line: None)
+    monkeypatch.setattr(warm, "STUDY_MODULE", "stages.no_such_stage")
+    failed = warm.warm_row(tiny_config, study_arguments(tiny_config), timeout=120, log=lambda line: None)
     assert failed["ours"] is None and failed["met"] is None and "not measured" in failed["notes"]
 
 
@@ -161,7 +163,7 @@ def test_warm_row_times_the_study_command_when_nothing_is_pending(tiny_config, m
 @pytest.mark.slow
 def test_printed_table_has_one_line_per_row_and_the_notes(report):
     result, _, _ = report
-    table = bench.format_table(result).splitlines()
+    table = format_table(result).splitlines()
     assert len([line for line in table if line.startswith("| ") and line[2].isdigit()]) == len(result["rows"])
     assert any(line.startswith(f"{len(result['rows'])}. ") for line in table)
 
@@ -188,7 +190,7 @@ def test_printed_table_has_one_line_per_row_and_the_notes(report):
     ],
 )
 def test_rule_met_on_both_sides_of_each_target(rule, values, expected):
-    assert bench.rule_met({"rule": rule, **values}) is expected
+    assert rows.rule_met({"rule": rule, **values}) is expected
 
 
 @pytest.mark.parametrize(
@@ -198,20 +200,20 @@ def test_median_interval_takes_the_order_statistics_that_cover_the_median_95_per
     # Shuffled values 1..count: the interval is the (k)th smallest to the (k)th largest, with k the largest
     # rank whose binomial coverage 1 - 2 P(Binomial(count, 1/2) < k) is still >= 95%.
     values = numpy.random.default_rng(count).permutation(numpy.arange(1, count + 1))
-    assert bench.median_interval(values) == ranks
+    assert statistics.median_interval(values) == ranks
     low, high = ranks
     if count > 1:
         coverage = 1 - 2 * sum(math.comb(count, below) for below in range(low)) / 2**count
         wider = 1 - 2 * sum(math.comb(count, below) for below in range(low + 1)) / 2**count
         assert coverage >= 0.95 > wider or low == 1
     with pytest.raises(ValueError):
-        bench.median_interval([])
+        statistics.median_interval([])
 
 
 def test_make_row_ratio_arithmetic():
-    row = bench.make_row("finetune", "x", 20.0, 80.0, "s", "<= 0.4", [("ratio", "<=", 0.4)])
+    row = rows.make_row("finetune", "x", 20.0, 80.0, "s", "<= 0.4", [("ratio", "<=", 0.4)])
     assert row["ratio"] == 0.25 and row["met"] is True
-    assert bench.make_row("warm", "x", None, None, "s", "<= 10 s", [("ours", "<=", 10.0)])["met"] is None
+    assert rows.make_row("warm", "x", None, None, "s", "<= 10 s", [("ours", "<=", 10.0)])["met"] is None
 
 
 def test_subsets_spread_over_each_split(tiny_config):
@@ -221,15 +223,15 @@ def test_subsets_spread_over_each_split(tiny_config):
     graph = Graph(tiny_config, log=lambda line: None)
     graph.run("download")
     index = load_index(graph.directory(graph.units("download")[0]))
-    counts = bench.proportional_counts(index, 21)
+    counts = subsets.proportional_counts(index, 21)
     assert counts == {"train": 6, "val": 6, "test": 9}
-    subset = bench.subset_index(index, counts)
+    subset = subsets.subset_index(index, counts)
     for split, count in counts.items():
         assert len(subset.image_ids[split]) == count
         assert set(subset.image_ids[split]) <= set(index.image_ids[split])
     # Spread from the first to the last image of a split, not its first few.
-    assert bench.evenly_spaced(24, 6).tolist() == [0, 5, 9, 14, 18, 23]
-    assert bench.proportional_counts(index, 10_000) == {"train": 24, "val": 24, "test": 36}
+    assert subsets.evenly_spaced(24, 6).tolist() == [0, 5, 9, 14, 18, 23]
+    assert subsets.proportional_counts(index, 10_000) == {"train": 24, "val": 24, "test": 36}
 
 
 def test_notebook_head_recipe_learns_separable_features_and_not_shuffled_ones():
@@ -243,10 +245,10 @@ def test_notebook_head_recipe_learns_separable_features_and_not_shuffled_ones():
 
     train, val, test = sample(10, 1), sample(10, 2), sample(20, 3)
     views = numpy.stack([train[0], sample(10, 4)[0]])
-    learned = bench.train_notebook_head(views, train[1], val, test, 4, seed=0)
-    assert learned["test_top1"] >= 0.95 and 1 <= learned["best_epoch"] <= bench.NOTEBOOK_EPOCHS
+    learned = notebook.train_notebook_head(views, train[1], val, test, 4, seed=0)
+    assert learned["test_top1"] >= 0.95 and 1 <= learned["best_epoch"] <= protocol.NOTEBOOK_EPOCHS
     shuffled = numpy.random.default_rng(5).permutation(train[1])
-    assert bench.train_notebook_head(views, shuffled, val, test, 4, seed=0)["test_top1"] < 0.6
+    assert notebook.train_notebook_head(views, shuffled, val, test, 4, seed=0)["test_top1"] < 0.6
 
 
 @pytest.mark.parametrize(
@@ -262,14 +264,14 @@ def test_notebook_head_recipe_learns_separable_features_and_not_shuffled_ones():
     ],
 )
 def test_bad_flags_give_one_line_errors(flags, message, capsys, tiny_config):
-    code = bench.main(study_arguments(tiny_config) + flags)
+    code = main(study_arguments(tiny_config) + flags)
     error = capsys.readouterr().err
     assert code == 2 and error.startswith("error: ") and message in error and error.count("\n") == 1
 
 
 def test_missing_data_gives_the_pipelines_own_one_line_error(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    code = bench.main(
+    code = main(
         [
             "--config",
             str(PROJECT / "configs" / "tiny.toml"),
@@ -286,22 +288,22 @@ def test_missing_data_gives_the_pipelines_own_one_line_error(tmp_path, capsys):
 
 
 def test_an_interrupted_run_keeps_the_last_bench_json_and_the_rows_measured_so_far(tiny_config, monkeypatch):
-    folder = bench.Path(tiny_config.cache.root) / bench.FOLDER
+    folder = Path(tiny_config.cache.root) / FOLDER
     folder.mkdir(parents=True)
-    (folder / bench.RESULT).write_text('{"previous": true}')
+    (folder / RESULT).write_text('{"previous": true}')
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench, "memory_row", interrupted)
+    monkeypatch.setattr(runner, "memory_row", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        bench.run(
+        runner.run(
             tiny_config,
-            bench.BenchOptions(rows=("warm", "memory")),
+            options.BenchOptions(rows=("warm", "memory")),
             study_arguments(tiny_config),
             log=lambda line: None,
         )
-    assert json.loads((folder / bench.RESULT).read_text()) == {"previous": True}
-    partial = json.loads((folder / bench.PARTIAL).read_text())
+    assert json.loads((folder / RESULT).read_text()) == {"previous": True}
+    partial = json.loads((folder / PARTIAL).read_text())
     assert partial["complete"] is False and [row["section"] for row in partial["rows"]] == ["warm"]
     assert not list(folder.glob("work-*"))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline import backbones, data, extract, features, train, transforms
-from pipeline.bench import stack_transformed
+from pipeline.bench.extraction import stack_transformed
 from pipeline.config import DataConfig, load_config
 from pipeline.models import build_finetune_model, rewrite_for_finetuning
 

@@ -71,3 +71,27 @@ def make_tiny_config(data_root: Path, cache_root: Path, overrides: tuple = ()):
     return load_config(
         PROJECT / "configs" / "tiny.toml", [f'data.root="{data_root}"', f'cache.root="{cache_root}"', *overrides]
     )
+
+
+def stage_arguments(data: Path, cache_root: Path, *overrides: str) -> list[str]:
+    """Command-line arguments of a stage on the tiny config, fake data and a private cache, one thread."""
+    arguments = [
+        "--config",
+        "configs/tiny.toml",
+        "--data-dir",
+        str(data),
+        "--set",
+        f'cache.root="{cache_root}"',
+        "--set",
+        "runtime.threads=1",
+    ]
+    for override in overrides:
+        arguments += ["--set", override]
+    return arguments
+
+
+def one_line_error(capsys) -> str:
+    """The stderr a failed command printed, checked to be the promised single `error: ...` line."""
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
+    return error

@@ -17,35 +17,13 @@ from typing import get_args, get_origin, get_type_hints
 
 import numpy
 import pytest
+from helpers import PROJECT, one_line_error, stage_arguments
 
 from pipeline import backbones, cache, cli, config, data, heads, images, linear_heads, pixels, report_render, train
 from pipeline import predict as predict_module
 
-PROJECT = Path(__file__).resolve().parents[1]
 # One of each kind of file the tiny study's manifests list.
 ARTIFACT_SUFFIXES = {".h5", ".pt", ".joblib", ".json", ".png", ".csv", ".md", ".html"}
-
-
-def arguments(data_root: Path, cache_root: Path, *overrides: str) -> list[str]:
-    listed = [
-        "--config",
-        "configs/tiny.toml",
-        "--data-dir",
-        str(data_root),
-        "--set",
-        f'cache.root="{cache_root}"',
-        "--set",
-        "runtime.threads=1",
-    ]
-    for override in overrides:
-        listed += ["--set", override]
-    return listed
-
-
-def one_line_error(capsys) -> str:
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "\n" not in error, error
-    return error
 
 
 def flip_byte(path: Path, position: float = 0.5) -> None:
@@ -78,7 +56,7 @@ def results(cache_root: Path) -> dict:
 @pytest.fixture(scope="module")
 def built_study(tmp_path_factory, fake_flowers_session) -> Path:
     root = tmp_path_factory.mktemp("integrity") / "cache"
-    assert cli.run_all(arguments(fake_flowers_session, root)) == 0
+    assert cli.run_all(stage_arguments(fake_flowers_session, root)) == 0
     return root
 
 
@@ -123,7 +101,7 @@ def test_flipped_features_are_rebuilt_and_give_the_original_numbers(
     study_copy, fake_flowers_session, built_study, capsys
 ):
     flip_byte(study_copy / "features" / "tiny-resnet" / "features.h5", 0.6)
-    assert cli.run_all(arguments(fake_flowers_session, study_copy)) == 0
+    assert cli.run_all(stage_arguments(fake_flowers_session, study_copy)) == 0
     log = capsys.readouterr().out
     assert "[features] tiny-resnet: building (features.h5 is damaged" in log, log
     assert "[heads] tiny-resnet-softmax: building (input features/tiny-resnet was rebuilt)" in log, log
@@ -148,7 +126,7 @@ def test_edited_or_truncated_results_are_rebuilt_never_shown(
         path.write_text(path.read_text().replace('"test_top1": 0.', '"test_top1": 0.9', 1)[:-20])
     else:
         flip_byte(path)
-    assert cli.run_all(arguments(fake_flowers_session, study_copy)) == 0
+    assert cli.run_all(stage_arguments(fake_flowers_session, study_copy)) == 0
     assert (
         f"{unit.replace('/', '] ', 1).replace('heads]', '[heads]').replace('report]', '[report]')}: building ("
         f"{name} is damaged" in capsys.readouterr().out
@@ -161,7 +139,7 @@ def test_predict_refuses_a_damaged_model_in_one_line(study_copy, fake_flowers_se
     flip_byte(study_copy / "finetune" / "tiny-resnet" / "model.pt", 0.7)
     image = next((data.dataset_folder(fake_flowers_session) / "jpg").iterdir())
     code = predict_module.main(
-        arguments(fake_flowers_session, study_copy) + ["--arm", "finetune-tiny-resnet", str(image)]
+        stage_arguments(fake_flowers_session, study_copy) + ["--arm", "finetune-tiny-resnet", str(image)]
     )
     assert code == 2
     error = one_line_error(capsys)
@@ -294,7 +272,7 @@ def test_unreadable_data_ends_in_one_line(fake_flowers, tmp_path, capsys, monkey
     image = sorted((folder / "jpg").iterdir())[2]
     image.unlink()
     image.symlink_to(folder / "jpg" / "nowhere.jpg")  # dangling link
-    assert cli.run_stage("download", arguments(fake_flowers, tmp_path / "cache")) == 2
+    assert cli.run_stage("download", stage_arguments(fake_flowers, tmp_path / "cache")) == 2
     assert "dangling link" in one_line_error(capsys)
     image.unlink()
     shutil.copy(sorted((folder / "jpg").iterdir())[0], image)
@@ -303,7 +281,7 @@ def test_unreadable_data_ends_in_one_line(fake_flowers, tmp_path, capsys, monkey
         raise PermissionError(13, "Permission denied", str(folder / "setid.mat"))
 
     monkeypatch.setattr("scipy.io.loadmat", denied)
-    assert cli.run_stage("download", arguments(fake_flowers, tmp_path / "cache")) == 2
+    assert cli.run_stage("download", stage_arguments(fake_flowers, tmp_path / "cache")) == 2
     error = one_line_error(capsys)
     assert "setid.mat" in error and "Permission denied" in error and "readable" in error, error
 
@@ -349,7 +327,7 @@ def test_training_with_a_non_finite_loss_stops_in_one_line_and_caches_nothing(
 ):
     monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: (float("nan"), 0))
     root = tmp_path / "cache"
-    assert cli.run_stage("finetune", arguments(fake_flowers_session, root)) == 2
+    assert cli.run_stage("finetune", stage_arguments(fake_flowers_session, root)) == 2
     error = one_line_error(capsys)
     assert "training diverged" in error and "nothing was cached" in error, error
     assert cache.read_manifest(root / "finetune" / "tiny-resnet") is None
@@ -382,7 +360,7 @@ def test_a_full_disk_during_feature_extraction_is_one_line(fake_flowers_session,
         original(dataset, selection, value)
 
     monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
-    assert cli.run_stage("features", arguments(fake_flowers_session, tmp_path / "cache")) == 2
+    assert cli.run_stage("features", stage_arguments(fake_flowers_session, tmp_path / "cache")) == 2
     error = one_line_error(capsys)
     assert "features.h5" in error and "disk is full" in error, error
 
@@ -405,7 +383,7 @@ def test_a_really_full_disk_during_feature_extraction_is_one_line(fake_flowers_s
 
         def stage(name: str) -> subprocess.CompletedProcess:
             return subprocess.run(
-                [python, "-m", f"stages.{name}", *arguments(fake_flowers_session, root / "cache")],
+                [python, "-m", f"stages.{name}", *stage_arguments(fake_flowers_session, root / "cache")],
                 cwd=PROJECT,
                 capture_output=True,
                 text=True,
@@ -437,7 +415,7 @@ def test_an_unwritable_unit_during_invalidation_is_one_line(
 
     monkeypatch.setattr(shutil, "rmtree", denied)
     monkeypatch.setattr(Path, "unlink", denied)
-    assert cli.run_invalidate(arguments(fake_flowers_session, copy) + ["heads"]) == 2
+    assert cli.run_invalidate(stage_arguments(fake_flowers_session, copy) + ["heads"]) == 2
     error = one_line_error(capsys)
     assert "Permission denied" in error and str(copy) in error, error
 
@@ -622,7 +600,7 @@ def test_a_damaged_partial_features_file_is_extracted_again_not_resumed(
     root = tmp_path / "cache"
     environment = {**os.environ, "FAULT_HDF5_WRITE": "2", "FAULT_BLOCK_ROWS": "16", "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(
-        [sys.executable, "tests/fault_driver.py", "features", *arguments(fake_flowers_session, root)],
+        [sys.executable, "tests/fault_driver.py", "features", *stage_arguments(fake_flowers_session, root)],
         cwd=PROJECT,
         env=environment,
         capture_output=True,
@@ -634,7 +612,7 @@ def test_a_damaged_partial_features_file_is_extracted_again_not_resumed(
     with h5py.File(partial, "a") as handle:
         assert int(handle["train"].attrs["rows_done"]) == 16
         handle["train"]["features"][3, 0] += 1.0  # a flushed row changes after it was written
-    assert cli.run_stage("features", arguments(fake_flowers_session, root)) == 0
+    assert cli.run_stage("features", stage_arguments(fake_flowers_session, root)) == 0
     log = capsys.readouterr().out
     assert "[features] train: the partial file's rows do not match their digests" in log, log
     assert "resuming train" not in log

@@ -18,7 +18,7 @@ import h5py
 import numpy
 import pytest
 import torch
-from helpers import make_tiny_config
+from helpers import make_tiny_config, one_line_error, stage_arguments
 
 from pipeline import cache, cli, train
 from pipeline.graph import Graph
@@ -50,22 +50,6 @@ RESULT_FIELDS = (
     "best_epoch",
     "epochs_run",
 )
-
-
-def stage_arguments(data: Path, cache_root: Path, *overrides: str) -> list[str]:
-    arguments = [
-        "--config",
-        "configs/tiny.toml",
-        "--data-dir",
-        str(data),
-        "--set",
-        f'cache.root="{cache_root}"',
-        "--set",
-        "runtime.threads=1",
-    ]
-    for override in overrides:
-        arguments += ["--set", override]
-    return arguments
 
 
 def start(stage: str, data: Path, cache_root: Path, fault: str | None = None, hdf5_write: int | None = None):
@@ -285,12 +269,6 @@ def test_kill_inside_the_manifest_write_of_a_trained_arm_does_not_lose_the_train
 
 
 # --- 2. full disk and unwritable cache --------------------------------------------------------
-
-
-def one_line_error(capsys) -> str:
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "\n" not in error, error
-    return error
 
 
 def file_bytes(folder: Path) -> dict:

@@ -7,7 +7,7 @@ The architectures live in pipeline/models.py; the loop is pipeline/train.py, sha
 
 from __future__ import annotations
 
-from . import distributed, images, train
+from . import distributed, images, results, train
 from .config import Config
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -24,7 +24,7 @@ def plan(config: Config, graph) -> list[Unit]:
     return [
         Unit(
             stage="cnn",
-            name=config.seeded_name(config.cnn.architecture, seed),
+            name=config.seeded_name(results.scratch_unit(config.cnn.architecture), seed),
             code_version=CODE_VERSION,
             settings={
                 "cnn": config.section("cnn"),
@@ -71,10 +71,10 @@ def build(context: BuildContext) -> BuildResult:
         resume=resume,
     )
     record = {
-        "arm": f"scratch-{architecture}",
-        "method": "scratch",
+        "arm": results.scratch_arm(architecture),
+        "method": results.SCRATCH,
         "backbone": architecture,
-        "head": "none",
+        "head": results.SCRATCH_HEAD,
         "input_size": input_size,
         "stored_size": stored_size,
         "train_images": len(sets["train"]),

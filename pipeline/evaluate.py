@@ -1,4 +1,4 @@
-"""Test metrics and the one result record every arm writes (what the report reads)."""
+"""Test metrics and the writing of the one result record every arm writes (pipeline/results.py holds its schema)."""
 
 from __future__ import annotations
 
@@ -7,33 +7,7 @@ from pathlib import Path
 import numpy
 
 from . import cache
-
-RESULT = "result.json"
-METHODS = ("scratch", "frozen", "finetune")
-# Fields every arm's result.json carries (docs/results.md documents them).
-REQUIRED_FIELDS = (
-    "arm",
-    "method",
-    "backbone",
-    "head",
-    "input_size",
-    "train_images",
-    "fit_on",
-    "seed",
-    "device",
-    "test_top1",
-    "test_mean_per_class",
-    "val_top1",
-    "train_seconds",
-    "extract_seconds",
-    "eval_seconds",
-    "total_seconds",
-    "images_per_second",
-    "per_class_accuracy",
-    "confusion_matrix",
-    "class_names",
-    "selected",
-)
+from .results import RESULT, check_result
 
 
 def classification_metrics(labels, predictions, num_classes: int) -> dict:
@@ -56,9 +30,5 @@ def classification_metrics(labels, predictions, num_classes: int) -> dict:
 
 def write_result(directory: Path, record: dict) -> None:
     """Validate and atomically write an arm's result.json."""
-    missing = [name for name in REQUIRED_FIELDS if name not in record]
-    if missing:
-        raise ValueError(f"result record lacks {', '.join(missing)}")
-    if record["method"] not in METHODS:
-        raise ValueError(f"method {record['method']!r} is not one of {METHODS}")
+    check_result(record)
     cache.write_json_atomic(Path(directory) / RESULT, record)

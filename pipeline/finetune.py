@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cache, distributed, images, train
+from . import cache, distributed, images, results, train
 from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint, weights_verified
 from .config import Config, ConfigError
 from .download import load_index
@@ -70,7 +70,7 @@ def plan(config: Config, graph) -> list[Unit]:
     return [
         Unit(
             stage="finetune",
-            name=config.seeded_name(name, seed),
+            name=config.seeded_name(results.finetune_unit(name), seed),
             code_version=CODE_VERSION,
             settings=_settings(config.with_seed(seed), name, _weights_identity(config, name, False)[1], runtime),
             inputs=(("download", download),),
@@ -186,10 +186,10 @@ def build(context: BuildContext) -> BuildResult:
     if probe:
         selected.update(probe_weight_decay=probe["weight_decay"], probe_val_top1=probe["val_top1"])
     record = {
-        "arm": f"finetune-{name}",
-        "method": "finetune",
+        "arm": results.finetune_arm(name),
+        "method": results.FINETUNE,
         "backbone": name,
-        "head": "softmax",
+        "head": results.FINETUNE_HEAD,
         "input_size": input_size,
         "stored_size": stored_size,
         "train_images": len(sets["train"]),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy
 
-from . import cache, evaluate, extract, linear_heads
+from . import cache, evaluate, extract, linear_heads, results
 from .config import HEAD_KINDS, Config, ConfigError, HeadsConfig
 from .features import AUGMENTED_GROUP, features_file
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -52,7 +52,7 @@ def plan(config: Config, graph) -> list[Unit]:
                 units.append(
                     Unit(
                         stage="heads",
-                        name=config.seeded_name(f"{backbone}-{kind}", seed),
+                        name=config.seeded_name(results.frozen_unit(backbone, kind), seed),
                         code_version=CODE_VERSION,
                         settings=head_settings(config.with_seed(seed), kind),
                         inputs=(("features", features_unit),),
@@ -270,7 +270,7 @@ def build(context: BuildContext) -> BuildResult:
     with timings.phase("fit"):
         if fit_on == "train+val":
             chosen, payload = refit(kind, settings, chosen, *_with_val(splits), len(class_names), seed)
-    require_finite(payload, f"{backbone}-{kind}")
+    require_finite(payload, results.frozen_unit(backbone, kind))
     predict = predictor(payload)
     with timings.phase("evaluation"):
         metrics = evaluate.classification_metrics(splits["test"][1], predict(splits["test"][0]), len(class_names))
@@ -285,8 +285,8 @@ def build(context: BuildContext) -> BuildResult:
     train_seconds = timings.seconds["selection"] + timings.seconds["fit"]
     fit_rows = len(splits["fit"][1]) + (len(splits["val"][1]) if fit_on == "train+val" else 0)
     record = {
-        "arm": f"frozen-{backbone}-{kind}",
-        "method": "frozen",
+        "arm": results.frozen_arm(backbone, kind),
+        "method": results.FROZEN,
         "backbone": backbone,
         "head": kind,
         "input_size": attributes["input_size"],
@@ -335,7 +335,7 @@ def build(context: BuildContext) -> BuildResult:
         f"fit {timings.seconds['fit']:.1f} s)"
     )
     return BuildResult(
-        files=[evaluate.RESULT, head_file],
+        files=[results.RESULT, head_file],
         metrics={
             "test_top1": metrics["top1"],
             "test_mean_per_class": metrics["mean_per_class"],

@@ -6,8 +6,7 @@ import io
 
 import numpy
 
-METHOD_STYLE = {"scratch": ("tab:red", "s"), "frozen": ("tab:blue", "o"), "finetune": ("tab:green", "^")}
-END_TO_END = ("scratch", "finetune")
+from .results import END_TO_END, METHODS
 
 
 def _figure(width: float, height: float, rows: int = 1, columns: int = 1):
@@ -38,8 +37,9 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
         return None
     figure, axes = _figure(8, 5)
     axis = axes[0, 0]
-    for method, (colour, marker) in METHOD_STYLE.items():
-        chosen = [r for r in points if r["method"] == method]
+    for method in METHODS:
+        colour, marker = method.style
+        chosen = [r for r in points if r["method"] == method.name]
         if chosen:
             axis.scatter(
                 [r["total_seconds"] for r in chosen],
@@ -47,7 +47,7 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
                 color=colour,
                 marker=marker,
                 s=60,
-                label=method,
+                label=method.name,
                 zorder=3,
             )
     times = [r["total_seconds"] for r in points]

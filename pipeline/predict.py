@@ -20,24 +20,13 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import (
-    backbones,
-    cache,
-    evaluate,
-    extract,
-    features,
-    heads,
-    images,
-    linear_heads,
-    models,
-    report,
-    train,
-    transforms,
-)
+from . import backbones, cache, extract, features, heads, images, linear_heads, models, train, transforms
+from .arms import arm_states
 from .config import Config
 from .errors import PipelineError
 from .graph import Graph, read_json
 from .pixels import decode_problem, open_rgb
+from .results import RESULT, best_arm, make_record
 from .runtime import Runtime, resolve_runtime, seed_everything
 
 DEFAULT_TOP = 5
@@ -105,16 +94,16 @@ def image_files(inputs: list) -> list[Path]:
 def trained_arms(config: Config, graph: Graph) -> tuple[list[dict], dict[str, Arm]]:
     """(state of every arm the config expects, {name: Arm} of those whose unit is valid and has result.json)."""
     # With repeats over seeds, predictions come from each arm's first-seed run.
-    states = [state for state in report.arm_states(config, graph) if state["seed"] == config.runtime.seed]
+    states = [state for state in arm_states(config, graph) if state["seed"] == config.runtime.seed]
     trained = {}
     for state in states:
         if state["missing"] is not None:
             continue
         directory = cache.unit_dir(graph.cache_root, state["stage"], state["unit"])
         try:
-            result = read_json(cache.require_intact(directory / evaluate.RESULT))
+            result = read_json(cache.require_intact(directory / RESULT))
         except (OSError, ValueError, cache.CacheError) as error:
-            state["missing"] = f"cannot read {directory / evaluate.RESULT}: {error}"
+            state["missing"] = f"cannot read {directory / RESULT}: {error}"
             continue
         trained[state["arm"]] = Arm(state["arm"], state["method"], state["stage"], state["unit"], directory, result)
     return states, trained
@@ -123,18 +112,18 @@ def trained_arms(config: Config, graph: Graph) -> tuple[list[dict], dict[str, Ar
 def choose_arm(config: Config, graph: Graph, name: str | None = None) -> Arm:
     """The arm called `name`, or (None) the best trained arm by val top-1 - the report's own choice.
 
-    The best arm is chosen with report.best_arm over the arms valid now, which is what the report
+    The best arm is chosen with results.best_arm over the arms valid now, which is what the report
     shows whenever it is up to date, and still works when no report was built.
     """
     states, trained = trained_arms(config, graph)
     trained_list = ", ".join(trained) or "none yet"
     if name is None:
         records = [
-            report.make_record(state, trained[state["arm"]].result, graph.cache_root)
+            make_record(state, trained[state["arm"]].result, graph.cache_root)
             for state in states
             if state["arm"] in trained
         ]
-        best = report.best_arm(records)
+        best = best_arm(records)
         if best is None:
             # An arm built under other settings is the likely surprise; name one so the user sees why.
             stale = next(

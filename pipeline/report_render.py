@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy
 
+from .config import ReportConfig
+from .results import summarize
+
 # Figures the report may hold, in the order they appear, with their captions.
 CAPTIONS = {
     "accuracy_vs_time.png": "Test top-1 against each arm's total seconds (log scale when times differ widely).",
@@ -81,7 +84,7 @@ class Study:
     best: dict | None  # record of the arm with the best val top-1
     samples_directory: Path | None
     samples_missing: str | None
-    options: object = None  # ReportConfig
+    options: ReportConfig | None = None
 
 
 def percent(value) -> str:
@@ -189,8 +192,6 @@ def spread(mean, sd, scale: float, decimals: int) -> str:
 
 def summary_rows(records: list[dict]) -> list[list[str]]:
     """The across-seeds table, or [] when every arm ran once (then the comparison table says it all)."""
-    from .report import summarize
-
     rows = summarize(records)
     if all(row["expected_runs"] < 2 for row in rows):
         return []

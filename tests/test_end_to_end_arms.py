@@ -11,7 +11,7 @@ import torch
 from helpers import make_tiny_config
 from torch import nn
 
-from pipeline import evaluate, finetune, graph, train
+from pipeline import evaluate, finetune, graph, results, train
 from pipeline.backbones import available_backbones, get_backbone, head_parameters
 from pipeline.config import CnnConfig
 from pipeline.models import NotebookCNN, build_finetune_model, build_scratch_model, finetune_groups
@@ -39,7 +39,7 @@ def read_result(config, stage: str, unit: str) -> dict:
 def test_stage_writes_a_complete_result_and_then_stays_cached(tiny_config, stage, unit, arm, method):
     manifest, lines = build_stage(tiny_config, stage)
     result = read_result(tiny_config, stage, unit)
-    assert set(evaluate.REQUIRED_FIELDS) <= set(result)
+    assert set(results.REQUIRED_FIELDS) <= set(result)
     assert (result["arm"], result["method"], result["backbone"]) == (arm, method, unit)
     assert result["extract_seconds"] == 0 and result["fit_on"] == "train" and result["train_images"] == 24
     assert len(result["history"]) == result["epochs_run"] == 3 and 1 <= result["best_epoch"] <= 3

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import make_tiny_config
 
-from pipeline import cache, evaluate, extract, heads, linear_heads
+from pipeline import cache, evaluate, extract, heads, linear_heads, results
 from pipeline.config import HeadsConfig
 from pipeline.features import features_file
 from pipeline.graph import Graph
@@ -162,7 +162,7 @@ def test_results_heads_files_and_timings(tmp_path, fake_flowers_session):
     for unit in graph.units("heads"):
         folder = graph.directory(unit)
         result = json.loads((folder / evaluate.RESULT).read_text())
-        assert set(evaluate.REQUIRED_FIELDS) <= set(result)
+        assert set(results.REQUIRED_FIELDS) <= set(result)
         kind = unit.settings["kind"]
         assert result["arm"] == f"frozen-tiny-resnet-{kind}" and result["method"] == "frozen"
         assert result["head"] == kind and result["fit_on"] == "train" and result["train_images"] == 24

@@ -9,7 +9,7 @@ import math
 import pytest
 from helpers import make_tiny_config
 
-from pipeline import report
+from pipeline import report, results
 from pipeline.graph import Graph
 from pipeline.report_render import summary_rows, text_table
 
@@ -54,10 +54,10 @@ def test_seeds_reuse_the_single_seed_run_and_vary_the_softmax_head(tmp_path, fak
     ]
     assert "[heads] tiny-resnet-softmax: cached" in " ".join(lines)
     assert sum("[features] tiny-resnet: building" in line for line in lines) == 0
-    results = [
+    written = [
         json.loads((cache_root / "heads" / manifest["unit"] / "result.json").read_text()) for manifest in manifests
     ]
-    assert [result["seed"] for result in results] == [0, 1, 2, 0, 1, 2]
+    assert [result["seed"] for result in written] == [0, 1, 2, 0, 1, 2]
     assert [manifest["config"]["runtime"]["seed"] for manifest in manifests] == [0, 1, 2, 0, 1, 2]
     # The seed reaches the softmax head (initialisation and order): its weights differ across seeds.
     import torch
@@ -70,7 +70,7 @@ def test_seeds_reuse_the_single_seed_run_and_vary_the_softmax_head(tmp_path, fak
 
 
 def record(arm, seed, val, test, seconds, status="ok"):
-    fields = dict.fromkeys(report.RECORD_FIELDS)
+    fields = dict.fromkeys(results.RECORD_FIELDS)
     fields.update(
         arm=arm,
         run=arm if seed == 0 else f"{arm}-seed{seed}",
@@ -99,14 +99,14 @@ def test_summary_is_mean_and_sample_sd_and_best_arm_uses_the_mean():
         record("b", 1, 0.8, 0.62, 3.0),
         record("b", 2, None, None, None, status="missing"),
     ]
-    rows = {row["arm"]: row for row in report.summarize(records)}
+    rows = {row["arm"]: row for row in results.summarize(records)}
     assert rows["a"]["runs"] == 3 and rows["b"]["runs"] == 2 and rows["b"]["expected_runs"] == 3
     assert rows["a"]["test_top1_mean"] == pytest.approx(0.72)
     assert rows["a"]["test_top1_sd"] == pytest.approx(0.02)  # sample sd, n - 1
     assert rows["b"]["train_seconds_sd"] == pytest.approx(math.sqrt(2.0))
     assert rows["b"]["seeds"] == [0, 1]
     # "a" has the single best run (0.9) but the lower mean val (0.633 < 0.8): "b" wins.
-    best = report.best_arm(records)
+    best = results.best_arm(records)
     assert best["arm"] == "b" and best["seed"] == 0
     table = {row[0]: row for row in summary_rows(records)}
     assert table["a"][3:5] == ["63.33 ± 23.09", "72.00 ± 2.00"] and table["b"][1] == "2 of 3"
@@ -116,7 +116,7 @@ def test_summary_is_mean_and_sample_sd_and_best_arm_uses_the_mean():
 def test_single_seed_studies_have_no_summary_table():
     records = [record("a", 0, 0.9, 0.70, 10.0), record("b", 0, 0.8, 0.60, 1.0)]
     assert summary_rows(records) == [] and "across seeds" not in text_table(records)
-    rows = report.summarize(records)
+    rows = results.summarize(records)
     assert rows[0]["test_top1_mean"] == 0.70 and rows[0]["test_top1_sd"] is None
 
 

@@ -35,7 +35,9 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
             # Importing a.b.c runs a and a.b first.
             parts = target.split(".")
             found.update(".".join(parts[:end]) for end in range(1, len(parts) + 1))
-    return (found & known) - {name}
+    # A package's own __init__ runs before any of its modules, whoever imports them: not an edge.
+    ancestors = {".".join(name.split(".")[:end]) for end in range(1, len(name.split(".")))}
+    return (found & known) - {name} - ancestors
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

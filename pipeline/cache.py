@@ -195,10 +195,18 @@ def _quiet_unraisable(unraisable) -> None:
 
 
 def _quiet_excepthook(kind, value, traceback) -> None:
-    # Cython prints an ignored exception's full traceback through sys.excepthook before reporting it.
-    if _quiet_write_failures and _write_failure(value) is not None:
+    # Cython prints an ignored exception's full traceback through sys.excepthook before reporting it;
+    # only those echoes (raised inside h5py's deallocation) are dropped, never a program's own error.
+    if _quiet_write_failures and _write_failure(value) is not None and _raised_in_h5py(traceback):
         return
     _previous_excepthook(kind, value, traceback)
+
+
+def _raised_in_h5py(traceback) -> bool:
+    innermost = traceback
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    return innermost is not None and "h5py" in innermost.tb_frame.f_code.co_filename
 
 
 _previous_unraisable_hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable

@@ -500,49 +500,20 @@ class _Block:
         self.started = now
 
 
-def write_features(
-    path: Path,
-    key: str,
-    jobs: list,
-    model: nn.Module,
-    feature_dim: int,
-    *,
-    device: str,
-    autocast: Callable,
-    channels_last: bool,
-    batch_size: int,
-    num_workers: int,
-    attributes: dict,
-    log: Callable[[str], None] = print,
-    progress: bool | None = None,
-    streams: int = 1,
-) -> dict:
+def write_features(path: Path, key: str, jobs: list, model: nn.Module, feature_dim: int, **options) -> dict:
     """Extract every job into `path` (resuming a matching partial file); returns per-group timings.
 
-    `attributes` are written on the root; timings are added as JSON. The file appears under `path`
-    only once complete (flushed and fsynced first). `progress=None` shows tqdm bars only on a terminal.
-    With streams > 1 (see `in_streams`) each stream decodes its own batches and `num_workers` is unused.
+    `options` are `_write_features`' keywords (device, autocast, channels_last, batch_size,
+    num_workers, attributes, log, progress, streams). `attributes` are written on the root; timings
+    are added as JSON. The file appears under `path` only once complete (flushed and fsynced first).
+    `progress=None` shows tqdm bars only on a terminal. With streams > 1 (see `in_streams`) each
+    stream decodes its own batches and `num_workers` is unused.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     # A full disk or an unwritable folder ends in one line; the rows flushed so far stay for a rerun.
     with cache.writing(partial):
-        timings = _write_features(
-            partial,
-            key,
-            jobs,
-            model,
-            feature_dim,
-            device=device,
-            autocast=autocast,
-            channels_last=channels_last,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            attributes=attributes,
-            log=log,
-            progress=progress,
-            streams=streams,
-        )
+        timings = _write_features(partial, key, jobs, model, feature_dim, **options)
     cache.finalize(partial, path)
     return timings
 
@@ -560,9 +531,9 @@ def _write_features(
     batch_size: int,
     num_workers: int,
     attributes: dict,
-    log: Callable[[str], None],
-    progress: bool | None,
-    streams: int,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+    streams: int = 1,
 ) -> dict:
     from tqdm import tqdm
 

@@ -3,19 +3,20 @@
 One unit per backbone in [features] backbones, keyed by the backbone, its resolved input size and
 preprocessing, the sha256 of its weights file ("random-init" for test-only backbones), the number
 of augmented views (with their recipe and seed), and the precision actually used (bf16 changes the
-numbers). The HDF5 layout is documented in pipeline/extract.py.
+numbers). The HDF5 layout is documented in pipeline/features_h5.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy
 import torch
 
-from . import backbones, data, distributed, extract, transforms
+from . import backbones, data, distributed, extract, features_h5, transforms
 from .cache import compute_key
 from .config import Config
 from .download import load_index
@@ -131,6 +132,13 @@ def extraction_jobs(index: data.DatasetIndex, config: Config, spec: backbones.Ba
     return jobs
 
 
+def extraction_options(
+    config: Config, log: Callable[[str], None], progress: bool | None = None
+) -> extract.ExtractionOptions:
+    """How the features stage extracts (the bench measures the same): the configured batch size, `log`, bars."""
+    return extract.ExtractionOptions(batch_size=config.features.batch_size, log=log, progress=progress)
+
+
 def load_frozen_backbone(
     name: str, weights_path: str | None, device: str, channels_last: bool, fold_batchnorm: bool = False
 ) -> torch.nn.Module:
@@ -189,20 +197,11 @@ def build(context: BuildContext) -> BuildResult:
     )
     # A partial file is resumed only under equal settings and data (its rows would be the same numbers).
     key = compute_key("features", CODE_VERSION, settings, {"download": context.unit.input("download").key})
-    options = {
-        "device": runtime.device,
-        "autocast": runtime.autocast,
-        "channels_last": runtime.channels_last,
-        "batch_size": config.features.batch_size,
-        "num_workers": runtime.num_workers,
-        "streams": runtime.inference_streams,
-        "attributes": attributes,
-        "log": context.log,
-    }
+    options = extraction_options(config, context.log)
     world = distributed.world_size()
     if world == 1:
         group_timings = extract.write_features(
-            context.directory / FEATURES_FILE, key, jobs, model, spec.feature_dim, **options
+            context.directory / FEATURES_FILE, key, jobs, model, spec.feature_dim, runtime, options, attributes
         )
         _remove_shards(context.directory)
     else:
@@ -216,13 +215,14 @@ def build(context: BuildContext) -> BuildResult:
             [job.shard(rank, world) for job in jobs],
             model,
             spec.feature_dim,
-            progress=None if rank == 0 else False,
-            **options,
+            runtime,
+            dataclasses.replace(options, progress=None if rank == 0 else False),
+            attributes,
         )
         distributed.barrier()
         group_timings = None
         if distributed.is_main():
-            group_timings = extract.merge_shards(parts, context.directory / FEATURES_FILE, key)
+            group_timings = features_h5.merge_shards(parts, context.directory / FEATURES_FILE, key)
             _remove_shards(context.directory)
         group_timings = distributed.broadcast(group_timings)
     for group, record in group_timings.items():

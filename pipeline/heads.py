@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy
 
-from . import cache, evaluate, extract, linear_heads, results
+from . import cache, evaluate, features_h5, linear_heads, results
 from .config import HEAD_KINDS, Config, ConfigError, HeadsConfig
 from .features import AUGMENTED_GROUP, features_file
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -64,11 +64,11 @@ def plan(config: Config, graph) -> list[Unit]:
 
 def load_splits(path, use_augmented_views: bool) -> tuple[dict, dict]:
     """(attributes, {fit, val, test} -> (features, labels)); fit = train plus its augmented views when used."""
-    attributes = extract.read_attributes(path)
-    groups = {split: extract.read_group(path, split) for split in ("train", "val", "test")}
+    attributes = features_h5.read_attributes(path)
+    groups = {split: features_h5.read_group(path, split) for split in ("train", "val", "test")}
     fit = [groups["train"]]
     if use_augmented_views and AUGMENTED_GROUP in attributes["groups"]:
-        fit.append(extract.read_group(path, AUGMENTED_GROUP))
+        fit.append(features_h5.read_group(path, AUGMENTED_GROUP))
     splits = {name: (group["features"], group["labels"]) for name, group in groups.items()}
     splits["fit"] = (
         numpy.concatenate([group["features"] for group in fit]),

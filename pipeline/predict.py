@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import backbones, cache, extract, features, heads, images, linear_heads, models, train, transforms
+from . import backbones, cache, extract, features, features_h5, heads, images, linear_heads, models, train, transforms
 from .arms import arm_states
 from .config import Config
 from .errors import PipelineError
@@ -180,7 +180,8 @@ def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarr
 def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) -> Callable[[list], numpy.ndarray]:
     """Image paths -> pooled features, exactly as the arm's features unit extracted its splits."""
     features_unit = graph.unit("heads", arm.unit).input("features")
-    attributes = extract.read_attributes(cache.require_intact(features.features_file(graph.directory(features_unit))))
+    path = cache.require_intact(features.features_file(graph.directory(features_unit)))
+    attributes = features_h5.read_attributes(path)
     recipe = attributes["preprocessing"]
     preprocessing = backbones.Preprocessing(
         recipe["input_size"],
@@ -221,13 +222,7 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
         loader = torch.utils.data.DataLoader(
             extract.ImageDataset(job), batch_size=config.features.batch_size, shuffle=False, num_workers=0
         )
-        return numpy.concatenate(
-            list(
-                extract.extract_batches(
-                    model, loader, runtime.device, runtime.autocast, runtime.channels_last, mean, std
-                )
-            )
-        )
+        return numpy.concatenate(list(extract.extract_batches(model, loader, runtime, mean, std)))
 
     return run
 

@@ -2,7 +2,7 @@
 
 Usage: python tests/fault_driver.py <stage|all> [stage arguments...]
 
-The features file is written block by block through h5py (pipeline/extract.py), not through
+The features file is written block by block through h5py (pipeline/features_h5.py), not through
 cache.atomic_path, so cache's PIPELINE_FAULT hook cannot reach it. With FAULT_HDF5_WRITE=<n> this
 driver SIGKILLs the process right after the n-th write into a `features` dataset, before the
 block's `rows_done` attribute is updated and the file flushed: the most torn state a kill can leave.
@@ -42,9 +42,9 @@ def main() -> int:
     if os.environ.get("FAULT_HDF5_WRITE"):
         install_hdf5_kill(int(os.environ["FAULT_HDF5_WRITE"]))
     if os.environ.get("FAULT_BLOCK_ROWS"):
-        from pipeline import extract
+        from pipeline import features_h5
 
-        extract.CHUNK_ROWS = int(os.environ["FAULT_BLOCK_ROWS"])
+        features_h5.CHUNK_ROWS = int(os.environ["FAULT_BLOCK_ROWS"])
     return cli.run_all(argv) if stage == "all" else cli.run_stage(stage, argv)
 
 

@@ -16,7 +16,7 @@ import h5py
 import numpy
 import pytest
 
-from pipeline import distributed, extract
+from pipeline import distributed, extract, features_h5
 from pipeline.features import FEATURES_FILE
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_sharded_extraction_merges_into_the_single_process_file(tmp_path, fake_f
     with h5py.File(single / FEATURES_FILE, "r") as first, h5py.File(merged / FEATURES_FILE, "r") as second:
         assert sorted(first.keys()) == sorted(second.keys()) == ["test", "train", "train_augmented", "val"]
         for group in first:
-            for field in extract.GROUP_FIELDS:
+            for field in features_h5.GROUP_FIELDS:
                 numpy.testing.assert_allclose(second[group][field][:], first[group][field][:], rtol=0, atol=1e-5)
         skip = {"timings", "model_load_seconds"}
         assert {name: str(value) for name, value in first.attrs.items() if name not in skip} == {
@@ -182,7 +182,7 @@ def test_job_shards_keep_their_rows_and_merge_back(tmp_path):
                 group[field] = getattr(part, field)
             group.attrs["seconds"] = float(rank + 1)
         parts.append(path)
-    timings = extract.merge_shards(parts, tmp_path / "merged.h5", "the-key")
+    timings = features_h5.merge_shards(parts, tmp_path / "merged.h5", "the-key")
     with h5py.File(tmp_path / "merged.h5", "r") as merged:
         numpy.testing.assert_array_equal(merged["train"]["features"][:], features)
         numpy.testing.assert_array_equal(merged["train"]["image_ids"][:], job.image_ids)

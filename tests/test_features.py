@@ -18,15 +18,24 @@ import pytest
 import torch
 from helpers import make_tiny_config
 
-from pipeline import backbones, cli, extract, features, transforms
+from pipeline import backbones, cli, extract, features, features_h5, transforms
 from pipeline.backbones import BackboneSpec, TinyResNet, WeightsSource, WeightsUnavailableError
 from pipeline.download import load_index
 from pipeline.graph import Graph
+from pipeline.runtime import Runtime
 
 ONE_BACKBONE = ('features.backbones=["tiny-resnet"]',)
 # One torch thread: with two, OpenMP spins on the shared cores and these tiny extractions took 3-10x the CPU.
 # The stage's thread-dependent choices are pinned where a test is about them (streams, thread split).
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cpu_runtime(**changes) -> Runtime:
+    """fp32 on the CPU, channels_last, no workers, one stream, unless `changes` say otherwise."""
+    return dataclasses.replace(Runtime("cpu", "fp32", channels_last=True, num_workers=0, seed=0), **changes)
+
+
+QUIET = extract.ExtractionOptions(batch_size=3, progress=False)
 
 
 def graph_for(config):
@@ -76,7 +85,7 @@ def test_hdf5_schema_matches_the_split_index(tmp_path, fake_flowers_session):
                 numpy.testing.assert_array_equal(group["labels"][:], index.labels[split])
                 numpy.testing.assert_array_equal(group["image_ids"][:], index.image_ids[split])
                 assert (group["views"][:] == 0).all()
-        attributes = extract.read_attributes(path)
+        attributes = features_h5.read_attributes(path)
         assert attributes["backbone"] == name and attributes["complete"] is True
         assert attributes["weights_id"] == attributes["weights_sha256"] == "random-init"
         assert attributes["input_size"] == 32 and attributes["preprocessing"]["input_size"] == 32
@@ -99,8 +108,8 @@ def test_augmented_views_are_extra_rows_and_reproducible(tmp_path, fake_flowers_
     graph, _ = graph_for(config)
     graph.run("features")
     path = features.features_file(graph.directory(graph.unit("features", "tiny-resnet")))
-    train = extract.read_group(path, "train")
-    augmented = extract.read_group(path, features.AUGMENTED_GROUP)
+    train = features_h5.read_group(path, "train")
+    augmented = features_h5.read_group(path, features.AUGMENTED_GROUP)
     assert augmented["features"].shape == (48, 32)
     numpy.testing.assert_array_equal(augmented["views"], numpy.repeat([1, 2], 24))
     numpy.testing.assert_array_equal(augmented["image_ids"], numpy.tile(train["image_ids"], 2))
@@ -110,7 +119,7 @@ def test_augmented_views_are_extra_rows_and_reproducible(tmp_path, fake_flowers_
     assert not numpy.allclose(augmented["features"][:24], train["features"])
     again, _ = graph_for(tiny(tmp_path, fake_flowers_session, "features.augmented_views=2", cache_name="other"))
     again.run("features")
-    repeat = extract.read_group(
+    repeat = features_h5.read_group(
         features.features_file(again.directory(again.unit("features", "tiny-resnet"))), features.AUGMENTED_GROUP
     )
     numpy.testing.assert_allclose(repeat["features"], augmented["features"], rtol=1e-5, atol=1e-6)
@@ -139,17 +148,7 @@ def test_backbone_batchnorm_statistics_do_not_move():
     model.train()  # whatever mode it arrives in, extraction must freeze it
     before = {name: value.clone() for name, value in model.state_dict().items()}
     images = [torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8) for _ in range(3)]
-    batches = list(
-        extract.extract_batches(
-            model,
-            images,
-            "cpu",
-            lambda: torch.autocast("cpu", enabled=False),
-            True,
-            (0.5, 0.5, 0.5),
-            (0.25, 0.25, 0.25),
-        )
-    )
+    batches = list(extract.extract_batches(model, images, cpu_runtime(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     assert [batch.shape for batch in batches] == [(4, 32)] * 3
     assert not any(module.training for module in model.modules())
     assert not any(parameter.requires_grad for parameter in model.parameters())
@@ -257,21 +256,13 @@ def test_workers_decode_at_lowest_priority_and_give_inline_features(tmp_path):
         dataclasses.replace(job, transform=tv.Compose([tv.Lambda(record), *job.transform.transforms])) for job in jobs
     ]
     model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
-    options = {
-        "device": "cpu",
-        "autocast": lambda: torch.autocast("cpu", enabled=False),
-        "channels_last": True,
-        "batch_size": 3,
-        "attributes": {},
-        "progress": False,
-    }
-    extract.write_features(tmp_path / "inline.h5", "key", recording, model, 32, num_workers=0, **options)
+    extract.write_features(tmp_path / "inline.h5", "key", recording, model, 32, cpu_runtime(), QUIET)
     assert int(niceness.read_text()) == os.nice(0)
-    extract.write_features(tmp_path / "workers.h5", "key", recording, model, 32, num_workers=2, **options)
+    extract.write_features(tmp_path / "workers.h5", "key", recording, model, 32, cpu_runtime(num_workers=2), QUIET)
     assert int(niceness.read_text()) == 19  # yield_to_compute ran in the worker
     assert numpy.array_equal(
-        extract.read_group(tmp_path / "inline.h5", "train")["features"],
-        extract.read_group(tmp_path / "workers.h5", "train")["features"],
+        features_h5.read_group(tmp_path / "inline.h5", "train")["features"],
+        features_h5.read_group(tmp_path / "workers.h5", "train")["features"],
     )
 
 
@@ -287,19 +278,11 @@ def test_streams_give_the_rows_of_one_stream_bit_for_bit_augmented_views_include
         transform=transforms.train_transform(preprocessing, 16, "crop-flip"),
     )
     model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
-    options = {
-        "device": "cpu",
-        "autocast": lambda: torch.autocast("cpu", enabled=False),
-        "channels_last": True,
-        "batch_size": 3,
-        "num_workers": 0,
-        "attributes": {},
-        "progress": False,
-    }
-    extract.write_features(tmp_path / "one.h5", "key", jobs + [views], model, 32, streams=1, **options)
-    extract.write_features(tmp_path / "two.h5", "key", jobs + [views], model, 32, streams=2, **options)
+    extract.write_features(tmp_path / "one.h5", "key", jobs + [views], model, 32, cpu_runtime(), QUIET)
+    two_streams = cpu_runtime(inference_streams=2)
+    extract.write_features(tmp_path / "two.h5", "key", jobs + [views], model, 32, two_streams, QUIET)
     for group in ("train", "train_augmented"):
-        one, two = (extract.read_group(tmp_path / name, group)["features"] for name in ("one.h5", "two.h5"))
+        one, two = (features_h5.read_group(tmp_path / name, group)["features"] for name in ("one.h5", "two.h5"))
         assert numpy.array_equal(one, two), group
 
 
@@ -344,41 +327,36 @@ def test_killed_extraction_leaves_no_complete_file_and_resumes(tmp_path):
             raise Interrupted("killed")
         return model(images)
 
-    options = {
-        "device": "cpu",
-        "autocast": lambda: torch.autocast("cpu", enabled=False),
-        "channels_last": False,
-        "batch_size": 3,
-        "num_workers": 0,
-        "attributes": {"backbone": "tiny-resnet"},
-        "progress": False,
-    }
+    runtime, attributes = cpu_runtime(channels_last=False), {"backbone": "tiny-resnet"}
     target = tmp_path / "out" / "features.h5"
     target.parent.mkdir()
     wrapped = torch.nn.Module()
     wrapped.forward = failing
     with pytest.raises(Interrupted):
-        extract.write_features(target, "key-1", jobs, wrapped, 32, **options)
+        extract.write_features(target, "key-1", jobs, wrapped, 32, runtime, QUIET, attributes)
     assert not target.exists()
     partial = target.with_name(target.name + ".partial")
     with h5py.File(partial, "r") as handle:
         assert handle.attrs["complete"] == False  # noqa: E712  (numpy bool)
         assert handle["train"].attrs["rows_done"] == 6
     lines = []
-    extract.write_features(target, "key-1", jobs, model, 32, log=lines.append, **options)
+    logged = dataclasses.replace(QUIET, log=lines.append)
+    extract.write_features(target, "key-1", jobs, model, 32, runtime, logged, attributes)
     assert any("resuming train at row 6" in line for line in lines)
-    assert not partial.exists() and extract.read_attributes(target)["complete"]
+    assert not partial.exists() and features_h5.read_attributes(target)["complete"]
     clean = tmp_path / "clean.h5"
-    extract.write_features(clean, "key-1", jobs, model, 32, **options)
+    extract.write_features(clean, "key-1", jobs, model, 32, runtime, QUIET, attributes)
     numpy.testing.assert_allclose(
-        extract.read_group(target, "train")["features"], extract.read_group(clean, "train")["features"], rtol=1e-6
+        features_h5.read_group(target, "train")["features"],
+        features_h5.read_group(clean, "train")["features"],
+        rtol=1e-6,
     )
     # A partial file made under other settings is never resumed.
     with pytest.raises(Interrupted):
         calls.clear()
-        extract.write_features(target, "key-1", jobs, wrapped, 32, **options)
+        extract.write_features(target, "key-1", jobs, wrapped, 32, runtime, QUIET, attributes)
     lines.clear()
-    extract.write_features(target, "key-2", jobs, model, 32, log=lines.append, **options)
+    extract.write_features(target, "key-2", jobs, model, 32, runtime, logged, attributes)
     assert not any("resuming" in line for line in lines)
 
 
@@ -399,10 +377,10 @@ def test_one_loader_serves_every_group_and_no_batch_spans_two(tmp_path):
 def test_incomplete_file_is_refused(tmp_path):
     path = tmp_path / "features.h5"
     with h5py.File(path, "w") as handle:
-        handle.attrs["format_version"] = extract.FORMAT_VERSION
+        handle.attrs["format_version"] = features_h5.FORMAT_VERSION
         handle.attrs["complete"] = False
-    with pytest.raises(extract.FeaturesFileError, match="not a complete features file"):
-        extract.read_attributes(path)
+    with pytest.raises(features_h5.FeaturesFileError, match="not a complete features file"):
+        features_h5.read_attributes(path)
 
 
 def test_offline_missing_weights_fail_at_build_with_the_fix(tmp_path, fake_flowers_session, hub_dir, capsys):
@@ -450,13 +428,13 @@ def test_weights_fingerprint_enters_the_key_and_weights_load(tmp_path, fake_flow
     unit = graph.unit("features", name)
     assert unit.settings["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     graph.run("features")
-    first = extract.read_group(features.features_file(graph.directory(unit)), "val")["features"]
+    first = features_h5.read_group(features.features_file(graph.directory(unit)), "val")["features"]
     torch.manual_seed(2)
     torch.save(TinyResNet().state_dict(), path)
     again, _ = graph_for(make_tiny_config(fake_flowers_session, tmp_path / "cache", settings))
     assert again.unit("features", name).key != unit.key
     again.run("features")
-    second = extract.read_group(features.features_file(again.directory(unit)), "val")["features"]
+    second = features_h5.read_group(features.features_file(again.directory(unit)), "val")["features"]
     assert not numpy.allclose(first, second)  # the new weights were loaded, not a random init
     missing = (f'features.backbones=["{name}"]', f'weights.{name}="{tmp_path / "absent.pth"}"')
     with pytest.raises(WeightsUnavailableError, match="absent.pth"):

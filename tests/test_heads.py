@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import make_tiny_config
 
-from pipeline import cache, evaluate, extract, heads, linear_heads, results
+from pipeline import cache, evaluate, features_h5, heads, linear_heads, results
 from pipeline.config import HeadsConfig
 from pipeline.features import features_file
 from pipeline.graph import Graph
@@ -157,8 +157,8 @@ def test_results_heads_files_and_timings(tmp_path, fake_flowers_session):
     graph, manifests, _ = run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE))
     assert [manifest["unit"] for manifest in manifests] == ["tiny-resnet-softmax", "tiny-resnet-logistic"]
     path = features_file(graph.directory(graph.unit("features", "tiny-resnet")))
-    test = extract.read_group(path, "test")
-    extract_seconds = sum(record["seconds"] for record in extract.read_attributes(path)["timings"].values())
+    test = features_h5.read_group(path, "test")
+    extract_seconds = sum(record["seconds"] for record in features_h5.read_attributes(path)["timings"].values())
     for unit in graph.units("heads"):
         folder = graph.directory(unit)
         result = json.loads((folder / evaluate.RESULT).read_text())

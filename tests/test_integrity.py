@@ -595,7 +595,7 @@ def test_a_damaged_partial_features_file_is_extracted_again_not_resumed(
 
     import h5py
 
-    from pipeline import extract
+    from pipeline import features_h5
 
     root = tmp_path / "cache"
     environment = {**os.environ, "FAULT_HDF5_WRITE": "2", "FAULT_BLOCK_ROWS": "16", "OMP_NUM_THREADS": "1"}
@@ -617,6 +617,6 @@ def test_a_damaged_partial_features_file_is_extracted_again_not_resumed(
     assert "[features] train: the partial file's rows do not match their digests" in log, log
     assert "resuming train" not in log
     for group in ("train", "val", "test"):
-        got = extract.read_group(root / "features" / "tiny-resnet" / "features.h5", group)["features"]
-        expected = extract.read_group(built_study / "features" / "tiny-resnet" / "features.h5", group)["features"]
+        got = features_h5.read_group(root / "features" / "tiny-resnet" / "features.h5", group)["features"]
+        expected = features_h5.read_group(built_study / "features" / "tiny-resnet" / "features.h5", group)["features"]
         assert numpy.array_equal(got, expected), group

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import make_tiny_config
 
-from pipeline import download, evaluate, extract, features, graph, heads, images, predict, train
+from pipeline import download, evaluate, features, features_h5, graph, heads, images, predict, train
 
 FROZEN_ARMS = ("frozen-tiny-resnet-softmax", "frozen-tiny-resnet-logistic")
 END_TO_END_ARMS = ("finetune-tiny-resnet", "scratch-bn-cnn")
@@ -38,7 +38,7 @@ def stage_test_predictions(config, arm: predict.Arm, index) -> numpy.ndarray:
     study_graph = graph.Graph(config)
     if arm.method == "frozen":
         features_unit = study_graph.unit("heads", arm.unit).input("features")
-        stored = extract.read_group(features.features_file(study_graph.directory(features_unit)), "test")
+        stored = features_h5.read_group(features.features_file(study_graph.directory(features_unit)), "test")
         return heads.load_head(arm.directory)(stored["features"])
     runtime = predict.resolve_runtime(config.runtime)
     model, preprocessing = predict.end_to_end_model(config, arm, runtime)

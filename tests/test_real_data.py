@@ -16,10 +16,11 @@ import numpy
 import pytest
 import torch
 
-from pipeline import backbones, data, extract, features, train, transforms
+from pipeline import backbones, data, extract, features, features_h5, train, transforms
 from pipeline.bench.extraction import stack_transformed
 from pipeline.config import DataConfig, load_config
 from pipeline.models import build_finetune_model, rewrite_for_finetuning
+from pipeline.runtime import Runtime
 
 PROJECT = Path(__file__).resolve().parents[1]
 ROOT = os.environ.get("FLOWERS_DATA_DIR", "")
@@ -67,28 +68,13 @@ def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(inde
     )
     model = features.load_frozen_backbone(BACKBONE, weights, "cpu", True, fold_batchnorm=True)
 
-    def autocast():  # what Runtime.autocast gives on a bf16 CPU
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-
     extracted = {}
     for streams, batch_size in ((1, 16), (2, 16), (2, 8), (1, 5)):
         path = tmp_path / f"streams-{streams}-batch-{batch_size}.h5"
-        extract.write_features(
-            path,
-            "real",
-            [job],
-            model,
-            spec.feature_dim,
-            device="cpu",
-            autocast=autocast,
-            channels_last=True,
-            batch_size=batch_size,
-            num_workers=0,
-            attributes={},
-            progress=False,
-            streams=streams,
-        )
-        extracted[streams, batch_size] = extract.read_group(path, "test")["features"]
+        runtime = Runtime("cpu", "bf16", channels_last=True, num_workers=0, seed=0, inference_streams=streams)
+        options = extract.ExtractionOptions(batch_size=batch_size, progress=False)
+        extract.write_features(path, "real", [job], model, spec.feature_dim, runtime, options)
+        extracted[streams, batch_size] = features_h5.read_group(path, "test")["features"]
     for run, rows in extracted.items():
         assert numpy.array_equal(rows, extracted[1, 16]), f"streams, batch size {run} changed the features"
     # Against the fp32 network, through torchvision's own transforms (no uint8 split, no scalar normalisation,

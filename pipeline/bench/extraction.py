@@ -89,25 +89,11 @@ def extraction_rows(
         passes = [forward_rate(model, pixels, mean, std, batch, runtime)]
         if "extraction" in options.rows:
             jobs = features.extraction_jobs(subset, config, spec, input_size)
+            extracting = features.extraction_options(config, log, progress=False)
             rows, rates, ratios = rows_of(jobs), [], []
             for round_number in range(options.rounds):
                 output = work / f"extraction-{name}-{round_number}.h5"
-                timings = extract.write_features(
-                    output,
-                    "bench",
-                    jobs,
-                    model,
-                    spec.feature_dim,
-                    device=runtime.device,
-                    autocast=runtime.autocast,
-                    channels_last=runtime.channels_last,
-                    batch_size=batch,
-                    num_workers=runtime.num_workers,
-                    streams=runtime.inference_streams,
-                    attributes={},
-                    log=log,
-                    progress=False,
-                )
+                timings = extract.write_features(output, "bench", jobs, model, spec.feature_dim, runtime, extracting)
                 output.unlink()
                 rates.append(rows / sum(record["seconds"] for record in timings.values()))
                 passes.append(forward_rate(model, pixels, mean, std, batch, runtime))

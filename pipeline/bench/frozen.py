@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy
 
-from .. import backbones, evaluate, extract, features, heads, transforms
+from .. import backbones, evaluate, extract, features, features_h5, heads, transforms
 from ..config import Config
 from ..data import DatasetIndex
 from ..runtime import Runtime, seed_everything
@@ -62,19 +62,10 @@ def frozen_row(
         name, weights, runtime.device, runtime.channels_last, config.features.fold_batchnorm
     )
     jobs = features.extraction_jobs(tested, config, spec, input_size)
-    common = {
-        "device": runtime.device,
-        "autocast": runtime.autocast,
-        "channels_last": runtime.channels_last,
-        "batch_size": config.features.batch_size,
-        "num_workers": runtime.num_workers,
-        "streams": runtime.inference_streams,
-        "log": log,
-        "progress": False,
-    }
+    extracting = features.extraction_options(config, log, progress=False)
     log(f"[bench] frozen: extracting {rows_of(jobs)} rows with {name} (ours)")
     path = work / f"frozen-{name}.h5"
-    timings = extract.write_features(path, "bench", jobs, model, spec.feature_dim, attributes={}, **common)
+    timings = extract.write_features(path, "bench", jobs, model, spec.feature_dim, runtime, extracting)
     full_test = len(index.image_ids["test"])
     # With a test subset, our test extraction is scaled to the whole split so both sides cover the full study.
     extract_seconds = sum(
@@ -98,9 +89,9 @@ def frozen_row(
     )
     log(f"[bench] frozen: extracting {options.notebook_views} notebook-style views of {count} train images")
     views_path = work / f"notebook-{name}.h5"
-    extract.write_features(views_path, "bench-notebook", [views_job], model, spec.feature_dim, attributes={}, **common)
+    extract.write_features(views_path, "bench-notebook", [views_job], model, spec.feature_dim, runtime, extracting)
     del model
-    views = extract.read_group(views_path, NOTEBOOK_GROUP)["features"].reshape(options.notebook_views, count, -1)
+    views = features_h5.read_group(views_path, NOTEBOOK_GROUP)["features"].reshape(options.notebook_views, count, -1)
     splits = ours["splits"]
     notebook = train_notebook_head(
         views, index.labels["train"], splits["val"], splits["test"], num_classes, config.runtime.seed

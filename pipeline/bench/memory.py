@@ -53,15 +53,8 @@ def memory_probe(spec_path: str) -> None:
         jobs,
         model,
         backbone.feature_dim,
-        device=runtime.device,
-        autocast=runtime.autocast,
-        channels_last=runtime.channels_last,
-        batch_size=config.features.batch_size,
-        num_workers=runtime.num_workers,
-        streams=runtime.inference_streams,
-        attributes={},
-        log=lambda line: None,
-        progress=False,
+        runtime,
+        features.extraction_options(config, log=lambda line: None, progress=False),
     )
     print(json.dumps({"rows": rows_of(jobs), "peak_mib": peak_resident_mib()}))
 

@@ -119,6 +119,18 @@ def test_knn_breaks_ties_by_row_then_by_label():
     assert predicted(2) == [1]  # equal votes for classes 1 and 2: the lower label wins
 
 
+def test_knn_partial_sort_keeps_the_tie_rule():
+    """The partial sort gives what a full stable sort gives, on rows full of ties and on rows with none."""
+    generator = numpy.random.default_rng(0)
+    for _ in range(200):
+        columns, rows = int(generator.integers(1, 40)), int(generator.integers(1, 10))
+        count = int(generator.integers(1, columns + 1))
+        for similarities in (generator.integers(-3, 4, (rows, columns)) / 3, generator.normal(size=(rows, columns))):
+            similarities = similarities.astype(numpy.float32)
+            expected = numpy.argsort(-similarities, axis=1, kind="stable")[:, :count]
+            numpy.testing.assert_array_equal(knn.most_similar(similarities, count), expected)
+
+
 def test_knn_chooses_k_and_temperature_on_val():
     """A small tight class beside a large spread one: only a small k (or a sharp T) finds the small class."""
     generator = numpy.random.default_rng(0)

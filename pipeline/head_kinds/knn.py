@@ -23,8 +23,8 @@ from . import HeadKind, Problem
 from .linear import Normalizer, accuracy, best_on_val
 
 TABLE = "heads.knn"
-# Similarities held at once (query rows x stored rows): with their negated copy and the sort's int64
-# indices 16 bytes each, so a block stays near 64 MB however many rows are queried or stored.
+# Similarities held at once (query rows x stored rows): with their negated copy and the partial sort's
+# int64 indices 16 bytes each, so a block stays near 64 MB however many rows are queried or stored.
 BLOCK_ELEMENTS = 1 << 22
 STORED_DTYPE = numpy.float16  # unit-length rows lose nothing a vote can see at half precision
 
@@ -59,16 +59,34 @@ def store(normalizer: Normalizer, features: numpy.ndarray, labels: numpy.ndarray
     }
 
 
+def most_similar(similarities: numpy.ndarray, count: int) -> numpy.ndarray:
+    """Per row, the columns of its `count` largest values, largest first, equal values in column order.
+
+    A partial sort finds them; only rows where more columns tie at the cut than fit under it pay for a
+    full stable sort, since the partial sort's pick among those columns follows no rule.
+    """
+    if count >= similarities.shape[1]:
+        return numpy.argsort(-similarities, axis=1, kind="stable")
+    chosen = numpy.argpartition(-similarities, count - 1, axis=1)[:, :count]
+    values = numpy.take_along_axis(similarities, chosen, axis=1)
+    cut = values.min(axis=1, keepdims=True)
+    ambiguous = (similarities >= cut).sum(axis=1) > count
+    order = numpy.take_along_axis(chosen, numpy.lexsort((chosen, -values)), axis=1)
+    if ambiguous.any():
+        order[ambiguous] = numpy.argsort(-similarities[ambiguous], axis=1, kind="stable")[:, :count]
+    return order
+
+
 def neighbours(queries: numpy.ndarray, stored: numpy.ndarray, count: int):
     """Per block of query rows: (similarities [rows, count], stored row indices [rows, count]), most similar first.
 
-    `queries` are unit rows; equal similarities keep the earlier stored row first (a stable sort).
+    `queries` are unit rows; equal similarities keep the earlier stored row first.
     """
     stored = stored.astype(numpy.float32)
     block = max(1, BLOCK_ELEMENTS // len(stored))
     for start in range(0, len(queries), block):
         similarities = queries[start : start + block] @ stored.T
-        order = numpy.argsort(-similarities, axis=1, kind="stable")[:, :count]
+        order = most_similar(similarities, count)
         yield numpy.take_along_axis(similarities, order, axis=1), order
 
 

@@ -2,26 +2,21 @@
 
 Every field carries a one-line doc (shown by `python -m stages.config --docs`, mirrored in
 docs/configuration.md) and optional constraints. Unknown sections or keys, wrong types and impossible values are
-rejected with a one-line `ConfigError` that names the key and the valid choices.
+rejected with a one-line `ConfigError` that names the key and the valid choices (the checks themselves are in
+pipeline/settings.py). A section may hold sub-tables: [heads] holds one per registered head kind.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 from . import head_kinds
 from .head_kinds.linear import NORMALIZATIONS
-from .settings import ConfigError, setting
-
-# A field with this metadata holds sub-tables ([heads.softmax], ...): {table name: settings} built from the
-# {name: settings dataclass} its function returns.
-TABLES = "tables"
-
+from .settings import TABLES, ConfigError, build_section, choices_of, setting, tables_field_of
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUGMENTATIONS = ("none", "flip", "crop-flip", "trivialaugment", "randaugment")
@@ -261,7 +256,7 @@ class Config:
         if isinstance(value, dict):
             return dict(value)
         data = dataclasses.asdict(value)
-        tables_field = _tables_field(type(value))
+        tables_field = tables_field_of(type(value))
         if tables_field:
             data.update(data.pop(tables_field.name))
         return data
@@ -291,99 +286,6 @@ def section_names() -> list[str]:
 def section_types() -> dict[str, type]:
     hints = get_type_hints(Config)
     return {name: hints[name] for name in section_names()}
-
-
-def _check_list(section: str, key: str, value: Any, default: list) -> list:
-    if not isinstance(value, list):
-        raise ConfigError(f"[{section}] {key} must be a list, got {value!r}")
-    element_type = type(default[0]) if default else None
-    checked = []
-    for item in value:
-        if element_type is float and isinstance(item, int) and not isinstance(item, bool):
-            item = float(item)
-        if element_type is not None and not isinstance(item, element_type):
-            raise ConfigError(f"[{section}] {key} must be a list of {element_type.__name__}, got {value!r}")
-        checked.append(item)
-    return checked
-
-
-def _check_value(section: str, spec: dataclasses.Field, value: Any, declared: Any) -> Any:
-    key = spec.name
-    meta = spec.metadata
-    if declared is list or get_origin(declared) is list:
-        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else []
-        value = _check_list(section, key, value, default)
-    elif declared is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"[{section}] {key} must be true or false, got {value!r}")
-    elif declared is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"[{section}] {key} must be an integer, got {value!r}")
-    elif declared is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"[{section}] {key} must be a number, got {value!r}")
-        value = float(value)
-    elif declared is str:  # noqa: SIM102 - one branch per type as above; merged, a str value would fall through
-        if not isinstance(value, str):
-            raise ConfigError(f"[{section}] {key} must be a string, got {value!r}")
-    choices = _choices(meta)
-    if choices is not None:
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if item not in choices:
-                raise ConfigError(f"[{section}] {key} = {item!r} is not valid; choose one of: {', '.join(choices)}")
-    numbers = value if isinstance(value, list) else [value]
-    for number in numbers:
-        # NaN compares false with every bound, so it would pass the range checks below.
-        if isinstance(number, float) and not math.isfinite(number):
-            raise ConfigError(f"[{section}] {key} = {number!r} is not a finite number; give a finite value")
-        if isinstance(number, (int, float)) and not isinstance(number, bool):
-            if meta.get("minimum") is not None and number < meta["minimum"]:
-                raise ConfigError(f"[{section}] {key} = {number!r} is too small; it must be >= {meta['minimum']}")
-            if meta.get("maximum") is not None and number > meta["maximum"]:
-                raise ConfigError(f"[{section}] {key} = {number!r} is too large; it must be <= {meta['maximum']}")
-    return value
-
-
-def _choices(metadata) -> tuple | None:
-    choices = metadata.get("choices")
-    return choices() if callable(choices) else choices
-
-
-def _tables_field(cls: type) -> dataclasses.Field | None:
-    return next((spec for spec in dataclasses.fields(cls) if TABLES in spec.metadata), None)
-
-
-def _unknown_key(section: str, key: str, fields: dict, tables: dict) -> ConfigError:
-    """The error for a key a section does not have; a key that moved into a sub-table names its new place."""
-    for table, cls in tables.items():
-        moved = key.removeprefix(f"{table}_")
-        if moved != key and moved in {spec.name for spec in dataclasses.fields(cls)}:
-            return ConfigError(
-                f"[{section}] {key} is now [{section}.{table}] {moved} (override: {section}.{table}.{moved}=...)"
-            )
-    known = ", ".join(fields) + "".join(f", [{section}.{table}]" for table in tables)
-    return ConfigError(f"unknown key [{section}] {key}; known keys: {known}")
-
-
-def _build_section(section: str, cls: type, values: dict) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"[{section}] must be a table of settings, got {values!r}")
-    tables_field = _tables_field(cls)
-    tables = tables_field.metadata[TABLES]() if tables_field else {}
-    fields = {f.name: f for f in dataclasses.fields(cls) if f is not tables_field}
-    hints = get_type_hints(cls)
-    for key in values:
-        if key not in fields and key not in tables:
-            raise _unknown_key(section, key, fields, tables)
-    checked = {
-        key: _check_value(section, fields[key], value, hints[key]) for key, value in values.items() if key in fields
-    }
-    if tables_field:
-        checked[tables_field.name] = {
-            name: _build_section(f"{section}.{name}", table, values.get(name, {})) for name, table in tables.items()
-        }
-    return cls(**checked)
 
 
 def _cross_check(config: Config) -> None:
@@ -433,7 +335,7 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
                 raise ConfigError("[weights] must map backbone names to weight file paths")
             built[name] = dict(values)
         else:
-            built[name] = _build_section(name, sections[name], values)
+            built[name] = build_section(name, sections[name], values)
     config = Config(**built, source=source)
     _cross_check(config)
     return config
@@ -480,13 +382,13 @@ def describe_settings() -> list[tuple[str, str, Any, str]]:
     rows = []
 
     def describe(section: str, cls: type) -> None:
-        tables_field = _tables_field(cls)
+        tables_field = tables_field_of(cls)
         for spec in dataclasses.fields(cls):
             if spec is tables_field:
                 continue
             default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
             doc = spec.metadata.get("doc", "")
-            choices = _choices(spec.metadata)
+            choices = choices_of(spec.metadata)
             if choices and "choose" not in doc:
                 doc = f"{doc} Choices: {', '.join(choices)}."
             rows.append((section, spec.name, default, doc))

@@ -223,7 +223,6 @@ def centroid_load(path):
 
 CENTROID = HeadKind(
     name="centroid",
-    description="nearest class mean",
     settings=CentroidSettings,
     file_name="head.centroid.npz",
     select=centroid_select,

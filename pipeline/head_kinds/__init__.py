@@ -44,7 +44,6 @@ class HeadKind:
     """One kind of head: its settings table and what the heads stage and `make predict` call."""
 
     name: str
-    description: str
     settings: type  # frozen dataclass of the kind's [heads.<name>] table (fields made with settings.setting)
     file_name: str  # the file the fitted head is saved to in its unit's folder (unique among kinds)
     # (settings, problem) -> (choice with its "val_top1", every candidate tried, payload of the chosen head fitted

@@ -102,7 +102,7 @@ def vote(similarities: numpy.ndarray, labels: numpy.ndarray, temperature: float,
 
 
 def _grid(settings: KnnSettings, stored_rows: int) -> list[int]:
-    """The k values tried: each at most the stored rows, a repeat after that cut dropped, in the order given."""
+    """The k values tried, in the order given: each cut to the stored rows, dropping one the cut makes a repeat."""
     return list(dict.fromkeys(min(k, stored_rows) for k in settings.ks))
 
 
@@ -181,7 +181,6 @@ def finite(payload: dict) -> bool:
 
 KIND = HeadKind(
     name="knn",
-    description="k nearest training rows by cosine similarity, weighted vote; k, T and normalisation chosen on val",
     settings=KnnSettings,
     file_name="head.npz",
     select=select,

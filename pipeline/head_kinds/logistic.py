@@ -158,7 +158,6 @@ def finite(payload: dict) -> bool:
 
 KIND = HeadKind(
     name="logistic",
-    description="scikit-learn multinomial logistic regression; C and normalisation chosen on val",
     settings=LogisticSettings,
     file_name="head.joblib",
     select=select,

@@ -301,7 +301,6 @@ def finite(payload: dict) -> bool:
 
 KIND = HeadKind(
     name="softmax",
-    description="linear layer, AdamW; weight decay, epochs and normalisation chosen on val",
     settings=SoftmaxSettings,
     file_name="head.pt",
     select=select,

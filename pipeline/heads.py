@@ -86,6 +86,13 @@ def select(kind: HeadKind, settings: HeadsConfig, splits: dict, num_classes: int
     return kind.select(settings.table(kind.name), problem)
 
 
+def refit(
+    kind: HeadKind, settings: HeadsConfig, chosen: dict, features, labels, num_classes: int, seed: int
+) -> tuple[dict, dict]:
+    """The chosen head fitted afresh on (features, labels): (choice with the refit's own flags, payload)."""
+    return kind.refit(settings.table(kind.name), chosen, features, labels, num_classes, seed)
+
+
 def require_finite(kind: HeadKind, payload: dict, name: str) -> None:
     """Stop with one line when a fitted head holds NaN or infinity: its test number would be meaningless."""
     if not kind.finite(payload):
@@ -170,7 +177,7 @@ def build(context: BuildContext) -> BuildResult:
     chosen, candidates, payload, reused = cached_selection(context, kind, splits, len(class_names), timings)
     with timings.phase("fit"):
         if fit_on == "train+val":
-            chosen, payload = kind.refit(settings.table(kind.name), chosen, *_with_val(splits), len(class_names), seed)
+            chosen, payload = refit(kind, settings, chosen, *_with_val(splits), len(class_names), seed)
     require_finite(kind, payload, results.frozen_unit(backbone, kind.name))
     predict = kind.predictor(payload)
     with timings.phase("evaluation"):

@@ -2,40 +2,26 @@
 
 Every field carries a one-line doc (shown by `python -m stages.config --docs`, mirrored in
 docs/configuration.md) and optional constraints. Unknown sections or keys, wrong types and impossible values are
-rejected with a one-line `ConfigError` that names the key and the valid choices.
+rejected with a one-line `ConfigError` that names the key and the valid choices (the checks themselves are in
+pipeline/settings.py). A section may hold sub-tables: [heads] holds one per registered head kind.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
-from .errors import PipelineError
-
-
-class ConfigError(PipelineError, ValueError):
-    """A bad configuration file, key or value (message is one line and says what to fix)."""
-
-
-def setting(
-    default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None, maximum: float | None = None
-):
-    """A dataclass field with its documentation and constraints attached as metadata."""
-    metadata = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
+from . import head_kinds
+from .head_kinds.linear import NORMALIZATIONS
+from .settings import TABLES, ConfigError, build_section, choices_of, setting, tables_field_of
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUGMENTATIONS = ("none", "flip", "crop-flip", "trivialaugment", "randaugment")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
-HEAD_KINDS = ("softmax", "logistic")
 
 
 @dataclass(frozen=True)
@@ -131,7 +117,14 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    kinds: list = setting(["softmax", "logistic"], "Linear heads trained on cached features.", choices=HEAD_KINDS)
+    """The shared [heads] keys; each kind's own settings are its [heads.<kind>] table (pipeline/head_kinds)."""
+
+    kinds: list = setting(
+        ["softmax", "logistic", "knn"],
+        "Heads trained on each backbone's cached features, one arm each; a kind's own settings are its "
+        "[heads.<kind>] table.",
+        choices=head_kinds.available_head_kinds,
+    )
     fit_on: str = setting(
         "train",
         "Final fit on train only, or on train+val with the hyper-parameters chosen on val.",
@@ -139,31 +132,17 @@ class HeadsConfig:
     )
     normalizations: list = setting(
         ["none"],
-        "Feature normalisations tried on val (statistics from the fit rows only).",
-        choices=("none", "standardize", "l2", "l2-standardize"),
+        "Feature normalisations tried on val by every kind (statistics from the fit rows only).",
+        choices=NORMALIZATIONS,
     )
     use_augmented_views: bool = setting(
         True, "Also fit on the cached augmented training views, when the features have them."
     )
-    softmax_weight_decays: list = setting([0.0, 1.0, 3.0], "Softmax head AdamW weight decays tried on val.", minimum=0)
-    softmax_epochs: int = setting(100, "Maximum softmax-head epochs (the best epoch is chosen on val).", minimum=1)
-    softmax_lr: float = setting(3e-3, "Softmax head learning rate (AdamW, constant).", minimum=0)
-    softmax_batch_size: int = setting(256, "Softmax head mini-batch size.", minimum=1)
-    softmax_label_smoothing: float = setting(0.0, "Label smoothing of the softmax head's loss.", minimum=0, maximum=1)
-    logistic_cs: list = setting([0.3, 1.0, 3.0], "Inverse regularisation strengths C tried on val (scikit-learn).")
-    logistic_solver: str = setting(
-        "lbfgs", "scikit-learn solver of the (multinomial) logistic head.", choices=("lbfgs", "newton-cg")
-    )
-    logistic_max_iter: int = setting(1000, "Iteration limit of the logistic solver.", minimum=1)
-    logistic_tolerance: float = setting(1e-4, "Stopping tolerance of the logistic solver.", minimum=0)
-    logistic_blas_threads: int = setting(
-        1,
-        "BLAS threads while the logistic solver runs (0 = the library's default, "
-        "one per core). One, because the study's matrices are too small to "
-        "split; raise it for much larger feature sets. Rounding depends on it, "
-        "so it is part of the logistic heads' key.",
-        minimum=0,
-    )
+    tables: dict = field(default_factory=head_kinds.default_tables, metadata={TABLES: head_kinds.settings_tables})
+
+    def table(self, kind: str) -> Any:
+        """The [heads.<kind>] settings of a registered kind."""
+        return self.tables[kind]
 
 
 @dataclass(frozen=True)
@@ -271,9 +250,16 @@ class Config:
     source: str = field(default="<defaults>", compare=False)
 
     def section(self, name: str) -> dict:
-        """One section as a plain dict (what a stage hashes into its cache key)."""
+        """One section as a plain dict (what a stage hashes into its cache key); sub-tables sit beside the
+        section's keys, as the TOML file writes them."""
         value = getattr(self, name)
-        return dict(value) if isinstance(value, dict) else dataclasses.asdict(value)
+        if isinstance(value, dict):
+            return dict(value)
+        data = dataclasses.asdict(value)
+        tables_field = tables_field_of(type(value))
+        if tables_field:
+            data.update(data.pop(tables_field.name))
+        return data
 
     def run_seeds(self) -> list[int]:
         """The seed of each repeat of a trained arm: seed, seed + 1, ... (runtime.seeds of them)."""
@@ -302,70 +288,6 @@ def section_types() -> dict[str, type]:
     return {name: hints[name] for name in section_names()}
 
 
-def _check_list(section: str, key: str, value: Any, default: list) -> list:
-    if not isinstance(value, list):
-        raise ConfigError(f"[{section}] {key} must be a list, got {value!r}")
-    element_type = type(default[0]) if default else None
-    checked = []
-    for item in value:
-        if element_type is float and isinstance(item, int) and not isinstance(item, bool):
-            item = float(item)
-        if element_type is not None and not isinstance(item, element_type):
-            raise ConfigError(f"[{section}] {key} must be a list of {element_type.__name__}, got {value!r}")
-        checked.append(item)
-    return checked
-
-
-def _check_value(section: str, spec: dataclasses.Field, value: Any, declared: Any) -> Any:
-    key = spec.name
-    meta = spec.metadata
-    if declared is list or get_origin(declared) is list:
-        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else []
-        value = _check_list(section, key, value, default)
-    elif declared is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"[{section}] {key} must be true or false, got {value!r}")
-    elif declared is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"[{section}] {key} must be an integer, got {value!r}")
-    elif declared is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"[{section}] {key} must be a number, got {value!r}")
-        value = float(value)
-    elif declared is str:  # noqa: SIM102 - one branch per type as above; merged, a str value would fall through
-        if not isinstance(value, str):
-            raise ConfigError(f"[{section}] {key} must be a string, got {value!r}")
-    choices = meta.get("choices")
-    if choices is not None:
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if item not in choices:
-                raise ConfigError(f"[{section}] {key} = {item!r} is not valid; choose one of: {', '.join(choices)}")
-    numbers = value if isinstance(value, list) else [value]
-    for number in numbers:
-        # NaN compares false with every bound, so it would pass the range checks below.
-        if isinstance(number, float) and not math.isfinite(number):
-            raise ConfigError(f"[{section}] {key} = {number!r} is not a finite number; give a finite value")
-        if isinstance(number, (int, float)) and not isinstance(number, bool):
-            if meta.get("minimum") is not None and number < meta["minimum"]:
-                raise ConfigError(f"[{section}] {key} = {number!r} is too small; it must be >= {meta['minimum']}")
-            if meta.get("maximum") is not None and number > meta["maximum"]:
-                raise ConfigError(f"[{section}] {key} = {number!r} is too large; it must be <= {meta['maximum']}")
-    return value
-
-
-def _build_section(section: str, cls: type, values: dict) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"[{section}] must be a table of settings, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = get_type_hints(cls)
-    for key in values:
-        if key not in fields:
-            raise ConfigError(f"unknown key [{section}] {key}; known keys: {', '.join(fields)}")
-    checked = {key: _check_value(section, fields[key], value, hints[key]) for key, value in values.items()}
-    return cls(**checked)
-
-
 def _cross_check(config: Config) -> None:
     split_sizes = config.data.expected_split_sizes
     if len(split_sizes) != 3 or any(not isinstance(size, int) or size < 1 for size in split_sizes):
@@ -373,12 +295,7 @@ def _cross_check(config: Config) -> None:
             f"[data] expected_split_sizes must be three positive integers (train, val, test), got {split_sizes!r}"
         )
     if not config.heads.kinds:
-        raise ConfigError(f"[heads] kinds must name at least one of: {', '.join(HEAD_KINDS)}")
-    for key in ("softmax_weight_decays", "logistic_cs"):
-        if not getattr(config.heads, key):
-            raise ConfigError(f"[heads] {key} must list at least one value")
-    if any(value <= 0 for value in config.heads.logistic_cs):
-        raise ConfigError("[heads] logistic_cs values must be > 0")
+        raise ConfigError(f"[heads] kinds must name at least one of: {', '.join(head_kinds.available_head_kinds())}")
     if not config.cnn.widths or any(width < 1 for width in config.cnn.widths):
         raise ConfigError(f"[cnn] widths must be positive integers, got {config.cnn.widths!r}")
     for section in ("features", "finetune"):
@@ -391,7 +308,10 @@ def _cross_check(config: Config) -> None:
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
-    """`section.key=value` (value in TOML syntax, or a bare string) -> (section, key, value)."""
+    """`section.key=value` (value in TOML syntax, or a bare string) -> (section, key, value).
+
+    The key of a sub-table's setting keeps its dots: `heads.softmax.lr=0.01` -> ("heads", "softmax.lr", 0.01).
+    """
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. finetune.epochs=5")
     dotted, raw = text.split("=", 1)
@@ -415,7 +335,7 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
                 raise ConfigError("[weights] must map backbone names to weight file paths")
             built[name] = dict(values)
         else:
-            built[name] = _build_section(name, sections[name], values)
+            built[name] = build_section(name, sections[name], values)
     config = Config(**built, source=source)
     _cross_check(config)
     return config
@@ -441,10 +361,13 @@ def load_config(
         source = str(path)
     for text in overrides:
         section, key, value = _parse_override(text)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"override {text!r}: [{section}] is not a table")
-        raw[section][key] = value
+        *tables, key = key.split(".")
+        table = raw
+        for name in [section, *tables]:
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"override {text!r}: {name} is not a table")
+        table[key] = value
     if data_dir:
         # A folder the user brings is only ever read, never downloaded into.
         raw.setdefault("data", {}).update(root=str(data_dir), download=False)
@@ -454,16 +377,27 @@ def load_config(
 
 
 def describe_settings() -> list[tuple[str, str, Any, str]]:
-    """(section, key, default, doc) for every setting, for docs and `--docs`."""
+    """(section, key, default, doc) for every setting, for docs and `--docs`; a sub-table's section is
+    `section.table`, e.g. `heads.softmax`."""
     rows = []
+
+    def describe(section: str, cls: type) -> None:
+        tables_field = tables_field_of(cls)
+        for spec in dataclasses.fields(cls):
+            if spec is tables_field:
+                continue
+            default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+            doc = spec.metadata.get("doc", "")
+            choices = choices_of(spec.metadata)
+            if choices and "choose" not in doc:
+                doc = f"{doc} Choices: {', '.join(choices)}."
+            rows.append((section, spec.name, default, doc))
+        for table, table_cls in (tables_field.metadata[TABLES]() if tables_field else {}).items():
+            describe(f"{section}.{table}", table_cls)
+
     for name, cls in section_types().items():
         if name == "weights":
             rows.append(("weights", "<backbone name>", "", "Explicit weight file for that backbone (checked first)."))
             continue
-        for spec in dataclasses.fields(cls):
-            default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-            doc = spec.metadata.get("doc", "")
-            if spec.metadata.get("choices") and "choose" not in doc:
-                doc = f"{doc} Choices: {', '.join(spec.metadata['choices'])}."
-            rows.append((name, spec.name, default, doc))
+        describe(name, cls)
     return rows

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import cache, distributed, images, results, train
@@ -21,13 +20,13 @@ from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, w
 from .config import Config, ConfigError
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from .head_kinds.linear import select_lbfgs_probe
 from .models import build_finetune_model, finetune_groups, rewrite_for_finetuning
 from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
 CODE_VERSION = "1"
 NOT_DOWNLOADED = "not-downloaded-yet"  # the build downloads, and the final key then has the real sha256
-PROBE_ITERATIONS = 500  # L-BFGS iterations per L2 strength; converges well before on 1k rows
 
 
 def _weights_identity(config: Config, name: str, allow_download: bool) -> tuple[str | None, str]:
@@ -81,33 +80,6 @@ def plan(config: Config, graph) -> list[Unit]:
     ]
 
 
-def fit_linear_head(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, label_smoothing: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [classes, dim], bias) minimising smoothed cross-entropy + weight_decay/2 |W|^2, full-batch L-BFGS."""
-    weight = torch.zeros(num_classes, features.shape[1], requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=PROBE_ITERATIONS,
-        history_size=20,
-        tolerance_grad=1e-6,
-        tolerance_change=1e-9,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.T + bias, labels, label_smoothing=label_smoothing)
-        loss = loss + 0.5 * weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
-
-
 def linear_probe(model: nn.Module, spec, sets: dict, settings, runtime, log) -> dict:
     """Fit the new head on frozen features (eval mode, no augmentation), choosing its L2 strength on val."""
     started = time.perf_counter()
@@ -119,21 +91,22 @@ def linear_probe(model: nn.Module, spec, sets: dict, settings, runtime, log) -> 
         for split in ("train", "val")
     }
     setattr(model, spec.head_attribute, head)
-    num_classes = head.out_features
-    best = None
-    for weight_decay in settings.probe_weight_decays:
-        weight, bias = fit_linear_head(
-            features["train"], sets["train"].labels, num_classes, weight_decay, settings.label_smoothing
-        )
-        val_top1 = float(((features["val"] @ weight.T + bias).argmax(1) == sets["val"].labels).float().mean())
+
+    def report(weight_decay: float, val_top1: float) -> None:
         log(f"[finetune] {spec.name}: linear probe weight decay {weight_decay:g}: val top-1 {val_top1:.4f}")
-        if best is None or val_top1 > best[0]:
-            best = (val_top1, weight_decay, weight, bias)
-    val_top1, weight_decay, weight, bias = best
+
+    chosen, weight, bias = select_lbfgs_probe(
+        (features["train"], sets["train"].labels),
+        (features["val"], sets["val"].labels),
+        head.out_features,
+        weight_decays=settings.probe_weight_decays,
+        label_smoothing=settings.label_smoothing,
+        report=report,
+    )
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight.device))
         head.bias.copy_(bias.to(head.bias.device))
-    return {"weight_decay": weight_decay, "val_top1": val_top1, "seconds": time.perf_counter() - started}
+    return {**chosen, "seconds": time.perf_counter() - started}
 
 
 def build(context: BuildContext) -> BuildResult:

@@ -1,9 +1,9 @@
-"""The heads stage: softmax and logistic heads on each backbone's cached features, chosen on val, tested once.
+"""The heads stage: every registered head kind asked for on each backbone's cached features, chosen on val, tested once.
 
 One unit per (backbone, head kind), named "<backbone>-<kind>", reading that backbone's features
-unit. Its key holds the [heads] settings that kind uses (shared ones plus its own `<kind>_*`
-fields) and the seed, so changing a logistic setting refits only the logistic heads and never
-re-extracts features.
+unit. Its key holds the shared [heads] settings, that kind's own [heads.<kind>] table and the seed,
+so changing a logistic setting refits only the logistic heads and never re-extracts features. What
+a kind does (search, refit, file, prediction) comes from the head-kind registry (pipeline/head_kinds).
 """
 
 from __future__ import annotations
@@ -15,34 +15,37 @@ from pathlib import Path
 
 import numpy
 
-from . import cache, evaluate, features_h5, linear_heads, results
-from .config import HEAD_KINDS, Config, ConfigError, HeadsConfig
+from . import cache, evaluate, features_h5, results
+from .config import Config, ConfigError, HeadsConfig
 from .features import AUGMENTED_GROUP, features_file
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from .head_kinds import HeadError, HeadKind, Problem, get_head_kind, saved_kind
+from .head_kinds.linear import NORMALIZATIONS
 from .runtime import Timings, environment, seed_everything
 
 CODE_VERSION = "2"  # 2: softmax decays trained side by side, logistic on one BLAS thread
-SOFTMAX_FILE = "head.pt"
-LOGISTIC_FILE = "head.joblib"
-# Fields that configure the stage as a whole rather than one head (they never enter a unit's key).
-STAGE_FIELDS = ("kinds",)
+# Fields that configure the stage as a whole, or that enter a key per kind (the tables), not as they are.
+STAGE_FIELDS = ("kinds", "tables")
 
 
 def head_settings(config: Config, kind: str) -> dict:
-    """The [heads] fields that change a `kind` head: shared ones and `<kind>_*` ones, plus the seed."""
-    prefixes = tuple(f"{other}_" for other in HEAD_KINDS)
-    settings = {}
-    for spec in dataclasses.fields(HeadsConfig):
-        name = spec.name
-        if name in STAGE_FIELDS or (name.startswith(prefixes) and not name.startswith(f"{kind}_")):
-            continue
-        settings[name] = getattr(config.heads, name)
-    return {"kind": kind, **settings, "seed": config.runtime.seed}
+    """What changes a `kind` head: the shared [heads] fields, its own [heads.<kind>] table and the seed.
+
+    The table's keys enter as `<kind>_<key>`, the names they had as flat [heads] keys, so a head
+    cached before the tables existed keeps its key.
+    """
+    shared = {
+        spec.name: getattr(config.heads, spec.name)
+        for spec in dataclasses.fields(HeadsConfig)
+        if spec.name not in STAGE_FIELDS
+    }
+    own = {f"{kind}_{name}": value for name, value in dataclasses.asdict(config.heads.table(kind)).items()}
+    return {"kind": kind, **shared, **own, "seed": config.runtime.seed}
 
 
 def plan(config: Config, graph) -> list[Unit]:
     if not config.heads.normalizations:
-        raise ConfigError(f"[heads] normalizations must list at least one of: {', '.join(linear_heads.NORMALIZATIONS)}")
+        raise ConfigError(f"[heads] normalizations must list at least one of: {', '.join(NORMALIZATIONS)}")
     units = []
     for backbone in config.features.backbones:
         # One extraction serves every seed: repeats vary the head's initialisation and data order.
@@ -77,110 +80,25 @@ def load_splits(path, use_augmented_views: bool) -> tuple[dict, dict]:
     return attributes, splits
 
 
-def _softmax_options(settings: HeadsConfig, seed: int) -> dict:
-    return {
-        "lr": settings.softmax_lr,
-        "batch_size": settings.softmax_batch_size,
-        "label_smoothing": settings.softmax_label_smoothing,
-        "seed": seed,
-    }
-
-
-def _softmax_payload(head, normalizer: linear_heads.Normalizer) -> dict:
-    import torch
-
-    # Tensors only, so the file loads with torch.load(weights_only=True).
-    state = {
-        name: None if value is None else torch.as_tensor(value) if not isinstance(value, str) else value
-        for name, value in normalizer.state().items()
-    }
-    return {"state_dict": head.state_dict(), "normalizer": state}
-
-
-def select(kind: str, settings: HeadsConfig, splits: dict, num_classes: int, seed: int) -> tuple:
-    """Hyper-parameter search on val: (choice, every candidate, payload of the chosen head fitted on train)."""
-    if kind == "softmax":
-        chosen, candidates, head, normalizer = linear_heads.select_softmax(
-            splits["fit"],
-            splits["val"],
-            num_classes,
-            normalizations=settings.normalizations,
-            weight_decays=settings.softmax_weight_decays,
-            epochs=settings.softmax_epochs,
-            **_softmax_options(settings, seed),
-        )
-        return chosen, candidates, _softmax_payload(head, normalizer)
-    chosen, candidates, model, normalizer = linear_heads.select_logistic(
-        splits["fit"],
-        splits["val"],
-        normalizations=settings.normalizations,
-        cs=settings.logistic_cs,
-        solver=settings.logistic_solver,
-        max_iter=settings.logistic_max_iter,
-        tolerance=settings.logistic_tolerance,
-        seed=seed,
-        blas_threads=settings.logistic_blas_threads,
-    )
-    converged = next(
-        c["converged"] for c in candidates if c["normalization"] == chosen["normalization"] and c["c"] == chosen["c"]
-    )
-    return {**chosen, "converged": converged}, candidates, {"model": model, "normalizer": normalizer.state()}
+def select(kind: HeadKind, settings: HeadsConfig, splits: dict, num_classes: int, seed: int) -> tuple:
+    """Hyper-parameter search on val: (choice, every candidate, payload of the chosen head fitted on the fit rows)."""
+    problem = Problem(splits["fit"], splits["val"], num_classes, list(settings.normalizations), seed)
+    return kind.select(settings.table(kind.name), problem)
 
 
 def refit(
-    kind: str,
-    settings: HeadsConfig,
-    chosen: dict,
-    features: numpy.ndarray,
-    labels: numpy.ndarray,
-    num_classes: int,
-    seed: int,
+    kind: HeadKind, settings: HeadsConfig, chosen: dict, features, labels, num_classes: int, seed: int
 ) -> tuple[dict, dict]:
     """The chosen head fitted afresh on (features, labels): (choice with the refit's own flags, payload)."""
-    normalizer = linear_heads.Normalizer.fit(chosen["normalization"], features)
-    if kind == "softmax":
-        head, _ = linear_heads.train_softmax(
-            normalizer.apply(features),
-            labels,
-            num_classes,
-            weight_decay=chosen["weight_decay"],
-            epochs=chosen["epochs"],
-            **_softmax_options(settings, seed),
-        )
-        return chosen, _softmax_payload(head, normalizer)
-    model = linear_heads.make_logistic(
-        chosen["c"], settings.logistic_solver, settings.logistic_max_iter, settings.logistic_tolerance, seed
-    )
-    model, converged = linear_heads.fit_logistic(
-        model, normalizer.apply(features), labels, settings.logistic_blas_threads
-    )
-    return {**chosen, "converged": converged}, {"model": model, "normalizer": normalizer.state()}
+    return kind.refit(settings.table(kind.name), chosen, features, labels, num_classes, seed)
 
 
-def require_finite(payload: dict, name: str) -> None:
+def require_finite(kind: HeadKind, payload: dict, name: str) -> None:
     """Stop with one line when a fitted head holds NaN or infinity: its test number would be meaningless."""
-    if "model" in payload:
-        arrays = [payload["model"].coef_, payload["model"].intercept_]
-    else:
-        arrays = [value.numpy() for value in payload["state_dict"].values()]
-    if not all(numpy.isfinite(array).all() for array in arrays):
-        raise linear_heads.HeadError(
-            f"the {name} head diverged (its weights are not finite); nothing was cached; "
-            "lower [heads] softmax_lr or raise the logistic regularisation and rerun"
+    if not kind.finite(payload):
+        raise HeadError(
+            f"the {name} head diverged (its fitted values are not finite); nothing was cached; {kind.remedy} and rerun"
         )
-
-
-def predictor(payload: dict) -> Callable[[numpy.ndarray], numpy.ndarray]:
-    """A head payload (as saved) as a function from cached features to predicted classes."""
-    normalizer = linear_heads.Normalizer.from_state(payload["normalizer"])
-    if "model" in payload:
-        return lambda features: payload["model"].predict(normalizer.apply(features))
-    import torch
-
-    weight = payload["state_dict"]["weight"]
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0])
-    head.load_state_dict(payload["state_dict"])
-    return lambda features: linear_heads.predict_softmax(head, normalizer.apply(features))
 
 
 def selection_key(unit: Unit, features_build_id: str | None) -> str:
@@ -192,7 +110,7 @@ def selection_key(unit: Unit, features_build_id: str | None) -> str:
     )
 
 
-def cached_selection(context: BuildContext, kind: str, splits: dict, num_classes: int, timings: Timings) -> tuple:
+def cached_selection(context: BuildContext, kind: HeadKind, splits: dict, num_classes: int, timings: Timings) -> tuple:
     """select(), reused from the unit's memo when only fit_on changed since it ran; returns (.., reused)."""
     import joblib
 
@@ -227,38 +145,28 @@ def _with_val(splits: dict) -> tuple:
     )
 
 
-def save_head(directory, kind: str, payload: dict) -> str:
-    """Write the fitted head atomically: torch state dict (softmax) or joblib (logistic); returns the file name."""
-    if kind == "softmax":
-        import torch
+def save_head(directory, kind: HeadKind, payload: dict) -> str:
+    """Write the fitted head atomically, in its kind's own format; returns the file name."""
+    with cache.atomic_path(Path(directory) / kind.file_name) as temporary:
+        kind.save(temporary, payload)
+    return kind.file_name
 
-        with cache.atomic_path(directory / SOFTMAX_FILE) as temporary:
-            torch.save(payload, temporary)
-        return SOFTMAX_FILE
-    import joblib
 
-    with cache.atomic_path(directory / LOGISTIC_FILE) as temporary:
-        joblib.dump(payload, temporary)
-    return LOGISTIC_FILE
+def saved_head(directory) -> tuple[HeadKind, dict]:
+    """(kind, payload as saved) of the head in a heads unit's folder, its file checked intact first."""
+    kind = saved_kind(directory)
+    return kind, kind.load(cache.require_intact(Path(directory) / kind.file_name))
 
 
 def load_head(directory) -> Callable[[numpy.ndarray], numpy.ndarray]:
     """The head saved in a heads unit's folder, as a function from cached features to predicted classes."""
-    directory = Path(directory)
-    if (directory / SOFTMAX_FILE).is_file():
-        import torch
-
-        return predictor(torch.load(cache.require_intact(directory / SOFTMAX_FILE), weights_only=True))
-    if (directory / LOGISTIC_FILE).is_file():
-        import joblib
-
-        return predictor(joblib.load(cache.require_intact(directory / LOGISTIC_FILE)))
-    raise FileNotFoundError(f"no {SOFTMAX_FILE} or {LOGISTIC_FILE} in {directory}; run `make heads` first")
+    kind, payload = saved_head(directory)
+    return kind.predictor(payload)
 
 
 def build(context: BuildContext) -> BuildResult:
     config, unit = context.config, context.unit
-    kind = unit.settings["kind"]
+    kind = get_head_kind(unit.settings["kind"])
     backbone = unit.input("features").name
     seed = config.runtime.seed
     seed_everything(seed)
@@ -270,14 +178,14 @@ def build(context: BuildContext) -> BuildResult:
     with timings.phase("fit"):
         if fit_on == "train+val":
             chosen, payload = refit(kind, settings, chosen, *_with_val(splits), len(class_names), seed)
-    require_finite(payload, results.frozen_unit(backbone, kind))
-    predict = predictor(payload)
+    require_finite(kind, payload, results.frozen_unit(backbone, kind.name))
+    predict = kind.predictor(payload)
     with timings.phase("evaluation"):
         metrics = evaluate.classification_metrics(splits["test"][1], predict(splits["test"][0]), len(class_names))
     head_file = save_head(
         context.directory,
         kind,
-        {**payload, "kind": kind, "backbone": backbone, "class_names": class_names, "selected": chosen},
+        {**payload, "kind": kind.name, "backbone": backbone, "class_names": class_names, "selected": chosen},
     )
     extraction = attributes["timings"]
     extract_seconds = sum(record["seconds"] for record in extraction.values())
@@ -285,10 +193,10 @@ def build(context: BuildContext) -> BuildResult:
     train_seconds = timings.seconds["selection"] + timings.seconds["fit"]
     fit_rows = len(splits["fit"][1]) + (len(splits["val"][1]) if fit_on == "train+val" else 0)
     record = {
-        "arm": results.frozen_arm(backbone, kind),
+        "arm": results.frozen_arm(backbone, kind.name),
         "method": results.FROZEN,
         "backbone": backbone,
-        "head": kind,
+        "head": kind.name,
         "input_size": attributes["input_size"],
         "train_images": len(splits["train"][1]) + (len(splits["val"][1]) if fit_on == "train+val" else 0),
         "fit_rows": fit_rows,
@@ -354,7 +262,7 @@ def build(context: BuildContext) -> BuildResult:
 STAGE = register_stage(
     Stage(
         name="heads",
-        description="Softmax and logistic heads on cached features.",
+        description="Heads of every kind in [heads] kinds on cached features.",
         code_version=CODE_VERSION,
         plan=plan,
         build=build,

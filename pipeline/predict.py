@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import backbones, cache, extract, features, features_h5, heads, images, linear_heads, models, train, transforms
+from . import backbones, cache, extract, features, features_h5, heads, images, models, train, transforms
 from .arms import arm_states
 from .config import Config
 from .errors import PipelineError
@@ -146,35 +146,12 @@ def choose_arm(config: Config, graph: Graph, name: str | None = None) -> Arm:
 
 
 def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarray]:
-    """Class probabilities from a heads unit's saved head (heads.load_head gives only the argmax)."""
-    directory = Path(directory)
-    if (directory / heads.SOFTMAX_FILE).is_file():
-        saved = torch.load(cache.require_intact(directory / heads.SOFTMAX_FILE), weights_only=True)
-        weight = saved["state_dict"]["weight"]
-        head = torch.nn.Linear(weight.shape[1], weight.shape[0])
-        head.load_state_dict(saved["state_dict"])
-        normalizer = linear_heads.Normalizer.from_state(saved["normalizer"])
-
-        def softmax(rows: numpy.ndarray) -> numpy.ndarray:
-            with torch.no_grad():
-                return torch.softmax(head(torch.from_numpy(normalizer.apply(rows))), dim=1).numpy()
-
-        return softmax
-    if (directory / heads.LOGISTIC_FILE).is_file():
-        import joblib
-
-        saved = joblib.load(cache.require_intact(directory / heads.LOGISTIC_FILE))
-        model, normalizer = saved["model"], linear_heads.Normalizer.from_state(saved["normalizer"])
-        num_classes = len(saved["class_names"])
-
-        def logistic(rows: numpy.ndarray) -> numpy.ndarray:
-            # Columns follow model.classes_; a class absent from the fit rows keeps probability 0.
-            probabilities = numpy.zeros((len(rows), num_classes))
-            probabilities[:, model.classes_] = model.predict_proba(normalizer.apply(rows))
-            return probabilities
-
-        return logistic
-    raise PredictError(f"no {heads.SOFTMAX_FILE} or {heads.LOGISTIC_FILE} in {directory}; run `make heads`")
+    """Class probabilities from a heads unit's saved head, whatever its kind (heads.load_head gives only the argmax)."""
+    try:
+        kind, payload = heads.saved_head(directory)
+    except FileNotFoundError as error:
+        raise PredictError(str(error)) from None
+    return kind.probabilities(payload)
 
 
 def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) -> Callable[[list], numpy.ndarray]:

@@ -22,7 +22,11 @@ def test_shipped_configs_load_apply_every_value_and_round_trip(name):
     assert config_from_dict(saved) == config
     for section, values in tomllib.loads(path.read_text()).items():
         for key, value in values.items():
-            assert saved[section][key] == value, f"{name}: [{section}] {key}"
+            if isinstance(value, dict) and section != "weights":  # a sub-table such as [heads.softmax]
+                for table_key, table_value in value.items():
+                    assert saved[section][key][table_key] == table_value, f"{name}: [{section}.{key}] {table_key}"
+            else:
+                assert saved[section][key] == value, f"{name}: [{section}] {key}"
 
 
 @pytest.mark.parametrize(
@@ -34,7 +38,7 @@ def test_shipped_configs_load_apply_every_value_and_round_trip(name):
         ({"finetune": {"epochs": -1}}, "[finetune] epochs = -1 is too small"),
         ({"finetune": {"optimizer": "adam"}}, "choose one of: sgd, adamw"),
         ({"runtime": {"precision": "int8"}}, "choose one of: auto, bf16, fp16, fp32"),
-        ({"heads": {"kinds": ["svm"]}}, "'svm' is not valid; choose one of: softmax, logistic"),
+        ({"heads": {"kinds": ["svm"]}}, "'svm' is not valid; choose one of: softmax, logistic, knn"),
         ({"heads": {"fit_on": "all"}}, "choose one of: train, train+val"),
         ({"features": {"batch_size": "big"}}, "[features] batch_size must be an integer"),
         ({"features": {"batch_size": True}}, "[features] batch_size must be an integer"),
@@ -42,7 +46,13 @@ def test_shipped_configs_load_apply_every_value_and_round_trip(name):
         ({"features": {"backbones": "resnet18"}}, "[features] backbones must be a list"),
         ({"features": {"backbones": ["resnet18", "resnet18"]}}, "lists a name twice"),
         ({"data": {"expected_split_sizes": [1, 2]}}, "three positive integers"),
-        ({"heads": {"logistic_cs": [0.0]}}, "logistic_cs values must be > 0"),
+        ({"heads": {"logistic": {"cs": [0.0]}}}, "[heads.logistic] cs values must be > 0"),
+        ({"heads": {"softmax": {"weight_decays": []}}}, "[heads.softmax] weight_decays must list at least one value"),
+        ({"heads": {"knn": {"temperatures": [0.07, 0.0]}}}, "[heads.knn] temperatures values must be > 0"),
+        ({"heads": {"knn": {"ks": [0]}}}, "[heads.knn] ks = 0 is too small; it must be >= 1"),
+        ({"heads": {"knn": {"k": 5}}}, "unknown key [heads.knn] k; known keys: ks, temperatures"),
+        ({"heads": {"svm": {}}}, "unknown key [heads] svm; known keys: kinds, fit_on"),
+        ({"heads": {"softmax": 3}}, "[heads.softmax] must be a table of settings"),
         ({"weights": {"resnet18": 3}}, "[weights] resnet18 must be a file path string"),
     ],
 )
@@ -70,10 +80,40 @@ def test_overrides_and_shortcuts_apply(tmp_path):
     assert config.runtime.device == "cpu"
 
 
+@pytest.mark.parametrize(
+    "key, new",
+    [
+        ("softmax_lr", "[heads.softmax] lr"),
+        ("logistic_cs", "[heads.logistic] cs"),
+        ("softmax_epochs", "[heads.softmax] epochs"),
+    ],
+)
+def test_flat_head_keys_name_their_new_table(key, new):
+    """The keys that moved into [heads.<kind>] tables are refused, in files and overrides, with where they went."""
+    table, moved = new[1:].split("] ")
+    expected = f"[heads] {key} is now {new} (override: {table}.{moved}=...)"
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"heads": {key: 1}})
+    assert str(caught.value) == expected
+    with pytest.raises(ConfigError) as caught:
+        load_config(PROJECT / "configs" / "tiny.toml", [f"heads.{key}=1"])
+    assert str(caught.value) == expected
+
+
+def test_head_tables_override_one_key_and_keep_the_rest():
+    config = load_config(PROJECT / "configs" / "tiny.toml", ["heads.softmax.lr=0.5", "heads.knn.ks=[3]"])
+    softmax = config.heads.table("softmax")
+    assert softmax.lr == 0.5 and softmax.epochs == 30  # the file's other [heads.softmax] keys stay
+    assert config.heads.table("knn").ks == [3]
+    assert config.section("heads")["softmax"]["lr"] == 0.5  # saved as the TOML file writes it
+    with pytest.raises(ConfigError, match="is not a table"):
+        load_config(PROJECT / "configs" / "default.toml", ["heads.fit_on.x=1"])
+
+
 def test_floats_accept_integers_and_lists_are_copied():
-    config = config_from_dict({"heads": {"softmax_lr": 1, "logistic_cs": [1, 2]}})
-    assert config.heads.softmax_lr == 1.0 and isinstance(config.heads.softmax_lr, float)
-    assert config.heads.logistic_cs == [1.0, 2.0]
+    config = config_from_dict({"heads": {"softmax": {"lr": 1}, "logistic": {"cs": [1, 2]}}})
+    assert config.heads.table("softmax").lr == 1.0 and isinstance(config.heads.table("softmax").lr, float)
+    assert config.heads.table("logistic").cs == [1.0, 2.0]
     assert Config().features.backbones is not Config().features.backbones
 
 

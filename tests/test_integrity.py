@@ -19,7 +19,7 @@ import numpy
 import pytest
 from helpers import PROJECT, one_line_error, stage_arguments
 
-from pipeline import backbones, cache, cli, config, data, heads, images, linear_heads, pixels, report_render, train
+from pipeline import backbones, cache, cli, config, data, head_kinds, heads, images, pixels, report_render, train
 from pipeline import predict as predict_module
 
 # One of each kind of file the tiny study's manifests list.
@@ -290,13 +290,17 @@ def test_unreadable_data_ends_in_one_line(fake_flowers, tmp_path, capsys, monkey
 
 
 def float_settings() -> list[tuple[str, str, bool]]:
-    """(section, key, is a list) of every float setting, found from the config's own dataclasses."""
+    """(section, key, is a list) of every float setting, found from the config's own dataclasses and their
+    sub-tables (`heads.logistic`, ...)."""
     found = []
-    for section, section_type in config.section_types().items():
-        if not dataclasses.is_dataclass(section_type):
-            continue
+
+    def walk(section: str, section_type: type) -> None:
         hints = get_type_hints(section_type)
         for field in dataclasses.fields(section_type):
+            if config.TABLES in field.metadata:
+                for table, table_type in field.metadata[config.TABLES]().items():
+                    walk(f"{section}.{table}", table_type)
+                continue
             hint = hints[field.name]
             default = field.default_factory() if field.default_factory is not dataclasses.MISSING else None
             if hint is float:
@@ -305,6 +309,10 @@ def float_settings() -> list[tuple[str, str, bool]]:
                 hint is list and default and all(isinstance(item, float) for item in default)
             ):
                 found.append((section, field.name, True))
+
+    for section, section_type in config.section_types().items():
+        if dataclasses.is_dataclass(section_type):
+            walk(section, section_type)
     return found
 
 
@@ -318,7 +326,13 @@ def test_every_float_setting_must_be_finite(section, key, listed, value):
 
 def test_float_settings_are_found():
     keys = {f"{section}.{key}" for section, key, _ in float_settings()}
-    assert {"finetune.lr", "cnn.dropout", "features.view_minimum_scale", "heads.logistic_cs"} <= keys
+    assert {
+        "finetune.lr",
+        "cnn.dropout",
+        "features.view_minimum_scale",
+        "heads.logistic.cs",
+        "heads.knn.temperatures",
+    } <= keys
 
 
 @pytest.mark.slow
@@ -337,8 +351,8 @@ def test_a_head_with_non_finite_weights_is_refused():
     import torch
 
     payload = {"state_dict": {"weight": torch.full((3, 4), float("nan")), "bias": torch.zeros(3)}}
-    with pytest.raises(linear_heads.HeadError, match="diverged"):
-        heads.require_finite(payload, "tiny-resnet-softmax")
+    with pytest.raises(head_kinds.HeadError, match="diverged"):
+        heads.require_finite(head_kinds.get_head_kind("softmax"), payload, "tiny-resnet-softmax")
 
 
 # --- writes ------------------------------------------------------------------------------------------

@@ -14,14 +14,14 @@ from helpers import make_tiny_config
 
 from pipeline import download, evaluate, features, features_h5, graph, heads, images, predict, train
 
-FROZEN_ARMS = ("frozen-tiny-resnet-softmax", "frozen-tiny-resnet-logistic")
+FROZEN_ARMS = ("frozen-tiny-resnet-softmax", "frozen-tiny-resnet-logistic", "frozen-tiny-resnet-knn")
 END_TO_END_ARMS = ("finetune-tiny-resnet", "scratch-bn-cnn")
-ONE_BACKBONE = ('features.backbones=["tiny-resnet"]',)
+ONE_BACKBONE = ('features.backbones=["tiny-resnet"]', 'heads.kinds=["softmax", "logistic", "knn"]')
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, fake_flowers_session):
-    """Every arm of the tiny study (one frozen backbone, both heads, fine-tuning, scratch) built once."""
+    """Every arm of the tiny study (one frozen backbone, every head kind, fine-tuning, scratch) built once."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models gain nothing from threads on shared cores
     config = make_tiny_config(fake_flowers_session, tmp_path_factory.mktemp("cache"), ONE_BACKBONE)

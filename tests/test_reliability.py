@@ -286,7 +286,7 @@ def test_full_disk_while_refitting_heads_keeps_earlier_artifacts(
     features_before = file_bytes(root / "features" / "tiny-resnet")
     heads = root / "heads" / "tiny-resnet-softmax"
     heads_before = file_bytes(heads)
-    changed = arguments + ["--set", "heads.softmax_epochs=20"]
+    changed = arguments + ["--set", "heads.softmax.epochs=20"]
     # A real ENOSPC inside torch.save, then one at the rename of result.json, then one at the manifest.
     previous = heads_before
     for fault in ("*/head.pt:full", "*/result.json:enospc", "*/heads/*/manifest.json:enospc"):

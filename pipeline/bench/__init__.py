@@ -10,9 +10,9 @@ when not measured or when the row has no target) and notes. Rows, in `SECTIONS` 
 - extraction: img/s of the features stage's own code path (extract.write_features over the jobs
   features.extraction_jobs builds) on a subset, over model-only forward img/s of those images, in
   paired rounds that alternate the two.
-- frozen: extract + both heads (the features and heads stages' functions) against the notebook's
-  protocol, timed on a few images and extrapolated to its 25 epochs; its accuracy is approximated
-  on cached features of its own augmentations (the notes say so).
+- frozen: extract + every head kind in [heads] kinds (the features and heads stages' functions)
+  against the notebook's protocol, timed on a few images and extrapolated to its 25 epochs; its
+  accuracy is approximated on cached features of its own augmentations (the notes say so).
 - finetune: seconds per epoch of our training step against a notebook-style DataLoader loop.
 - warm: wall time of `python -m stages.all` when every unit is cached (otherwise not measured).
 - memory: peak resident memory of the features code path at two dataset sizes, each in its own process.

@@ -1,4 +1,4 @@
-"""The frozen row: ours (extract + both heads) against the notebook's frozen protocol."""
+"""The frozen row: ours (extract + every head kind in [heads] kinds) against the notebook's frozen protocol."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy
 from .. import backbones, evaluate, extract, features, features_h5, heads, transforms
 from ..config import Config
 from ..data import DatasetIndex
+from ..head_kinds import get_head_kind
 from ..runtime import Runtime, seed_everything
 from .notebook import notebook_train_transform, time_notebook_frozen, train_notebook_head
 from .options import BenchOptions
@@ -20,21 +21,22 @@ from .subsets import subset_index
 
 
 def fit_our_heads(config: Config, path: Path, num_classes: int) -> dict:
-    """Both heads as the heads stage fits them (selection on val, optional refit), timed with loading; per kind."""
+    """Every head kind as the heads stage fits it (selection on val, optional refit), timed with loading; per kind."""
     seed_everything(config.runtime.seed)
     started = time.perf_counter()
     _, splits = heads.load_splits(path, config.heads.use_augmented_views)
     load_seconds = time.perf_counter() - started
     results = {}
-    for kind in config.heads.kinds:
+    for name in config.heads.kinds:
+        kind = get_head_kind(name)
         started = time.perf_counter()
         chosen, _, payload = heads.select(kind, config.heads, splits, num_classes, config.runtime.seed)
         if config.heads.fit_on == "train+val":
             rows = [numpy.concatenate([splits["fit"][part], splits["val"][part]]) for part in (0, 1)]
             chosen, payload = heads.refit(kind, config.heads, chosen, *rows, num_classes, config.runtime.seed)
-        predictions = heads.predictor(payload)(splits["test"][0])
+        predictions = kind.predictor(payload)(splits["test"][0])
         top1 = evaluate.classification_metrics(splits["test"][1], predictions, num_classes)["top1"]
-        results[kind] = {
+        results[name] = {
             "val_top1": chosen["val_top1"],
             "test_top1": top1,
             "seconds": time.perf_counter() - started + load_seconds / len(config.heads.kinds),
@@ -45,7 +47,7 @@ def fit_our_heads(config: Config, path: Path, num_classes: int) -> dict:
 def frozen_row(
     config: Config, runtime: Runtime, index: DatasetIndex, options: BenchOptions, work: Path, log: Callable
 ) -> dict:
-    """Row 3 on the first [features] backbone: ours (extract + both heads) vs the notebook's frozen protocol."""
+    """Row 3 on the first [features] backbone: ours (extract + every head kind) vs the notebook's frozen protocol."""
     name = config.features.backbones[0]
     spec = backbones.get_backbone(name)
     _, input_size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
@@ -57,7 +59,7 @@ def frozen_row(
     timings_around = [
         time_notebook_frozen(name, weights, index, input_size, options.notebook_images, runtime, config.runtime.seed)
     ]
-    # Ours: the features stage's jobs (every train/val image, augmented views, the test images) and both heads.
+    # Ours: the features stage's jobs (every train/val image, augmented views, the test images) and every head kind.
     model = features.load_frozen_backbone(
         name, weights, runtime.device, runtime.channels_last, config.features.fold_batchnorm
     )
@@ -125,8 +127,9 @@ def frozen_row(
         f"{name}, {input_size} px. Ours: extract.write_features of {rows_of(jobs)} rows (train, val, "
         f"{config.features.augmented_views} augmented views, {test_count} test images"
         + (f", test time scaled to all {full_test}" if test_count < full_test else "")
-        + f") + both heads ({head_text}); ours = the {chosen_kind} head (best val). Notebook time: its protocol "
-        f"(fp32, batch 4, JPEG + RandomResizedCrop/flip for train, resize/centre-crop for val, SGD head) run on "
+        + f") + the heads in [heads] kinds ({head_text}); ours = the {chosen_kind} head (best val). "
+        f"Notebook time: its protocol (fp32, batch 4, JPEG + RandomResizedCrop/flip for train, "
+        f"resize/centre-crop for val, SGD head) run on "
         f"{timing['train_images_timed']} train + {timing['val_images_timed']} val images in two slices, before "
         f"and after ours ({WARMUP_STEPS} warm-up batches of each not counted; seconds per image "
         f"{slice_seconds} for train + val, averaged), extrapolated to {NOTEBOOK_EPOCHS} epochs x "
@@ -144,7 +147,7 @@ def frozen_row(
     )
     return make_row(
         "frozen",
-        f"frozen arm ({name}): extract + both heads vs notebook protocol",
+        f"frozen arm ({name}): extract + heads vs notebook protocol",
         ours_seconds,
         notebook_seconds,
         "s",

@@ -11,7 +11,7 @@ import torch
 from helpers import make_tiny_config
 from torch import nn
 
-from pipeline import evaluate, finetune, graph, results, train
+from pipeline import checkpoints, evaluate, finetune, graph, results
 from pipeline.backbones import available_backbones, get_backbone, head_parameters
 from pipeline.config import CnnConfig
 from pipeline.models import NotebookCNN, build_finetune_model, build_scratch_model, finetune_groups
@@ -47,7 +47,7 @@ def test_stage_writes_a_complete_result_and_then_stays_cached(tiny_config, stage
     assert len(result["confusion_matrix"]) == 6 and sum(map(sum, result["confusion_matrix"])) == 36
     assert any("estimate:" in line for line in lines)
     directory = graph.Graph(tiny_config).directory(graph.Graph(tiny_config).unit(stage, unit))
-    assert not (directory / train.CHECKPOINT).exists()
+    assert not (directory / checkpoints.CHECKPOINT).exists()
     assert {"history.json", "history.csv", "model.pt", "result.json"} <= set(manifest["files"])
     _, again = build_stage(tiny_config, stage)
     assert any("cached" in line for line in again) and not any("building" in line for line in again)
@@ -55,14 +55,14 @@ def test_stage_writes_a_complete_result_and_then_stays_cached(tiny_config, stage
 
 def interrupt_after_first_epoch(monkeypatch):
     """Make the next build die right after its first epoch is checkpointed, as a kill would."""
-    original = train.write_history
+    original = checkpoints.write_history
 
     def write_then_die(directory, history):
         original(directory, history)
         if len(history) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "write_history", write_then_die)
+    monkeypatch.setattr(checkpoints, "write_history", write_then_die)
     return original
 
 
@@ -75,7 +75,7 @@ def test_interrupted_finetune_resumes_from_its_checkpoint_and_matches_a_straight
     original = interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_stage(interrupted, "finetune")
-    monkeypatch.setattr(train, "write_history", original)
+    monkeypatch.setattr(checkpoints, "write_history", original)
     _, lines = build_stage(interrupted, "finetune")
     assert any("resuming after epoch 1/3" in line for line in lines)
     assert not any("linear probe" in line for line in lines)  # the probe is not repeated
@@ -91,7 +91,7 @@ def test_checkpoint_made_under_other_settings_is_not_resumed(tiny_config, monkey
     original = interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_stage(tiny_config, "cnn")
-    monkeypatch.setattr(train, "write_history", original)
+    monkeypatch.setattr(checkpoints, "write_history", original)
     changed = make_tiny_config(tiny_config.data.root, tiny_config.cache.root, ["cnn.lr=0.02"])
     _, lines = build_stage(changed, "cnn")
     assert any("made for other settings" in line for line in lines)

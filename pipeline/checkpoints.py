@@ -112,9 +112,14 @@ def read_checkpoint(path: Path, key: str, log: Callable[[str], None] = print) ->
 
 
 def write_model(path: Path, state: dict) -> None:
-    """The best-on-val state dict, atomically."""
-    with cache.atomic_path(path) as temporary:
-        torch.save(state, temporary)
+    """The best-on-val state dict, atomically, its bytes a function of the tensors alone.
+
+    Saved through a buffer: torch.save names the archive's folder inside the file after the path it
+    writes to, which here is a random temporary name, so equal weights made unequal files.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    cache.write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_history(directory: Path, history: list) -> None:

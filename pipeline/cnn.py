@@ -7,9 +7,10 @@ The architectures live in pipeline/models.py; the loop is pipeline/train.py, sha
 
 from __future__ import annotations
 
-from . import distributed, images, results, train
+from . import checkpoints, cpu_rewrites, distributed, images, results, train
 from .config import Config
 from .download import load_index
+from .evaluate import finish_arm
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from .models import SCRATCH_PREPROCESSING, build_scratch_model
 from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
@@ -54,22 +55,14 @@ def build(context: BuildContext) -> BuildResult:
         folder = images.store_folder(context.cache_root, context.unit.input("download").key, stored_size)
         sets = images.load_image_sets(index, folder, stored_size, SCRATCH_PREPROCESSING, input_size, context.log)
     model = build_scratch_model(settings, config.data.num_classes, input_size)
+    cpu_rewrites.for_training(model, runtime, settings, architecture)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     context.log(f"[cnn] {architecture}: {parameters / 1e6:.2f} M parameters at {input_size} px")
-    resume = train.read_checkpoint(context.directory / train.CHECKPOINT, context.unit.key, context.log)
-    result = train.fit(
-        model,
-        [{"name": "model", "params": list(model.parameters()), "lr_scale": 1.0}],
-        sets["train"],
-        sets["val"],
-        settings,
-        runtime,
-        checkpoint=context.directory / train.CHECKPOINT,
-        key=context.unit.key,
-        label=f"cnn {architecture}",
-        log=context.log,
-        resume=resume,
-    )
+    checkpoint = context.directory / checkpoints.CHECKPOINT
+    resume = checkpoints.read_checkpoint(checkpoint, context.unit.key, context.log)
+    job = train.FitJob(checkpoint, context.unit.key, label=f"cnn {architecture}", log=context.log, resume=resume)
+    groups = [{"name": "model", "params": list(model.parameters()), "lr_scale": 1.0}]
+    result = train.fit(model, groups, sets["train"], sets["val"], settings, runtime, job)
     record = {
         "arm": results.scratch_arm(architecture),
         "method": results.SCRATCH,
@@ -82,16 +75,8 @@ def build(context: BuildContext) -> BuildResult:
         "selected": {"best_epoch": result.best_epoch},
         "parameters": parameters,
     }
-    return train.finish_arm(
-        context,
-        model,
-        result,
-        sets["test"],
-        runtime,
-        settings,
-        record,
-        {"data_seconds": timings.seconds.get("data", 0.0)},
-    )
+    phases = {"data_seconds": timings.seconds.get("data", 0.0)}
+    return finish_arm(context, model, result, sets["test"], runtime, record, phases)
 
 
 STAGE = register_stage(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import backbones, data, distributed, extract, features_h5, transforms
+from . import backbones, cpu_rewrites, data, distributed, extract, features_h5, transforms
 from .cache import compute_key
 from .config import Config
 from .download import load_index
@@ -143,14 +143,11 @@ def load_frozen_backbone(
     name: str, weights_path: str | None, device: str, channels_last: bool, fold_batchnorm: bool = False
 ) -> torch.nn.Module:
     """The backbone with its head stripped, frozen (eval mode, no gradients), rewritten for inference, on `device`."""
-    from .models import fold_for_inference
-
     spec = backbones.get_backbone(name)
     model = backbones.build_backbone(name, pretrained=weights_path is not None, weights_path=weights_path)
     backbones.strip_head(model, spec)
     model = extract.freeze(model)
-    if fold_batchnorm:
-        model = fold_for_inference(model, name)
+    model = cpu_rewrites.for_inference(model, name, fold_batchnorm)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -15,13 +15,14 @@ import time
 import torch
 from torch import nn
 
-from . import cache, distributed, images, results, train
+from . import cache, checkpoints, cpu_rewrites, distributed, images, results, train
 from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint, weights_verified
 from .config import Config, ConfigError
 from .download import load_index
+from .evaluate import finish_arm
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from .head_kinds.linear import select_lbfgs_probe
-from .models import build_finetune_model, finetune_groups, rewrite_for_finetuning
+from .models import build_finetune_model, finetune_groups
 from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
@@ -120,7 +121,7 @@ def build(context: BuildContext) -> BuildResult:
     with timings.phase("weights"):
         weights_path, weights_sha256 = _weights_identity(config, name, allow_download=True)
         model, spec = build_finetune_model(name, config.data.num_classes, weights_path=weights_path)
-        rewrite_for_finetuning(model, name, settings)
+        cpu_rewrites.for_training(model, runtime, settings, name)
     # The key this build's checkpoint answers to, with the real weights hash even right after a download.
     unit = context.unit
     key = cache.compute_key(
@@ -135,25 +136,22 @@ def build(context: BuildContext) -> BuildResult:
         index = load_index(context.input_directory("download"))
         folder = images.store_folder(context.cache_root, unit.input("download").key, stored_size)
         sets = images.load_image_sets(index, folder, stored_size, spec.preprocessing, input_size, context.log)
-    resume = train.read_checkpoint(context.directory / train.CHECKPOINT, key, context.log)
+    checkpoint = context.directory / checkpoints.CHECKPOINT
+    resume = checkpoints.read_checkpoint(checkpoint, key, context.log)
     probe = {}
     if resume is None and settings.linear_probe:
         probe = linear_probe(model, spec, sets, settings, runtime, context.log)
-    result = train.fit(
-        model,
-        finetune_groups(model, spec, settings.backbone_lr_multiplier),
-        sets["train"],
-        sets["val"],
-        settings,
-        runtime,
-        checkpoint=context.directory / train.CHECKPOINT,
-        key=key,
+    job = train.FitJob(
+        checkpoint,
+        key,
         label=f"finetune {name}",
         log=context.log,
         resume=resume,
         freeze_batchnorm=settings.freeze_bn_stats,
         extra={"probe": probe},
     )
+    groups = finetune_groups(model, spec, settings.backbone_lr_multiplier)
+    result = train.fit(model, groups, sets["train"], sets["val"], settings, runtime, job)
     probe = result.extra.get("probe", {})
     selected = {"best_epoch": result.best_epoch}
     if probe:
@@ -176,7 +174,7 @@ def build(context: BuildContext) -> BuildResult:
         "data_seconds": timings.seconds.get("data", 0.0),
         "probe_seconds": probe.get("seconds", 0.0),
     }
-    return train.finish_arm(context, model, result, sets["test"], runtime, settings, record, phases)
+    return finish_arm(context, model, result, sets["test"], runtime, record, phases)
 
 
 STAGE = register_stage(

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import backbones, cache, extract, features, features_h5, heads, images, models, train, transforms
+from . import backbones, cache, checkpoints, extract, features, features_h5, heads, images, models, train, transforms
 from .arms import arm_states
 from .config import Config
 from .errors import PipelineError
@@ -217,7 +217,7 @@ def end_to_end_model(config: Config, arm: Arm, runtime: Runtime) -> tuple[torch.
         model = models.build_scratch_model(config.cnn, num_classes, result["input_size"])
         preprocessing = models.SCRATCH_PREPROCESSING
     model.load_state_dict(
-        torch.load(cache.require_intact(arm.directory / train.MODEL), map_location="cpu", weights_only=True)
+        torch.load(cache.require_intact(arm.directory / checkpoints.MODEL), map_location="cpu", weights_only=True)
     )
     return runtime.place(model).eval(), preprocessing
 

@@ -3,7 +3,7 @@
 The same rule decides for every stage, so each trains and measures the same way (nanoGPT style):
 bf16 autocast where the device computes it natively, fp16 + GradScaler only on CUDA without bf16.
 Planning asks `plan_runtime`, which changes nothing; a build calls `resolve_runtime`, which also
-sets the process's threads and allocator.
+sets the process's threads and allocator (cpu_rewrites.keep_freed_memory).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from . import cpu_rewrites
 from .config import ConfigError, RuntimeConfig
 
 
@@ -26,7 +27,7 @@ class Runtime:
     channels_last: bool
     num_workers: int
     seed: int
-    # Train depthwise convolutions in fp32 (CPU + bf16 only; see models.train_depthwise_in_float32).
+    # Train depthwise convolutions in fp32 (CPU + bf16 only; cpu_rewrites.for_training applies it).
     float32_depthwise: bool = False
     inference_streams: int = 1  # extraction batches in flight at once (extract.in_streams)
 
@@ -44,16 +45,12 @@ class Runtime:
         return torch.autocast(device_type=self.device_type, dtype=dtype)
 
     def place(self, model):
-        """`model` on this device and memory format, ready to train (layers slow in bf16 kept in fp32)."""
+        """`model` on this device and in this memory format (it changes nothing else; see cpu_rewrites)."""
         import torch
 
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if self.float32_depthwise:
-            from .models import train_depthwise_in_float32
-
-            train_depthwise_in_float32(model)
         return model
 
     def needs_grad_scaler(self) -> bool:
@@ -80,7 +77,7 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if settings.keep_freed_memory:
-        keep_freed_memory()
+        cpu_rewrites.keep_freed_memory()
     return plan_runtime(settings)
 
 
@@ -129,36 +126,6 @@ def plan_runtime(settings: RuntimeConfig) -> Runtime:
     )
 
 
-# glibc mallopt parameters (malloc.h) and the largest value its int argument takes.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_LARGEST_INT = 2**31 - 1
-_allocator = {"kept": None}
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc malloc keep freed memory for reuse; True where it now does (Linux with glibc), else False.
-
-    By default glibc serves blocks above its mmap threshold (128 KB, adapting up to 32 MB) with a fresh
-    mmap and unmaps them on free, so each batch's activations are page-faulted in anew and much of the
-    CPU time goes to the kernel. With mmap off for allocations and trimming
-    only past 2 GiB free, freed blocks stay in the heap and are reused. Resident memory then stays at the
-    process's peak instead of falling after it. Idempotent; DataLoader workers inherit it by fork.
-    """
-    if _allocator["kept"] is None:
-        _allocator["kept"] = False
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            import ctypes
-
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-            except OSError:
-                return False
-            # mallopt returns 1 on success; both must hold, or the faults come back through the other path.
-            _allocator["kept"] = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _LARGEST_INT))
-    return _allocator["kept"]
-
-
 def _cpu_has_native_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -187,7 +154,7 @@ def environment(runtime: Runtime | None = None) -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "freed_memory_kept": bool(_allocator["kept"]),
+        "freed_memory_kept": cpu_rewrites.freed_memory_kept(),
     }
     if runtime is not None:
         record.update(

@@ -7,13 +7,15 @@ After every epoch the whole state (model, optimizer, scaler, EMA, best weights, 
 atomically to a checkpoint that carries the unit key, so a run killed at any point resumes from its
 last finished epoch and a checkpoint made under other settings is never resumed. Each epoch seeds
 torch from (seed, epoch), so a resumed run repeats exactly the draws an uninterrupted run makes.
+
+`fit` composes small parts, as torchvision's classification references do: `train_one_epoch`,
+`evaluate`, `announce_estimate` and `record_epoch`, with checkpoints.py's `save_checkpoint` /
+`restore_checkpoint` and optimization.py's `Learner` (model, optimizer, loss, scaler, EMA) and schedule.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import math
 import time
 from collections.abc import Callable
@@ -22,37 +24,35 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from . import cache, distributed
+from . import checkpoints, distributed
 from .config import TrainConfig
 from .errors import PipelineError
-from .graph import BuildResult
 from .images import ImageSet
+from .optimization import Learner, lr_factor, make_learner, set_learning_rates
 from .runtime import Runtime
 
-HISTORY_JSON = "history.json"
-HISTORY_CSV = "history.csv"
+TIMED_STEPS = 3  # steps timed (after one warm-up step) for the duration estimate
 
 
 class TrainingError(PipelineError, RuntimeError):
     """Training that cannot produce a trustworthy result (a non-finite loss)."""
 
 
-CHECKPOINT = "checkpoint.pt"  # resume state, in the unit directory; removed once the unit is complete
-MODEL = "model.pt"  # best-on-val weights (state dict)
-TIMED_STEPS = 3  # steps timed (after one warm-up step) for the duration estimate
-HISTORY_FIELDS = (
-    "epoch",
-    "train_loss",
-    "train_top1",
-    "val_loss",
-    "val_top1",
-    "lr",
-    "train_seconds",
-    "val_seconds",
-    "seconds",
-    "images_per_second",
-)
+@dataclass
+class FitJob:
+    """One run of `fit`: where it checkpoints, what it answers to, how it reports and what it resumes."""
+
+    checkpoint: Path  # the resume checkpoint (checkpoints.CHECKPOINT in the unit directory)
+    key: str  # the unit key the checkpoint carries; one with another key is never resumed
+    label: str  # log prefix, e.g. "finetune resnet18" (its first word names the stage in errors)
+    log: Callable[[str], None] = print
+    resume: dict | None = None  # what checkpoints.read_checkpoint returned for `key`; None starts fresh
+    freeze_batchnorm: bool = False  # BatchNorm layers stay in eval mode (statistics fixed) while training
+    extra: dict = field(default_factory=dict)  # stored in the checkpoint, handed back in the result
+    on_epoch_end: Callable[[dict], None] | None = None  # called with each epoch's history row
 
 
 @dataclass
@@ -66,6 +66,7 @@ class FitResult:
     epochs_run: int
     stopped_early: bool
     resumed_from_epoch: int | None
+    eval_batch_size: int  # the batch the loop validated with; testing uses it too
     extra: dict = field(default_factory=dict)
 
     @property
@@ -76,65 +77,6 @@ class FitResult:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
-
-
-def make_optimizer(groups: list[dict], settings: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizer over named groups ({"name", "params", "lr_scale"}); norms and biases get no weight decay."""
-    torch_groups = []
-    for group in groups:
-        parameters = [parameter for parameter in group["params"] if parameter.requires_grad]
-        decayed = [parameter for parameter in parameters if parameter.ndim > 1]
-        plain = [parameter for parameter in parameters if parameter.ndim <= 1]
-        for members, decay in ((decayed, settings.weight_decay), (plain, 0.0)):
-            if members:
-                base = settings.lr * group.get("lr_scale", 1.0)
-                torch_groups.append(
-                    {"params": members, "weight_decay": decay, "lr": base, "base_lr": base, "name": group["name"]}
-                )
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(torch_groups, lr=settings.lr, momentum=settings.momentum, nesterov=settings.momentum > 0)
-    return torch.optim.AdamW(torch_groups, lr=settings.lr)
-
-
-def lr_factor(step: int, steps_per_epoch: int, settings: TrainConfig) -> float:
-    """Multiplier of every group's base LR at optimizer step `step` (0-based)."""
-    total = settings.epochs * steps_per_epoch
-    warmup = round(settings.warmup_epochs * steps_per_epoch)
-    if settings.schedule == "step":
-        factor = settings.step_gamma ** ((step // steps_per_epoch) // settings.step_size)
-        return factor * min(1.0, (step + 1) / warmup) if warmup else factor
-    if settings.schedule == "onecycle":
-        # torch's OneCycleLR shape: cosine up from 1/25 over the warmup, cosine down to 1/25e4.
-        if step < warmup:
-            return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * (step + 1) / warmup))
-        progress = (step - warmup) / max(1, total - warmup)
-        return 1 / 25e4 + (1 - 1 / 25e4) * 0.5 * (1 + math.cos(math.pi * progress))
-    if step < warmup:
-        return (step + 1) / warmup
-    if settings.schedule == "constant":
-        return 1.0
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-class WeightAverage:
-    """Exponential moving average of the weights (buffers copied), with the usual early-step warm-up."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.model = copy.deepcopy(model).eval()
-        self.decay = decay
-        self.updates = 0
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for average, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
-            if average.is_floating_point():
-                average.lerp_(current.to(average.dtype), 1 - decay)
-            else:
-                average.copy_(current)
 
 
 def set_train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
@@ -172,41 +114,13 @@ def model_outputs(model: nn.Module) -> int:
     return [module for module in model.modules() if isinstance(module, nn.Linear)][-1].out_features
 
 
-def load_checkpoint(path: Path) -> dict:
-    """The state in a checkpoint file, after checking the digest sealed in it (DamagedArtifact otherwise)."""
-    return torch.load(io.BytesIO(cache.read_sealed(path)), map_location="cpu", weights_only=True)
-
-
-def read_checkpoint(path: Path, key: str, log: Callable[[str], None] = print) -> dict | None:
-    """The resume checkpoint at `path` if it was written for `key`, else None (saying why)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        state = load_checkpoint(path)
-    except cache.DamagedArtifact as error:
-        log(
-            f"ignoring unreadable checkpoint {path} ({str(error).removeprefix(str(path)).strip()}); "
-            "training starts over"
-        )
-        return None
-    except Exception as error:  # any unreadable file just means "start over"; never fatal
-        log(f"ignoring unreadable checkpoint {path} ({type(error).__name__}); training starts over")
-        return None
-    if not isinstance(state, dict) or state.get("key") != key:
-        log(f"ignoring checkpoint {path.name}: it was made for other settings (key {str(state.get('key'))[:8]})")
-        return None
-    return state
-
-
-def write_history(directory: Path, history: list) -> None:
-    """Per-epoch metrics as history.json and history.csv (atomically)."""
-    cache.write_json_atomic(Path(directory) / HISTORY_JSON, history)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    cache.write_text_atomic(Path(directory) / HISTORY_CSV, text.getvalue())
+def evaluate(model: nn.Module, criterion: nn.Module, data: ImageSet, runtime: Runtime, batch_size: int) -> dict:
+    """{"val_loss", "val_top1"} of `model` on `data` (eval mode, eval transform, every image once)."""
+    logits = predict(model, data, runtime, batch_size)
+    return {
+        "val_loss": float(criterion(logits, data.labels.to(logits.device))),
+        "val_top1": float((logits.argmax(1).cpu() == data.labels.cpu()).float().mean()),
+    }
 
 
 def train_step(model, inputs, labels, criterion, optimizer, scaler, runtime) -> tuple[float, int]:
@@ -222,6 +136,59 @@ def train_step(model, inputs, labels, criterion, optimizer, scaler, runtime) -> 
         loss.backward()
         optimizer.step()
     return float(loss.detach()) * len(labels), int((logits.argmax(1) == labels).sum())
+
+
+def train_one_epoch(
+    learner: Learner, train_set: ImageSet, settings: TrainConfig, runtime: Runtime, epoch: int, job: FitJob
+) -> dict:
+    """One seeded pass over the shuffled training batches (LR set per step); the epoch's train metrics.
+
+    Under torchrun every rank draws the same global batch (same generator), augments it whole and
+    trains on its strided slice; the totals are summed over ranks.
+    """
+    torch.manual_seed(epoch_seed(runtime.seed, epoch))
+    generator = torch.Generator().manual_seed(epoch_seed(runtime.seed, epoch))
+    set_train_mode(learner.trained, job.freeze_batchnorm)
+    runtime.synchronize()
+    started = time.perf_counter()
+    batches = list(train_set.batches(settings.batch_size, generator, shuffle=True, drop_last=True))
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(
+        batches,
+        desc=f"{job.label} epoch {epoch + 1}/{settings.epochs}",
+        leave=False,
+        disable=None if distributed.is_main() else True,
+    )
+    for index, positions in enumerate(bar):
+        set_learning_rates(learner.optimizer, lr_factor(epoch * len(batches) + index, len(batches), settings))
+        inputs = train_set.train_batch(positions, settings.augmentation, settings.minimum_crop_scale, generator)
+        mine = distributed.shard(len(positions))
+        labels = train_set.labels[positions[mine]]
+        batch_loss, batch_correct = train_step(
+            learner.trained, inputs[mine], labels, learner.criterion, learner.optimizer, learner.scaler, runtime
+        )
+        if not math.isfinite(batch_loss):
+            # A diverged run must stop here: cached, it would be a chance-level result shown as real.
+            raise TrainingError(
+                f"[{job.label}] training diverged: the loss became {batch_loss / len(labels)} at epoch "
+                f"{epoch + 1}, step {index + 1}; nothing was cached; lower the learning rate (or its "
+                "backbone multiplier) and rerun"
+            )
+        if learner.average is not None:
+            learner.average.update(learner.model)
+        loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(labels)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    runtime.synchronize()
+    loss_sum, correct, seen = distributed.sum_values([loss_sum, correct, seen])
+    seconds = time.perf_counter() - started
+    return {
+        "train_loss": loss_sum / seen,
+        "train_top1": correct / seen,
+        "lr": learner.optimizer.param_groups[0]["lr"],
+        "train_seconds": seconds,
+        "images_per_second": seen / seconds,
+    }
 
 
 def estimate_seconds(model, train_set, val_set, settings, runtime, criterion, freeze_batchnorm) -> tuple[float, float]:
@@ -258,6 +225,79 @@ def estimate_seconds(model, train_set, val_set, settings, runtime, criterion, fr
     return sum(step_times[1:]) / TIMED_STEPS, sum(eval_times[1:]) / TIMED_STEPS
 
 
+def announce_estimate(
+    learner: Learner,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    settings: TrainConfig,
+    runtime: Runtime,
+    job: FitJob,
+    done: int,
+) -> None:
+    """Log how long the epochs after epoch `done` should take, from a few timed steps."""
+    step_seconds, eval_seconds = estimate_seconds(
+        learner.model, train_set, val_set, settings, runtime, learner.criterion, job.freeze_batchnorm
+    )
+    steps = len(list(train_set.batches(settings.batch_size, drop_last=True)))
+    epoch_seconds = step_seconds * steps + eval_seconds * math.ceil(len(val_set) / (2 * settings.batch_size))
+    remaining = settings.epochs - done
+    job.log(
+        f"[{job.label}] estimate: {step_seconds:.2f} s/step x {steps} steps + val "
+        f"{eval_seconds:.2f} s/batch -> ~{epoch_seconds:.0f} s/epoch, ~{epoch_seconds * remaining / 60:.1f} min "
+        f"for {remaining} epoch(s) (from {TIMED_STEPS} timed steps; early stopping may end sooner)"
+    )
+
+
+def distribute(model: nn.Module, runtime: Runtime, freeze_batchnorm: bool) -> nn.Module:
+    """`model` itself in one process; under torchrun, wrapped so gradients are averaged over ranks.
+
+    With an even split the gradient is the single-process one; BatchNorm layers in train mode see
+    only their rank's slice (frozen ones, as in fine-tuning, are unaffected).
+    """
+    if distributed.world_size() == 1:
+        return model
+    trained = model
+    if runtime.device_type == "cuda" and not freeze_batchnorm:
+        # On GPUs (nccl) BatchNorm can use statistics of the whole global batch; gloo has no
+        # SyncBatchNorm, so on CPU each rank normalises with its own slice. The parameters stay
+        # the same objects, so the optimizer and `model` keep working.
+        trained = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [torch.device(runtime.device).index] if runtime.device_type == "cuda" else None
+    return DistributedDataParallel(trained, device_ids=device_ids)
+
+
+def record_epoch(state: dict, row: dict, evaluated: nn.Module, patience: int) -> bool:
+    """Add an epoch's row to `state`, keep its weights when val improved, and decide early stopping.
+
+    Better means a higher val top-1, or the same with a lower val loss. Returns whether it improved.
+    """
+    state["history"].append(row)
+    improved = row["val_top1"] > state["best_val_top1"] or (
+        row["val_top1"] == state["best_val_top1"] and row["val_loss"] < state["best_val_loss"]
+    )
+    if improved:
+        state.update(
+            best_epoch=row["epoch"],
+            best_val_top1=row["val_top1"],
+            best_val_loss=row["val_loss"],
+            stale_epochs=0,
+            best_state={name: tensor.detach().to("cpu", copy=True) for name, tensor in evaluated.state_dict().items()},
+        )
+    else:
+        state["stale_epochs"] += 1
+    state["epoch"] = row["epoch"]
+    state["finished"] = bool(patience) and state["stale_epochs"] >= patience
+    return improved
+
+
+def describe_epoch(row: dict, epochs: int, improved: bool) -> str:
+    return (
+        f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.3f} | "
+        f"val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.4f}{' *' if improved else ''} | "
+        f"lr {row['lr']:.2e} | {row['seconds']:.1f} s, {row['images_per_second']:.1f} img/s"
+    )
+
+
 def fit(
     model: nn.Module,
     groups: list[dict],
@@ -265,200 +305,48 @@ def fit(
     val_set: ImageSet,
     settings: TrainConfig,
     runtime: Runtime,
-    *,
-    checkpoint: Path,
-    key: str,
-    label: str,
-    log: Callable[[str], None] = print,
-    resume: dict | None = None,
-    freeze_batchnorm: bool = False,
-    extra: dict | None = None,
-    on_epoch_end: Callable[[dict], None] | None = None,
+    job: FitJob,
 ) -> FitResult:
     """Train `model` on `train_set`, select the epoch on `val_set`, checkpoint every epoch; see the module doc.
 
-    `resume` is what `read_checkpoint` returned for this key (None starts fresh, after saving an
-    epoch-0 checkpoint so work done before `fit`, such as a linear probe, is not repeated).
-    `extra` is stored in the checkpoint and handed back in the result.
+    A fresh run (no `job.resume`) first saves an epoch-0 checkpoint, so work done before `fit`, such
+    as a linear probe, is not repeated when it resumes.
     """
-    from tqdm import tqdm
-
-    world = distributed.world_size()
-    distributed.check_batch_size(label.split()[0], settings.batch_size)
-    main = distributed.is_main()
-    device = runtime.device
+    distributed.check_batch_size(job.label.split()[0], settings.batch_size)
     runtime.place(model)
-    train_set, val_set = train_set.to(device), val_set.to(device)
-    optimizer = make_optimizer(groups, settings)
-    scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    average = WeightAverage(model, settings.ema_decay) if settings.ema_decay > 0 else None
-    evaluated = average.model if average is not None else model
-    steps_per_epoch = len(list(train_set.batches(settings.batch_size, drop_last=True)))
-    eval_batch_size = 2 * settings.batch_size
-    state = {
-        "key": key,
-        "epoch": 0,
-        "history": [],
-        "best_epoch": 0,
-        "best_val_top1": -1.0,
-        "best_val_loss": math.inf,
-        "best_state": None,
-        "stale_epochs": 0,
-        "finished": False,
-        "extra": dict(extra or {}),
-    }
-    resumed_from = None
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        if average is not None and resume.get("average") is not None:
-            average.model.load_state_dict(resume["average"])
-            average.updates = resume["average_updates"]
-        state.update({name: resume[name] for name in state if name in resume and name != "key"})
-        resumed_from = state["epoch"]
-        log(
-            f"[{label}] resuming after epoch {state['epoch']}/{settings.epochs} from {Path(checkpoint).name}"
-            + (
-                f" (best val top-1 {state['best_val_top1']:.4f} at epoch {state['best_epoch']})"
-                if state["best_epoch"]
-                else ""
-            )
+    train_set, val_set = train_set.to(runtime.device), val_set.to(runtime.device)
+    learner = make_learner(model, groups, settings, runtime)
+    state = checkpoints.initial_state(job.key, job.extra)
+    if job.resume is not None:
+        checkpoints.restore_checkpoint(learner, state, job.resume)
+        best = f" (best val top-1 {state['best_val_top1']:.4f} at epoch {state['best_epoch']})"
+        job.log(
+            f"[{job.label}] resuming after epoch {state['epoch']}/{settings.epochs} from "
+            f"{Path(job.checkpoint).name}{best if state['best_epoch'] else ''}"
         )
-
-    def save() -> None:
-        if not main:  # rank 0 alone writes; every rank holds the same state
-            return
-        payload = {
-            **state,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "average": average.model.state_dict() if average is not None else None,
-            "average_updates": average.updates if average is not None else 0,
-        }
-        # Sealed with its digest, so a checkpoint damaged on disk is never resumed.
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        cache.write_sealed(checkpoint, buffer.getbuffer())
-
-    if resume is None:
-        save()
+    else:
+        checkpoints.save_checkpoint(job.checkpoint, state, learner)
+    resumed_from = state["epoch"] if job.resume is not None else None
     if not state["finished"] and state["epoch"] < settings.epochs:
-        step_seconds, eval_seconds = estimate_seconds(
-            model, train_set, val_set, settings, runtime, criterion, freeze_batchnorm
-        )
-        epoch_seconds = step_seconds * steps_per_epoch + eval_seconds * math.ceil(len(val_set) / eval_batch_size)
-        remaining = settings.epochs - state["epoch"]
-        log(
-            f"[{label}] estimate: {step_seconds:.2f} s/step x {steps_per_epoch} steps + val "
-            f"{eval_seconds:.2f} s/batch -> ~{epoch_seconds:.0f} s/epoch, ~{epoch_seconds * remaining / 60:.1f} min "
-            f"for {remaining} epoch(s) (from {TIMED_STEPS} timed steps; early stopping may end sooner)"
-        )
-    # Under torchrun: DistributedDataParallel averages gradients over ranks. Each rank draws the same
-    # global batch (same generator), augments it whole and trains on its strided slice, so with an
-    # even split the gradient is the single-process one; BatchNorm layers in train mode see only
-    # their rank's slice (frozen ones, as in fine-tuning, are unaffected).
-    trained = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if device.startswith("cuda") and not freeze_batchnorm:
-            # On GPUs (nccl) BatchNorm can use statistics of the whole global batch; gloo has no
-            # SyncBatchNorm, so on CPU each rank normalises with its own slice. The parameters stay
-            # the same objects, so the optimizer and `model` keep working.
-            trained = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        trained = DistributedDataParallel(
-            trained, device_ids=[torch.device(device).index] if device.startswith("cuda") else None
-        )
-    step = state["epoch"] * steps_per_epoch
+        announce_estimate(learner, train_set, val_set, settings, runtime, job, state["epoch"])
+    learner.trained = distribute(model, runtime, job.freeze_batchnorm)
     while not state["finished"] and state["epoch"] < settings.epochs:
-        epoch = state["epoch"]
-        torch.manual_seed(epoch_seed(runtime.seed, epoch))
-        generator = torch.Generator().manual_seed(epoch_seed(runtime.seed, epoch))
-        set_train_mode(trained, freeze_batchnorm)
-        runtime.synchronize()
+        row = {"epoch": state["epoch"] + 1}
+        row.update(train_one_epoch(learner, train_set, settings, runtime, state["epoch"], job))
         started = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(
-            list(train_set.batches(settings.batch_size, generator, shuffle=True, drop_last=True)),
-            desc=f"{label} epoch {epoch + 1}/{settings.epochs}",
-            leave=False,
-            disable=None if main else True,
-        )
-        for positions in bar:
-            factor = lr_factor(step, steps_per_epoch, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            inputs = train_set.train_batch(positions, settings.augmentation, settings.minimum_crop_scale, generator)
-            mine = distributed.shard(len(positions))
-            batch_loss, batch_correct = train_step(
-                trained, inputs[mine], train_set.labels[positions[mine]], criterion, optimizer, scaler, runtime
-            )
-            if not math.isfinite(batch_loss):
-                # A diverged run must stop here: cached, it would be a chance-level result shown as real.
-                raise TrainingError(
-                    f"[{label}] training diverged: the loss became {batch_loss / len(positions[mine])} "
-                    f"at epoch {epoch + 1}, step {step - epoch * steps_per_epoch + 1}; nothing was "
-                    "cached; lower the learning rate (or its backbone multiplier) and rerun"
-                )
-            if average is not None:
-                average.update(model)
-            step += 1
-            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(positions[mine])
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        bar.close()
-        runtime.synchronize()
-        loss_sum, correct, seen = distributed.sum_values([loss_sum, correct, seen])
-        train_seconds = time.perf_counter() - started
-        logits = predict(evaluated, val_set, runtime, eval_batch_size)
-        val_loss = float(criterion(logits, val_set.labels.to(logits.device)))
-        val_top1 = float((logits.argmax(1).cpu() == val_set.labels.cpu()).float().mean())
-        seconds = time.perf_counter() - started
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "train_top1": correct / seen,
-            "val_loss": val_loss,
-            "val_top1": val_top1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_seconds": train_seconds,
-            "val_seconds": seconds - train_seconds,
-            "seconds": seconds,
-            "images_per_second": seen / train_seconds,
-        }
-        state["history"].append(row)
-        improved = val_top1 > state["best_val_top1"] or (
-            val_top1 == state["best_val_top1"] and val_loss < state["best_val_loss"]
-        )
-        if improved:
-            state.update(
-                best_epoch=epoch + 1,
-                best_val_top1=val_top1,
-                best_val_loss=val_loss,
-                stale_epochs=0,
-                best_state={
-                    name: tensor.detach().to("cpu", copy=True) for name, tensor in evaluated.state_dict().items()
-                },
-            )
-        else:
-            state["stale_epochs"] += 1
-        state["epoch"] = epoch + 1
-        if settings.patience and state["stale_epochs"] >= settings.patience:
-            state["finished"] = True
-            log(f"[{label}] early stop: no better val top-1 for {settings.patience} epochs")
-        save()
-        if main:
-            write_history(Path(checkpoint).parent, state["history"])
-        log(
-            f"[{label}] epoch {epoch + 1}/{settings.epochs}: train loss {row['train_loss']:.3f} "
-            f"top-1 {row['train_top1']:.3f} | val loss {val_loss:.3f} top-1 {val_top1:.4f}"
-            f"{' *' if improved else ''} | lr {row['lr']:.2e} | {seconds:.1f} s, {row['images_per_second']:.1f} img/s"
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(row)
+        row.update(evaluate(learner.evaluated, learner.criterion, val_set, runtime, 2 * settings.batch_size))
+        row["val_seconds"] = time.perf_counter() - started
+        row["seconds"] = row["train_seconds"] + row["val_seconds"]
+        row = {name: row[name] for name in checkpoints.HISTORY_FIELDS}  # in the history's column order
+        improved = record_epoch(state, row, learner.evaluated, settings.patience)
+        if state["finished"]:
+            job.log(f"[{job.label}] early stop: no better val top-1 for {settings.patience} epochs")
+        checkpoints.save_checkpoint(job.checkpoint, state, learner)
+        if distributed.is_main():
+            checkpoints.write_history(Path(job.checkpoint).parent, state["history"])
+        job.log(f"[{job.label}] {describe_epoch(row, settings.epochs, improved)}")
+        if job.on_epoch_end is not None:
+            job.on_epoch_end(row)
     return FitResult(
         best_state=state["best_state"],
         best_epoch=state["best_epoch"],
@@ -467,88 +355,6 @@ def fit(
         epochs_run=state["epoch"],
         stopped_early=state["finished"] and state["epoch"] < settings.epochs,
         resumed_from_epoch=resumed_from,
+        eval_batch_size=2 * settings.batch_size,
         extra=state["extra"],
-    )
-
-
-def finish_arm(
-    context,
-    model: nn.Module,
-    result: FitResult,
-    test_set: ImageSet,
-    runtime: Runtime,
-    settings: TrainConfig,
-    record: dict,
-    timings: dict,
-) -> BuildResult:
-    """Test the best-on-val weights, write model.pt, history and result.json, drop the resume checkpoint.
-
-    `record` holds the arm's own fields (arm, method, backbone, head, input_size, selected...);
-    the test metrics, times and history are added here.
-    """
-    from . import evaluate
-    from .runtime import environment
-
-    model.load_state_dict(result.best_state)
-    runtime.synchronize()
-    started = time.perf_counter()
-    logits = predict(model, test_set.to(runtime.device), runtime, 2 * settings.batch_size)
-    runtime.synchronize()
-    eval_seconds = time.perf_counter() - started
-    class_names = list(record.pop("class_names"))
-    metrics = evaluate.classification_metrics(test_set.labels.numpy(), logits.argmax(1).cpu().numpy(), len(class_names))
-    directory = context.directory
-    if distributed.is_main():
-        with cache.atomic_path(directory / MODEL) as temporary:
-            torch.save(result.best_state, temporary)
-        write_history(directory, result.history)
-    train_seconds = result.train_seconds + timings.get("probe_seconds", 0.0)
-    images_trained = sum(row["images_per_second"] * row["train_seconds"] for row in result.history)
-    full = {
-        **record,
-        "fit_on": "train",
-        "seed": runtime.seed,
-        "device": runtime.device,
-        "precision": runtime.precision,
-        "test_top1": metrics["top1"],
-        "test_mean_per_class": metrics["mean_per_class"],
-        "val_top1": result.best_val_top1,
-        "train_seconds": train_seconds,
-        "extract_seconds": 0.0,
-        "eval_seconds": eval_seconds,
-        "total_seconds": train_seconds + eval_seconds + timings.get("data_seconds", 0.0),
-        "images_per_second": images_trained / max(1e-9, sum(row["train_seconds"] for row in result.history)),
-        "eval_images_per_second": len(test_set) / eval_seconds,
-        "per_class_accuracy": metrics["per_class_accuracy"],
-        "confusion_matrix": metrics["confusion_matrix"],
-        "class_names": class_names,
-        "history": result.history,
-        "epochs_run": result.epochs_run,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "resumed_from_epoch": result.resumed_from_epoch,
-        "timings": {**timings, "train_seconds": train_seconds, "eval_seconds": eval_seconds},
-        "world_size": distributed.world_size(),
-    }
-    if distributed.is_main():
-        evaluate.write_result(directory, full)
-    context.log(
-        f"[{record['arm']}] test top-1 {metrics['top1']:.4f}, mean per-class {metrics['mean_per_class']:.4f} "
-        f"(best val {result.best_val_top1:.4f} at epoch {result.best_epoch}/{result.epochs_run}); "
-        f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s"
-    )
-    return BuildResult(
-        files=[evaluate.RESULT, HISTORY_JSON, HISTORY_CSV, MODEL],
-        metrics={
-            "test_top1": metrics["top1"],
-            "test_mean_per_class": metrics["mean_per_class"],
-            "val_top1": result.best_val_top1,
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-        },
-        timings={**timings, "train_seconds": train_seconds, "eval_seconds": eval_seconds},
-        environment=environment(runtime),
-        # The checkpoint only resumes this build; keeping it would let a forced rebuild
-        # "resume" a finished run. The runner drops it after the manifest is written.
-        discard_after_manifest=[CHECKPOINT],
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 from helpers import make_tiny_config
 from torch import nn
 
-from pipeline import evaluate, graph, results, train
+from pipeline import checkpoints, evaluate, graph, results
 from pipeline.backbones import available_backbones, get_backbone, head_parameters
 from pipeline.config import CnnConfig
 from pipeline.head_kinds import linear
@@ -48,7 +50,7 @@ def test_stage_writes_a_complete_result_and_then_stays_cached(tiny_config, stage
     assert len(result["confusion_matrix"]) == 6 and sum(map(sum, result["confusion_matrix"])) == 36
     assert any("estimate:" in line for line in lines)
     directory = graph.Graph(tiny_config).directory(graph.Graph(tiny_config).unit(stage, unit))
-    assert not (directory / train.CHECKPOINT).exists()
+    assert not (directory / checkpoints.CHECKPOINT).exists()
     assert {"history.json", "history.csv", "model.pt", "result.json"} <= set(manifest["files"])
     _, again = build_stage(tiny_config, stage)
     assert any("cached" in line for line in again) and not any("building" in line for line in again)
@@ -56,14 +58,14 @@ def test_stage_writes_a_complete_result_and_then_stays_cached(tiny_config, stage
 
 def interrupt_after_first_epoch(monkeypatch):
     """Make the next build die right after its first epoch is checkpointed, as a kill would."""
-    original = train.write_history
+    original = checkpoints.write_history
 
     def write_then_die(directory, history):
         original(directory, history)
         if len(history) == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "write_history", write_then_die)
+    monkeypatch.setattr(checkpoints, "write_history", write_then_die)
     return original
 
 
@@ -76,7 +78,7 @@ def test_interrupted_finetune_resumes_from_its_checkpoint_and_matches_a_straight
     original = interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_stage(interrupted, "finetune")
-    monkeypatch.setattr(train, "write_history", original)
+    monkeypatch.setattr(checkpoints, "write_history", original)
     _, lines = build_stage(interrupted, "finetune")
     assert any("resuming after epoch 1/3" in line for line in lines)
     assert not any("linear probe" in line for line in lines)  # the probe is not repeated
@@ -92,11 +94,70 @@ def test_checkpoint_made_under_other_settings_is_not_resumed(tiny_config, monkey
     original = interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_stage(tiny_config, "cnn")
-    monkeypatch.setattr(train, "write_history", original)
+    monkeypatch.setattr(checkpoints, "write_history", original)
     changed = make_tiny_config(tiny_config.data.root, tiny_config.cache.root, ["cnn.lr=0.02"])
     _, lines = build_stage(changed, "cnn")
     assert any("made for other settings" in line for line in lines)
     assert not any("resuming" in line for line in lines)
+
+
+# sha256 over the names, dtypes, shapes and bytes of model.pt's tensors as commit 51b66e7 built these
+# units (before the loop was split into parts and the CPU rewrites moved to one module). Float results
+# depend on the torch build and on which CPU kernels it picks, so they are compared only where recorded.
+RECORDED_WEIGHTS = {
+    "cnn": "39a01aaee11e61e498cc5d9be2940039fce07fbbf5f3758793ded2f5d4862958",
+    "finetune": "54a93850d7853a63735bcd7e921a1507592ea2a2d6d50d35cbb90b99978c15c1",
+    "finetune-efficientnet-bf16": "a2f316d40220fb2c79d64939ed70f08e4e6b55d026c7435003c91e2577af9305",
+}
+RECORDED_ON = ("2.14.1", "AVX2")  # torch version, torch.backends.cpu.get_cpu_capability()
+SAME_KERNELS = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability()) == RECORDED_ON
+
+
+def tensors_digest(state: dict) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case,stage,unit,overrides",
+    [
+        ("cnn", "cnn", "bn-cnn", []),
+        ("finetune", "finetune", "tiny-resnet", []),
+        # bf16 on CPU: depthwise convolutions train in fp32, on top of the frozen-BatchNorm fold.
+        (
+            "finetune-efficientnet-bf16",
+            "finetune",
+            "tiny-efficientnet",
+            [
+                'runtime.precision="bf16"',
+                'finetune.backbones=["tiny-efficientnet"]',
+                "finetune.ema_decay=0.9",
+                'finetune.schedule="onecycle"',
+                'finetune.augmentation="trivialaugment"',
+            ],
+        ),
+    ],
+)
+def test_units_build_the_recorded_weights_into_a_reproducible_model_file(
+    tiny_config, tmp_path, case, stage, unit, overrides
+):
+    config = make_tiny_config(tiny_config.data.root, tmp_path / "cache", ['runtime.precision="fp32"', *overrides])
+    build_stage(config, stage)
+    folder = Path(config.cache.root) / stage / unit
+    content = (folder / checkpoints.MODEL).read_bytes()
+    state = torch.load(io.BytesIO(content), weights_only=True)
+    # The file is a function of its tensors alone (no temporary file name inside), so equal weights
+    # make an equal model.pt and its sha256 can stand for them.
+    again = io.BytesIO()
+    torch.save(state, again)
+    assert hashlib.sha256(content).hexdigest() == hashlib.sha256(again.getvalue()).hexdigest()
+    if not SAME_KERNELS:
+        pytest.skip(f"weights recorded with torch {RECORDED_ON[0]} on {RECORDED_ON[1]} CPU kernels")
+    assert tensors_digest(state) == RECORDED_WEIGHTS[case]
 
 
 @pytest.mark.parametrize("name", available_backbones(include_test=True))

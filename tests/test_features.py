@@ -173,7 +173,7 @@ def _trained_looking_norms(model: torch.nn.Module) -> torch.nn.Module:
 def test_inference_rewrite_folds_every_batchnorm_and_keeps_the_function(name):
     import copy
 
-    from pipeline.models import fold_for_inference
+    from pipeline.cpu_rewrites import fold_for_inference
 
     spec = backbones.get_backbone(name)
     model = backbones.build_backbone(name, pretrained=False)
@@ -193,7 +193,8 @@ def test_inference_rewrite_folds_every_batchnorm_and_keeps_the_function(name):
 
 
 def test_inference_rewrite_refuses_a_network_whose_registration_order_misleads():
-    from pipeline.models import ModelError, fold_for_inference
+    from pipeline.cpu_rewrites import fold_for_inference
+    from pipeline.models import ModelError
 
     class Misordered(torch.nn.Module):
         def __init__(self):

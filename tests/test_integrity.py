@@ -19,7 +19,20 @@ import numpy
 import pytest
 from helpers import PROJECT, one_line_error, stage_arguments
 
-from pipeline import backbones, cache, cli, config, data, head_kinds, heads, images, pixels, report_render, train
+from pipeline import (
+    backbones,
+    cache,
+    checkpoints,
+    cli,
+    config,
+    data,
+    head_kinds,
+    heads,
+    images,
+    pixels,
+    report_render,
+    train,
+)
 from pipeline import predict as predict_module
 
 # One of each kind of file the tiny study's manifests list.
@@ -171,14 +184,14 @@ def test_sealed_files_refuse_any_change(tmp_path):
 def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
     import torch
 
-    path = tmp_path / train.CHECKPOINT
+    path = tmp_path / checkpoints.CHECKPOINT
     buffer = io.BytesIO()
     torch.save({"key": "k", "epoch": 3, "model": {"weight": torch.ones(64, 64)}}, buffer)
     cache.write_sealed(path, buffer.getbuffer())
-    assert train.read_checkpoint(path, "k", log=lambda line: None)["epoch"] == 3
+    assert checkpoints.read_checkpoint(path, "k", log=lambda line: None)["epoch"] == 3
     flip_byte(path, 0.8)
     said = []
-    assert train.read_checkpoint(path, "k", log=said.append) is None
+    assert checkpoints.read_checkpoint(path, "k", log=said.append) is None
     assert said and "ignoring unreadable checkpoint" in said[0] and "damaged" in said[0], said
 
 

@@ -19,7 +19,8 @@ import torch
 from pipeline import backbones, data, extract, features, features_h5, train, transforms
 from pipeline.bench.extraction import stack_transformed
 from pipeline.config import DataConfig, load_config
-from pipeline.models import build_finetune_model, rewrite_for_finetuning
+from pipeline.cpu_rewrites import rewrite_for_finetuning
+from pipeline.models import build_finetune_model
 from pipeline.runtime import Runtime
 
 PROJECT = Path(__file__).resolve().parents[1]

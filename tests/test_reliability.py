@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import make_tiny_config, one_line_error, stage_arguments
 
-from pipeline import cache, cli, train
+from pipeline import cache, checkpoints, cli
 from pipeline.graph import Graph
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ def test_finetune_killed_inside_checkpoint_and_model_writes_resumes_and_matches(
     # Checkpoint writes: 1 = after the linear probe (epoch 0), 2 = epoch 1, 3 = epoch 2: die inside the 3rd.
     run("finetune", fake_flowers_session, root, fault="*/finetune/*/checkpoint.pt:kill:3", expect=KILLED)
     assert manifest(root, "finetune/tiny-resnet") is None and (folder / "checkpoint.pt").is_file()
-    assert train.load_checkpoint(folder / "checkpoint.pt")["epoch"] == 1
+    assert checkpoints.load_checkpoint(folder / "checkpoint.pt")["epoch"] == 1
     log = run("finetune", fake_flowers_session, root, fault="*/finetune/*/model.pt:kill", expect=KILLED)
     assert "resuming after epoch 1/3" in log, log
     assert "linear probe" not in log, "the probe is done before epoch 1 and must not be repeated"
@@ -240,7 +240,7 @@ def test_cnn_killed_between_epochs_and_inside_the_manifest_write_matches(tmp_pat
     folder = root / "cnn" / "bn-cnn"
     # Write 2 is epoch 1's checkpoint: die right after it lands, before epoch 2 starts.
     run("cnn", fake_flowers_session, root, fault="*/cnn/*/checkpoint.pt:kill-after:2", expect=KILLED)
-    assert train.load_checkpoint(folder / "checkpoint.pt")["epoch"] == 1
+    assert checkpoints.load_checkpoint(folder / "checkpoint.pt")["epoch"] == 1
     assert manifest(root, "cnn/bn-cnn") is None
     # Everything written, then killed inside the manifest write: the unit must still read as invalid.
     log = run("cnn", fake_flowers_session, root, fault="*/cnn/*/manifest.json:kill", expect=KILLED)
@@ -327,7 +327,7 @@ def test_full_disk_inside_a_training_checkpoint_is_one_line(
     folder = root / "cnn" / "bn-cnn"
     assert cache.read_manifest(folder) is None
     # The epoch-0 checkpoint before the failed one is intact and resumable.
-    assert train.load_checkpoint(folder / "checkpoint.pt")["epoch"] == 0
+    assert checkpoints.load_checkpoint(folder / "checkpoint.pt")["epoch"] == 0
     assert leftover_temporaries(root) == []
     assert cache.read_manifest(root / "download" / "flowers-102") is not None
 
@@ -429,7 +429,7 @@ def test_full_disk_mid_training_then_truncated_checkpoint_restarts_and_matches(
     assert cli.run_stage("cnn", arguments) == 2
     one_line_error(capsys)
     folder = root / "cnn" / "bn-cnn"
-    assert train.load_checkpoint(folder / "checkpoint.pt")["epoch"] == 1
+    assert checkpoints.load_checkpoint(folder / "checkpoint.pt")["epoch"] == 1
     # The disk is freed, but the checkpoint got damaged meanwhile: it is ignored, never half-loaded.
     data = (folder / "checkpoint.pt").read_bytes()
     (folder / "checkpoint.pt").write_bytes(data[: len(data) // 2])

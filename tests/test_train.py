@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import images, train
+from pipeline import checkpoints, cpu_rewrites, images, optimization, train
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from pipeline.config import TrainConfig
 from pipeline.models import BatchNormCNN
@@ -66,11 +66,13 @@ def run(model, config, tmp_path, **options) -> train.FitResult:
         options.pop("val_set", image_set(seed=1)),
         config,
         options.pop("runtime", runtime()),
-        checkpoint=tmp_path / train.CHECKPOINT,
-        key=options.pop("key", "key-a"),
-        label="test",
-        log=options.pop("log", lambda line: None),
-        **options,
+        train.FitJob(
+            checkpoint=tmp_path / checkpoints.CHECKPOINT,
+            key=options.pop("key", "key-a"),
+            label="test",
+            log=options.pop("log", lambda line: None),
+            **options,
+        ),
     )
 
 
@@ -86,7 +88,9 @@ def test_loop_overfits_a_tiny_set(tmp_path):
     assert result.history[-1]["train_top1"] == 1.0
     assert result.best_val_top1 == 1.0
     assert result.history[-1]["train_loss"] < 0.2 * result.history[0]["train_loss"]
-    assert (tmp_path / train.HISTORY_JSON).is_file() and (tmp_path / train.HISTORY_CSV).read_text().count("\n") == 31
+    assert (tmp_path / checkpoints.HISTORY_JSON).is_file() and (tmp_path / checkpoints.HISTORY_CSV).read_text().count(
+        "\n"
+    ) == 31
 
 
 @pytest.mark.parametrize(
@@ -107,7 +111,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, opti
     with pytest.raises(Killed):
         run(tiny_model(dropout=0.3), config, broken, on_epoch_end=kill_after_second_epoch)
     lines = []
-    checkpoint = train.read_checkpoint(broken / train.CHECKPOINT, "key-a", lines.append)
+    checkpoint = checkpoints.read_checkpoint(broken / checkpoints.CHECKPOINT, "key-a", lines.append)
     assert checkpoint["epoch"] == 2
     # A fresh process would build a fresh model: start from other weights to prove they are restored.
     restarted = tiny_model(dropout=0.3)
@@ -124,17 +128,17 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, opti
 
 
 def straight_model_state(directory) -> dict:
-    return train.load_checkpoint(directory / train.CHECKPOINT)["model"]
+    return checkpoints.load_checkpoint(directory / checkpoints.CHECKPOINT)["model"]
 
 
 def test_checkpoint_for_other_settings_is_not_resumed(tmp_path):
     run(tiny_model(), settings(epochs=1), tmp_path, key="key-a")
     lines = []
-    assert train.read_checkpoint(tmp_path / train.CHECKPOINT, "key-b", lines.append) is None
+    assert checkpoints.read_checkpoint(tmp_path / checkpoints.CHECKPOINT, "key-b", lines.append) is None
     assert "other settings" in lines[0]
     (tmp_path / "torn.pt").write_bytes(b"not a checkpoint")
-    assert train.read_checkpoint(tmp_path / "torn.pt", "key-a", lines.append) is None
-    assert train.read_checkpoint(tmp_path / "absent.pt", "key-a", lines.append) is None
+    assert checkpoints.read_checkpoint(tmp_path / "torn.pt", "key-a", lines.append) is None
+    assert checkpoints.read_checkpoint(tmp_path / "absent.pt", "key-a", lines.append) is None
 
 
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
@@ -147,7 +151,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
         config,
         tmp_path,
         freeze_batchnorm=True,
-        resume=train.read_checkpoint(tmp_path / train.CHECKPOINT, "key-a"),
+        resume=checkpoints.read_checkpoint(tmp_path / checkpoints.CHECKPOINT, "key-a"),
     )
     assert again.epochs_run == 3 and len(again.history) == 3  # a finished run is not extended
 
@@ -177,7 +181,7 @@ def test_optimizer_groups_scale_lr_and_skip_decay_on_norms_and_biases():
     model = tiny_model()
     head = list(model.classifier.parameters())
     body = [parameter for parameter in model.parameters() if all(parameter is not other for other in head)]
-    optimizer = train.make_optimizer(
+    optimizer = optimization.make_optimizer(
         [{"name": "head", "params": head, "lr_scale": 1.0}, {"name": "backbone", "params": body, "lr_scale": 0.1}],
         settings(lr=1e-3, weight_decay=0.05),
     )
@@ -191,16 +195,18 @@ def test_optimizer_groups_scale_lr_and_skip_decay_on_norms_and_biases():
 def test_learning_rate_schedules():
     steps = 10
     cosine = settings(epochs=5, schedule="cosine", warmup_epochs=1)
-    factors = [train.lr_factor(step, steps, cosine) for step in range(50)]
+    factors = [optimization.lr_factor(step, steps, cosine) for step in range(50)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[-1] < 0.01 and all(later <= earlier for earlier, later in itertools.pairwise(factors[9:]))
     stepped = settings(epochs=20, schedule="step", step_size=7, step_gamma=0.1, warmup_epochs=0)
-    assert [train.lr_factor(epoch * steps, steps, stepped) for epoch in (0, 6, 7, 14)] == pytest.approx(
+    assert [optimization.lr_factor(epoch * steps, steps, stepped) for epoch in (0, 6, 7, 14)] == pytest.approx(
         [1.0, 1.0, 0.1, 0.01]
     )
     onecycle = settings(epochs=5, schedule="onecycle", warmup_epochs=1)
-    assert train.lr_factor(0, steps, onecycle) < 0.1 and train.lr_factor(9, steps, onecycle) == pytest.approx(1.0)
-    assert train.lr_factor(49, steps, onecycle) < 0.01
+    assert optimization.lr_factor(0, steps, onecycle) < 0.1 and optimization.lr_factor(
+        9, steps, onecycle
+    ) == pytest.approx(1.0)
+    assert optimization.lr_factor(49, steps, onecycle) < 0.01
 
 
 def test_augmented_crops_stay_inside_the_image_and_flip_both_ways():
@@ -267,7 +273,7 @@ class DepthwiseNet(nn.Module):
 
 
 def test_depthwise_layers_train_in_float32_but_infer_in_bf16():
-    from pipeline.models import train_depthwise_in_float32
+    from pipeline.cpu_rewrites import train_depthwise_in_float32
 
     torch.manual_seed(0)
     plain, swapped = DepthwiseNet(), DepthwiseNet()
@@ -298,11 +304,14 @@ def test_runtime_keeps_depthwise_float32_only_for_cpu_bf16():
     assert not resolve_runtime(RuntimeConfig(device="cpu", precision="bf16", float32_depthwise=False)).float32_depthwise
     assert resolve_runtime(RuntimeConfig(device="cpu")).inference_streams == min(torch.get_num_threads(), 4)
     assert resolve_runtime(RuntimeConfig(device="cpu", inference_streams=3)).inference_streams == 3
-    model = runtime("bf16").place(DepthwiseNet())
+    model = cpu_rewrites.for_training(runtime("bf16").place(DepthwiseNet()), runtime("bf16"), settings(), "net")
     assert type(model.depthwise).__name__ == "Conv2d"  # the field defaults to off
-    model = dataclasses.replace(runtime("bf16"), float32_depthwise=True).place(DepthwiseNet())
-    assert type(model.depthwise).__name__ == "Float32TrainingConv2d"
+    depthwise = dataclasses.replace(runtime("bf16"), float32_depthwise=True)
+    model = depthwise.place(DepthwiseNet())
+    assert type(model.depthwise) is nn.Conv2d  # placing moves the model and changes nothing else
     assert model.pointwise.weight.is_contiguous(memory_format=torch.channels_last)
+    model = cpu_rewrites.for_training(model, depthwise, settings(), "net")
+    assert type(model.depthwise).__name__ == "Float32TrainingConv2d"
 
 
 ALLOCATION_PROBE = """
@@ -373,7 +382,7 @@ class FoldableNet(nn.Module):
 
 
 def test_frozen_batchnorm_folded_for_training_keeps_outputs_and_gradients():
-    from pipeline.models import fold_for_training
+    from pipeline.cpu_rewrites import fold_for_training
 
     plain = FoldableNet().double()
     folded = fold_for_training(copy.deepcopy(plain), "foldable")
@@ -395,7 +404,7 @@ def test_frozen_batchnorm_folded_for_training_keeps_outputs_and_gradients():
 
 
 def test_training_fold_composes_with_float32_depthwise_under_autocast():
-    from pipeline.models import fold_for_training, train_depthwise_in_float32
+    from pipeline.cpu_rewrites import fold_for_training, train_depthwise_in_float32
 
     plain = FoldableNet()
     folded = fold_for_training(copy.deepcopy(plain), "foldable")
@@ -414,7 +423,8 @@ def test_training_fold_composes_with_float32_depthwise_under_autocast():
 
 
 def test_training_fold_refuses_a_network_whose_registration_order_misleads():
-    from pipeline.models import ModelError, fold_for_training
+    from pipeline.cpu_rewrites import fold_for_training
+    from pipeline.models import ModelError
 
     class Misordered(FoldableNet):
         def forward(self, inputs):  # stem_norm, registered right after stem, normalises depthwise
@@ -427,7 +437,7 @@ def test_training_fold_refuses_a_network_whose_registration_order_misleads():
 
 
 def test_finetune_rewrite_folds_only_frozen_statistics_and_only_when_asked(tiny_config):
-    from pipeline.models import rewrite_for_finetuning
+    from pipeline.cpu_rewrites import rewrite_for_finetuning
 
     settings = tiny_config.finetune
     for freeze, fold, expected in ((True, True, True), (True, False, False), (False, True, False)):
@@ -439,7 +449,8 @@ def test_finetune_rewrite_folds_only_frozen_statistics_and_only_when_asked(tiny_
 
 def test_finetune_rewrite_of_an_efficientnet_keeps_its_gradients(tiny_config):
     """Padding moved inside and frozen BatchNorm folded: in fp64 the same loss gradients, parameter by parameter."""
-    from pipeline.models import build_finetune_model, rewrite_for_finetuning
+    from pipeline.cpu_rewrites import rewrite_for_finetuning
+    from pipeline.models import build_finetune_model
 
     plain, _ = build_finetune_model("tiny-efficientnet", 5, pretrained=False)
     generator = torch.Generator().manual_seed(1)

@@ -10,7 +10,7 @@ import numpy
 import torch
 from torch import nn
 
-from .. import images, train, transforms
+from .. import cpu_rewrites, images, optimization, train, transforms
 from ..config import Config
 from ..data import DatasetIndex
 from ..runtime import Runtime
@@ -25,7 +25,7 @@ def finetune_rows(
     config: Config, runtime: Runtime, index: DatasetIndex, options: BenchOptions, work: Path, log: Callable
 ) -> tuple[list, list]:
     """Forward+backward compute-limit rows and per-epoch rows, one of each per [finetune] backbone."""
-    from ..models import build_finetune_model, rewrite_for_finetuning
+    from ..models import build_finetune_model
 
     settings = config.finetune
     compute, epochs = [], []
@@ -33,7 +33,7 @@ def finetune_rows(
     for name in settings.backbones:
         weights = weights_path(config, name)
         model, spec = build_finetune_model(name, config.data.num_classes, weights_path=weights)
-        rewrite_for_finetuning(model, name, settings)
+        cpu_rewrites.for_training(model, runtime, settings, name)
         input_size = settings.input_size or spec.preprocessing.input_size
         stored_size = settings.stored_size or transforms.crop_sizes(spec.preprocessing, input_size)[0]
         subset = subset_index(index, {"train": (options.steps + WARMUP_STEPS) * settings.batch_size})
@@ -149,10 +149,10 @@ def time_our_steps(model, spec, train_set, batches: list, settings, runtime: Run
     """Seconds per training step of the pipeline's loop body (augment, step, EMA), after warm-up steps."""
     from ..models import finetune_groups
 
-    optimizer = train.make_optimizer(finetune_groups(model, spec, settings.backbone_lr_multiplier), settings)
+    optimizer = optimization.make_optimizer(finetune_groups(model, spec, settings.backbone_lr_multiplier), settings)
     scaler = torch.amp.GradScaler("cuda") if runtime.needs_grad_scaler() else None
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    average = train.WeightAverage(model, settings.ema_decay) if settings.ema_decay > 0 else None
+    average = optimization.WeightAverage(model, settings.ema_decay) if settings.ema_decay > 0 else None
     generator = torch.Generator().manual_seed(runtime.seed)
     train.set_train_mode(model, settings.freeze_bn_stats)
     seconds = 0.0

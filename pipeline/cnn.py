@@ -15,7 +15,7 @@ from .models import SCRATCH_PREPROCESSING, build_scratch_model
 from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: predictions.npz
 
 
 def plan(config: Config, graph) -> list[Unit]:
@@ -91,6 +91,7 @@ def build(context: BuildContext) -> BuildResult:
         settings,
         record,
         {"data_seconds": timings.seconds.get("data", 0.0)},
+        test_image_ids=index.image_ids["test"],
     )
 
 

@@ -21,7 +21,7 @@ from .features import AUGMENTED_GROUP, features_file
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from .runtime import Timings, environment, seed_everything
 
-CODE_VERSION = "2"  # 2: softmax decays trained side by side, logistic on one BLAS thread
+CODE_VERSION = "3"  # 2: softmax decays trained side by side, logistic on one BLAS thread; 3: predictions.npz
 SOFTMAX_FILE = "head.pt"
 LOGISTIC_FILE = "head.joblib"
 # Fields that configure the stage as a whole rather than one head (they never enter a unit's key).
@@ -273,7 +273,8 @@ def build(context: BuildContext) -> BuildResult:
     require_finite(payload, results.frozen_unit(backbone, kind))
     predict = predictor(payload)
     with timings.phase("evaluation"):
-        metrics = evaluate.classification_metrics(splits["test"][1], predict(splits["test"][0]), len(class_names))
+        predicted = predict(splits["test"][0])
+        metrics = evaluate.classification_metrics(splits["test"][1], predicted, len(class_names))
     head_file = save_head(
         context.directory,
         kind,
@@ -327,7 +328,10 @@ def build(context: BuildContext) -> BuildResult:
         },
         "weights_verified": attributes.get("weights_verified", "unknown"),
     }
-    evaluate.write_result(context.directory, record)
+    test = extract.read_group(features_file(context.input_directory("features")), "test", ("image_ids",))
+    evaluate.write_result(
+        context.directory, record, labels=splits["test"][1], predictions=predicted, image_ids=test["image_ids"]
+    )
     context.log(
         f"[heads] {record['arm']}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
         f"mean per-class {metrics['mean_per_class']:.3f} (fit on {fit_on}; selection "
@@ -335,7 +339,7 @@ def build(context: BuildContext) -> BuildResult:
         f"fit {timings.seconds['fit']:.1f} s)"
     )
     return BuildResult(
-        files=[results.RESULT, head_file],
+        files=[results.RESULT, evaluate.PREDICTIONS, head_file],
         metrics={
             "test_top1": metrics["top1"],
             "test_mean_per_class": metrics["mean_per_class"],

@@ -480,8 +480,11 @@ def finish_arm(
     settings: TrainConfig,
     record: dict,
     timings: dict,
+    *,
+    test_image_ids,
 ) -> BuildResult:
-    """Test the best-on-val weights, write model.pt, history and result.json, drop the resume checkpoint.
+    """Test the best-on-val weights, write model.pt, history, result.json and the test predictions (by
+    `test_image_ids`, in test_set's order), drop the resume checkpoint.
 
     `record` holds the arm's own fields (arm, method, backbone, head, input_size, selected...);
     the test metrics, times and history are added here.
@@ -496,7 +499,8 @@ def finish_arm(
     runtime.synchronize()
     eval_seconds = time.perf_counter() - started
     class_names = list(record.pop("class_names"))
-    metrics = evaluate.classification_metrics(test_set.labels.numpy(), logits.argmax(1).cpu().numpy(), len(class_names))
+    predicted = logits.argmax(1).cpu().numpy()
+    metrics = evaluate.classification_metrics(test_set.labels.numpy(), predicted, len(class_names))
     directory = context.directory
     if distributed.is_main():
         with cache.atomic_path(directory / MODEL) as temporary:
@@ -531,14 +535,16 @@ def finish_arm(
         "world_size": distributed.world_size(),
     }
     if distributed.is_main():
-        evaluate.write_result(directory, full)
+        evaluate.write_result(
+            directory, full, labels=test_set.labels.numpy(), predictions=predicted, image_ids=test_image_ids
+        )
     context.log(
         f"[{record['arm']}] test top-1 {metrics['top1']:.4f}, mean per-class {metrics['mean_per_class']:.4f} "
         f"(best val {result.best_val_top1:.4f} at epoch {result.best_epoch}/{result.epochs_run}); "
         f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s"
     )
     return BuildResult(
-        files=[evaluate.RESULT, HISTORY_JSON, HISTORY_CSV, MODEL],
+        files=[evaluate.RESULT, evaluate.PREDICTIONS, HISTORY_JSON, HISTORY_CSV, MODEL],
         metrics={
             "test_top1": metrics["top1"],
             "test_mean_per_class": metrics["mean_per_class"],

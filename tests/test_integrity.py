@@ -19,7 +19,7 @@ import numpy
 import pytest
 from helpers import PROJECT, one_line_error, stage_arguments
 
-from pipeline import backbones, cache, cli, config, data, heads, images, linear_heads, pixels, report_render, train
+from pipeline import backbones, cache, cli, config, data, heads, images, linear_heads, pixels, report_format, train
 from pipeline import predict as predict_module
 
 # One of each kind of file the tiny study's manifests list.
@@ -474,7 +474,7 @@ def test_the_report_names_arms_with_unverified_weights():
         "backbone": "resnet18",
         "head": "softmax",
     }
-    assert "unverified weights: frozen-resnet18-softmax" in report_render.text_table([record])
+    assert "unverified weights: frozen-resnet18-softmax" in report_format.text_table([record])
 
 
 # --- predict inputs ------------------------------------------------------------------------------------

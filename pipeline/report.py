@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import textwrap
 from pathlib import Path
 
 from . import cache, evaluate, plots, report_answer, report_format, report_render, statistics
@@ -149,7 +150,8 @@ def summary(graph) -> str:
     records = read_json(cache.require_intact(directory / RESULTS_JSON))
     return (
         report_format.text_table(records)
-        + f"\n\n{report_answer.answer(records)}"
+        + "\n\n"
+        + textwrap.fill(report_answer.answer(records), width=110)
         + f"\nreport: {directory / HTML}\n        {directory / MARKDOWN}"
     )
 

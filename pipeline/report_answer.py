@@ -53,9 +53,10 @@ def _amount(difference: float) -> str:
 
 
 def _evidence(pair: dict) -> str:
+    p = p_value(pair["mcnemar_p"])
     return (
         f"paired {CONFIDENCE:.0%} interval {100 * pair['low']:+.2f} to {100 * pair['high']:+.2f} points; "
-        f"McNemar p = {p_value(pair['mcnemar_p'])} on {pair['this_only_correct']:,} against "
+        f"McNemar p {p if p.startswith('<') else f'= {p}'} on {pair['this_only_correct']:,} against "
         f"{pair['other_only_correct']:,} discordant images"
     )
 
@@ -131,7 +132,19 @@ def method_pair_sentences(records: list[dict]) -> list[str]:
 def comparison_blocks(records: list[dict]) -> list:
     """The method-pair sentences and the matrices of paired differences and McNemar p-values."""
     arms = [row["arm"] for row in summarize(records) if row["test_top1_low"] is not None]
-    blocks = [("h2", "Paired comparisons"), ("ul", method_pair_sentences(records))]
+    blocks = [
+        ("h2", "Paired comparisons"),
+        (
+            "p",
+            (
+                "Each method's best arm by val top-1 against another's. A difference is resolved when its paired "
+                f"{CONFIDENCE:.0%} bootstrap interval excludes zero and the exact McNemar test gives "
+                f"p < {1 - CONFIDENCE:.2f}. With several seeds the interval averages each arm's runs image by "
+                "image, and McNemar compares the arms' first runs."
+            ),
+        ),
+        ("ul", method_pair_sentences(records)),
+    ]
     if len(arms) < 2:
         return blocks + [("p", f"Matrices {MISSING}: fewer than two arms have per-image test predictions.")]
     numbered = [f"({number}) {arm}" for number, arm in enumerate(arms, 1)]

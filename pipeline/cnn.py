@@ -16,7 +16,7 @@ from .models import SCRATCH_PREPROCESSING, build_scratch_model
 from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: predictions.npz
 
 
 def plan(config: Config, graph) -> list[Unit]:
@@ -76,7 +76,9 @@ def build(context: BuildContext) -> BuildResult:
         "parameters": parameters,
     }
     phases = {"data_seconds": timings.seconds.get("data", 0.0)}
-    return finish_arm(context, model, result, sets["test"], runtime, record, phases)
+    return finish_arm(
+        context, model, result, sets["test"], runtime, record, phases, test_image_ids=index.image_ids["test"]
+    )
 
 
 STAGE = register_stage(

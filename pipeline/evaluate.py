@@ -1,12 +1,15 @@
-"""Test metrics and the writing of the one result record every arm writes (pipeline/results.py holds its schema).
+"""Test metrics and the files every arm writes: its result record (pipeline/results.py holds its schema)
+and its per-image test predictions (what the report's intervals and paired comparisons read).
 
 `finish_arm` ends every end-to-end unit: it tests the weights `train.fit` selected on val and writes
-them, their history and the result record.
+them, their history, the result record and the predictions.
 """
 
 from __future__ import annotations
 
+import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
@@ -18,6 +21,10 @@ from .images import ImageSet
 from .results import RESULT, check_result
 from .runtime import Runtime, environment
 from .train import FitResult
+
+PREDICTIONS = "predictions.npz"
+# Compact: class numbers fit int16 (Flowers-102 has 102 classes) and image ids int32.
+_DTYPES = {"image_ids": numpy.int32, "labels": numpy.int16, "predicted": numpy.int16}
 
 
 def classification_metrics(labels, predictions, num_classes: int) -> dict:
@@ -38,9 +45,68 @@ def classification_metrics(labels, predictions, num_classes: int) -> dict:
     }
 
 
-def write_result(directory: Path, record: dict) -> None:
-    """Validate and atomically write an arm's result.json."""
+@dataclass(frozen=True)
+class Predictions:
+    """One run's test predictions, image by image: official image id, true class, predicted class."""
+
+    image_ids: numpy.ndarray
+    labels: numpy.ndarray
+    predicted: numpy.ndarray
+
+    @classmethod
+    def of(cls, image_ids, labels, predicted) -> Predictions:
+        """Checked and narrowed to the stored dtypes; ValueError on a shape or range the file cannot hold."""
+        arrays = {"image_ids": image_ids, "labels": labels, "predicted": predicted}
+        arrays = {name: numpy.asarray(value).ravel() for name, value in arrays.items()}
+        if len({len(value) for value in arrays.values()}) != 1:
+            sizes = ", ".join(f"{name} {len(value)}" for name, value in arrays.items())
+            raise ValueError(f"test predictions need one image id, label and prediction per image; got {sizes}")
+        for name, value in arrays.items():
+            limits = numpy.iinfo(_DTYPES[name])
+            if len(value) and (value.min() < 0 or value.max() > limits.max):
+                raise ValueError(f"test {name} must lie in 0..{limits.max}; got {value.min()}..{value.max()}")
+        if len(numpy.unique(arrays["image_ids"])) != len(arrays["image_ids"]):
+            raise ValueError("test image ids repeat; each test image must be predicted once")
+        return cls(**{name: value.astype(_DTYPES[name]) for name, value in arrays.items()})
+
+    @property
+    def correct(self) -> numpy.ndarray:
+        return self.labels == self.predicted
+
+
+def write_predictions(directory: Path, predictions: Predictions) -> None:
+    """Atomically write predictions.npz (compressed; a few tens of kilobytes for 6,149 test images)."""
+    buffer = io.BytesIO()
+    numpy.savez_compressed(
+        buffer, image_ids=predictions.image_ids, labels=predictions.labels, predicted=predictions.predicted
+    )
+    cache.write_bytes_atomic(Path(directory) / PREDICTIONS, buffer.getvalue())
+
+
+def read_predictions(directory: Path) -> Predictions | None:
+    """The unit's predictions, verified against its manifest; None when the unit has none (an arm built
+    before predictions were saved). A damaged or torn file raises cache.DamagedArtifact or ValueError."""
+    path = Path(directory) / PREDICTIONS
+    manifest = cache.read_manifest(path.parent) or {}
+    if PREDICTIONS not in manifest.get("files", []):
+        return None
+    with numpy.load(cache.require_intact(path)) as stored:
+        return Predictions.of(stored["image_ids"], stored["labels"], stored["predicted"])
+
+
+def write_result(directory: Path, record: dict, *, labels=None, predictions=None, image_ids=None) -> None:
+    """Validate and atomically write an arm's result.json and, given the test labels, predicted classes
+    and image ids, its predictions.npz (list PREDICTIONS among the unit's files then)."""
     check_result(record)
+    given = [value is not None for value in (labels, predictions, image_ids)]
+    if any(given) and not all(given):
+        raise ValueError("write_result needs labels, predictions and image_ids together, or none of them")
+    if all(given):
+        stored = Predictions.of(image_ids, labels, predictions)
+        top1 = record["test_top1"]
+        if len(stored.labels) and top1 is not None and abs(float(numpy.mean(stored.correct)) - top1) > 1e-9:
+            raise ValueError(f"the test predictions score {numpy.mean(stored.correct)}, the record test_top1 {top1}")
+        write_predictions(directory, stored)
     cache.write_json_atomic(Path(directory) / RESULT, record)
 
 
@@ -52,8 +118,11 @@ def finish_arm(
     runtime: Runtime,
     record: dict,
     timings: dict,
+    *,
+    test_image_ids,
 ) -> BuildResult:
-    """Test the best-on-val weights, write model.pt, history and result.json, drop the resume checkpoint.
+    """Test the best-on-val weights, write model.pt, history, result.json and the test predictions (by
+    `test_image_ids`, in test_set's order), drop the resume checkpoint.
 
     `record` holds the arm's own fields (arm, method, backbone, head, input_size, selected...);
     the test metrics, times and history are added here.
@@ -65,7 +134,8 @@ def finish_arm(
     runtime.synchronize()
     eval_seconds = time.perf_counter() - started
     class_names = list(record.pop("class_names"))
-    metrics = classification_metrics(test_set.labels.numpy(), logits.argmax(1).cpu().numpy(), len(class_names))
+    predicted = logits.argmax(1).cpu().numpy()
+    metrics = classification_metrics(test_set.labels.numpy(), predicted, len(class_names))
     directory = context.directory
     if distributed.is_main():
         checkpoints.write_model(directory / checkpoints.MODEL, result.best_state)
@@ -99,14 +169,14 @@ def finish_arm(
         "world_size": distributed.world_size(),
     }
     if distributed.is_main():
-        write_result(directory, full)
+        write_result(directory, full, labels=test_set.labels.numpy(), predictions=predicted, image_ids=test_image_ids)
     context.log(
         f"[{record['arm']}] test top-1 {metrics['top1']:.4f}, mean per-class {metrics['mean_per_class']:.4f} "
         f"(best val {result.best_val_top1:.4f} at epoch {result.best_epoch}/{result.epochs_run}); "
         f"train {train_seconds:.0f} s, test {eval_seconds:.0f} s"
     )
     return BuildResult(
-        files=[RESULT, checkpoints.HISTORY_JSON, checkpoints.HISTORY_CSV, checkpoints.MODEL],
+        files=[RESULT, PREDICTIONS, checkpoints.HISTORY_JSON, checkpoints.HISTORY_CSV, checkpoints.MODEL],
         metrics={
             "test_top1": metrics["top1"],
             "test_mean_per_class": metrics["mean_per_class"],

@@ -320,14 +320,14 @@ def read_attributes(path: Path) -> dict:
     return attributes
 
 
-def read_group(path: Path, group: str) -> dict:
-    """One group's arrays ({features, labels, image_ids, views}) fully in memory."""
+def read_group(path: Path, group: str, fields: tuple = GROUP_FIELDS) -> dict:
+    """One group's arrays ({features, labels, image_ids, views}, or only `fields`) fully in memory."""
     import h5py
 
     with h5py.File(path, "r") as handle:
         if group not in handle:
             raise FeaturesFileError(f"{path} has no group {group!r}; it holds {', '.join(handle.keys())}")
-        return {name: handle[group][name][:] for name in GROUP_FIELDS}
+        return {name: handle[group][name][:] for name in fields}
 
 
 def _plain(value):

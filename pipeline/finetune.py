@@ -26,7 +26,7 @@ from .models import build_finetune_model, finetune_groups
 from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: predictions.npz
 NOT_DOWNLOADED = "not-downloaded-yet"  # the build downloads, and the final key then has the real sha256
 
 
@@ -174,7 +174,9 @@ def build(context: BuildContext) -> BuildResult:
         "data_seconds": timings.seconds.get("data", 0.0),
         "probe_seconds": probe.get("seconds", 0.0),
     }
-    return finish_arm(context, model, result, sets["test"], runtime, record, phases)
+    return finish_arm(
+        context, model, result, sets["test"], runtime, record, phases, test_image_ids=index.image_ids["test"]
+    )
 
 
 STAGE = register_stage(

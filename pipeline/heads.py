@@ -23,7 +23,7 @@ from .head_kinds import HeadError, HeadKind, Problem, get_head_kind, saved_kind
 from .head_kinds.linear import NORMALIZATIONS
 from .runtime import Timings, environment, seed_everything
 
-CODE_VERSION = "2"  # 2: softmax decays trained side by side, logistic on one BLAS thread
+CODE_VERSION = "3"  # 2: softmax decays trained side by side, logistic on one BLAS thread; 3: predictions.npz
 # Fields that configure the stage as a whole, or that enter a key per kind (the tables), not as they are.
 STAGE_FIELDS = ("kinds", "tables")
 
@@ -181,7 +181,8 @@ def build(context: BuildContext) -> BuildResult:
     require_finite(kind, payload, results.frozen_unit(backbone, kind.name))
     predict = kind.predictor(payload)
     with timings.phase("evaluation"):
-        metrics = evaluate.classification_metrics(splits["test"][1], predict(splits["test"][0]), len(class_names))
+        predicted = predict(splits["test"][0])
+        metrics = evaluate.classification_metrics(splits["test"][1], predicted, len(class_names))
     head_file = save_head(
         context.directory,
         kind,
@@ -235,7 +236,10 @@ def build(context: BuildContext) -> BuildResult:
         },
         "weights_verified": attributes.get("weights_verified", "unknown"),
     }
-    evaluate.write_result(context.directory, record)
+    test = features_h5.read_group(features_file(context.input_directory("features")), "test", ("image_ids",))
+    evaluate.write_result(
+        context.directory, record, labels=splits["test"][1], predictions=predicted, image_ids=test["image_ids"]
+    )
     context.log(
         f"[heads] {record['arm']}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
         f"mean per-class {metrics['mean_per_class']:.3f} (fit on {fit_on}; selection "
@@ -243,7 +247,7 @@ def build(context: BuildContext) -> BuildResult:
         f"fit {timings.seconds['fit']:.1f} s)"
     )
     return BuildResult(
-        files=[results.RESULT, head_file],
+        files=[results.RESULT, evaluate.PREDICTIONS, head_file],
         metrics={
             "test_top1": metrics["top1"],
             "test_mean_per_class": metrics["mean_per_class"],

@@ -6,7 +6,7 @@ import io
 
 import numpy
 
-from .results import END_TO_END, METHODS
+from .results import END_TO_END, METHODS, summarize
 
 
 def _figure(width: float, height: float, rows: int = 1, columns: int = 1):
@@ -24,59 +24,52 @@ def _png(figure, dpi: int) -> bytes:
 
 
 def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
-    """Scatter of test top-1 against total seconds, one marker per present arm, labelled by name."""
+    """Test top-1 against total seconds, one marker per present arm (means over its runs) with its 95%
+    bootstrap interval as an error bar. Each marker carries a number and the arm names are listed beside
+    the plot under those numbers, so long names never print over each other or over a marker."""
     points = [
-        r
-        for r in records
-        if r["status"] == "ok"
-        and r["test_top1"] is not None
-        and r["total_seconds"] is not None
-        and r["total_seconds"] > 0
+        row
+        for row in summarize(records)
+        if row["test_top1_mean"] is not None and row["total_seconds_mean"] is not None and row["total_seconds_mean"] > 0
     ]
     if not points:
         return None
-    figure, axes = _figure(8, 5)
+    figure, axes = _figure(11, 5)
     axis = axes[0, 0]
-    for method in METHODS:
-        colour, marker = method.style
-        chosen = [r for r in points if r["method"] == method.name]
-        if chosen:
-            axis.scatter(
-                [r["total_seconds"] for r in chosen],
-                [100 * r["test_top1"] for r in chosen],
-                color=colour,
-                marker=marker,
-                s=60,
-                label=method.name,
-                zorder=3,
-            )
-    times = [r["total_seconds"] for r in points]
-    logarithmic = max(times) / min(times) > 20  # frozen heads take seconds, end-to-end training far longer
-    if logarithmic:
-        axis.set_xscale("log")
-    placed = []
-    for record in points:
-        x = numpy.log10(record["total_seconds"]) if logarithmic else record["total_seconds"]
-        position = numpy.array([x, 100 * record["test_top1"]])
-        # Labels of points that nearly coincide would print over each other: step each one down a line.
-        span = numpy.ptp(numpy.log10(times) if logarithmic else times) or 1.0
-        crowded = sum(abs(x - other[0]) < 0.15 * span and abs(position[1] - other[1]) < 3 for other in placed)
-        placed.append(position)
+    styles = {method.name: method.style for method in METHODS}
+    for number, row in enumerate(points, 1):
+        colour, marker = styles[row["method"]]
+        x, y = row["total_seconds_mean"], 100 * row["test_top1_mean"]
+        if row["test_top1_low"] is not None:
+            error = [[y - 100 * row["test_top1_low"]], [100 * row["test_top1_high"] - y]]
+            axis.errorbar(x, y, yerr=error, color=colour, capsize=3, linewidth=1, zorder=2)
+        axis.scatter(x, y, color=colour, marker=marker, s=60, zorder=3, label=f"{number}  {row['arm']}")
+        # Alternate sides, so the numbers of markers that nearly coincide stay apart.
         axis.annotate(
-            record.get("run") or record["arm"],
-            (record["total_seconds"], 100 * record["test_top1"]),
-            fontsize=8,
+            str(number),
+            (x, y),
             textcoords="offset points",
-            xytext=(5, 4 - 11 * crowded),
+            xytext=(7, 2) if number % 2 else (-7, 2),
+            ha="left" if number % 2 else "right",
+            fontsize=9,
+            fontweight="bold",
         )
+    times = [row["total_seconds_mean"] for row in points]
+    if max(times) / min(times) > 20:  # frozen heads take seconds, end-to-end training far longer
+        axis.set_xscale("log")
     # At least a few points of headroom: a tight axis would blow 0.5-point gaps up to the full height.
-    scores = [100 * r["test_top1"] for r in points]
-    axis.set_ylim(max(0.0, min(scores) - 5), min(100.0, max(scores) + 5))
+    reach = [
+        100 * value
+        for row in points
+        for value in (row["test_top1_mean"], row["test_top1_low"], row["test_top1_high"])
+        if value is not None
+    ]
+    axis.set_ylim(max(0.0, min(reach) - 5), min(100.0, max(reach) + 5))
     axis.set_xlabel("total seconds")
     axis.set_ylabel("test top-1 %")
-    axis.set_title("Accuracy against time")
+    axis.set_title("Accuracy against time (colour and marker: method)")
     axis.grid(alpha=0.3)
-    axis.legend(title="method")
+    axis.legend(title="arm", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     return _png(figure, dpi)
 
 

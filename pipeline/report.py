@@ -12,15 +12,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import textwrap
 from pathlib import Path
 
-from . import cache, plots, report_render
+from . import cache, evaluate, plots, report_answer, report_format, report_render, statistics
 from .arms import arm_states, planned_units, unit_state
 from .config import Config
 from .graph import BuildContext, BuildResult, Stage, Unit, read_json, register_stage
 from .results import RECORD_FIELDS, RESULT, best_arm, make_record, summarize
 
-CODE_VERSION = "3"
+CODE_VERSION = "4"  # 4: intervals, paired comparisons and the generated answer
 UNIT = "study"
 MARKDOWN = "report.md"
 HTML = "report.html"
@@ -68,8 +69,29 @@ def _write_csv(path: Path, records: list[dict]) -> None:
     cache.write_text_atomic(path, buffer.getvalue())
 
 
-def collect(context: BuildContext) -> report_render.Study:
-    """Read every arm's result and manifest named in the unit's settings (nothing else) into a Study."""
+def _load_predictions(cache_root: Path, records: list[dict]) -> tuple[dict, dict]:
+    """({arm: [Predictions of its present runs, in seed order]}, {run: why it has none})."""
+    runs_by_arm: dict = {}
+    unpaired = {}
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        directory = cache.unit_dir(cache_root, record["stage"], record["unit"])
+        try:
+            predictions = evaluate.read_predictions(directory)
+        except (OSError, ValueError, KeyError, cache.CacheError) as error:
+            unpaired[record["run"]] = f"cannot read {directory / evaluate.PREDICTIONS}: {error}"
+            continue
+        if predictions is None:
+            unpaired[record["run"]] = "built before per-image predictions were saved"
+        else:
+            runs_by_arm.setdefault(record["arm"], []).append(predictions)
+    return runs_by_arm, unpaired
+
+
+def collect(context: BuildContext) -> report_format.Study:
+    """Read every arm's result, manifest and predictions named in the unit's settings (nothing else) into
+    a Study, its records holding each arm's intervals and paired comparisons."""
     settings = context.unit.settings
     records, results, manifests = [], {}, {}
     for state in settings["arms"]:
@@ -78,11 +100,13 @@ def collect(context: BuildContext) -> report_render.Study:
         records.append(record)
         if result is not None:
             results[record["run"]], manifests[record["run"]] = result, manifest
+    runs_by_arm, unpaired = _load_predictions(context.cache_root, records)
+    statistics.annotate(records, statistics.study_statistics(runs_by_arm))
     samples = settings["samples"]
     samples_directory = None
     if samples["missing"] is None:
         samples_directory = cache.unit_dir(context.cache_root, "samples", samples["unit"])
-    return report_render.Study(
+    return report_format.Study(
         title=settings["report"]["title"],
         records=records,
         results=results,
@@ -91,6 +115,7 @@ def collect(context: BuildContext) -> report_render.Study:
         samples_directory=samples_directory,
         samples_missing=samples["missing"],
         options=context.config.report,
+        unpaired=unpaired,
     )
 
 
@@ -120,10 +145,15 @@ def build(context: BuildContext) -> BuildResult:
 
 
 def summary(graph) -> str:
-    """The comparison table as plain text plus the report's path (what `make all` prints at the end)."""
+    """The comparison table, the generated answer and the report's path (what `make all` prints at the end)."""
     directory = graph.directory(graph.unit("report", UNIT))
     records = read_json(cache.require_intact(directory / RESULTS_JSON))
-    return report_render.text_table(records) + f"\nreport: {directory / HTML}\n        {directory / MARKDOWN}"
+    return (
+        report_format.text_table(records)
+        + "\n\n"
+        + textwrap.fill(report_answer.answer(records), width=110)
+        + f"\nreport: {directory / HTML}\n        {directory / MARKDOWN}"
+    )
 
 
 STAGE = register_stage(

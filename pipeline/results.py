@@ -4,7 +4,8 @@
   its plot style and the arms a config asks of it;
 - arm and unit names (the stages name their units and records with these, and the report expects them);
 - the schema of an arm's result.json (REQUIRED_FIELDS, check_result);
-- the report's per-run record (RECORD_FIELDS, make_record) and its across-seeds summary (summarize, best_arm).
+- the report's per-run record (RECORD_FIELDS, make_record) and its across-seeds summary (summarize, best_arm);
+  pipeline/statistics.py adds the intervals and paired comparisons to the records.
 
 Graph-free: pipeline/arms.py reads the graph for the state of each expected arm.
 """
@@ -44,6 +45,8 @@ REQUIRED_FIELDS = (
     "class_names",
     "selected",
 )
+# The arm's 95% bootstrap intervals (pipeline/statistics.py), the same in every run of the arm.
+INTERVAL_FIELDS = ("test_top1_low", "test_top1_high", "test_mean_per_class_low", "test_mean_per_class_high")
 # One results.json record per arm with these fields (results.csv columns, in this order;
 # docs/results.md documents them).
 RECORD_FIELDS = (
@@ -63,6 +66,7 @@ RECORD_FIELDS = (
     "val_top1",
     "test_top1",
     "test_mean_per_class",
+    *INTERVAL_FIELDS,
     "extract_seconds",
     "train_seconds",
     "eval_seconds",
@@ -281,6 +285,7 @@ def summarize(records: list[dict]) -> list[dict]:
         }
         for name in SUMMARY_METRICS:
             row[f"{name}_mean"], row[f"{name}_sd"] = _mean_and_sd([run[name] for run in present])
+        row.update({name: present[0].get(name) if present else None for name in INTERVAL_FIELDS})
         rows.append(row)
     return rows
 

@@ -16,6 +16,7 @@ GRID = "grid.png"
 SIZES_JSON = "sizes.json"
 SIZES_TEXT = "sizes.txt"
 DISTRIBUTION = "class_distribution.png"
+CODE_VERSION = "2"  # 2: one panel per split in the class distribution
 
 
 def plan(config: Config, graph) -> list[Unit]:
@@ -24,7 +25,7 @@ def plan(config: Config, graph) -> list[Unit]:
         Unit(
             stage="samples",
             name="flowers-102",
-            code_version="1",
+            code_version=CODE_VERSION,
             settings=settings,
             inputs=(("download", graph.units("download")[0]),),
         )
@@ -98,7 +99,8 @@ def draw_grid(index: data.DatasetIndex, rows: int, columns: int, tile_pixels: in
 
 
 def draw_distribution(sizes: dict) -> bytes:
-    """PNG bytes of a stacked bar chart: images per class, split by train/val/test."""
+    """PNG bytes of images per class, one panel per split sharing the class axis: each split on its own
+    scale, so train and val (10 per class in Flowers-102) stay as visible as test's hundreds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,17 +108,21 @@ def draw_distribution(sizes: dict) -> bytes:
 
     rows = sizes["per_class"]
     positions = numpy.arange(len(rows))
-    figure, axis = pyplot.subplots(figsize=(max(8, len(rows) * 0.12), 3.5))
-    bottom = numpy.zeros(len(rows))
-    for split in data.SPLITS:
+    figure, axes = pyplot.subplots(
+        len(data.SPLITS), 1, figsize=(max(8, len(rows) * 0.12), 1.6 * len(data.SPLITS) + 0.8), sharex=True
+    )
+    for axis, split, colour in zip(axes, data.SPLITS, ("tab:blue", "tab:orange", "tab:green"), strict=True):
         counts = numpy.array([row[split] for row in rows])
-        axis.bar(positions, counts, bottom=bottom, label=f"{split} ({sizes['splits'][split]})", width=0.85)
-        bottom += counts
-    axis.set_xlabel("class label")
-    axis.set_ylabel("images")
-    axis.set_title(f"Images per class ({sizes['total']} in all, {sizes['num_classes']} classes)")
-    axis.set_xlim(-1, len(rows))
-    axis.legend()
+        axis.bar(positions, counts, width=0.85, color=colour)
+        axis.set_ylim(0, max(1, counts.max()) * 1.15)
+        axis.set_ylabel("images")
+        per_class = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()} to {counts.max()}"
+        axis.set_title(f"{split}: {sizes['splits'][split]} images, {per_class} per class", fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    axes[-1].set_xlabel("class label")
+    axes[-1].set_xlim(-1, len(rows))
+    figure.suptitle(f"Images per class ({sizes['total']} in all, {sizes['num_classes']} classes)")
+    figure.tight_layout()
     png = _figure_bytes(figure)
     pyplot.close(figure)
     return png
@@ -143,7 +149,7 @@ STAGE = register_stage(
     Stage(
         name="samples",
         description="Sample grid, dataset sizes and class distribution.",
-        code_version="1",
+        code_version=CODE_VERSION,
         plan=plan,
         build=build,
     )

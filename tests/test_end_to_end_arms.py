@@ -16,6 +16,7 @@ from torch import nn
 from pipeline import checkpoints, evaluate, graph, results
 from pipeline.backbones import available_backbones, get_backbone, head_parameters
 from pipeline.config import CnnConfig
+from pipeline.download import load_index
 from pipeline.head_kinds import linear
 from pipeline.models import NotebookCNN, build_finetune_model, build_scratch_model, finetune_groups
 
@@ -51,7 +52,13 @@ def test_stage_writes_a_complete_result_and_then_stays_cached(tiny_config, stage
     assert any("estimate:" in line for line in lines)
     directory = graph.Graph(tiny_config).directory(graph.Graph(tiny_config).unit(stage, unit))
     assert not (directory / checkpoints.CHECKPOINT).exists()
-    assert {"history.json", "history.csv", "model.pt", "result.json"} <= set(manifest["files"])
+    assert {"history.json", "history.csv", "model.pt", "result.json", "predictions.npz"} <= set(manifest["files"])
+    saved = evaluate.read_predictions(directory)  # the test images in the split's order, scoring the record's top-1
+    study = graph.Graph(tiny_config)
+    index = load_index(study.directory(study.units("download")[0]))
+    assert saved.image_ids.tolist() == index.image_ids["test"].tolist()
+    assert saved.labels.tolist() == index.labels["test"].tolist()
+    assert saved.correct.mean() == pytest.approx(result["test_top1"])
     _, again = build_stage(tiny_config, stage)
     assert any("cached" in line for line in again) and not any("building" in line for line in again)
 

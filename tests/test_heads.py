@@ -179,6 +179,10 @@ def test_results_heads_files_and_timings(tmp_path, fake_flowers_session):
         # The saved head reproduces the reported test accuracy.
         predictions = heads.load_head(folder)(test["features"])
         assert linear.accuracy(test["labels"], predictions) == pytest.approx(result["test_top1"])
+        # And its per-image predictions are saved, verified, image by image.
+        saved = evaluate.read_predictions(folder)
+        assert numpy.array_equal(saved.image_ids, test["image_ids"]) and numpy.array_equal(saved.predicted, predictions)
+        assert numpy.array_equal(saved.labels, test["labels"])
 
 
 def test_fit_on_train_and_val_is_recorded(tmp_path, fake_flowers_session):

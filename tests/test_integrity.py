@@ -30,7 +30,7 @@ from pipeline import (
     heads,
     images,
     pixels,
-    report_render,
+    report_format,
     train,
 )
 from pipeline import predict as predict_module
@@ -501,7 +501,7 @@ def test_the_report_names_arms_with_unverified_weights():
         "backbone": "resnet18",
         "head": "softmax",
     }
-    assert "unverified weights: frozen-resnet18-softmax" in report_render.text_table([record])
+    assert "unverified weights: frozen-resnet18-softmax" in report_format.text_table([record])
 
 
 # --- predict inputs ------------------------------------------------------------------------------------

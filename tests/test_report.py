@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
+import re
 import uuid
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,11 +24,12 @@ import pipeline.report
 import pipeline.samples
 from pipeline import cache, cli, evaluate, graph
 from pipeline.graph import Graph, Stage, Unit
-from pipeline.report_render import confused_pairs
+from pipeline.report_sections import confused_pairs
 
 PROJECT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = [f"flower {number}" for number in range(6)]
+TEST_IMAGES = 90
 
 
 def arm_units(config) -> dict:
@@ -62,10 +65,13 @@ def stand_in_stages(monkeypatch):
     return registry
 
 
-def make_result(arm: str, method: str, backbone: str, head: str, generator) -> dict:
-    """A synthetic result.json with awkward decimals so rounding in the table is exercised."""
-    confusion = generator.integers(0, 4, size=(6, 6)) + numpy.diag(generator.integers(3, 9, size=6))
-    metrics = evaluate.classification_metrics(*_labels_from(confusion), num_classes=6)
+def make_result(arm: str, method: str, backbone: str, head: str, generator) -> tuple[dict, dict]:
+    """A synthetic result.json with awkward decimals so rounding in the table is exercised, and its test
+    predictions (image ids, labels, predicted classes) of the one test set every arm shares."""
+    labels = numpy.arange(TEST_IMAGES) % len(CLASSES)
+    wrong = generator.random(TEST_IMAGES) < generator.uniform(0.1, 0.8)
+    predicted = numpy.where(wrong, (labels + generator.integers(1, len(CLASSES), TEST_IMAGES)) % len(CLASSES), labels)
+    metrics = evaluate.classification_metrics(labels, predicted, num_classes=len(CLASSES))
     record = {
         "arm": arm,
         "method": method,
@@ -103,23 +109,15 @@ def make_result(arm: str, method: str, backbone: str, head: str, generator) -> d
             }
             for epoch in (1, 2, 3)
         ]
-    return record
+    return record, {"image_ids": numpy.arange(1, TEST_IMAGES + 1), "labels": labels, "predictions": predicted}
 
 
-def _labels_from(confusion):
-    labels, predictions = [], []
-    for true, row in enumerate(confusion):
-        for predicted, count in enumerate(row):
-            labels += [true] * int(count)
-            predictions += [predicted] * int(count)
-    return labels, predictions
-
-
-def write_arm(study: Graph, stage: str, unit_name: str, record: dict) -> dict:
-    """Write result.json and then the manifest, as Graph.ensure would after a build."""
+def write_arm(study: Graph, stage: str, unit_name: str, record: dict, predictions: dict | None = None) -> dict:
+    """Write result.json (and predictions.npz, given them) and then the manifest, as Graph.ensure would
+    after a build."""
     unit = study.unit(stage, unit_name)
     directory = study.directory(unit)
-    evaluate.write_result(directory, record)
+    evaluate.write_result(directory, record, **(predictions or {}))
     manifest = {
         "stage": stage,
         "unit": unit_name,
@@ -128,7 +126,7 @@ def write_arm(study: Graph, stage: str, unit_name: str, record: dict) -> dict:
         "settings": unit.settings,
         "build_id": uuid.uuid4().hex,
         "inputs": {},
-        "files": [evaluate.RESULT],
+        "files": [evaluate.RESULT, *([evaluate.PREDICTIONS] if predictions else [])],
         "metrics": {},
         "timings": {},
         "extra": {},
@@ -142,8 +140,9 @@ def write_arm(study: Graph, stage: str, unit_name: str, record: dict) -> dict:
     return manifest
 
 
-def write_study(study: Graph, skip: tuple = ()) -> dict:
-    """Samples built for real (from the fake images); every arm but `skip` written synthetically."""
+def write_study(study: Graph, skip: tuple = (), unpaired: tuple = ()) -> dict:
+    """Samples built for real (from the fake images); every arm but `skip` written synthetically, with
+    its test predictions unless it is in `unpaired` (an arm built before predictions were saved)."""
     study.run("samples")
     generator = numpy.random.default_rng(7)
     records = {}
@@ -158,8 +157,8 @@ def write_study(study: Graph, skip: tuple = ()) -> dict:
                 arm = f"{method}-{name}"
             if arm in skip:
                 continue
-            records[arm] = make_result(arm, method, backbone, head, generator)
-            write_arm(study, stage, name, records[arm])
+            records[arm], predictions = make_result(arm, method, backbone, head, generator)
+            write_arm(study, stage, name, records[arm], None if arm in unpaired else predictions)
     return records
 
 
@@ -203,6 +202,12 @@ def parse_page(study: Graph) -> PageParser:
     page.feed((report_directory(study) / pipeline.report.HTML).read_text())
     page.close()
     return page
+
+
+def table_rows(study: Graph, header: str) -> dict:
+    """{first cell: {header: cell}} of the report's first table with a column named `header`."""
+    table = next(table for table in parse_page(study).tables if header in table[0])
+    return {row[0]: dict(zip(table[0], row, strict=True)) for row in table[1:]}
 
 
 @pytest.mark.slow
@@ -251,15 +256,29 @@ def test_every_file_is_written_and_numbers_equal_the_inputs(tiny_config, stand_i
         ):
             assert records[arm][name] == expected[name], (arm, name)
         assert records[arm]["status"] == "ok"
+    for arm, record in records.items():  # the intervals and paired comparisons results.json holds
+        assert record["test_mean_per_class_low"] <= record["test_mean_per_class"] <= record["test_mean_per_class_high"]
+        assert set(record["comparisons"]) == set(records) - {arm}
+        for other, pair in record["comparisons"].items():
+            assert pair["difference"] == pytest.approx(record["test_top1"] - records[other]["test_top1"])
+            assert pair["difference"] == -records[other]["comparisons"][arm]["difference"]
+            assert pair["low"] <= pair["difference"] <= pair["high"] and 0 < pair["mcnemar_p"] <= 1
+            assert pair["images"] == TEST_IMAGES and pair["resolved"] in (True, False)
     with open(directory / "results.csv", newline="") as handle:
         for row in csv.DictReader(handle):
             for name in numeric:
                 assert float(row[name]) == inputs[row["arm"]][name]
-    table = parse_page(study).tables[0]
-    headers = table[0]
-    rows = {row[0]: dict(zip(headers, row, strict=True)) for row in table[1:]}
+            assert float(row["test_top1_low"]) == records[row["arm"]]["test_top1_low"]
+    rows = table_rows(study, "Val top-1 %")
+    headers = list(next(iter(rows.values())))
     markdown = (directory / "report.md").read_text()
+    comparison = table_rows(study, "Test top-1 % [95% interval]")
     for arm, expected in inputs.items():
+        low, high = records[arm]["test_top1_low"], records[arm]["test_top1_high"]
+        assert low <= expected["test_top1"] <= high
+        cell = f"{100 * expected['test_top1']:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
+        assert comparison[arm]["Test top-1 % [95% interval]"] == cell
+        assert comparison[arm]["Total s"] == f"{expected['total_seconds']:.1f}"
         row = rows[arm]
         assert row["Test top-1 %"] == f"{100 * expected['test_top1']:.2f}"
         assert abs(float(row["Test top-1 %"]) - 100 * expected["test_top1"]) <= 0.005
@@ -288,13 +307,86 @@ def test_html_is_self_contained_and_embeds_every_figure(tiny_config, stand_in_st
     assert page.external == []
     pngs = sorted(path.name for path in report_directory(study).glob("*.png"))
     assert len(page.images) == len(pngs) == 6
-    for source in page.images:
+    for source in page.images:  # every picture the page shows is there and decodes to a non-empty image
         prefix = "data:image/png;base64,"
         assert source.startswith(prefix)
-        assert base64.b64decode(source[len(prefix) :], validate=True).startswith(PNG_SIGNATURE)
+        png = base64.b64decode(source[len(prefix) :], validate=True)
+        assert png.startswith(PNG_SIGNATURE)
+        assert min(_image_size(png)) > 0
     markdown = (report_directory(study) / "report.md").read_text()
-    for name in pngs:
-        assert f"]({name})" in markdown
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert sorted(linked) == pngs
+    for name in linked:  # and every picture the Markdown links to is a non-empty image beside it
+        assert min(_image_size((report_directory(study) / name).read_bytes())) > 0
+
+
+def _image_size(png: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        return image.size
+
+
+# Conservative widths of the HTML's table text (0.9em of a 16 px sans-serif) and of a cell's padding and
+# border, and the room inside a 1400 px window (the page's margins taken off).
+CHARACTER_PIXELS, CELL_PIXELS, WINDOW_PIXELS = 8, 18, 1400 - 64
+
+
+def narrowest_width(table: list[list[str]]) -> int:
+    """Pixels a table needs at least: a browser wraps cells at spaces, except the first column (nowrap)."""
+    width = 0
+    for column in range(len(table[0])):
+        cells = [row[column] for row in table]
+        words = [len(cell) if column == 0 else max(map(len, cell.split() or [""])) for cell in cells]
+        width += CHARACTER_PIXELS * max(words) + CELL_PIXELS
+    return width
+
+
+@pytest.mark.slow
+def test_every_table_fits_a_1400_pixel_window_and_the_comparison_is_short(tiny_config, stand_in_stages):
+    study = Graph(tiny_config, log=lambda message: None)
+    write_study(study)
+    study.run("report")
+    tables = parse_page(study).tables
+    assert tables[0][0] == ["Arm", "Test top-1 % [95% interval]", "Test mean per-class % [95% interval]", "Total s"]
+    for table in tables:
+        assert narrowest_width(table) <= WINDOW_PIXELS, table[0]
+    # The old single comparison table (18 columns) needed more than the window: the check can fail.
+    old = [["frozen-tiny-efficientnet-logistic", *(["12345.6"] * 17)]]
+    assert narrowest_width(old) > WINDOW_PIXELS
+
+
+@pytest.mark.slow
+def test_report_renders_arms_without_predictions_as_n_a(tiny_config, stand_in_stages):
+    study = Graph(tiny_config, log=lambda message: None)
+    inputs = write_study(study, unpaired=("finetune-tiny-resnet",))
+    study.run("report")
+    directory = report_directory(study)
+    records = {record["arm"]: record for record in json.loads((directory / "results.json").read_text())}
+    unpaired = records["finetune-tiny-resnet"]
+    assert unpaired["test_top1"] == inputs["finetune-tiny-resnet"]["test_top1"]
+    assert unpaired["test_top1_low"] is None and unpaired["comparisons"] == {}
+    assert all("finetune-tiny-resnet" not in record["comparisons"] for record in records.values())
+    comparison = table_rows(study, "Total s")["finetune-tiny-resnet"]
+    assert comparison["Test top-1 % [95% interval]"] == f"{100 * unpaired['test_top1']:.2f} [n/a]"
+    markdown = (directory / "report.md").read_text()
+    assert "finetune-tiny-resnet: built before per-image predictions were saved" in markdown
+    sentence = next(line for line in markdown.splitlines() if line.startswith("- Fine-tuning against the frozen"))
+    assert "paired interval and McNemar test n/a" in sentence
+    # No arm with predictions at all: still a report, every interval n/a, no matrix.
+    for stage, units in arm_units(study.config).items():
+        for name in units:
+            manifest = cache.read_manifest(study.directory(study.unit(stage, name)))
+            if evaluate.PREDICTIONS in manifest["files"]:
+                record = json.loads((study.directory(study.unit(stage, name)) / evaluate.RESULT).read_text())
+                write_arm(study, stage, name, record)
+    Graph(tiny_config, log=lambda message: None).run("report")  # a new plan sees the rebuilt arms
+    records = json.loads((directory / "results.json").read_text())
+    assert all(record["test_top1_low"] is None and record["comparisons"] == {} for record in records)
+    markdown = (directory / "report.md").read_text()
+    assert "Matrices n/a: fewer than two arms have per-image test predictions." in markdown
+    assert "interval n/a: no per-image predictions" in markdown.split("\n\n")[1]
 
 
 @pytest.mark.slow
@@ -315,8 +407,9 @@ def test_missing_arms_are_reported_with_their_reason(tiny_config, stand_in_stage
     assert records["frozen-tiny-efficientnet-logistic"]["missing_reason"] == "no manifest; run make heads"
     assert records["frozen-tiny-efficientnet-logistic"]["test_top1"] is None
     assert records["scratch-bn-cnn"]["missing_reason"].startswith("cannot plan stage cnn: unknown stage 'cnn'")
-    rows = {row[0]: row for row in parse_page(study).tables[0][1:]}
-    assert rows["scratch-bn-cnn"][-1] == "missing" and rows["scratch-bn-cnn"][8] == "n/a"
+    assert table_rows(study, "Status")["scratch-bn-cnn"]["Status"] == "missing"
+    assert table_rows(study, "Val top-1 %")["scratch-bn-cnn"]["Test top-1 %"] == "n/a"
+    assert set(table_rows(study, "Total s")["scratch-bn-cnn"].values()) == {"scratch-bn-cnn", "n/a"}
     for text in ((directory / "report.html").read_text(), (directory / "report.md").read_text()):
         assert "frozen-tiny-efficientnet-logistic: no manifest; run make heads" in text
         assert "scratch-bn-cnn: cannot plan stage cnn" in text
@@ -337,8 +430,7 @@ def test_report_is_cached_until_an_arm_is_rebuilt(tiny_config, stand_in_stages):
     write_arm(study, "finetune", "tiny-resnet", changed)  # a rebuild: same key, new build id
     third = Graph(tiny_config, log=messages.append).run("report")[0]
     assert third["build_id"] != first["build_id"]
-    rows = {row[0]: row for row in parse_page(study).tables[0][1:]}
-    assert rows["finetune-tiny-resnet"][8] == "98.77"
+    assert table_rows(study, "Val top-1 %")["finetune-tiny-resnet"]["Test top-1 %"] == "98.77"
 
 
 @pytest.mark.slow
@@ -352,7 +444,13 @@ def test_best_arm_is_chosen_on_val_not_test(tiny_config, stand_in_stages):
     assert by_val != "scratch-bn-cnn"
     manifest = study.run("report")[0]
     assert manifest["metrics"]["best_arm"] == by_val
-    assert f"# Best arm: {by_val}" in (report_directory(study) / "report.md").read_text()
+    markdown = (report_directory(study) / "report.md").read_text()
+    assert f"# Best arm: {by_val}" in markdown
+    answer = markdown.split("\n\n")[1]  # the opening paragraph, generated from the numbers
+    assert answer.startswith("Answer: ") and f"Its best arm, {by_val}, reaches" in answer
+    # Against each other method's best arm: fine-tuning paired, the rewritten scratch arm without predictions.
+    assert answer.count("at this test-set size (90 images)") == 1
+    assert "scratch-bn-cnn in test top-1 (paired interval and McNemar test n/a" in answer
 
 
 def test_flowers_references_are_left_out_for_other_data(tiny_config, stand_in_stages):

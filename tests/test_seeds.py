@@ -11,7 +11,7 @@ from helpers import make_tiny_config
 
 from pipeline import report, results
 from pipeline.graph import Graph
-from pipeline.report_render import summary_rows, text_table
+from pipeline.report_format import summary_rows, text_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FROZEN_ONLY = ('features.backbones=["tiny-resnet"]',)

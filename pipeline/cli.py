@@ -118,9 +118,9 @@ def run_all(argv: list[str] | None = None) -> int:
             study.run(name, force=arguments.force)
         rank_log(f"all stages valid ({time.perf_counter() - started:.1f} s)")
         if distributed.is_main():
-            from . import report
+            from .report_render import summary
 
-            print(report.summary(study))
+            print(summary(study))
 
     return guarded(action)
 

@@ -26,6 +26,8 @@ OFFICIAL_MD5 = {"imagelabels.mat": "e0620be6f572b9609742df49c70aed4d", "setid.ma
 FOLDER = "flowers-102"
 # Optional, one class name per line in label order (the demo dataset writes one); Flowers-102 has none.
 CLASS_NAMES_FILE = "classnames.txt"
+# The verified split index the download stage writes into its unit folder.
+INDEX = "index.json"
 
 
 class DataError(PipelineError, RuntimeError):
@@ -193,6 +195,11 @@ class DatasetIndex:
             labels={split: numpy.asarray(labels, dtype=numpy.int64) for split, labels in value["labels"].items()},
             skipped=tuple(tuple(item) for item in value.get("skipped", [])),
         )
+
+
+def load_index(directory: Path) -> DatasetIndex:
+    """The verified split index written by the download stage (what every other stage reads)."""
+    return DatasetIndex.from_json(json.loads((Path(directory) / INDEX).read_text()))
 
 
 def _load_mat(path: Path) -> dict:

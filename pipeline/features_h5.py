@@ -38,6 +38,8 @@ import numpy
 from . import cache
 from .errors import PipelineError
 
+FEATURES_FILE = "features.h5"  # the file in a features unit's folder
+AUGMENTED_GROUP = "train_augmented"
 FORMAT_VERSION = 1
 GROUP_FIELDS = ("features", "labels", "image_ids", "views")
 # Rows per HDF5 chunk of features, and per block written and flushed: each write, attribute update and
@@ -337,3 +339,8 @@ def _plain(value):
     if isinstance(value, numpy.generic):
         return value.item()
     return value
+
+
+def features_file(directory: Path) -> Path:
+    """The HDF5 file inside a features unit's folder."""
+    return Path(directory) / FEATURES_FILE

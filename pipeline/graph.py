@@ -25,13 +25,13 @@ from .errors import PipelineError
 
 # Modules that register stages, in graph order; imported on first use so `--help` stays fast.
 STAGE_MODULES = [
-    "pipeline.download",
-    "pipeline.samples",
-    "pipeline.features",
-    "pipeline.heads",
-    "pipeline.finetune",
-    "pipeline.cnn",
-    "pipeline.report",
+    "pipeline.stages.download",
+    "pipeline.stages.samples",
+    "pipeline.stages.features",
+    "pipeline.stages.heads",
+    "pipeline.stages.finetune",
+    "pipeline.stages.cnn",
+    "pipeline.stages.report",
 ]
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import backbones, cache, checkpoints, extract, features, features_h5, heads, images, models, train, transforms
+from . import backbones, cache, checkpoints, extract, features_h5, frozen, images, models, train, transforms
 from .arms import arm_states
 from .config import Config
 from .errors import PipelineError
 from .graph import Graph, read_json
+from .head_kinds import fitting
 from .pixels import decode_problem, open_rgb
 from .results import RESULT, best_arm, make_record
 from .runtime import Runtime, resolve_runtime, seed_everything
@@ -146,9 +147,9 @@ def choose_arm(config: Config, graph: Graph, name: str | None = None) -> Arm:
 
 
 def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarray]:
-    """Class probabilities from a heads unit's saved head, whatever its kind (heads.load_head gives only the argmax)."""
+    """Class probabilities from a heads unit's saved head, whatever its kind (load_head gives only the argmax)."""
     try:
-        kind, payload = heads.saved_head(directory)
+        kind, payload = fitting.saved_head(directory)
     except FileNotFoundError as error:
         raise PredictError(str(error)) from None
     return kind.probabilities(payload)
@@ -157,7 +158,7 @@ def head_probabilities(directory: Path) -> Callable[[numpy.ndarray], numpy.ndarr
 def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) -> Callable[[list], numpy.ndarray]:
     """Image paths -> pooled features, exactly as the arm's features unit extracted its splits."""
     features_unit = graph.unit("heads", arm.unit).input("features")
-    path = cache.require_intact(features.features_file(graph.directory(features_unit)))
+    path = cache.require_intact(features_h5.features_file(graph.directory(features_unit)))
     attributes = features_h5.read_attributes(path)
     recipe = attributes["preprocessing"]
     preprocessing = backbones.Preprocessing(
@@ -169,7 +170,7 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
     )
     pixels, mean, std = extract.uint8_transform(transforms.eval_transform(preprocessing, attributes["input_size"]))
     name = attributes["backbone"]
-    source = features.resolve_source(config, name)
+    source = frozen.resolve_source(config, name)
     if source["weights_sha256"] != attributes["weights_sha256"]:
         raise PredictError(
             f"the {name} weights found now ({source['weights_id']}) are not the ones its features "
@@ -178,7 +179,7 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
     # Test-only backbones are random-init: the extraction seeded torch right before building them.
     seed_everything(attributes["seed"])
     # The rewrite the features were extracted with (files from before the setting had none).
-    model = features.load_frozen_backbone(
+    model = frozen.load_frozen_backbone(
         name,
         source["weights_path"],
         runtime.device,

@@ -11,7 +11,10 @@ from __future__ import annotations
 import base64
 import html
 import re
+import textwrap
 
+from . import cache
+from .graph import read_json
 from .report_answer import answer, comparison_blocks
 from .report_format import (
     COMPARISON_HEADERS,
@@ -23,8 +26,18 @@ from .report_format import (
     scores_row,
     setup_row,
     summary_rows,
+    text_table,
 )
 from .report_sections import best_section, environment_section, protocol_section, reference_section
+
+# The report stage's unit and the files it writes there (the stage writes them, `make all` prints them).
+UNIT = "study"
+MARKDOWN = "report.md"
+HTML = "report.html"
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+# Per-arm statistics over seeds, one results.summarize row per arm.
+SUMMARY_JSON = "summary.json"
 
 # Figures the report may hold, in the order they appear, with their captions.
 CAPTIONS = {
@@ -205,3 +218,15 @@ def render_html(study: Study, images: dict) -> str:
             out.append(f"<details><summary>resolved config (JSON)</summary><pre>{escape(block[1])}</pre></details>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def summary(graph) -> str:
+    """The comparison table, the generated answer and the report's path (what `make all` prints at the end)."""
+    directory = graph.directory(graph.unit("report", UNIT))
+    records = read_json(cache.require_intact(directory / RESULTS_JSON))
+    return (
+        text_table(records)
+        + "\n\n"
+        + textwrap.fill(answer(records), width=110)
+        + f"\nreport: {directory / HTML}\n        {directory / MARKDOWN}"
+    )

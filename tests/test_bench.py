@@ -217,7 +217,7 @@ def test_make_row_ratio_arithmetic():
 
 
 def test_subsets_spread_over_each_split(tiny_config):
-    from pipeline.download import load_index
+    from pipeline.data import load_index
     from pipeline.graph import Graph
 
     graph = Graph(tiny_config, log=lambda line: None)

@@ -17,7 +17,7 @@ import numpy
 import pytest
 
 from pipeline import distributed, extract, features_h5
-from pipeline.features import FEATURES_FILE
+from pipeline.features_h5 import FEATURES_FILE
 
 PROJECT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

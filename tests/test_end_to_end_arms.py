@@ -16,7 +16,7 @@ from torch import nn
 from pipeline import checkpoints, evaluate, graph, results
 from pipeline.backbones import available_backbones, get_backbone, head_parameters
 from pipeline.config import CnnConfig
-from pipeline.download import load_index
+from pipeline.data import load_index
 from pipeline.head_kinds import linear
 from pipeline.models import NotebookCNN, build_finetune_model, build_scratch_model, finetune_groups
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from helpers import make_tiny_config
 
-from pipeline import backbones, cli, extract, features, features_h5, transforms
+from pipeline import backbones, cli, extract, features_h5, frozen, transforms
 from pipeline.backbones import BackboneSpec, TinyResNet, WeightsSource, WeightsUnavailableError
-from pipeline.download import load_index
+from pipeline.data import load_index
 from pipeline.graph import Graph
 from pipeline.runtime import Runtime
 
@@ -71,8 +71,8 @@ def test_hdf5_schema_matches_the_split_index(tmp_path, fake_flowers_session):
     for manifest in manifests:
         name = manifest["unit"]
         spec = backbones.get_backbone(name)
-        path = features.features_file(graph.directory(graph.unit("features", name)))
-        assert manifest["files"] == [features.FEATURES_FILE]
+        path = features_h5.features_file(graph.directory(graph.unit("features", name)))
+        assert manifest["files"] == [features_h5.FEATURES_FILE]
         assert not list(path.parent.glob("*.partial"))
         with h5py.File(path, "r") as handle:
             assert sorted(handle.keys()) == ["test", "train", "val"]
@@ -107,9 +107,9 @@ def test_augmented_views_are_extra_rows_and_reproducible(tmp_path, fake_flowers_
     config = tiny(tmp_path, fake_flowers_session, "features.augmented_views=2")
     graph, _ = graph_for(config)
     graph.run("features")
-    path = features.features_file(graph.directory(graph.unit("features", "tiny-resnet")))
+    path = features_h5.features_file(graph.directory(graph.unit("features", "tiny-resnet")))
     train = features_h5.read_group(path, "train")
-    augmented = features_h5.read_group(path, features.AUGMENTED_GROUP)
+    augmented = features_h5.read_group(path, features_h5.AUGMENTED_GROUP)
     assert augmented["features"].shape == (48, 32)
     numpy.testing.assert_array_equal(augmented["views"], numpy.repeat([1, 2], 24))
     numpy.testing.assert_array_equal(augmented["image_ids"], numpy.tile(train["image_ids"], 2))
@@ -120,7 +120,7 @@ def test_augmented_views_are_extra_rows_and_reproducible(tmp_path, fake_flowers_
     again, _ = graph_for(tiny(tmp_path, fake_flowers_session, "features.augmented_views=2", cache_name="other"))
     again.run("features")
     repeat = features_h5.read_group(
-        features.features_file(again.directory(again.unit("features", "tiny-resnet"))), features.AUGMENTED_GROUP
+        features_h5.features_file(again.directory(again.unit("features", "tiny-resnet"))), features_h5.AUGMENTED_GROUP
     )
     numpy.testing.assert_allclose(repeat["features"], augmented["features"], rtol=1e-5, atol=1e-6)
 
@@ -144,7 +144,7 @@ def test_cache_hit_miss_and_what_enters_the_key(tmp_path, fake_flowers_session):
 
 
 def test_backbone_batchnorm_statistics_do_not_move():
-    model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
+    model = frozen.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
     model.train()  # whatever mode it arrives in, extraction must freeze it
     before = {name: value.clone() for name, value in model.state_dict().items()}
     images = [torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8) for _ in range(3)]
@@ -214,7 +214,7 @@ def test_inference_rewrite_refuses_a_network_whose_registration_order_misleads()
 @pytest.mark.parametrize("name", ["tiny-efficientnet", "tiny-resnet"])
 def test_head_is_stripped_where_the_family_keeps_it(name):
     spec = backbones.get_backbone(name)
-    model = features.load_frozen_backbone(name, None, "cpu", channels_last=False)
+    model = frozen.load_frozen_backbone(name, None, "cpu", channels_last=False)
     assert isinstance(getattr(model, spec.head_attribute), torch.nn.Identity)
     if spec.family == "efficientnet_pytorch":
         assert spec.head_attribute == "_fc" and not hasattr(model, "fc")  # `.fc` would be an unused layer
@@ -256,7 +256,7 @@ def test_workers_decode_at_lowest_priority_and_give_inline_features(tmp_path):
     recording = [
         dataclasses.replace(job, transform=tv.Compose([tv.Lambda(record), *job.transform.transforms])) for job in jobs
     ]
-    model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
+    model = frozen.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
     extract.write_features(tmp_path / "inline.h5", "key", recording, model, 32, cpu_runtime(), QUIET)
     assert int(niceness.read_text()) == os.nice(0)
     extract.write_features(tmp_path / "workers.h5", "key", recording, model, 32, cpu_runtime(num_workers=2), QUIET)
@@ -278,7 +278,7 @@ def test_streams_give_the_rows_of_one_stream_bit_for_bit_augmented_views_include
         views=numpy.ones(len(jobs[0].paths), int),
         transform=transforms.train_transform(preprocessing, 16, "crop-flip"),
     )
-    model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
+    model = frozen.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=True)
     extract.write_features(tmp_path / "one.h5", "key", jobs + [views], model, 32, cpu_runtime(), QUIET)
     two_streams = cpu_runtime(inference_streams=2)
     extract.write_features(tmp_path / "two.h5", "key", jobs + [views], model, 32, two_streams, QUIET)
@@ -319,7 +319,7 @@ class Interrupted(Exception):
 
 def test_killed_extraction_leaves_no_complete_file_and_resumes(tmp_path):
     jobs = _jobs(tmp_path)
-    model = features.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=False)
+    model = frozen.load_frozen_backbone("tiny-resnet", None, "cpu", channels_last=False)
     calls = []
 
     def failing(images):
@@ -388,13 +388,13 @@ def test_offline_missing_weights_fail_at_build_with_the_fix(tmp_path, fake_flowe
     config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ('features.backbones=["resnet18"]',))
     graph, _ = graph_for(config)
     unit = graph.unit("features", "resnet18")  # planning works offline and never downloads
-    assert unit.settings["weights_sha256"] == features.NOT_DOWNLOADED
+    assert unit.settings["weights_sha256"] == frozen.NOT_DOWNLOADED
     with pytest.raises(WeightsUnavailableError) as raised:
         graph.run("features")
     message = str(raised.value)
     assert "resnet18-f37072fd.pth" in message and "https://download.pytorch.org/" in message
     assert str(hub_dir) in message and "weights.resnet18" in message and "\n" not in message
-    assert not features.features_file(graph.directory(unit)).exists()
+    assert not features_h5.features_file(graph.directory(unit)).exists()
     arguments = [
         "--config",
         str(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"),
@@ -429,13 +429,13 @@ def test_weights_fingerprint_enters_the_key_and_weights_load(tmp_path, fake_flow
     unit = graph.unit("features", name)
     assert unit.settings["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     graph.run("features")
-    first = features_h5.read_group(features.features_file(graph.directory(unit)), "val")["features"]
+    first = features_h5.read_group(features_h5.features_file(graph.directory(unit)), "val")["features"]
     torch.manual_seed(2)
     torch.save(TinyResNet().state_dict(), path)
     again, _ = graph_for(make_tiny_config(fake_flowers_session, tmp_path / "cache", settings))
     assert again.unit("features", name).key != unit.key
     again.run("features")
-    second = features_h5.read_group(features.features_file(again.directory(unit)), "val")["features"]
+    second = features_h5.read_group(features_h5.features_file(again.directory(unit)), "val")["features"]
     assert not numpy.allclose(first, second)  # the new weights were loaded, not a random init
     missing = (f'features.backbones=["{name}"]', f'weights.{name}="{tmp_path / "absent.pth"}"')
     with pytest.raises(WeightsUnavailableError, match="absent.pth"):

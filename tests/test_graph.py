@@ -15,7 +15,7 @@ from helpers import make_tiny_config, write_fake_flowers
 
 from pipeline import cache
 from pipeline.graph import Graph, StageError
-from pipeline.samples import DISTRIBUTION, GRID, SIZES_JSON
+from pipeline.stages.samples import DISTRIBUTION, GRID, SIZES_JSON
 
 PROJECT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,11 +11,11 @@ import numpy
 import pytest
 from helpers import make_tiny_config
 
-from pipeline import cache, evaluate, features_h5, head_kinds, heads, predict, results
+from pipeline import cache, evaluate, features_h5, head_kinds, predict, results
 from pipeline.config import ConfigError, describe_settings
-from pipeline.features import features_file
+from pipeline.features_h5 import features_file
 from pipeline.graph import Graph
-from pipeline.head_kinds import HeadKind, Problem, knn
+from pipeline.head_kinds import HeadKind, Problem, fitting, knn
 from pipeline.head_kinds.linear import Normalizer, accuracy
 from pipeline.settings import setting
 
@@ -177,7 +177,7 @@ def test_knn_stage_runs_fits_on_train_and_val_and_its_saved_head_reproduces_test
     assert len(result["candidates"]) == 4 * 3  # ks 5, 10, 20 and 50 cut to the 24 train rows
     assert manifest["settings"]["knn_ks"] == [5, 10, 20, 50] and "softmax_lr" not in manifest["settings"]
     test = features_h5.read_group(features_file(graph.directory(graph.unit("features", "tiny-resnet"))), "test")
-    assert accuracy(test["labels"], heads.load_head(folder)(test["features"])) == pytest.approx(result["test_top1"])
+    assert accuracy(test["labels"], fitting.load_head(folder)(test["features"])) == pytest.approx(result["test_top1"])
     with numpy.load(folder / "head.npz") as saved:
         assert len(saved["labels"]) == 48
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 from helpers import make_tiny_config
 
-from pipeline import cache, evaluate, features_h5, heads, results
+from pipeline import cache, evaluate, features_h5, results
 from pipeline.config import HeadsConfig
-from pipeline.features import features_file
+from pipeline.features_h5 import features_file
 from pipeline.graph import Graph
-from pipeline.head_kinds import linear, logistic, softmax
+from pipeline.head_kinds import fitting, linear, logistic, softmax
+from pipeline.stages import heads
 
 ONE_BACKBONE = ('features.backbones=["tiny-resnet"]',)
 # Tiny heads on two shared cores: torch's second thread only spins (runs took 2-4x longer with it).
@@ -177,7 +178,7 @@ def test_results_heads_files_and_timings(tmp_path, fake_flowers_session):
         assert numpy.array(result["confusion_matrix"]).sum() == 36
         assert len(result["candidates"]) >= 2 and result["selected"]["val_top1"] == result["val_top1"]
         # The saved head reproduces the reported test accuracy.
-        predictions = heads.load_head(folder)(test["features"])
+        predictions = fitting.load_head(folder)(test["features"])
         assert linear.accuracy(test["labels"], predictions) == pytest.approx(result["test_top1"])
         # And its per-image predictions are saved, verified, image by image.
         saved = evaluate.read_predictions(folder)

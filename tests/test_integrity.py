@@ -27,13 +27,13 @@ from pipeline import (
     config,
     data,
     head_kinds,
-    heads,
     images,
     pixels,
     report_format,
     train,
 )
 from pipeline import predict as predict_module
+from pipeline.head_kinds import fitting
 
 # One of each kind of file the tiny study's manifests list.
 ARTIFACT_SUFFIXES = {".h5", ".pt", ".joblib", ".json", ".png", ".csv", ".md", ".html"}
@@ -365,7 +365,7 @@ def test_a_head_with_non_finite_weights_is_refused():
 
     payload = {"state_dict": {"weight": torch.full((3, 4), float("nan")), "bias": torch.zeros(3)}}
     with pytest.raises(head_kinds.HeadError, match="diverged"):
-        heads.require_finite(head_kinds.get_head_kind("softmax"), payload, "tiny-resnet-softmax")
+        fitting.require_finite(head_kinds.get_head_kind("softmax"), payload, "tiny-resnet-softmax")
 
 
 # --- writes ------------------------------------------------------------------------------------------

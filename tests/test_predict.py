@@ -12,7 +12,9 @@ import pytest
 import torch
 from helpers import make_tiny_config
 
-from pipeline import download, evaluate, features, features_h5, graph, heads, images, predict, train
+from pipeline import data, evaluate, features_h5, graph, images, predict, train
+from pipeline.head_kinds import fitting
+from pipeline.stages import download
 
 FROZEN_ARMS = ("frozen-tiny-resnet-softmax", "frozen-tiny-resnet-logistic", "frozen-tiny-resnet-knn")
 END_TO_END_ARMS = ("finetune-tiny-resnet", "scratch-bn-cnn")
@@ -28,7 +30,7 @@ def study(tmp_path_factory, fake_flowers_session):
     runner = graph.Graph(config, log=lambda line: None)
     for stage in ("heads", "finetune", "cnn"):
         runner.run(stage)
-    index = download.load_index(runner.directory(runner.unit("download", download.UNIT)))
+    index = data.load_index(runner.directory(runner.unit("download", download.UNIT)))
     yield config, index
     torch.set_num_threads(threads)
 
@@ -38,8 +40,8 @@ def stage_test_predictions(config, arm: predict.Arm, index) -> numpy.ndarray:
     study_graph = graph.Graph(config)
     if arm.method == "frozen":
         features_unit = study_graph.unit("heads", arm.unit).input("features")
-        stored = features_h5.read_group(features.features_file(study_graph.directory(features_unit)), "test")
-        return heads.load_head(arm.directory)(stored["features"])
+        stored = features_h5.read_group(features_h5.features_file(study_graph.directory(features_unit)), "test")
+        return fitting.load_head(arm.directory)(stored["features"])
     runtime = predict.resolve_runtime(config.runtime)
     model, preprocessing = predict.end_to_end_model(config, arm, runtime)
     folder = images.store_folder(

@@ -16,7 +16,7 @@ import numpy
 import pytest
 import torch
 
-from pipeline import backbones, data, extract, features, features_h5, train, transforms
+from pipeline import backbones, data, extract, features_h5, frozen, train, transforms
 from pipeline.bench.extraction import stack_transformed
 from pipeline.config import DataConfig, load_config
 from pipeline.cpu_rewrites import rewrite_for_finetuning
@@ -62,12 +62,12 @@ def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(inde
     config = load_config(PROJECT / "configs" / "offline.toml", data_dir=ROOT)
     spec = backbones.get_backbone(BACKBONE)
     _, size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
-    job = next(job for job in features.extraction_jobs(index, config, spec, size) if job.group == "test")
+    job = next(job for job in frozen.extraction_jobs(index, config, spec, size) if job.group == "test")
     rows = slice(0, 48)
     job = dataclasses.replace(
         job, paths=job.paths[rows], labels=job.labels[rows], image_ids=job.image_ids[rows], views=job.views[rows]
     )
-    model = features.load_frozen_backbone(BACKBONE, weights, "cpu", True, fold_batchnorm=True)
+    model = frozen.load_frozen_backbone(BACKBONE, weights, "cpu", True, fold_batchnorm=True)
 
     extracted = {}
     for streams, batch_size in ((1, 16), (2, 16), (2, 8), (1, 5)):
@@ -80,7 +80,7 @@ def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(inde
         assert numpy.array_equal(rows, extracted[1, 16]), f"streams, batch size {run} changed the features"
     # Against the fp32 network, through torchvision's own transforms (no uint8 split, no scalar normalisation,
     # PIL decoding).
-    plain = features.load_frozen_backbone(BACKBONE, weights, "cpu", False, fold_batchnorm=False)
+    plain = frozen.load_frozen_backbone(BACKBONE, weights, "cpu", False, fold_batchnorm=False)
     with torch.no_grad():
         reference = plain(stack_transformed(job.paths[:8], job.transform)).numpy()
     error = numpy.linalg.norm(extracted[1, 16][:8] - reference) / numpy.linalg.norm(reference)

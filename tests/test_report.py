@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy
 import pytest
 
-import pipeline.download
-import pipeline.report
-import pipeline.samples
+import pipeline.report_render
+import pipeline.stages.download
+import pipeline.stages.report
+import pipeline.stages.samples
 from pipeline import cache, cli, evaluate, graph
 from pipeline.graph import Graph, Stage, Unit
 from pipeline.report_sections import confused_pairs
@@ -33,7 +34,7 @@ TEST_IMAGES = 90
 
 
 def arm_units(config) -> dict:
-    """What the arm stages plan under the tiny config, written out independently of pipeline.report."""
+    """What the arm stages plan under the tiny config, written out independently of pipeline.stages.report."""
     return {
         "heads": [f"{backbone}-{kind}" for backbone in config.features.backbones for kind in config.heads.kinds],
         "finetune": list(config.finetune.backbones),
@@ -48,7 +49,7 @@ def refuse_build(context):
 @pytest.fixture
 def stand_in_stages(monkeypatch):
     """Registry with the real download/samples/report stages and stand-ins for the arm stages."""
-    real = {stage.name: stage for stage in (pipeline.download.STAGE, pipeline.samples.STAGE)}
+    real = {stage.name: stage for stage in (pipeline.stages.download.STAGE, pipeline.stages.samples.STAGE)}
     registry = dict(real)
     for name in ("heads", "finetune", "cnn"):
 
@@ -59,7 +60,7 @@ def stand_in_stages(monkeypatch):
             ]
 
         registry[name] = Stage(name, f"stand-in {name}", "1", plan, refuse_build)
-    registry["report"] = pipeline.report.STAGE
+    registry["report"] = pipeline.stages.report.STAGE
     monkeypatch.setattr(graph, "_REGISTRY", registry)
     monkeypatch.setattr(graph, "STAGE_MODULES", [])
     return registry
@@ -194,12 +195,12 @@ class PageParser(HTMLParser):
 
 
 def report_directory(study: Graph):
-    return study.directory(study.unit("report", pipeline.report.UNIT))
+    return study.directory(study.unit("report", pipeline.report_render.UNIT))
 
 
 def parse_page(study: Graph) -> PageParser:
     page = PageParser()
-    page.feed((report_directory(study) / pipeline.report.HTML).read_text())
+    page.feed((report_directory(study) / pipeline.report_render.HTML).read_text())
     page.close()
     return page
 
@@ -413,7 +414,7 @@ def test_missing_arms_are_reported_with_their_reason(tiny_config, stand_in_stage
     for text in ((directory / "report.html").read_text(), (directory / "report.md").read_text()):
         assert "frozen-tiny-efficientnet-logistic: no manifest; run make heads" in text
         assert "scratch-bn-cnn: cannot plan stage cnn" in text
-    summary = pipeline.report.summary(study)
+    summary = pipeline.report_render.summary(study)
     assert "missing: scratch-bn-cnn: cannot plan stage cnn" in summary
 
 

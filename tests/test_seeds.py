@@ -9,7 +9,7 @@ import math
 import pytest
 from helpers import make_tiny_config
 
-from pipeline import report, results
+from pipeline import report_render, results
 from pipeline.graph import Graph
 from pipeline.report_format import summary_rows, text_table
 
@@ -128,16 +128,16 @@ def test_report_shows_runs_per_seed_and_the_across_seeds_table(tmp_path, fake_fl
     graph = Graph(config, log=lambda line: None)
     graph.run("heads")
     graph.run("report")
-    folder = graph.directory(graph.unit("report", report.UNIT))
-    records = json.loads((folder / report.RESULTS_JSON).read_text())
+    folder = graph.directory(graph.unit("report", report_render.UNIT))
+    records = json.loads((folder / report_render.RESULTS_JSON).read_text())
     frozen = [r for r in records if r["method"] == "frozen"]
     assert [(r["run"], r["seed"], r["status"]) for r in frozen] == [
         ("frozen-tiny-resnet-softmax", 0, "ok"),
         ("frozen-tiny-resnet-softmax-seed1", 1, "ok"),
     ]
-    summary = {row["arm"]: row for row in json.loads((folder / report.SUMMARY_JSON).read_text())}
+    summary = {row["arm"]: row for row in json.loads((folder / report_render.SUMMARY_JSON).read_text())}
     mean = sum(r["test_top1"] for r in frozen) / 2
     assert summary["frozen-tiny-resnet-softmax"]["test_top1_mean"] == pytest.approx(mean)
     assert summary["scratch-bn-cnn"]["runs"] == 0 and summary["scratch-bn-cnn"]["expected_runs"] == 2
-    markdown = (folder / report.MARKDOWN).read_text()
+    markdown = (folder / report_render.MARKDOWN).read_text()
     assert "## Across seeds" in markdown and "Each arm ran 2 times" in markdown

@@ -8,7 +8,7 @@ when not measured or when the row has no target) and notes. Rows, in `SECTIONS` 
   size and input size) and forward+backward img/s of each [finetune] backbone (train mode, finetune
   batch size and input size), on tensors already in memory, with the runtime's precision and layout.
 - extraction: img/s of the features stage's own code path (extract.write_features over the jobs
-  features.extraction_jobs builds) on a subset, over model-only forward img/s of those images, in
+  frozen.extraction_jobs builds) on a subset, over model-only forward img/s of those images, in
   paired rounds that alternate the two.
 - frozen: extract + every head kind in [heads] kinds (the features and heads stages' functions)
   against the notebook's protocol, timed on a few images and extrapolated to its 25 epochs; its

@@ -10,7 +10,7 @@ import numpy
 import torch
 from torch import nn
 
-from .. import backbones, extract, features, transforms
+from .. import backbones, extract, frozen, transforms
 from ..config import Config
 from ..data import DatasetIndex
 from ..runtime import Runtime
@@ -80,7 +80,7 @@ def extraction_rows(
     for name in config.features.backbones:
         spec = backbones.get_backbone(name)
         _, input_size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
-        model = features.load_frozen_backbone(
+        model = frozen.load_frozen_backbone(
             name, weights_path(config, name), runtime.device, runtime.channels_last, config.features.fold_batchnorm
         )
         geometry, mean, std = extract.uint8_transform(transforms.eval_transform(spec.preprocessing, input_size))
@@ -88,8 +88,8 @@ def extraction_rows(
         pixels, batch = stack_transformed(paths, geometry), config.features.batch_size
         passes = [forward_rate(model, pixels, mean, std, batch, runtime)]
         if "extraction" in options.rows:
-            jobs = features.extraction_jobs(subset, config, spec, input_size)
-            extracting = features.extraction_options(config, log, progress=False)
+            jobs = frozen.extraction_jobs(subset, config, spec, input_size)
+            extracting = frozen.extraction_options(config, log, progress=False)
             rows, rates, ratios = rows_of(jobs), [], []
             for round_number in range(options.rounds):
                 output = work / f"extraction-{name}-{round_number}.h5"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy
 
-from .. import backbones, evaluate, extract, features, features_h5, heads, transforms
+from .. import backbones, evaluate, extract, features_h5, frozen, transforms
 from ..config import Config
 from ..data import DatasetIndex
-from ..head_kinds import get_head_kind
+from ..head_kinds import fitting, get_head_kind
 from ..runtime import Runtime, seed_everything
 from .notebook import notebook_train_transform, time_notebook_frozen, train_notebook_head
 from .options import BenchOptions
@@ -24,16 +24,16 @@ def fit_our_heads(config: Config, path: Path, num_classes: int) -> dict:
     """Every head kind as the heads stage fits it (selection on val, optional refit), timed with loading; per kind."""
     seed_everything(config.runtime.seed)
     started = time.perf_counter()
-    _, splits = heads.load_splits(path, config.heads.use_augmented_views)
+    _, splits = fitting.load_splits(path, config.heads.use_augmented_views)
     load_seconds = time.perf_counter() - started
     results = {}
     for name in config.heads.kinds:
         kind = get_head_kind(name)
         started = time.perf_counter()
-        chosen, _, payload = heads.select(kind, config.heads, splits, num_classes, config.runtime.seed)
+        chosen, _, payload = fitting.select(kind, config.heads, splits, num_classes, config.runtime.seed)
         if config.heads.fit_on == "train+val":
             rows = [numpy.concatenate([splits["fit"][part], splits["val"][part]]) for part in (0, 1)]
-            chosen, payload = heads.refit(kind, config.heads, chosen, *rows, num_classes, config.runtime.seed)
+            chosen, payload = fitting.refit(kind, config.heads, chosen, *rows, num_classes, config.runtime.seed)
         predictions = kind.predictor(payload)(splits["test"][0])
         top1 = evaluate.classification_metrics(splits["test"][1], predictions, num_classes)["top1"]
         results[name] = {
@@ -60,11 +60,11 @@ def frozen_row(
         time_notebook_frozen(name, weights, index, input_size, options.notebook_images, runtime, config.runtime.seed)
     ]
     # Ours: the features stage's jobs (every train/val image, augmented views, the test images) and every head kind.
-    model = features.load_frozen_backbone(
+    model = frozen.load_frozen_backbone(
         name, weights, runtime.device, runtime.channels_last, config.features.fold_batchnorm
     )
-    jobs = features.extraction_jobs(tested, config, spec, input_size)
-    extracting = features.extraction_options(config, log, progress=False)
+    jobs = frozen.extraction_jobs(tested, config, spec, input_size)
+    extracting = frozen.extraction_options(config, log, progress=False)
     log(f"[bench] frozen: extracting {rows_of(jobs)} rows with {name} (ours)")
     path = work / f"frozen-{name}.h5"
     timings = extract.write_features(path, "bench", jobs, model, spec.feature_dim, runtime, extracting)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import backbones, extract, features, transforms
+from .. import backbones, extract, frozen, transforms
 from ..config import Config
 from ..data import DatasetIndex
 from ..runtime import resolve_runtime
@@ -43,10 +43,10 @@ def memory_probe(spec_path: str) -> None:
     index = DatasetIndex.from_json(spec["index"])
     backbone = backbones.get_backbone(spec["backbone"])
     _, input_size = transforms.crop_sizes(backbone.preprocessing, config.features.input_size)
-    model = features.load_frozen_backbone(
+    model = frozen.load_frozen_backbone(
         backbone.name, spec["weights"], runtime.device, runtime.channels_last, config.features.fold_batchnorm
     )
-    jobs = features.extraction_jobs(index, config, backbone, input_size)
+    jobs = frozen.extraction_jobs(index, config, backbone, input_size)
     extract.write_features(
         Path(spec["output"]),
         "bench-memory",
@@ -54,7 +54,7 @@ def memory_probe(spec_path: str) -> None:
         model,
         backbone.feature_dim,
         runtime,
-        features.extraction_options(config, log=lambda line: None, progress=False),
+        frozen.extraction_options(config, log=lambda line: None, progress=False),
     )
     print(json.dumps({"rows": rows_of(jobs), "peak_mib": peak_resident_mib()}))
 
@@ -114,7 +114,7 @@ def memory_row(config: Config, index: DatasetIndex, options: BenchOptions, work:
         "ratio <= 1.15 (flat)",
         [("ratio", "<=", 1.15)],
         peaks={str(size): peak for size, peak in peaks.items()},
-        notes=f"peak resident memory (VmHWM) of a fresh process running features.extraction_jobs + "
+        notes=f"peak resident memory (VmHWM) of a fresh process running frozen.extraction_jobs + "
         f"extract.write_features on {large['rows']} vs {small['rows']} rows (split proportions, "
         f"augmented views included); its DataLoader workers are not counted",
     )

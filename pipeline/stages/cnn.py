@@ -7,14 +7,13 @@ The architectures live in pipeline/models.py; the loop is pipeline/train.py, sha
 
 from __future__ import annotations
 
-from . import checkpoints, cpu_rewrites, distributed, images, results, train
-from .config import Config
-from .download import load_index
-from .evaluate import finish_arm
-from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
-from .models import SCRATCH_PREPROCESSING, build_scratch_model
-from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
-from .transforms import crop_sizes
+from .. import checkpoints, cpu_rewrites, data, distributed, images, results, train
+from ..config import Config
+from ..evaluate import finish_arm
+from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from ..models import SCRATCH_PREPROCESSING, build_scratch_model
+from ..runtime import Timings, plan_runtime, resolve_runtime, seed_everything
+from ..transforms import crop_sizes
 
 CODE_VERSION = "2"  # 2: predictions.npz
 
@@ -51,7 +50,7 @@ def build(context: BuildContext) -> BuildResult:
     input_size = settings.input_size or SCRATCH_PREPROCESSING.input_size
     stored_size = settings.stored_size or crop_sizes(SCRATCH_PREPROCESSING, input_size)[0]
     with timings.phase("data"):
-        index = load_index(context.input_directory("download"))
+        index = data.load_index(context.input_directory("download"))
         folder = images.store_folder(context.cache_root, context.unit.input("download").key, stored_size)
         sets = images.load_image_sets(index, folder, stored_size, SCRATCH_PREPROCESSING, input_size, context.log)
     model = build_scratch_model(settings, config.data.num_classes, input_size)

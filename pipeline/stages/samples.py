@@ -6,11 +6,10 @@ import io
 
 import numpy
 
-from . import cache, data
-from .config import Config
-from .download import load_index
-from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
-from .pixels import open_rgb
+from .. import cache, data
+from ..config import Config
+from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from ..pixels import open_rgb
 
 GRID = "grid.png"
 SIZES_JSON = "sizes.json"
@@ -129,7 +128,7 @@ def draw_distribution(sizes: dict) -> bytes:
 
 
 def build(context: BuildContext) -> BuildResult:
-    index = load_index(context.input_directory("download"))
+    index = data.load_index(context.input_directory("download"))
     settings = context.config.samples
     sizes = dataset_sizes(index)
     cache.write_json_atomic(context.directory / SIZES_JSON, sizes)

@@ -15,16 +15,15 @@ import time
 import torch
 from torch import nn
 
-from . import cache, checkpoints, cpu_rewrites, distributed, images, results, train
-from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint, weights_verified
-from .config import Config, ConfigError
-from .download import load_index
-from .evaluate import finish_arm
-from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
-from .head_kinds.linear import select_lbfgs_probe
-from .models import build_finetune_model, finetune_groups
-from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
-from .transforms import crop_sizes
+from .. import cache, checkpoints, cpu_rewrites, data, distributed, images, results, train
+from ..backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint, weights_verified
+from ..config import Config, ConfigError
+from ..evaluate import finish_arm
+from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from ..head_kinds.linear import select_lbfgs_probe
+from ..models import build_finetune_model, finetune_groups
+from ..runtime import Timings, plan_runtime, resolve_runtime, seed_everything
+from ..transforms import crop_sizes
 
 CODE_VERSION = "2"  # 2: predictions.npz
 NOT_DOWNLOADED = "not-downloaded-yet"  # the build downloads, and the final key then has the real sha256
@@ -133,7 +132,7 @@ def build(context: BuildContext) -> BuildResult:
     input_size = settings.input_size or spec.preprocessing.input_size
     stored_size = settings.stored_size or crop_sizes(spec.preprocessing, input_size)[0]
     with timings.phase("data"):
-        index = load_index(context.input_directory("download"))
+        index = data.load_index(context.input_directory("download"))
         folder = images.store_folder(context.cache_root, unit.input("download").key, stored_size)
         sets = images.load_image_sets(index, folder, stored_size, spec.preprocessing, input_size, context.log)
     checkpoint = context.directory / checkpoints.CHECKPOINT

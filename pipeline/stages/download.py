@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from . import cache, data
-from .config import Config
-from .graph import BuildContext, BuildResult, Stage, Unit, read_json, register_stage
+from .. import cache, data
+from ..config import Config
+from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
 
-INDEX = "index.json"
 UNIT = "flowers-102"
 
 
@@ -60,7 +59,7 @@ def build(context: BuildContext) -> BuildResult:
             f"[download] warning: skipped {len(index.skipped)} unreadable image(s): "
             + ", ".join(f"{name} ({reason})" for name, reason in index.skipped)
         )
-    cache.write_json_atomic(context.directory / INDEX, index.to_json())
+    cache.write_json_atomic(context.directory / data.INDEX, index.to_json())
     # Remember every file's digest, so later plans only stat the files (planning itself writes nothing).
     data.fingerprint(folder, fingerprint_memo(context.cache_root, folder), write_memo=True)
     sizes = {split: int(len(index.image_ids[split])) for split in data.SPLITS}
@@ -68,15 +67,10 @@ def build(context: BuildContext) -> BuildResult:
         "[download] verified " + ", ".join(f"{split} {size}" for split, size in sizes.items()) + f" images in {folder}"
     )
     return BuildResult(
-        files=[INDEX],
+        files=[data.INDEX],
         metrics={"split_sizes": sizes, "num_classes": len(index.class_names), "skipped_images": len(index.skipped)},
         extra={"folder": str(folder)},
     )
-
-
-def load_index(directory: Path) -> data.DatasetIndex:
-    """The verified split index written by this stage (what every other stage reads)."""
-    return data.DatasetIndex.from_json(read_json(Path(directory) / INDEX))
 
 
 STAGE = register_stage(

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy
 
-from . import cache, evaluate, features_h5, results
-from .config import Config, ConfigError, HeadsConfig
-from .features import AUGMENTED_GROUP, features_file
-from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
-from .head_kinds import HeadError, HeadKind, Problem, get_head_kind, saved_kind
-from .head_kinds.linear import NORMALIZATIONS
-from .runtime import Timings, environment, seed_everything
+from .. import cache, evaluate, features_h5, results
+from ..config import Config, ConfigError, HeadsConfig
+from ..features_h5 import features_file
+from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
+from ..head_kinds import HeadKind, get_head_kind
+from ..head_kinds.fitting import load_splits, refit, require_finite, save_head, select
+from ..head_kinds.linear import NORMALIZATIONS
+from ..runtime import Timings, environment, seed_everything
 
 CODE_VERSION = "3"  # 2: softmax decays trained side by side, logistic on one BLAS thread; 3: predictions.npz
 # Fields that configure the stage as a whole, or that enter a key per kind (the tables), not as they are.
@@ -63,42 +62,6 @@ def plan(config: Config, graph) -> list[Unit]:
                     )
                 )
     return units
-
-
-def load_splits(path, use_augmented_views: bool) -> tuple[dict, dict]:
-    """(attributes, {fit, val, test} -> (features, labels)); fit = train plus its augmented views when used."""
-    attributes = features_h5.read_attributes(path)
-    groups = {split: features_h5.read_group(path, split) for split in ("train", "val", "test")}
-    fit = [groups["train"]]
-    if use_augmented_views and AUGMENTED_GROUP in attributes["groups"]:
-        fit.append(features_h5.read_group(path, AUGMENTED_GROUP))
-    splits = {name: (group["features"], group["labels"]) for name, group in groups.items()}
-    splits["fit"] = (
-        numpy.concatenate([group["features"] for group in fit]),
-        numpy.concatenate([group["labels"] for group in fit]),
-    )
-    return attributes, splits
-
-
-def select(kind: HeadKind, settings: HeadsConfig, splits: dict, num_classes: int, seed: int) -> tuple:
-    """Hyper-parameter search on val: (choice, every candidate, payload of the chosen head fitted on the fit rows)."""
-    problem = Problem(splits["fit"], splits["val"], num_classes, list(settings.normalizations), seed)
-    return kind.select(settings.table(kind.name), problem)
-
-
-def refit(
-    kind: HeadKind, settings: HeadsConfig, chosen: dict, features, labels, num_classes: int, seed: int
-) -> tuple[dict, dict]:
-    """The chosen head fitted afresh on (features, labels): (choice with the refit's own flags, payload)."""
-    return kind.refit(settings.table(kind.name), chosen, features, labels, num_classes, seed)
-
-
-def require_finite(kind: HeadKind, payload: dict, name: str) -> None:
-    """Stop with one line when a fitted head holds NaN or infinity: its test number would be meaningless."""
-    if not kind.finite(payload):
-        raise HeadError(
-            f"the {name} head diverged (its fitted values are not finite); nothing was cached; {kind.remedy} and rerun"
-        )
 
 
 def selection_key(unit: Unit, features_build_id: str | None) -> str:
@@ -143,25 +106,6 @@ def _with_val(splits: dict) -> tuple:
         numpy.concatenate([splits["fit"][0], splits["val"][0]]),
         numpy.concatenate([splits["fit"][1], splits["val"][1]]),
     )
-
-
-def save_head(directory, kind: HeadKind, payload: dict) -> str:
-    """Write the fitted head atomically, in its kind's own format; returns the file name."""
-    with cache.atomic_path(Path(directory) / kind.file_name) as temporary:
-        kind.save(temporary, payload)
-    return kind.file_name
-
-
-def saved_head(directory) -> tuple[HeadKind, dict]:
-    """(kind, payload as saved) of the head in a heads unit's folder, its file checked intact first."""
-    kind = saved_kind(directory)
-    return kind, kind.load(cache.require_intact(Path(directory) / kind.file_name))
-
-
-def load_head(directory) -> Callable[[numpy.ndarray], numpy.ndarray]:
-    """The head saved in a heads unit's folder, as a function from cached features to predicted classes."""
-    kind, payload = saved_head(directory)
-    return kind.predictor(payload)
 
 
 def build(context: BuildContext) -> BuildResult:

@@ -12,23 +12,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import textwrap
 from pathlib import Path
 
-from . import cache, evaluate, plots, report_answer, report_format, report_render, statistics
-from .arms import arm_states, planned_units, unit_state
-from .config import Config
-from .graph import BuildContext, BuildResult, Stage, Unit, read_json, register_stage
-from .results import RECORD_FIELDS, RESULT, best_arm, make_record, summarize
+from .. import cache, evaluate, plots, report_format, report_render, statistics
+from ..arms import arm_states, planned_units, unit_state
+from ..config import Config
+from ..graph import BuildContext, BuildResult, Stage, Unit, read_json, register_stage
+from ..report_render import HTML, MARKDOWN, RESULTS_CSV, RESULTS_JSON, SUMMARY_JSON, UNIT
+from ..results import RECORD_FIELDS, RESULT, best_arm, make_record, summarize
 
 CODE_VERSION = "4"  # 4: intervals, paired comparisons and the generated answer
-UNIT = "study"
-MARKDOWN = "report.md"
-HTML = "report.html"
-RESULTS_CSV = "results.csv"
-RESULTS_JSON = "results.json"
-# Per-arm statistics over seeds, one results.summarize row per arm.
-SUMMARY_JSON = "summary.json"
 
 
 def _samples_state(graph) -> dict:
@@ -141,18 +134,6 @@ def build(context: BuildContext) -> BuildResult:
     return BuildResult(
         files=files,
         metrics={"arms": len(study.records), "missing": missing, "best_arm": study.best["arm"] if study.best else None},
-    )
-
-
-def summary(graph) -> str:
-    """The comparison table, the generated answer and the report's path (what `make all` prints at the end)."""
-    directory = graph.directory(graph.unit("report", UNIT))
-    records = read_json(cache.require_intact(directory / RESULTS_JSON))
-    return (
-        report_format.text_table(records)
-        + "\n\n"
-        + textwrap.fill(report_answer.answer(records), width=110)
-        + f"\nreport: {directory / HTML}\n        {directory / MARKDOWN}"
     )
 
 

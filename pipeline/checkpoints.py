@@ -2,7 +2,7 @@
 
 A checkpoint holds the training loop's state (`initial_state`: epoch, history, best weights, early
 stopping) and every tensor state of its `Learner` (model, optimizer, scaler, EMA). It is sealed
-(`cache.write_sealed`): a damaged one is never resumed, and one made for another unit key is
+(`integrity.write_sealed`): a damaged one is never resumed, and one made for another unit key is
 ignored, so training starts over rather than continuing someone else's run.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import cache, distributed
+from . import atomic, distributed, integrity
 from .optimization import Learner
 
 CHECKPOINT = "checkpoint.pt"  # resume state, in the unit directory; removed once the unit is complete
@@ -69,7 +69,7 @@ def save_checkpoint(path: Path, state: dict, learner: Learner) -> None:
     # Sealed with its digest, so a checkpoint damaged on disk is never resumed.
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    cache.write_sealed(path, buffer.getbuffer())
+    integrity.write_sealed(path, buffer.getbuffer())
 
 
 def restore_checkpoint(learner: Learner, state: dict, saved: dict) -> None:
@@ -86,7 +86,7 @@ def restore_checkpoint(learner: Learner, state: dict, saved: dict) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """The state in a checkpoint file, after checking the digest sealed in it (DamagedArtifact otherwise)."""
-    return torch.load(io.BytesIO(cache.read_sealed(path)), map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(integrity.read_sealed(path)), map_location="cpu", weights_only=True)
 
 
 def read_checkpoint(path: Path, key: str, log: Callable[[str], None] = print) -> dict | None:
@@ -96,7 +96,7 @@ def read_checkpoint(path: Path, key: str, log: Callable[[str], None] = print) ->
         return None
     try:
         state = load_checkpoint(path)
-    except cache.DamagedArtifact as error:
+    except integrity.DamagedArtifact as error:
         log(
             f"ignoring unreadable checkpoint {path} ({str(error).removeprefix(str(path)).strip()}); "
             "training starts over"
@@ -119,14 +119,14 @@ def write_model(path: Path, state: dict) -> None:
     """
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    cache.write_bytes_atomic(path, buffer.getvalue())
+    atomic.write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_history(directory: Path, history: list) -> None:
     """Per-epoch metrics as history.json and history.csv (atomically)."""
-    cache.write_json_atomic(Path(directory) / HISTORY_JSON, history)
+    atomic.write_json_atomic(Path(directory) / HISTORY_JSON, history)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    cache.write_text_atomic(Path(directory) / HISTORY_CSV, text.getvalue())
+    atomic.write_text_atomic(Path(directory) / HISTORY_CSV, text.getvalue())

@@ -72,7 +72,7 @@ def md5_of(path: Path) -> str:
 
 def _file_digests(folder: Path, names: list, memo_path: Path | None, write: bool) -> list[str]:
     """sha256 of each file, reusing a memo of earlier digests for files whose size, times and inode are unchanged."""
-    from . import cache
+    from . import atomic, errors, integrity
 
     memo = {}
     if memo_path is not None:
@@ -99,7 +99,7 @@ def _file_digests(folder: Path, names: list, memo_path: Path | None, write: bool
             digest = known[4]
         else:
             try:
-                digest = cache.file_digest(path)
+                digest = integrity.file_digest(path)
             except OSError as error:
                 raise DataError(
                     f"cannot read {path} ({error.strerror or error}); make it readable or point "
@@ -108,8 +108,8 @@ def _file_digests(folder: Path, names: list, memo_path: Path | None, write: bool
         fresh[name] = stamp + [digest]
         digests.append(digest)
     if write and memo_path is not None and fresh != memo:
-        with contextlib.suppress(cache.CacheError):  # only a speed-up: the next run hashes again
-            cache.write_json_atomic(memo_path, fresh)
+        with contextlib.suppress(errors.CacheError):  # only a speed-up: the next run hashes again
+            atomic.write_json_atomic(memo_path, fresh)
     return digests
 
 

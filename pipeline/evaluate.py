@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy
 from torch import nn
 
-from . import cache, checkpoints, distributed, train
+from . import atomic, cache, checkpoints, distributed, train
 from .graph import BuildContext, BuildResult
 from .images import ImageSet
 from .results import RESULT, check_result
@@ -80,12 +80,12 @@ def write_predictions(directory: Path, predictions: Predictions) -> None:
     numpy.savez_compressed(
         buffer, image_ids=predictions.image_ids, labels=predictions.labels, predicted=predictions.predicted
     )
-    cache.write_bytes_atomic(Path(directory) / PREDICTIONS, buffer.getvalue())
+    atomic.write_bytes_atomic(Path(directory) / PREDICTIONS, buffer.getvalue())
 
 
 def read_predictions(directory: Path) -> Predictions | None:
     """The unit's predictions, verified against its manifest; None when the unit has none (an arm built
-    before predictions were saved). A damaged or torn file raises cache.DamagedArtifact or ValueError."""
+    before predictions were saved). A damaged or torn file raises integrity.DamagedArtifact or ValueError."""
     path = Path(directory) / PREDICTIONS
     manifest = cache.read_manifest(path.parent) or {}
     if PREDICTIONS not in manifest.get("files", []):
@@ -107,7 +107,7 @@ def write_result(directory: Path, record: dict, *, labels=None, predictions=None
         if len(stored.labels) and top1 is not None and abs(float(numpy.mean(stored.correct)) - top1) > 1e-9:
             raise ValueError(f"the test predictions score {numpy.mean(stored.correct)}, the record test_top1 {top1}")
         write_predictions(directory, stored)
-    cache.write_json_atomic(Path(directory) / RESULT, record)
+    atomic.write_json_atomic(Path(directory) / RESULT, record)
 
 
 def finish_arm(

@@ -18,7 +18,7 @@ model_load_seconds and timings (JSON: per group seconds, images, images_per_seco
 carries rows_done and seconds.
 
 Rows are written in blocks of up to CHUNK_ROWS (one HDF5 chunk, a few batches) into a `.partial`
-file that is renamed to its final name (cache.finalize) only once every group is complete, so a
+file that is renamed to its final name (atomic.finalize) only once every group is complete, so a
 killed extraction never leaves a file that reads as complete, memory stays flat in the dataset size,
 and a rerun resumes after the last flushed block whose sha256 still matches (an error or Ctrl-C
 flushes the rows already computed first).
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy
 
-from . import cache
+from . import atomic
 from .errors import PipelineError
 
 FEATURES_FILE = "features.h5"  # the file in a features unit's folder
@@ -61,9 +61,9 @@ def _published(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    with cache.writing(partial):
+    with atomic.writing(partial):
         yield partial
-    cache.finalize(partial, path)
+    atomic.finalize(partial, path)
 
 
 @contextlib.contextmanager
@@ -76,7 +76,7 @@ def open_for_writing(path: Path, key: str, log: Callable[[str], None] = print) -
         except BaseException:
             # After a failed write (a full disk) every object the close flushes fails again and h5py prints
             # each failure; the error that stopped us is reported once, in one line, by the caller.
-            with cache.silenced_stderr():
+            with atomic.silenced_stderr():
                 writer.handle.close()
             raise
         writer.handle.close()
@@ -142,7 +142,7 @@ def _open_partial(path: Path, key: str):
     """The partial file for this key, reopened to resume, or a fresh one when absent, stale or damaged."""
     import h5py
 
-    cache.require_free_space(path, 0)
+    atomic.require_free_space(path, 0)
     if path.exists():
         try:
             handle = h5py.File(path, "a")
@@ -229,7 +229,7 @@ class _Block:
         if not self.batches:
             return
         batches, rows, self.batches, self.rows = self.batches, self.rows, [], 0  # a failed write is not retried
-        cache.require_free_space(handle.filename, sum(batch.nbytes for batch in batches))
+        atomic.require_free_space(handle.filename, sum(batch.nbytes for batch in batches))
         block = numpy.concatenate(batches)
         self.group["features"][self.first : self.first + rows] = block
         records = self.group[BLOCKS]

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import cache, distributed
+from . import atomic, cache, distributed, integrity
 from .config import Config
 from .errors import PipelineError
 
@@ -231,8 +231,8 @@ class Graph:
                 cache.invalidate(directory)
                 if force:
                     cache.drop_memos(directory)
-                cache.sweep_temporary_files(directory)
-                cache.sweep_temporary_files(directory / cache.MEMO)
+                atomic.sweep_temporary_files(directory)
+                atomic.sweep_temporary_files(directory / cache.MEMO)
             if every_rank:
                 distributed.barrier()  # the folder is clean before any rank writes into it
             stage = get_stage(unit.stage)
@@ -290,7 +290,7 @@ class Graph:
         if processes > 1:
             manifest["world_size"] = processes  # built by this many torchrun processes together
         # Recorded now, as the unit is finished: every later reader checks its files against these.
-        manifest["digests"] = cache.digests_of(directory, manifest["files"])
+        manifest["digests"] = integrity.digests_of(directory, manifest["files"])
         cache.write_manifest(directory, manifest)
         for name in result.discard_after_manifest:
             (directory / name).unlink(missing_ok=True)

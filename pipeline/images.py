@@ -23,7 +23,7 @@ import numpy
 import torch
 import torch.nn.functional as F
 
-from . import cache
+from . import atomic, integrity
 from .backbones import Preprocessing
 from .data import DatasetIndex
 from .pixels import to_rgb
@@ -65,7 +65,7 @@ def load_split(
         try:
             meta = json.loads(meta_path.read_text())
             # The digest recorded when the array was written: a damaged array is decoded again, never used.
-            if meta.get("image_ids") == expected and meta.get("sha256") == cache.file_digest(path):
+            if meta.get("image_ids") == expected and meta.get("sha256") == integrity.file_digest(path):
                 return torch.from_numpy(numpy.load(path))
             if meta.get("image_ids") == expected:
                 log(f"[images] {path} is damaged or unverified (sha256 differs from the one recorded); decoding again")
@@ -78,11 +78,11 @@ def load_split(
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for position, pixels in enumerate(pool.map(lambda item: _load_square(item, stored_size), paths)):
             array[position] = pixels
-    with cache.atomic_path(path) as temporary:
+    with atomic.atomic_path(path) as temporary:
         numpy.save(temporary, array)
-    cache.write_json_atomic(
+    atomic.write_json_atomic(
         meta_path,
-        {"split": split, "stored_size": stored_size, "image_ids": expected, "sha256": cache.file_digest(path)},
+        {"split": split, "stored_size": stored_size, "image_ids": expected, "sha256": integrity.file_digest(path)},
     )
     return torch.from_numpy(array)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import backbones, cache, checkpoints, extract, features_h5, frozen, images, models, train, transforms
+from . import backbones, cache, checkpoints, errors, extract, features_h5, frozen, images, models, train, transforms
 from .arms import arm_states
 from .config import Config
 from .errors import PipelineError
@@ -103,7 +103,7 @@ def trained_arms(config: Config, graph: Graph) -> tuple[list[dict], dict[str, Ar
         directory = cache.unit_dir(graph.cache_root, state["stage"], state["unit"])
         try:
             result = read_json(cache.require_intact(directory / RESULT))
-        except (OSError, ValueError, cache.CacheError) as error:
+        except (OSError, ValueError, errors.CacheError) as error:
             state["missing"] = f"cannot read {directory / RESULT}: {error}"
             continue
         trained[state["arm"]] = Arm(state["arm"], state["method"], state["stage"], state["unit"], directory, result)

@@ -3,7 +3,7 @@
 Usage: python tests/fault_driver.py <stage|all> [stage arguments...]
 
 The features file is written block by block through h5py (pipeline/features_h5.py), not through
-cache.atomic_path, so cache's PIPELINE_FAULT hook cannot reach it. With FAULT_HDF5_WRITE=<n> this
+atomic.atomic_path, so its PIPELINE_FAULT hook cannot reach it. With FAULT_HDF5_WRITE=<n> this
 driver SIGKILLs the process right after the n-th write into a `features` dataset, before the
 block's `rows_done` attribute is updated and the file flushed: the most torn state a kill can leave.
 FAULT_BLOCK_ROWS=<rows> shrinks the blocks, so that the tiny fake splits take several writes each.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import make_tiny_config, write_fake_flowers
 
-from pipeline import cache
+from pipeline import atomic, cache, errors
 from pipeline.graph import Graph, StageError
 from pipeline.stages.samples import DISTRIBUTION, GRID, SIZES_JSON
 
@@ -89,8 +89,8 @@ def test_missing_output_file_invalidates(tiny_config):
 
 def test_atomic_write_failure_keeps_previous_content(tmp_path):
     target = tmp_path / "result.json"
-    cache.write_json_atomic(target, {"value": 1})
-    with pytest.raises(RuntimeError), cache.atomic_path(target) as temporary:
+    atomic.write_json_atomic(target, {"value": 1})
+    with pytest.raises(RuntimeError), atomic.atomic_path(target) as temporary:
         temporary.write_text("{partial")
         raise RuntimeError("killed mid-write")
     assert json.loads(target.read_text()) == {"value": 1}
@@ -107,21 +107,21 @@ def test_unwritable_folder_gives_a_clear_error(tmp_path):
         blocked = tmp_path / "blocked"
         blocked.mkdir(mode=0o500)
         target = blocked / "out.json"
-    with pytest.raises(cache.CacheError, match="cannot write .*out.json"):
-        cache.write_json_atomic(target, {})
+    with pytest.raises(errors.CacheError, match="cannot write .*out.json"):
+        atomic.write_json_atomic(target, {})
 
 
 def test_disk_full_is_reported_and_previous_artifact_survives(tmp_path, monkeypatch):
     target = tmp_path / "features.json"
-    cache.write_json_atomic(target, {"ok": True})
+    atomic.write_json_atomic(target, {"ok": True})
     real_fsync = os.fsync
 
     def full_disk(descriptor):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(cache.CacheError, match="the disk is full"):
-        cache.write_json_atomic(target, {"ok": False})
+    with pytest.raises(errors.CacheError, match="the disk is full"):
+        atomic.write_json_atomic(target, {"ok": False})
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert json.loads(target.read_text()) == {"ok": True}
 
@@ -153,7 +153,7 @@ def test_lock_timeout_is_a_clear_error(tmp_path):
             try:
                 with cache.unit_lock(folder, timeout_seconds=0.3, announce=lambda message: None):
                     pass
-            except cache.CacheError as error:
+            except errors.CacheError as error:
                 result["error"] = str(error)
 
         thread = threading.Thread(target=second)
@@ -166,7 +166,7 @@ KILLABLE_STAGE = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from helpers import make_tiny_config
-    from pipeline import cache
+    from pipeline import atomic
     from pipeline.graph import BuildResult, Graph, Stage, Unit, register_stage
 
     def plan(config, graph):
@@ -174,7 +174,7 @@ KILLABLE_STAGE = textwrap.dedent("""
                      inputs=(("download", graph.units("download")[0]),))]
 
     def build(context):
-        with cache.atomic_path(context.directory / "big.bin") as temporary:
+        with atomic.atomic_path(context.directory / "big.bin") as temporary:
             with open(temporary, "wb") as handle:
                 handle.write(b"x" * 1000)
                 handle.flush()

@@ -28,6 +28,7 @@ from pipeline import (
     data,
     head_kinds,
     images,
+    integrity,
     pixels,
     report_format,
     train,
@@ -94,7 +95,7 @@ def test_every_artifact_a_manifest_lists_reads_as_damaged_once_changed(study_cop
         damage(path)
         reason = cache.invalid_reason(directory, manifest["key"])
         assert reason is not None and "damaged" in reason, (path, reason)
-        with pytest.raises(cache.DamagedArtifact):
+        with pytest.raises(integrity.DamagedArtifact):
             cache.require_intact(path)
         path.write_bytes(original)
         assert cache.invalid_reason(directory, manifest["key"]) is None, path
@@ -163,22 +164,22 @@ def test_predict_refuses_a_damaged_model_in_one_line(study_copy, fake_flowers_se
 def test_predict_refuses_a_head_damaged_after_the_graph_checked_it(study_copy, tiny_config):
     head = study_copy / "heads" / "tiny-resnet-softmax" / "head.pt"
     flip_byte(head)
-    with pytest.raises(cache.DamagedArtifact, match="head.pt is damaged"):
+    with pytest.raises(integrity.DamagedArtifact, match="head.pt is damaged"):
         predict_module.head_probabilities(head.parent)
 
 
 def test_sealed_files_refuse_any_change(tmp_path):
     path = tmp_path / "memo.bin"
-    cache.write_sealed(path, b"payload" * 1000)
-    assert cache.read_sealed(path) == b"payload" * 1000
+    integrity.write_sealed(path, b"payload" * 1000)
+    assert integrity.read_sealed(path) == b"payload" * 1000
     for damage in (flip_byte, truncate):
-        cache.write_sealed(path, b"payload" * 1000)
+        integrity.write_sealed(path, b"payload" * 1000)
         damage(path)
-        with pytest.raises(cache.DamagedArtifact):
-            cache.read_sealed(path)
+        with pytest.raises(integrity.DamagedArtifact):
+            integrity.read_sealed(path)
     path.write_bytes(b"not sealed at all")
-    with pytest.raises(cache.DamagedArtifact, match="not a sealed file"):
-        cache.read_sealed(path)
+    with pytest.raises(integrity.DamagedArtifact, match="not a sealed file"):
+        integrity.read_sealed(path)
 
 
 def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
@@ -187,7 +188,7 @@ def test_a_damaged_checkpoint_is_never_resumed(tmp_path):
     path = tmp_path / checkpoints.CHECKPOINT
     buffer = io.BytesIO()
     torch.save({"key": "k", "epoch": 3, "model": {"weight": torch.ones(64, 64)}}, buffer)
-    cache.write_sealed(path, buffer.getbuffer())
+    integrity.write_sealed(path, buffer.getbuffer())
     assert checkpoints.read_checkpoint(path, "k", log=lambda line: None)["epoch"] == 3
     flip_byte(path, 0.8)
     said = []
@@ -216,7 +217,7 @@ def test_the_fingerprint_covers_every_image_s_content_and_reruns_only_stat(fake_
     memo = tmp_path / "digests.json"
     before = data.fingerprint(folder, memo, write_memo=True)
     hashed = []
-    original = cache.file_digest
+    original = integrity.file_digest
     monkeypatch.setattr(cache, "file_digest", lambda path: hashed.append(path) or original(path))
     assert data.fingerprint(folder, memo) == before and hashed == []
     image = sorted((folder / "jpg").iterdir())[3]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import make_tiny_config, one_line_error, stage_arguments
 
-from pipeline import cache, checkpoints, cli
+from pipeline import atomic, cache, checkpoints, cli
 from pipeline.graph import Graph
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -55,9 +55,9 @@ RESULT_FIELDS = (
 def start(stage: str, data: Path, cache_root: Path, fault: str | None = None, hdf5_write: int | None = None):
     """`python -m stages.<stage>` (or the HDF5 fault driver) as a child process with one planned fault."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    environment.pop(cache.FAULT_VARIABLE, None)
+    environment.pop(atomic.FAULT_VARIABLE, None)
     if fault:
-        environment[cache.FAULT_VARIABLE] = fault
+        environment[atomic.FAULT_VARIABLE] = fault
     if hdf5_write:
         # Blocks of one batch (16 rows), so the kill lands between two blocks of the same split.
         environment.update(FAULT_HDF5_WRITE=str(hdf5_write), FAULT_BLOCK_ROWS="16")
@@ -144,7 +144,7 @@ def reference(tmp_path_factory, fake_flowers_session):
 def restore_threads():
     """In-process builds set torch's thread count from [runtime] threads; put it back afterwards."""
     threads = torch.get_num_threads()
-    cache._fault_matches.clear()
+    atomic._fault_matches.clear()
     yield
     torch.set_num_threads(threads)
 
@@ -291,7 +291,7 @@ def test_full_disk_while_refitting_heads_keeps_earlier_artifacts(
     previous = heads_before
     for fault in ("*/head.pt:full", "*/result.json:enospc", "*/heads/*/manifest.json:enospc"):
         capsys.readouterr()
-        monkeypatch.setenv(cache.FAULT_VARIABLE, fault)
+        monkeypatch.setenv(atomic.FAULT_VARIABLE, fault)
         assert cli.run_stage("heads", changed) == 2, fault
         error = one_line_error(capsys)
         written = fault.split(":")[0].rsplit("/", 1)[1]
@@ -311,7 +311,7 @@ def test_full_disk_while_refitting_heads_keeps_earlier_artifacts(
         now = file_bytes(heads)
         assert now.get(written) == (None if written == cache.MANIFEST else previous[written]), written
         previous = now
-    monkeypatch.delenv(cache.FAULT_VARIABLE)
+    monkeypatch.delenv(atomic.FAULT_VARIABLE)
     assert cli.run_stage("heads", changed) == 0
     assert json.loads((heads / "manifest.json").read_text())["settings"]["softmax_epochs"] == 20
 
@@ -320,7 +320,7 @@ def test_full_disk_inside_a_training_checkpoint_is_one_line(
     tmp_path, fake_flowers_session, capsys, monkeypatch, restore_threads
 ):
     root = tmp_path / "cache"
-    monkeypatch.setenv(cache.FAULT_VARIABLE, "*/cnn/*/checkpoint.pt:full:2")
+    monkeypatch.setenv(atomic.FAULT_VARIABLE, "*/cnn/*/checkpoint.pt:full:2")
     assert cli.run_stage("cnn", stage_arguments(fake_flowers_session, root)) == 2
     error = one_line_error(capsys)
     assert "cannot write" in error and "checkpoint.pt" in error and "disk is full" in error, error
@@ -347,7 +347,7 @@ def test_read_only_file_system_is_one_line(tmp_path, fake_flowers_session, capsy
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(cache.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
     assert cli.run_stage("download", stage_arguments(fake_flowers_session, tmp_path / "cache")) == 2
     error = one_line_error(capsys)
     assert "the file system is read-only" in error and "index.json" in error, error
@@ -425,7 +425,7 @@ def test_full_disk_mid_training_then_truncated_checkpoint_restarts_and_matches(
     reference_root, _ = reference
     root = tmp_path / "cache"
     arguments = stage_arguments(fake_flowers_session, root)
-    monkeypatch.setenv(cache.FAULT_VARIABLE, "*/cnn/*/checkpoint.pt:enospc:3")
+    monkeypatch.setenv(atomic.FAULT_VARIABLE, "*/cnn/*/checkpoint.pt:enospc:3")
     assert cli.run_stage("cnn", arguments) == 2
     one_line_error(capsys)
     folder = root / "cnn" / "bn-cnn"
@@ -433,7 +433,7 @@ def test_full_disk_mid_training_then_truncated_checkpoint_restarts_and_matches(
     # The disk is freed, but the checkpoint got damaged meanwhile: it is ignored, never half-loaded.
     data = (folder / "checkpoint.pt").read_bytes()
     (folder / "checkpoint.pt").write_bytes(data[: len(data) // 2])
-    monkeypatch.delenv(cache.FAULT_VARIABLE)
+    monkeypatch.delenv(atomic.FAULT_VARIABLE)
     assert cli.run_stage("cnn", arguments) == 0
     log = capsys.readouterr().out
     assert "ignoring unreadable checkpoint" in log and "resuming" not in log, log

@@ -23,7 +23,7 @@ import pipeline.report_render
 import pipeline.stages.download
 import pipeline.stages.report
 import pipeline.stages.samples
-from pipeline import cache, cli, evaluate, graph
+from pipeline import cache, cli, evaluate, graph, integrity
 from pipeline.graph import Graph, Stage, Unit
 from pipeline.report_sections import confused_pairs
 
@@ -136,7 +136,7 @@ def write_arm(study: Graph, stage: str, unit_name: str, record: dict, prediction
         "config_source": study.config.source,
         "created": "2026-01-01",
     }
-    manifest["digests"] = cache.digests_of(directory, manifest["files"])
+    manifest["digests"] = integrity.digests_of(directory, manifest["files"])
     cache.write_manifest(directory, manifest)
     return manifest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import pytest
 
-from pipeline import cache, evaluate, results, statistics
+from pipeline import cache, evaluate, integrity, results, statistics
 from pipeline.evaluate import Predictions
 
 
@@ -115,12 +115,12 @@ def test_predictions_file_round_trips_compactly_and_is_verified(tmp_path):
     assert numpy.array_equal(read.image_ids, stored.image_ids) and read.correct.mean() == record["test_top1"]
     path = tmp_path / evaluate.PREDICTIONS
     path.write_bytes(path.read_bytes()[:-20])
-    with pytest.raises(cache.DamagedArtifact):
+    with pytest.raises(integrity.DamagedArtifact):
         evaluate.read_predictions(tmp_path)
 
 
 def _digests(directory) -> dict:
-    return {"digests": cache.digests_of(directory, [evaluate.PREDICTIONS])}
+    return {"digests": integrity.digests_of(directory, [evaluate.PREDICTIONS])}
 
 
 def test_bad_predictions_are_refused_with_one_line():

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import cache
+from .. import atomic
 from ..config import Config
 from ..runtime import environment, resolve_runtime
 from .extraction import extraction_rows
@@ -56,7 +56,7 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
 
     def record(rows: list) -> None:
         report["rows"].extend(rows)
-        cache.write_json_atomic(folder / PARTIAL, report)
+        atomic.write_json_atomic(folder / PARTIAL, report)
 
     folder.mkdir(parents=True, exist_ok=True)
     _sweep_stale_work(folder)
@@ -99,7 +99,7 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
             record([memory_row(config, index, options, work, log)])
     report["rows"].sort(key=lambda row: SECTIONS.index(row["section"]))
     report.update(complete=True, seconds=time.perf_counter() - started, load_average_at_end=os.getloadavg()[0])
-    cache.write_json_atomic(folder / RESULT, report)
+    atomic.write_json_atomic(folder / RESULT, report)
     (folder / PARTIAL).unlink(missing_ok=True)
     report["path"] = str(folder / RESULT)
     return report

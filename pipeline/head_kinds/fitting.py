@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy
 
-from .. import cache, features_h5
+from .. import atomic, cache, features_h5
 from ..config import HeadsConfig
 from ..features_h5 import AUGMENTED_GROUP
 from . import HeadError, HeadKind, Problem, saved_kind
@@ -54,7 +54,7 @@ def require_finite(kind: HeadKind, payload: dict, name: str) -> None:
 
 def save_head(directory, kind: HeadKind, payload: dict) -> str:
     """Write the fitted head atomically, in its kind's own format; returns the file name."""
-    with cache.atomic_path(Path(directory) / kind.file_name) as temporary:
+    with atomic.atomic_path(Path(directory) / kind.file_name) as temporary:
         kind.save(temporary, payload)
     return kind.file_name
 

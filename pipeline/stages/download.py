@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .. import cache, data
+from .. import atomic, data
 from ..config import Config
 from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
 
@@ -59,7 +59,7 @@ def build(context: BuildContext) -> BuildResult:
             f"[download] warning: skipped {len(index.skipped)} unreadable image(s): "
             + ", ".join(f"{name} ({reason})" for name, reason in index.skipped)
         )
-    cache.write_json_atomic(context.directory / data.INDEX, index.to_json())
+    atomic.write_json_atomic(context.directory / data.INDEX, index.to_json())
     # Remember every file's digest, so later plans only stat the files (planning itself writes nothing).
     data.fingerprint(folder, fingerprint_memo(context.cache_root, folder), write_memo=True)
     sizes = {split: int(len(index.image_ids[split])) for split in data.SPLITS}

@@ -13,7 +13,7 @@ import io
 
 import numpy
 
-from .. import cache, evaluate, features_h5, results
+from .. import cache, evaluate, features_h5, integrity, results
 from ..config import Config, ConfigError, HeadsConfig
 from ..features_h5 import features_file
 from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -80,7 +80,7 @@ def cached_selection(context: BuildContext, kind: HeadKind, splits: dict, num_cl
     features_manifest = cache.read_manifest(context.input_directory("features")) or {}
     path = cache.memo_path(context.directory, selection_key(context.unit, features_manifest.get("build_id")), ".joblib")
     try:
-        memo = joblib.load(io.BytesIO(cache.read_sealed(path)))
+        memo = joblib.load(io.BytesIO(integrity.read_sealed(path)))
         timings.seconds["selection"] = memo["seconds"]
         return memo["chosen"], memo["candidates"], memo["payload"], True
     except FileNotFoundError:
@@ -96,7 +96,7 @@ def cached_selection(context: BuildContext, kind: HeadKind, splits: dict, num_cl
         {"chosen": chosen, "candidates": candidates, "payload": payload, "seconds": timings.seconds["selection"]},
         buffer,
     )
-    cache.write_sealed(path, buffer.getbuffer())
+    integrity.write_sealed(path, buffer.getbuffer())
     cache.prune_memos(context.directory)
     return chosen, candidates, payload, False
 

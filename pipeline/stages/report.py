@@ -14,7 +14,7 @@ import io
 import json
 from pathlib import Path
 
-from .. import cache, evaluate, plots, report_format, report_render, statistics
+from .. import atomic, cache, errors, evaluate, plots, report_format, report_render, statistics
 from ..arms import arm_states, planned_units, unit_state
 from ..config import Config
 from ..graph import BuildContext, BuildResult, Stage, Unit, read_json, register_stage
@@ -46,7 +46,7 @@ def _load_arm(cache_root: Path, state: dict) -> tuple[dict | None, dict | None, 
     directory = cache.unit_dir(cache_root, state["stage"], state["unit"])
     try:
         return read_json(cache.require_intact(directory / RESULT)), cache.read_manifest(directory) or {}, state
-    except (OSError, ValueError, cache.CacheError) as error:
+    except (OSError, ValueError, errors.CacheError) as error:
         return None, None, {**state, "missing": f"cannot read {directory / RESULT}: {error}"}
 
 
@@ -59,7 +59,7 @@ def _write_csv(path: Path, records: list[dict]) -> None:
         row = {name: record.get(name) for name in columns}
         row["selected"] = json.dumps(row["selected"], sort_keys=True) if row["selected"] is not None else None
         writer.writerow({name: "" if value is None else value for name, value in row.items()})
-    cache.write_text_atomic(path, buffer.getvalue())
+    atomic.write_text_atomic(path, buffer.getvalue())
 
 
 def _load_predictions(cache_root: Path, records: list[dict]) -> tuple[dict, dict]:
@@ -72,7 +72,7 @@ def _load_predictions(cache_root: Path, records: list[dict]) -> tuple[dict, dict
         directory = cache.unit_dir(cache_root, record["stage"], record["unit"])
         try:
             predictions = evaluate.read_predictions(directory)
-        except (OSError, ValueError, KeyError, cache.CacheError) as error:
+        except (OSError, ValueError, KeyError, errors.CacheError) as error:
             unpaired[record["run"]] = f"cannot read {directory / evaluate.PREDICTIONS}: {error}"
             continue
         if predictions is None:
@@ -117,12 +117,12 @@ def build(context: BuildContext) -> BuildResult:
     images = plots.draw_all(study)
     files = []
     for name, png in images.items():
-        cache.write_bytes_atomic(context.directory / name, png)
+        atomic.write_bytes_atomic(context.directory / name, png)
         files.append(name)
-    cache.write_text_atomic(context.directory / MARKDOWN, report_render.render_markdown(study, images))
-    cache.write_text_atomic(context.directory / HTML, report_render.render_html(study, images))
-    cache.write_json_atomic(context.directory / RESULTS_JSON, study.records)
-    cache.write_json_atomic(context.directory / SUMMARY_JSON, summarize(study.records))
+    atomic.write_text_atomic(context.directory / MARKDOWN, report_render.render_markdown(study, images))
+    atomic.write_text_atomic(context.directory / HTML, report_render.render_html(study, images))
+    atomic.write_json_atomic(context.directory / RESULTS_JSON, study.records)
+    atomic.write_json_atomic(context.directory / SUMMARY_JSON, summarize(study.records))
     _write_csv(context.directory / RESULTS_CSV, study.records)
     files += [MARKDOWN, HTML, RESULTS_JSON, SUMMARY_JSON, RESULTS_CSV]
     missing = [record["run"] for record in study.records if record["status"] != "ok"]

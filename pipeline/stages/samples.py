@@ -6,7 +6,7 @@ import io
 
 import numpy
 
-from .. import cache, data
+from .. import atomic, data
 from ..config import Config
 from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from ..pixels import open_rgb
@@ -131,15 +131,15 @@ def build(context: BuildContext) -> BuildResult:
     index = data.load_index(context.input_directory("download"))
     settings = context.config.samples
     sizes = dataset_sizes(index)
-    cache.write_json_atomic(context.directory / SIZES_JSON, sizes)
+    atomic.write_json_atomic(context.directory / SIZES_JSON, sizes)
     table = format_sizes(sizes)
-    cache.write_text_atomic(context.directory / SIZES_TEXT, table)
+    atomic.write_text_atomic(context.directory / SIZES_TEXT, table)
     context.log(table.rstrip())
-    cache.write_bytes_atomic(
+    atomic.write_bytes_atomic(
         context.directory / GRID,
         draw_grid(index, settings.rows, settings.columns, settings.tile_pixels, context.config.runtime.seed),
     )
-    cache.write_bytes_atomic(context.directory / DISTRIBUTION, draw_distribution(sizes))
+    atomic.write_bytes_atomic(context.directory / DISTRIBUTION, draw_distribution(sizes))
     context.log(f"[samples] wrote {context.directory / GRID} and {context.directory / DISTRIBUTION}")
     return BuildResult(files=[GRID, SIZES_JSON, SIZES_TEXT, DISTRIBUTION], metrics={"splits": sizes["splits"]})
 

@@ -218,7 +218,7 @@ def test_the_fingerprint_covers_every_image_s_content_and_reruns_only_stat(fake_
     before = data.fingerprint(folder, memo, write_memo=True)
     hashed = []
     original = integrity.file_digest
-    monkeypatch.setattr(cache, "file_digest", lambda path: hashed.append(path) or original(path))
+    monkeypatch.setattr(integrity, "file_digest", lambda path: hashed.append(path) or original(path))
     assert data.fingerprint(folder, memo) == before and hashed == []
     image = sorted((folder / "jpg").iterdir())[3]
     status = image.stat()

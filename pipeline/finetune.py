@@ -25,7 +25,7 @@ from .models import build_finetune_model, finetune_groups, rewrite_for_finetunin
 from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: eval pixels are extraction's (pipeline/pixels.py), random crops rounded to uint8
 NOT_DOWNLOADED = "not-downloaded-yet"  # the build downloads, and the final key then has the real sha256
 PROBE_ITERATIONS = 500  # L-BFGS iterations per L2 strength; converges well before on 1k rows
 
@@ -160,7 +160,7 @@ def build(context: BuildContext) -> BuildResult:
     stored_size = settings.stored_size or crop_sizes(spec.preprocessing, input_size)[0]
     with timings.phase("data"):
         index = load_index(context.input_directory("download"))
-        folder = images.store_folder(context.cache_root, unit.input("download").key, stored_size)
+        folder = images.store_folder(context.cache_root, unit.input("download").key)
         sets = images.load_image_sets(index, folder, stored_size, spec.preprocessing, input_size, context.log)
     resume = train.read_checkpoint(context.directory / train.CHECKPOINT, key, context.log)
     probe = {}

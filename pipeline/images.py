@@ -18,6 +18,7 @@ memory until it is unmapped, which grows with the number of images read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -165,12 +166,13 @@ def write_rows(path: Path, paths: list, pipeline: pixels.TensorPipeline, row_sha
         cache.require_free_space(path, len(paths) * math.prod(row_shape))
         handle.write(header.getvalue())
         rows = in_streams(lambda item: pixels.load_pixels(item, pipeline), paths, os.cpu_count() or 1)
-        for source, row in zip(paths, rows, strict=True):
-            if tuple(row.shape) != row_shape:
-                raise ImageCacheError(f"{source} gave pixels of shape {tuple(row.shape)}, expected {row_shape}")
-            data = numpy.ascontiguousarray(row.numpy())
-            handle.write(data)
-            digest.update(data)
+        with contextlib.closing(rows):  # an error stops the decoding threads
+            for source, row in zip(paths, rows, strict=True):
+                if tuple(row.shape) != row_shape:
+                    raise ImageCacheError(f"{source} gave pixels of shape {tuple(row.shape)}, expected {row_shape}")
+                data = numpy.ascontiguousarray(row.numpy())
+                handle.write(data)
+                digest.update(data)
     return digest.hexdigest()
 
 

@@ -176,9 +176,9 @@ class TrainConfig:
     )
     stored_size: int = setting(
         0,
-        "Side of the square uint8 image cache decoded once; 0 = the eval resize size "
-        "(e.g. 256 for a 224 crop). Smaller, such as 64 for 64 px thumbnails, is upscaled "
-        "per batch.",
+        "Side of the square uint8 training images random crops are cut from, decoded once; 0 = the "
+        "eval resize size (e.g. 256 for a 224 crop). Smaller, such as 64 for 64 px thumbnails, is "
+        "upscaled per batch. Eval pixels are always the backbone's eval crop at input_size.",
         minimum=0,
     )
     ema_decay: float = setting(

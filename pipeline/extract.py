@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import threading
 from collections import deque
@@ -23,8 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import features_h5, pixels
+from . import features_h5
 from .features_h5 import FeaturesFileError
+from .pixels import TensorPipeline, normalise, read_rgb, uint8_transform  # the one pixel path
 from .runtime import Runtime
 
 
@@ -82,182 +82,6 @@ class ImageDataset(Dataset):
         with _SEEDED_DRAWS, torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(self.job.seed * 1_000_003 + row)
             return self.job.transform(image)
-
-
-def read_rgb(path, tensor: bool = False):
-    """The image at `path` in RGB: a PIL image, or with `tensor` and a JPEG, a uint8 [3, H, W] view of [H, W, 3] rows.
-
-    With `tensor`, a JPEG is decoded by torchvision.io.decode_jpeg: the same libjpeg-turbo decoding as
-    PIL's (all 8,189 Flowers-102 thumbnails bit for bit, greyscale and CMYK included) with less Python
-    around it, which two extraction streams otherwise queue on. Any other file, or a JPEG it cannot
-    decode, goes through PIL, whose errors name the file.
-    """
-    if tensor:
-        decoded = _decoded_jpeg(path)
-        if decoded is not None:
-            return decoded
-    try:
-        image = pixels.open_rgb(path)
-    except OSError as error:
-        raise FeaturesFileError(f"cannot read image {path} ({error}); replace it with the original file") from None
-    return image
-
-
-def _decoded_jpeg(path) -> torch.Tensor | None:
-    """decode_jpeg's RGB pixels as a [3, H, W] view of [H, W, 3] rows; None when not a JPEG it decodes.
-
-    torchvision deprecated its image decoders in 0.29 (each call warns, silently outside __main__) and
-    will remove them; torchvision is pinned, and without them every image goes through PIL.
-    """
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        return None
-    try:
-        with open(path, "rb") as stream:
-            data = stream.read()
-    except OSError:
-        return None  # PIL reports it
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    try:
-        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        return None  # truncated or unsupported: PIL decodes it or says why not
-    # Row-major like PIL's pixels, the layout the uint8 resampling keeps (see RowMajorResizedCrop).
-    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-
-
-def pixels_of(image) -> torch.Tensor:
-    """PIL RGB image -> uint8 [H, W, 3] tensor in the image's own pixel order (no transpose)."""
-    return torch.from_numpy(numpy.array(image, dtype=numpy.uint8))
-
-
-def image_tensor_of(image) -> torch.Tensor:
-    """PIL RGB image -> uint8 [3, H, W] view of its [H, W, 3] pixels (channels_last, no copy beyond PIL's);
-    a tensor (read_rgb's decoded JPEG) passes through."""
-    if isinstance(image, torch.Tensor):
-        return image
-    return pixels_of(image).permute(2, 0, 1)
-
-
-def pixel_rows(image: torch.Tensor) -> torch.Tensor:
-    """uint8 [3, H, W] -> [H, W, 3] view, the layout `normalise` takes once stacked."""
-    return image.permute(1, 2, 0)
-
-
-class RowMajorResizedCrop:
-    """A v2.RandomResizedCrop (its parameters and random draws) that copies its crop into [H, W, 3] rows first.
-
-    A crop of an [H, W, 3]-backed image is a strided view; torch's uint8 resampling then writes a
-    [3, H, W] result, which stacking has to transpose back. Resampling a row-major crop writes row-major
-    pixels, the same values (bit for bit on 300 real thumbnails, Lite0), and copying a small crop costs
-    far less than that transpose.
-    A plain class around the transform, so that it pickles for DataLoader workers.
-    """
-
-    def __init__(self, crop):
-        self.crop = crop
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional
-
-        place = self.crop.make_params([image])
-        crop = functional.crop(image, place["top"], place["left"], place["height"], place["width"])
-        rows = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-        return functional.resize(rows, self.crop.size, self.crop.interpolation, antialias=self.crop.antialias)
-
-    def __repr__(self) -> str:
-        return f"RowMajorResizedCrop({self.crop})"
-
-
-def _on_uint8_tensors(step):
-    """The torchvision.transforms.v2 twin of a geometric step, run on uint8 tensors; None where it has none here."""
-    from torchvision import transforms as tv
-    from torchvision.transforms import v2
-
-    if type(step) is tv.Resize:
-        return v2.Resize(step.size, step.interpolation, step.max_size, step.antialias)
-    if type(step) is tv.CenterCrop:
-        return v2.CenterCrop(step.size)
-    if type(step) is tv.RandomResizedCrop:
-        return RowMajorResizedCrop(
-            v2.RandomResizedCrop(step.size, step.scale, step.ratio, step.interpolation, step.antialias)
-        )
-    if type(step) is tv.RandomHorizontalFlip:
-        return v2.RandomHorizontalFlip(step.p)
-    return None
-
-
-class TensorPipeline:
-    """Geometric steps on uint8 tensors, from a PIL image or a decoded [3, H, W] tensor to [H, W, 3] rows.
-
-    Its own type, so that ImageDataset knows it may hand over read_rgb's decoded JPEG instead of PIL.
-    """
-
-    def __init__(self, steps: list):
-        self.transforms = steps
-
-    def __call__(self, image) -> torch.Tensor:
-        for step in self.transforms:
-            image = step(image)
-        return image
-
-    def __repr__(self) -> str:
-        return f"TensorPipeline({self.transforms})"
-
-
-def uint8_transform(transform) -> tuple[Callable, tuple, tuple]:
-    """Split a torchvision pipeline ending in ToTensor + Normalize into a uint8 part and (mean, std).
-
-    Workers then ship uint8 [H, W, 3] images (4x less to copy than float) and the float conversion
-    and normalisation run batched where the model runs; the arithmetic (x / 255 - mean) / std is the same.
-    The geometric steps run on the decoded uint8 tensor with their torchvision.transforms.v2 twins, whose
-    native uint8 resampling costs less CPU than PIL's. Same geometry and random draws per seed, but where
-    the scale is not a whole number a resampled pixel can differ from PIL's by one level (Lite2's
-    64 -> 292 px). A pipeline with any other step stays on PIL.
-    """
-    from torchvision import transforms as tv
-
-    steps = list(transform.transforms)
-    if len(steps) < 2 or not isinstance(steps[-2], tv.ToTensor) or not isinstance(steps[-1], tv.Normalize):
-        raise ValueError("expected a transform ending in ToTensor() and Normalize()")
-    geometry = [_on_uint8_tensors(step) for step in steps[:-2]]
-    if all(geometry):
-        pixels = TensorPipeline([image_tensor_of, *geometry, pixel_rows])
-    else:
-        pixels = tv.Compose(steps[:-2] + [pixels_of])
-    return pixels, tuple(steps[-1].mean), tuple(steps[-1].std)
-
-
-def normalise(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in channels_last memory, normalised as ToTensor + Normalize would.
-
-    Stacked [H, W, 3] images already are channels_last once viewed as [N, 3, H, W], so no transpose
-    is made, and the in-place steps repeat ToTensor + Normalize's operations in their order, so the
-    values are bit for bit theirs (a transpose per image plus a channels_last copy per batch were most
-    of this step's cost).
-    """
-    if images.device.type == "cpu" and len(set(mean)) == 1 and len(set(std)) == 1 and _scalars_exact(mean[0], std[0]):
-        # One statistic for every channel (EfficientNet-Lite: 0.5 / 0.5): scalar operands instead of
-        # broadcast [1, 3, 1, 1] tensors, which are slow over channels_last memory (a 256-entry lookup
-        # table is slower too).
-        return images.permute(0, 3, 1, 2).float().div_(255).sub_(mean[0]).div_(std[0])
-    mean_tensor = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_tensor = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return images.permute(0, 3, 1, 2).float().div_(255).sub_(mean_tensor).div_(std_tensor)
-
-
-@functools.lru_cache(maxsize=8)
-def _scalars_exact(mean: float, std: float) -> bool:
-    """Whether scalar operands give Normalize's broadcast-tensor results for all 256 pixel values.
-
-    A CPU kernel may divide by a scalar through its reciprocal, which can round differently.
-    """
-    values = torch.arange(256, dtype=torch.uint8).float().div_(255)
-    return torch.equal(
-        values.clone().sub_(mean).div_(std), values.clone().sub_(torch.tensor([mean])).div_(torch.tensor([std]))
-    )
 
 
 _NO_ITEM = object()
@@ -358,7 +182,7 @@ def yield_to_compute(worker_id: int) -> None:
 @dataclass(frozen=True)
 class ExtractionOptions:
     """How `write_features` runs beyond the Runtime (which brings device, precision, memory format, workers
-    and streams). features.extraction_options builds it, for the stage and the bench alike."""
+    and streams). frozen.extraction_options builds it, for the stage and the bench alike."""
 
     batch_size: int
     log: Callable[[str], None] = print

@@ -1,21 +1,30 @@
-"""Pre-resized uint8 image cache and batched, tensor-side augmentation for the end-to-end arms.
+"""The end-to-end arms' image cache: uint8 pixels decoded once, read from disk a batch at a time.
 
-JPEG decoding is paid once per (dataset, stored size): every image is resized so its shorter side is
-`stored_size`, center-cropped square and saved as one uint8 array per split under
-`<cache root>/images/`. Training then works on tensors only: an optional per-image policy
-(TrivialAugment / RandAugment) on the stored uint8 image, then one batched `grid_sample` that does
-random-resized-crop, horizontal flip and the resize to the input size together. Evaluation takes
-the backbone's center crop (input/resize ratio) and resizes it with antialiasing, which matches
-`transforms.eval_transform` up to the order of resize and crop.
+Every split is stored as its exact eval pixels at the arm's input size (`pixels.eval_pipeline`: what
+extraction feeds its model before normalising), and the train split also as squares of `stored_size`
+(shorter side resized, centre-cropped, with the same uint8 steps), the source of its random crops.
+So val and test, the linear probe's train features, training with augmentation "none" or "flip" and
+predict all see extraction's eval pixels, bit for bit. Only random crops (crop-flip and the policies)
+come from the squares: an optional per-image policy (TrivialAugment / RandAugment) on the stored
+square, then one batched `grid_sample` that does random-resized-crop, horizontal flip and the resize
+to the input size, rounded back to uint8 and normalised like every other batch.
+
+Each array is an .npy file under `<cache root>/images/`, written row by row through a temporary name
+while the images decode, with its sha256 recorded in a .json beside it and checked on load. Batches
+are read with plain positional reads, so neither building nor training holds a split in memory: a
+memory map would read the same bytes, but every page it touches counts as the process's resident
+memory until it is unmapped, which grows with the number of images read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,42 +32,97 @@ import numpy
 import torch
 import torch.nn.functional as F
 
-from . import atomic, integrity
+from . import atomic, integrity, pixels
 from .backbones import Preprocessing
-from .data import DatasetIndex
-from .pixels import to_rgb
+from .data import SPLITS, DatasetIndex
+from .errors import PipelineError
+from .extract import in_streams
+from .transforms import crop_sizes
 
-# Bump when the stored pixels would change (resize method, crop rule), so old arrays are never reused.
-STORE_VERSION = "1"
+# Bump when the stored pixels would change (decoder, resize method, crop rule), so old arrays are never reused.
+STORE_VERSION = "2"
 # torchvision's RandomResizedCrop aspect-ratio range.
 ASPECT_RATIOS = (3 / 4, 4 / 3)
+# Rows copied per step when a split moves to an accelerator whole.
+DEVICE_CHUNK_ROWS = 256
 
 
-def store_folder(cache_root: Path, download_key: str, stored_size: int) -> Path:
-    """Where the uint8 arrays for one dataset (by its download key) and size live."""
-    return Path(cache_root) / "images" / f"{download_key[:16]}-{stored_size}px-v{STORE_VERSION}"
+class ImageCacheError(PipelineError, RuntimeError):
+    """An image cache file that is not the uint8 array it should be."""
 
 
-def _load_square(path: Path, stored_size: int) -> numpy.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = to_rgb(image)
-        width, height = image.size
-        scale = stored_size / min(width, height)
-        size = (max(stored_size, round(width * scale)), max(stored_size, round(height * scale)))
-        # Bicubic with PIL's antialiasing filter, like torchvision's Resize on PIL images.
-        image = image.resize(size, Image.BICUBIC, reducing_gap=None)
-        left, top = (size[0] - stored_size) // 2, (size[1] - stored_size) // 2
-        image = image.crop((left, top, left + stored_size, top + stored_size))
-        return numpy.asarray(image, dtype=numpy.uint8).transpose(2, 0, 1)
+def store_folder(cache_root: Path, download_key: str) -> Path:
+    """Where the uint8 arrays for one dataset (by its download key) live; each file names its own recipe."""
+    return Path(cache_root) / "images" / f"{download_key[:16]}-v{STORE_VERSION}"
 
 
-def load_split(
-    index: DatasetIndex, split: str, stored_size: int, folder: Path, log: Callable[[str], None] = print
-) -> torch.Tensor:
-    """uint8 tensor [N, 3, stored_size, stored_size] of one split, decoded once and cached on disk."""
-    path = Path(folder) / f"{split}.npy"
+class PixelStore:
+    """The uint8 rows [N, H, W, 3] of one .npy file; indexing with positions reads just those rows from disk."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                version = numpy.lib.format.read_magic(handle)
+                read_header = numpy.lib.format.read_array_header_1_0
+                if version != (1, 0):
+                    read_header = numpy.lib.format.read_array_header_2_0
+                shape, fortran_order, dtype = read_header(handle)
+                self.offset = handle.tell()
+        except ValueError as error:
+            raise ImageCacheError(f"{self.path} is not an image cache array ({error}); delete it") from None
+        if dtype != numpy.uint8 or fortran_order or len(shape) != 4:
+            raise ImageCacheError(f"{self.path} holds {dtype} {shape}, not uint8 [N, H, W, 3] rows; delete it")
+        self.shape = tuple(shape)
+        self.row_bytes = math.prod(self.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, positions) -> torch.Tensor:
+        """uint8 tensor [len(positions), H, W, 3]; each run of consecutive positions is one read."""
+        wanted = torch.as_tensor(positions).reshape(-1).tolist()
+        if wanted and (min(wanted) < 0 or max(wanted) >= len(self)):
+            raise IndexError(f"positions outside 0..{len(self) - 1} of {self.path}")
+        rows = numpy.empty((len(wanted), *self.shape[1:]), dtype=numpy.uint8)
+        with open(self.path, "rb", buffering=0) as handle:
+            first = 0
+            while first < len(wanted):
+                last = first + 1
+                while last < len(wanted) and wanted[last] == wanted[last - 1] + 1:
+                    last += 1
+                handle.seek(self.offset + wanted[first] * self.row_bytes)
+                view = memoryview(rows[first:last]).cast("B")
+                done = 0
+                while done < len(view):
+                    count = handle.readinto(view[done:])
+                    if not count:
+                        raise ImageCacheError(f"{self.path} ends early; delete it and rerun to decode the images again")
+                    done += count
+                first = last
+        return torch.from_numpy(rows)
+
+    def to(self, device: str) -> PixelStore | torch.Tensor:
+        """Itself on the CPU; on an accelerator, the whole array in its memory (copied in chunks)."""
+        if torch.device(device).type == "cpu":
+            return self
+        whole = torch.empty(self.shape, dtype=torch.uint8, device=device)
+        for start in range(0, len(self), DEVICE_CHUNK_ROWS):
+            stop = min(len(self), start + DEVICE_CHUNK_ROWS)
+            whole[start:stop] = self[torch.arange(start, stop)].to(device)
+        return whole
+
+
+def load_rows(
+    index: DatasetIndex,
+    split: str,
+    path: Path,
+    pipeline: pixels.TensorPipeline,
+    row_shape: tuple,
+    log: Callable[[str], None] = print,
+) -> PixelStore:
+    """The rows `pipeline` makes of each image of `split`, decoded once into `path` and checked by digest after."""
+    path = Path(path)
     expected = [int(image_id) for image_id in index.image_ids[split]]
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file():
@@ -66,83 +130,101 @@ def load_split(
             meta = json.loads(meta_path.read_text())
             # The digest recorded when the array was written: a damaged array is decoded again, never used.
             if meta.get("image_ids") == expected and meta.get("sha256") == integrity.file_digest(path):
-                return torch.from_numpy(numpy.load(path))
-            if meta.get("image_ids") == expected:
+                store = PixelStore(path)
+                if store.shape == (len(expected), *row_shape):
+                    return store
+            elif meta.get("image_ids") == expected:
                 log(f"[images] {path} is damaged or unverified (sha256 differs from the one recorded); decoding again")
-        except (OSError, ValueError):
+        except (OSError, ValueError, ImageCacheError):
             pass  # unreadable or torn: rebuild below
     paths = index.paths(split)
-    log(f"[images] decoding {len(paths)} {split} images once into a {stored_size} px uint8 cache ({folder})")
-    array = numpy.empty((len(paths), 3, stored_size, stored_size), dtype=numpy.uint8)
-    # PIL releases the GIL while decoding and resizing, so threads use every core.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for position, pixels in enumerate(pool.map(lambda item: _load_square(item, stored_size), paths)):
-            array[position] = pixels
-    with atomic.atomic_path(path) as temporary:
-        numpy.save(temporary, array)
+    log(f"[images] decoding {len(paths)} {split} images once into {path.name} ({path.parent})")
+    digest = write_rows(path, paths, pipeline, row_shape)
     atomic.write_json_atomic(
-        meta_path,
-        {"split": split, "stored_size": stored_size, "image_ids": expected, "sha256": integrity.file_digest(path)},
+        meta_path, {"split": split, "shape": [len(paths), *row_shape], "image_ids": expected, "sha256": digest}
     )
-    return torch.from_numpy(array)
+    return PixelStore(path)
+
+
+def write_rows(path: Path, paths: list, pipeline: pixels.TensorPipeline, row_shape: tuple) -> str:
+    """Write the rows of every image into an .npy file at `path` as they decode; returns the file's sha256.
+
+    Images decode on one thread per core (simplejpeg and torch's resampling release the GIL), a few
+    ahead of the writer, so memory holds a handful of rows whatever the number of images.
+    """
+    header = io.BytesIO()
+    numpy.lib.format.write_array_header_1_0(
+        header,
+        {
+            "descr": numpy.lib.format.dtype_to_descr(numpy.dtype(numpy.uint8)),
+            "fortran_order": False,
+            "shape": (len(paths), *row_shape),
+        },
+    )
+    digest = hashlib.sha256(header.getvalue())
+    with atomic.atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        atomic.require_free_space(path, len(paths) * math.prod(row_shape))
+        handle.write(header.getvalue())
+        rows = in_streams(lambda item: pixels.load_pixels(item, pipeline), paths, os.cpu_count() or 1)
+        with contextlib.closing(rows):  # an error stops the decoding threads
+            for source, row in zip(paths, rows, strict=True):
+                if tuple(row.shape) != row_shape:
+                    raise ImageCacheError(f"{source} gave pixels of shape {tuple(row.shape)}, expected {row_shape}")
+                data = numpy.ascontiguousarray(row.numpy())
+                handle.write(data)
+                digest.update(data)
+    return digest.hexdigest()
 
 
 @dataclass
 class ImageSet:
-    """One split held in memory as uint8, turned into normalised float batches on demand."""
+    """One split as uint8 eval rows (and, to train on, stored squares), turned into normalised float batches."""
 
-    images: torch.Tensor  # uint8 [N, 3, S, S]
+    rows: torch.Tensor | PixelStore  # uint8 [N, C, C, 3]: the eval pixels at the input size
     labels: torch.Tensor  # int64 [N]
     preprocessing: Preprocessing
-    input_size: int
+    squares: torch.Tensor | PixelStore | None = None  # uint8 [N, S, S, 3]: the source of random crops
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: str) -> ImageSet:
-        return ImageSet(self.images.to(device), self.labels.to(device), self.preprocessing, self.input_size)
+    @property
+    def input_size(self) -> int:
+        return int(self.rows.shape[1])
 
-    def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.preprocessing.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.preprocessing.std, device=batch.device).view(1, 3, 1, 1)
-        return (batch / 255.0 - mean) / std
+    def to(self, device: str) -> ImageSet:
+        squares = None if self.squares is None else self.squares.to(device)
+        return ImageSet(self.rows.to(device), self.labels.to(device), self.preprocessing, squares)
+
+    def _normalise(self, rows: torch.Tensor) -> torch.Tensor:
+        return pixels.normalise(rows, self.preprocessing.mean, self.preprocessing.std)
 
     def eval_batch(self, positions: torch.Tensor) -> torch.Tensor:
-        """Center crop of the backbone's eval recipe (crop/resize ratio), resized to the input size."""
-        images = self.images[positions].float()
-        side = images.shape[-1]
-        crop = max(1, round(side * self.preprocessing.input_size / self.preprocessing.resize_size))
-        start = (side - crop) // 2
-        images = images[..., start : start + crop, start : start + crop]
-        if crop != self.input_size:
-            images = F.interpolate(
-                images,
-                size=(self.input_size, self.input_size),
-                mode=self.preprocessing.interpolation,
-                align_corners=False,
-                antialias=True,
-            )
-        return self._normalise(images.clamp(0, 255))
+        """The eval pixels of the images at `positions`, normalised as extraction normalises them."""
+        return self._normalise(self.rows[positions])
 
     def train_batch(
         self, positions: torch.Tensor, augmentation: str, minimum_scale: float, generator: torch.Generator
     ) -> torch.Tensor:
-        """Augmented batch: optional policy per image, then batched random-resized-crop + flip + resize."""
+        """Augmented batch: the eval pixels (flipped at random for "flip"), or an optional policy per stored
+        square, then batched random-resized-crop + flip + resize, rounded to uint8 like every other batch."""
         if augmentation == "none":
             return self.eval_batch(positions)
-        images = self.images[positions]
-        if augmentation in ("trivialaugment", "randaugment"):
-            images = apply_policy(images, augmentation, self.preprocessing.interpolation)
-        count = images.shape[0]
+        count = len(positions)
         if augmentation == "flip":
             base = self.eval_batch(positions)
             flips = torch.rand(count, generator=generator) < 0.5
             return torch.where(flips.view(-1, 1, 1, 1).to(base.device), base.flip(-1), base)
+        if self.squares is None:
+            raise ValueError(f"augmentation {augmentation!r} crops stored squares, and this split has none")
+        images = self.squares[positions].permute(0, 3, 1, 2)
+        if augmentation in ("trivialaugment", "randaugment"):
+            images = apply_policy(images, augmentation, self.preprocessing.interpolation)
         theta = random_crop_affines(count, minimum_scale, generator).to(images.device)
         grid = F.affine_grid(theta, [count, 3, self.input_size, self.input_size], align_corners=False)
         mode = "bicubic" if self.preprocessing.interpolation == "bicubic" else "bilinear"
         cropped = F.grid_sample(images.float(), grid, mode=mode, padding_mode="border", align_corners=False)
-        return self._normalise(cropped.clamp(0, 255))
+        return self._normalise(cropped.clamp_(0, 255).round_().to(torch.uint8).permute(0, 2, 3, 1))
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = False, drop_last: bool = False
@@ -202,14 +284,28 @@ def load_image_sets(
     preprocessing: Preprocessing,
     input_size: int,
     log: Callable[[str], None] = print,
+    splits: tuple = SPLITS,
 ) -> dict[str, ImageSet]:
-    """train/val/test ImageSets from the uint8 cache in `folder` (built on first use)."""
-    return {
-        split: ImageSet(
-            load_split(index, split, stored_size, folder, log),
-            torch.as_tensor(index.labels[split], dtype=torch.int64),
-            preprocessing,
-            input_size,
-        )
-        for split in ("train", "val", "test")
-    }
+    """{split: ImageSet} from the cache in `folder` (built on first use): eval rows of every split at
+    `input_size`, plus the train split's `stored_size` squares."""
+    resize, crop = crop_sizes(preprocessing, input_size)
+    interpolation = preprocessing.interpolation
+    evaluation, _, _ = pixels.eval_pipeline(preprocessing, input_size)
+    sets = {}
+    for split in splits:
+        path = Path(folder) / f"{split}-eval-{crop}-of-{resize}-{interpolation}.npy"
+        rows = load_rows(index, split, path, evaluation, (crop, crop, 3), log)
+        squares = None
+        if split == "train":
+            path = Path(folder) / f"train-square-{stored_size}-{interpolation}.npy"
+            square = pixels.square_pipeline(stored_size, interpolation)
+            squares = load_rows(index, split, path, square, (stored_size, stored_size, 3), log)
+        sets[split] = ImageSet(rows, torch.as_tensor(index.labels[split], dtype=torch.int64), preprocessing, squares)
+    return sets
+
+
+def eval_set(paths: list, preprocessing: Preprocessing, input_size: int) -> ImageSet:
+    """Images read into memory as the cache stores its eval splits (labels 0): what predict feeds an end-to-end arm."""
+    evaluation, _, _ = pixels.eval_pipeline(preprocessing, input_size)
+    rows = torch.stack([pixels.load_pixels(path, evaluation) for path in paths])
+    return ImageSet(rows, torch.zeros(len(paths), dtype=torch.int64), preprocessing)

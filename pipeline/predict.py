@@ -4,9 +4,11 @@ Not a cached stage: it reads the arms the graph built under the current config a
 anything. Every arm predicts through the same code its stage tested with, so a test image gets the
 class the arm's own test evaluation gave it:
 - frozen arms: the features unit's backbone and recorded preprocessing/input size, the extraction
-  path of pipeline/extract.py (uint8 transform, batched normalisation, autocast), then the saved head;
-- end-to-end arms (finetune, scratch): model.pt rebuilt the way the stage built it, the image stored
-  as the stage stores its splits (pipeline/images.py) and evaluated with train.predict.
+  path of pipeline/extract.py (the eval pixels of pipeline/pixels.py, batched normalisation,
+  autocast), then the saved head;
+- end-to-end arms (finetune, scratch): model.pt rebuilt the way the stage built it, the image read
+  into the same eval pixels as the stage stores its splits (pipeline/images.py) and evaluated with
+  train.predict.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from . import backbones, cache, checkpoints, errors, extract, features_h5, frozen, images, models, train, transforms
+from . import backbones, cache, checkpoints, errors, extract, features_h5, frozen, images, models, pixels, train
 from .arms import arm_states
 from .config import Config
 from .errors import PipelineError
@@ -168,7 +170,6 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
         tuple(recipe["mean"]),
         tuple(recipe["std"]),
     )
-    pixels, mean, std = extract.uint8_transform(transforms.eval_transform(preprocessing, attributes["input_size"]))
     name = attributes["backbone"]
     source = frozen.resolve_source(config, name)
     if source["weights_sha256"] != attributes["weights_sha256"]:
@@ -187,22 +188,36 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
         bool(attributes.get("fold_batchnorm", False)),
     )
 
-    def run(paths: list) -> numpy.ndarray:
-        count = len(paths)
-        job = extract.Job(
-            group="predict",
-            paths=list(paths),
-            labels=numpy.zeros(count, dtype=numpy.int64),
-            image_ids=numpy.zeros(count, dtype=numpy.int64),
-            views=numpy.zeros(count, dtype=numpy.int64),
-            transform=pixels,
-        )
-        loader = torch.utils.data.DataLoader(
-            extract.ImageDataset(job), batch_size=config.features.batch_size, shuffle=False, num_workers=0
-        )
-        return numpy.concatenate(list(extract.extract_batches(model, loader, runtime, mean, std)))
+    return lambda paths: frozen_features_of(
+        model, paths, preprocessing, attributes["input_size"], runtime, config.features.batch_size
+    )
 
-    return run
+
+def frozen_features_of(
+    model: torch.nn.Module, paths: list, preprocessing, input_size: int, runtime: Runtime, batch_size: int
+) -> numpy.ndarray:
+    """Pooled features of image files through a frozen `model`: extraction's eval pixels, dataset and batches."""
+    evaluation, mean, std = pixels.eval_pipeline(preprocessing, input_size)
+    count = len(paths)
+    job = extract.Job(
+        group="predict",
+        paths=list(paths),
+        labels=numpy.zeros(count, dtype=numpy.int64),
+        image_ids=numpy.zeros(count, dtype=numpy.int64),
+        views=numpy.zeros(count, dtype=numpy.int64),
+        transform=evaluation,
+    )
+    loader = torch.utils.data.DataLoader(extract.ImageDataset(job), batch_size=batch_size, shuffle=False, num_workers=0)
+    return numpy.concatenate(list(extract.extract_batches(model, loader, runtime, mean, std)))
+
+
+def end_to_end_logits_of(
+    model: torch.nn.Module, paths: list, preprocessing, input_size: int, runtime: Runtime, batch_size: int
+) -> torch.Tensor:
+    """Logits of image files through an end-to-end arm's `model`: the eval pixels its stage cached its test split as."""
+    return train.predict(
+        model, images.eval_set(paths, preprocessing, input_size).to(runtime.device), runtime, batch_size
+    )
 
 
 def end_to_end_model(config: Config, arm: Arm, runtime: Runtime) -> tuple[torch.nn.Module, backbones.Preprocessing]:
@@ -231,14 +246,12 @@ def predictor(config: Config, graph: Graph, arm: Arm) -> Callable[[list], numpy.
         probabilities = head_probabilities(arm.directory)
         return lambda paths: probabilities(extract_features(paths))
     model, preprocessing = end_to_end_model(config, arm, runtime)
-    stored_size, input_size = arm.result["stored_size"], arm.result["input_size"]
     settings = config.finetune if arm.method == "finetune" else config.cnn
 
     def run(paths: list) -> numpy.ndarray:
-        # The same square resize + crop the stage applied when it cached its splits, then its eval crop.
-        pixels = torch.from_numpy(numpy.stack([images._load_square(path, stored_size) for path in paths]))
-        data = images.ImageSet(pixels, torch.zeros(len(paths), dtype=torch.int64), preprocessing, input_size)
-        logits = train.predict(model, data.to(runtime.device), runtime, 2 * settings.batch_size)
+        logits = end_to_end_logits_of(
+            model, paths, preprocessing, arm.result["input_size"], runtime, 2 * settings.batch_size
+        )
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     return run

@@ -24,6 +24,16 @@ def crop_sizes(preprocessing: Preprocessing, input_size: int = 0) -> tuple[int, 
     return resize, crop
 
 
+def resize_and_crop(resize: int, crop: int, interpolation: str) -> list:
+    """The geometry of every eval view: resize the shorter side to `resize`, then centre-crop `crop` square."""
+    from torchvision import transforms
+
+    return [
+        transforms.Resize(resize, interpolation=_interpolation(interpolation), antialias=True),
+        transforms.CenterCrop(crop),
+    ]
+
+
 def eval_transform(preprocessing: Preprocessing, input_size: int = 0) -> Callable:
     """PIL image -> normalised float tensor: resize shorter side, center crop, normalise."""
     from torchvision import transforms
@@ -31,8 +41,7 @@ def eval_transform(preprocessing: Preprocessing, input_size: int = 0) -> Callabl
     resize, crop = crop_sizes(preprocessing, input_size)
     return transforms.Compose(
         [
-            transforms.Resize(resize, interpolation=_interpolation(preprocessing.interpolation), antialias=True),
-            transforms.CenterCrop(crop),
+            *resize_and_crop(resize, crop, preprocessing.interpolation),
             transforms.ToTensor(),
             transforms.Normalize(preprocessing.mean, preprocessing.std),
         ]
@@ -51,8 +60,7 @@ def train_transform(
         return eval_transform(preprocessing, input_size)
     steps = []
     if augmentation == "flip":
-        resize, crop = crop_sizes(preprocessing, input_size)
-        steps += [transforms.Resize(resize, interpolation=interpolation, antialias=True), transforms.CenterCrop(crop)]
+        steps += resize_and_crop(*crop_sizes(preprocessing, input_size), preprocessing.interpolation)
     else:
         steps.append(
             transforms.RandomResizedCrop(crop, scale=(minimum_scale, 1.0), interpolation=interpolation, antialias=True)

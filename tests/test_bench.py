@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_KNOBS = options.BenchOptions(
     images=24, rounds=3, finetune_rounds=2, notebook_images=12, notebook_views=2, steps=1, memory_images=24
 )
-EXPECTED_SECTIONS = {"compute": 3, "extraction": 2, "frozen": 1, "finetune": 1, "warm": 1, "memory": 1}
+EXPECTED_SECTIONS = {"compute": 3, "extraction": 2, "frozen": 1, "finetune": 1, "warm": 1, "memory": 2}
 
 
 def study_arguments(config) -> list[str]:
@@ -133,8 +133,8 @@ def test_ratio_is_ours_over_baseline_and_met_follows_the_rules(report):
         finetune["train_images"] * float(numpy.median(steps)) / finetune["batch_size"]
     )
     assert finetune["baseline"] == pytest.approx(finetune["train_images"] * float(numpy.median(slices)))
-    memory = next(row for row in result["rows"] if row["section"] == "memory")
-    assert memory["met"] == (memory["ratio"] <= 1.15) and memory["ours"] > 0
+    for memory in (row for row in result["rows"] if row["section"] == "memory"):
+        assert memory["met"] == (memory["ratio"] <= 1.15) and memory["ours"] > 0, memory
 
 
 @pytest.mark.subprocess
@@ -295,7 +295,7 @@ def test_an_interrupted_run_keeps_the_last_bench_json_and_the_rows_measured_so_f
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "memory_row", interrupted)
+    monkeypatch.setattr(runner, "memory_rows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         runner.run(
             tiny_config,

@@ -20,6 +20,7 @@ import pytest
 from helpers import PROJECT, one_line_error, stage_arguments
 
 from pipeline import (
+    atomic,
     backbones,
     cache,
     checkpoints,
@@ -202,11 +203,31 @@ def test_a_damaged_image_cache_is_decoded_again(tmp_path, fake_flowers_session):
         config.load_config(PROJECT / "configs" / "tiny.toml", [f'data.root="{fake_flowers_session}"']).data,
     )
     said = []
-    first = images.load_split(index, "val", 24, tmp_path, log=said.append).clone()
-    flip_byte(tmp_path / "val.npy", 0.9)
-    again = images.load_split(index, "val", 24, tmp_path, log=said.append)
+    preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
+    first = images.load_image_sets(index, tmp_path, 24, preprocessing, 16, log=said.append)["val"].rows
+    expected = numpy.load(first.path)
+    flip_byte(first.path, 0.9)
+    again = images.load_image_sets(index, tmp_path, 24, preprocessing, 16, log=said.append)["val"].rows
     assert any("damaged" in line for line in said), said
-    assert numpy.array_equal(first.numpy(), again.numpy())
+    assert numpy.array_equal(numpy.load(again.path), expected)
+
+
+def test_a_full_disk_while_caching_images_ends_in_one_line_and_leaves_nothing(
+    tmp_path, fake_flowers_session, monkeypatch
+):
+    index = data.verify(
+        data.dataset_folder(fake_flowers_session),
+        config.load_config(PROJECT / "configs" / "tiny.toml", [f'data.root="{fake_flowers_session}"']).data,
+    )
+    preprocessing = backbones.get_backbone("tiny-resnet").preprocessing
+    monkeypatch.setenv(atomic.FAULT_VARIABLE, "*/val-eval-*.npy:full")
+    with pytest.raises(cache.CacheError, match="cannot write .*val-eval.*the disk is full") as caught:
+        images.load_image_sets(index, tmp_path, 24, preprocessing, 16, log=lambda line: None, splits=("val",))
+    assert "\n" not in str(caught.value)
+    assert not [path.name for path in tmp_path.iterdir()]  # neither the array, its record nor a temporary file
+    monkeypatch.delenv(atomic.FAULT_VARIABLE)
+    rows = images.load_image_sets(index, tmp_path, 24, preprocessing, 16, log=lambda line: None, splits=("val",))
+    assert rows["val"].rows.shape == (len(index.image_ids["val"]), 16, 16, 3)
 
 
 # --- the data -------------------------------------------------------------------------------------

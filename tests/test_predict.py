@@ -44,9 +44,7 @@ def stage_test_predictions(config, arm: predict.Arm, index) -> numpy.ndarray:
         return fitting.load_head(arm.directory)(stored["features"])
     runtime = predict.resolve_runtime(config.runtime)
     model, preprocessing = predict.end_to_end_model(config, arm, runtime)
-    folder = images.store_folder(
-        config.cache.root, study_graph.unit("download", download.UNIT).key, arm.result["stored_size"]
-    )
+    folder = images.store_folder(config.cache.root, study_graph.unit("download", download.UNIT).key)
     test_set = images.load_image_sets(
         index, folder, arm.result["stored_size"], preprocessing, arm.result["input_size"], log=lambda line: None
     )["test"]

@@ -16,8 +16,7 @@ import numpy
 import pytest
 import torch
 
-from pipeline import backbones, data, extract, features_h5, frozen, train, transforms
-from pipeline.bench.extraction import stack_transformed
+from pipeline import backbones, data, extract, features_h5, frozen, pixels, train, transforms
 from pipeline.config import DataConfig, load_config
 from pipeline.cpu_rewrites import rewrite_for_finetuning
 from pipeline.models import build_finetune_model
@@ -48,6 +47,24 @@ def weights():
         return str(backbones.resolve_weights(spec, None, allow_download=False))
     except backbones.WeightsUnavailableError as error:
         pytest.skip(f"{BACKBONE} weights are not installed ({error})")
+
+
+def through_pil(paths: list, transform) -> torch.Tensor:
+    """The images, read by PIL, through a torchvision transform of PIL images, stacked."""
+    return torch.stack([transform(pixels.open_rgb(path)) for path in paths])
+
+
+def test_real_jpegs_decode_to_pils_pixels(index):
+    """simplejpeg, extraction's and the image cache's JPEG decoder, gives PIL's RGB pixels on every image."""
+    paths = [path for split in data.SPLITS for path in index.paths(split)]
+    differing = [
+        path.name
+        for path in paths
+        if not numpy.array_equal(
+            pixels.pixel_rows(pixels.image_tensor_of(pixels.read_rgb(path, tensor=True))).numpy(), pixels.open_rgb(path)
+        )
+    ]
+    assert not differing, f"{len(differing)} of {len(paths)} images decode differently from PIL, e.g. {differing[:3]}"
 
 
 def test_real_copy_has_the_official_splits(index):
@@ -82,7 +99,7 @@ def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(inde
     # PIL decoding).
     plain = frozen.load_frozen_backbone(BACKBONE, weights, "cpu", False, fold_batchnorm=False)
     with torch.no_grad():
-        reference = plain(stack_transformed(job.paths[:8], job.transform)).numpy()
+        reference = plain(through_pil(job.paths[:8], job.transform)).numpy()
     error = numpy.linalg.norm(extracted[1, 16][:8] - reference) / numpy.linalg.norm(reference)
     assert error < 0.05, f"bf16 folded features are {error:.3f} away from fp32 (relative)"
 
@@ -93,7 +110,7 @@ def test_real_finetune_rewrite_keeps_the_gradients(index, weights):
     plain, spec = build_finetune_model(BACKBONE, 102, weights_path=weights)
     rewritten = rewrite_for_finetuning(copy.deepcopy(plain), BACKBONE, config.finetune)
     transform = transforms.eval_transform(spec.preprocessing, config.finetune.input_size)
-    inputs = stack_transformed(index.paths("train")[:2], transform).double()
+    inputs = through_pil(index.paths("train")[:2], transform).double()
     labels = torch.as_tensor(index.labels["train"][:2])
     gradients = []
     for model in (plain.double(), rewritten.double()):

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import math
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -33,9 +34,9 @@ def runtime(precision: str = "fp32", seed: int = 0) -> Runtime:
 
 def image_set(count: int = 12, classes: int = 3, side: int = 16, seed: int = 0) -> images.ImageSet:
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (count, 3, side, side), dtype=torch.uint8, generator=generator)
+    rows = torch.randint(0, 256, (count, side, side, 3), dtype=torch.uint8, generator=generator)
     labels = torch.arange(count) % classes
-    return images.ImageSet(pixels, labels, PREPROCESSING, side)
+    return images.ImageSet(rows, labels, PREPROCESSING, squares=rows)
 
 
 def settings(**changes) -> TrainConfig:
@@ -220,26 +221,7 @@ def test_augmented_crops_stay_inside_the_image_and_flip_both_ways():
     assert batch.shape == (4, 3, 16, 16) and batch.dtype == torch.float32
 
 
-def test_eval_batch_matches_the_backbone_eval_transform():
-    from PIL import Image
-
-    from pipeline.transforms import eval_transform
-
-    preprocessing = Preprocessing(28, 32, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
-    gradient = torch.linspace(0, 255, 32)
-    pixels = (
-        torch.stack([gradient[None, :].expand(32, 32), gradient[:, None].expand(32, 32), torch.full((32, 32), 90.0)])
-        .round()
-        .to(torch.uint8)
-    )
-    data = images.ImageSet(pixels[None], torch.zeros(1, dtype=torch.int64), preprocessing, 28)
-    ours = data.eval_batch(torch.arange(1))[0]
-    reference = eval_transform(preprocessing)(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
-    assert ours.shape == reference.shape
-    assert float((ours - reference).abs().mean()) < 0.02
-
-
-def test_image_cache_is_decoded_once(tmp_path, fake_flowers_session, monkeypatch):
+def test_image_cache_is_decoded_once_and_read_a_batch_at_a_time(tmp_path, fake_flowers_session, monkeypatch):
     from pipeline import data
     from pipeline.config import DataConfig
 
@@ -249,14 +231,33 @@ def test_image_cache_is_decoded_once(tmp_path, fake_flowers_session, monkeypatch
             DataConfig(), check_md5=False, num_classes=6, expected_images=84, expected_split_sizes=[24, 24, 36]
         ),
     )
-    first = images.load_split(index, "val", 20, tmp_path, log=lambda line: None)
-    assert first.shape == (24, 3, 20, 20) and first.dtype == torch.uint8
+    first = images.load_image_sets(index, tmp_path, 20, PREPROCESSING, 12, log=lambda line: None)
+    assert first["val"].rows.shape == (24, 12, 12, 3) and first["train"].squares.shape == (24, 20, 20, 3)
+    assert first["val"].squares is None
+    whole = numpy.load(first["val"].rows.path)
+    positions = torch.tensor([5, 6, 7, 0, 23, 2, 3])  # runs and single rows, out of order
+    assert torch.equal(first["val"].rows[positions], torch.from_numpy(whole[positions.numpy()]))
+    with pytest.raises(IndexError):
+        first["val"].rows[torch.tensor([24])]
 
     def refuse(*args):
-        raise AssertionError("decoded a JPEG again")
+        raise AssertionError("decoded an image again")
 
-    monkeypatch.setattr(images, "_load_square", refuse)
-    assert torch.equal(images.load_split(index, "val", 20, tmp_path, log=lambda line: None), first)
+    monkeypatch.setattr(images.pixels, "load_pixels", refuse)
+    again = images.load_image_sets(index, tmp_path, 20, PREPROCESSING, 12, log=lambda line: None)
+    for split in ("train", "val", "test"):
+        assert numpy.array_equal(numpy.load(again[split].rows.path), numpy.load(first[split].rows.path))
+
+
+def test_random_crops_are_uint8_pixels_normalised_like_eval_ones():
+    data = image_set(count=4, side=16)
+    batch = data.train_batch(torch.arange(4), "crop-flip", 0.35, torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(PREPROCESSING.mean).view(1, 3, 1, 1), torch.tensor(PREPROCESSING.std).view(1, 3, 1, 1)
+    levels = (batch * std + mean) * 255
+    assert batch.shape == (4, 3, 16, 16) and torch.allclose(levels, levels.round(), atol=1e-3)
+    flipped = data.train_batch(torch.arange(4), "flip", 0.35, torch.Generator().manual_seed(0))
+    plain = data.eval_batch(torch.arange(4))
+    assert all(torch.equal(one, two) or torch.equal(one, two.flip(-1)) for one, two in zip(flipped, plain, strict=True))
 
 
 class DepthwiseNet(nn.Module):

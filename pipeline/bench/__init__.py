@@ -15,7 +15,8 @@ when not measured or when the row has no target) and notes. Rows, in `SECTIONS` 
   accuracy is approximated on cached features of its own augmentations (the notes say so).
 - finetune: seconds per epoch of our training step against a notebook-style DataLoader loop.
 - warm: wall time of `python -m stages.all` when every unit is cached (otherwise not measured).
-- memory: peak resident memory of the features code path at two dataset sizes, each in its own process.
+- memory: peak resident memory of the features code path and of the fine-tune stage's data path (image
+  cache build, one epoch of batches) at two dataset sizes, each in its own process.
 
 Everything temporary lives in `<cache root>/bench/work-<pid>-*` and is removed at the end; rows
 measured so far are kept in bench.partial.json, and bench.json is replaced atomically when all are done.

@@ -10,7 +10,7 @@ import numpy
 import torch
 from torch import nn
 
-from .. import backbones, extract, frozen, transforms
+from .. import backbones, extract, frozen, pixels, transforms
 from ..config import Config
 from ..data import DatasetIndex
 from ..runtime import Runtime
@@ -28,25 +28,14 @@ def _decoding(runtime: Runtime) -> str:
     return f"{runtime.num_workers} workers" if runtime.num_workers else "decoding in the main process"
 
 
-def stack_transformed(paths: list, transform) -> torch.Tensor:
-    """The images (PIL, RGB) through `transform`, stacked; here, uint8 [N, H, W, 3] after the geometric part."""
-    from PIL import Image
-
-    stack = []
-    for path in paths:
-        with Image.open(path) as image:
-            stack.append(transform(image.convert("RGB")))
-    return torch.stack(stack)
-
-
 def forward_rate(
-    model: nn.Module, pixels: torch.Tensor, mean: tuple, std: tuple, batch_size: int, runtime: Runtime
+    model: nn.Module, rows: torch.Tensor, mean: tuple, std: tuple, batch_size: int, runtime: Runtime
 ) -> float:
-    """Model-only img/s of a frozen backbone over `pixels`, normalised in memory first, after warm-up batches.
+    """Model-only img/s of a frozen backbone over uint8 `rows`, normalised in memory first, after warm-up batches.
 
     Run the way extraction runs them: runtime.inference_streams batches at once (extract.in_streams).
     """
-    inputs = extract.normalise(pixels.to(runtime.device), mean, std)
+    inputs = pixels.normalise(rows.to(runtime.device), mean, std)
     if not runtime.channels_last:
         inputs = inputs.contiguous()
     batches = [inputs[start : start + batch_size] for start in range(0, len(inputs), batch_size)]
@@ -83,10 +72,11 @@ def extraction_rows(
         model = frozen.load_frozen_backbone(
             name, weights_path(config, name), runtime.device, runtime.channels_last, config.features.fold_batchnorm
         )
-        geometry, mean, std = extract.uint8_transform(transforms.eval_transform(spec.preprocessing, input_size))
+        evaluation, mean, std = pixels.eval_pipeline(spec.preprocessing, input_size)
         paths = [path for split in ("train", "val", "test") for path in subset.paths(split)]
-        pixels, batch = stack_transformed(paths, geometry), config.features.batch_size
-        passes = [forward_rate(model, pixels, mean, std, batch, runtime)]
+        stacked = torch.stack([pixels.load_pixels(path, evaluation) for path in paths])
+        batch = config.features.batch_size
+        passes = [forward_rate(model, stacked, mean, std, batch, runtime)]
         if "extraction" in options.rows:
             jobs = frozen.extraction_jobs(subset, config, spec, input_size)
             extracting = frozen.extraction_options(config, log, progress=False)
@@ -96,7 +86,7 @@ def extraction_rows(
                 timings = extract.write_features(output, "bench", jobs, model, spec.feature_dim, runtime, extracting)
                 output.unlink()
                 rates.append(rows / sum(record["seconds"] for record in timings.values()))
-                passes.append(forward_rate(model, pixels, mean, std, batch, runtime))
+                passes.append(forward_rate(model, stacked, mean, std, batch, runtime))
                 ratios.append(rates[-1] / ((passes[-2] + passes[-1]) / 2))
             ratio = float(numpy.median(ratios))
             low, high = median_interval(ratios)
@@ -142,5 +132,5 @@ def extraction_rows(
             )
         )
         log(f"[bench] {name}: model-only forward {numpy.median(passes):.1f} img/s")
-        del model, pixels
+        del model, stacked
     return compute, efficiency

@@ -37,10 +37,9 @@ def finetune_rows(
         input_size = settings.input_size or spec.preprocessing.input_size
         stored_size = settings.stored_size or transforms.crop_sizes(spec.preprocessing, input_size)[0]
         subset = subset_index(index, {"train": (options.steps + WARMUP_STEPS) * settings.batch_size})
-        pixels = images.load_split(subset, "train", stored_size, work / f"images-{name}", log)
-        train_set = images.ImageSet(pixels, torch.as_tensor(subset.labels["train"]), spec.preprocessing, input_size).to(
-            runtime.device
-        )
+        train_set = images.load_image_sets(
+            subset, work / f"images-{name}", stored_size, spec.preprocessing, input_size, log, splits=("train",)
+        )["train"].to(runtime.device)
         runtime.place(model)
         criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
         batches = list(

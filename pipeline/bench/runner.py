@@ -17,7 +17,7 @@ from ..runtime import environment, resolve_runtime
 from .extraction import extraction_rows
 from .finetune import finetune_rows
 from .frozen import frozen_row
-from .memory import memory_row
+from .memory import memory_rows
 from .options import SECTIONS, BenchOptions
 from .report import FOLDER, PARTIAL, RESULT
 from .subsets import proportional_counts
@@ -96,7 +96,7 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
         if {"compute", "finetune"} & set(options.rows):
             record([row for part in finetune_rows(config, runtime, index, options, work, log) for row in part])
         if "memory" in options.rows:
-            record([memory_row(config, index, options, work, log)])
+            record(memory_rows(config, index, options, work, log))
     report["rows"].sort(key=lambda row: SECTIONS.index(row["section"]))
     report.update(complete=True, seconds=time.perf_counter() - started, load_average_at_end=os.getloadavg()[0])
     atomic.write_json_atomic(folder / RESULT, report)

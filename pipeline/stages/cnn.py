@@ -15,7 +15,8 @@ from ..models import SCRATCH_PREPROCESSING, build_scratch_model
 from ..runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from ..transforms import crop_sizes
 
-CODE_VERSION = "2"  # 2: predictions.npz
+# 2: predictions.npz; eval pixels are extraction's (pipeline/pixels.py), random crops rounded to uint8
+CODE_VERSION = "2"
 
 
 def plan(config: Config, graph) -> list[Unit]:
@@ -51,7 +52,7 @@ def build(context: BuildContext) -> BuildResult:
     stored_size = settings.stored_size or crop_sizes(SCRATCH_PREPROCESSING, input_size)[0]
     with timings.phase("data"):
         index = data.load_index(context.input_directory("download"))
-        folder = images.store_folder(context.cache_root, context.unit.input("download").key, stored_size)
+        folder = images.store_folder(context.cache_root, context.unit.input("download").key)
         sets = images.load_image_sets(index, folder, stored_size, SCRATCH_PREPROCESSING, input_size, context.log)
     model = build_scratch_model(settings, config.data.num_classes, input_size)
     cpu_rewrites.for_training(model, runtime, settings, architecture)

@@ -25,7 +25,8 @@ from ..models import build_finetune_model, finetune_groups
 from ..runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from ..transforms import crop_sizes
 
-CODE_VERSION = "2"  # 2: predictions.npz
+# 2: predictions.npz; eval pixels are extraction's (pipeline/pixels.py), random crops rounded to uint8
+CODE_VERSION = "2"
 NOT_DOWNLOADED = "not-downloaded-yet"  # the build downloads, and the final key then has the real sha256
 
 
@@ -133,7 +134,7 @@ def build(context: BuildContext) -> BuildResult:
     stored_size = settings.stored_size or crop_sizes(spec.preprocessing, input_size)[0]
     with timings.phase("data"):
         index = data.load_index(context.input_directory("download"))
-        folder = images.store_folder(context.cache_root, unit.input("download").key, stored_size)
+        folder = images.store_folder(context.cache_root, unit.input("download").key)
         sets = images.load_image_sets(index, folder, stored_size, spec.preprocessing, input_size, context.log)
     checkpoint = context.directory / checkpoints.CHECKPOINT
     resume = checkpoints.read_checkpoint(checkpoint, key, context.log)

@@ -31,6 +31,7 @@ STAGE_MODULES = [
     "pipeline.heads",
     "pipeline.finetune",
     "pipeline.cnn",
+    "pipeline.curves",
     "pipeline.report",
 ]
 

@@ -65,13 +65,26 @@ def plan(config: Config, graph) -> list[Unit]:
     return units
 
 
-def load_splits(path, use_augmented_views: bool) -> tuple[dict, dict]:
-    """(attributes, {fit, val, test} -> (features, labels)); fit = train plus its augmented views when used."""
+def _rows(group: dict, rows) -> dict:
+    return {name: values[rows] for name, values in group.items()}
+
+
+def load_splits(path, use_augmented_views: bool, choose_train: Callable | None = None) -> tuple[dict, dict]:
+    """(attributes, {train, fit, val, test} -> (features, labels)); fit = train plus its augmented views when used.
+
+    `choose_train` (train labels -> sorted row indices) keeps only those training images, and of the
+    augmented views only those of the kept images (matched by image id), as the label-efficiency curves ask.
+    """
     attributes = features_h5.read_attributes(path)
     groups = {split: features_h5.read_group(path, split) for split in ("train", "val", "test")}
+    if choose_train is not None:
+        groups["train"] = _rows(groups["train"], choose_train(groups["train"]["labels"]))
     fit = [groups["train"]]
     if use_augmented_views and AUGMENTED_GROUP in attributes["groups"]:
-        fit.append(features_h5.read_group(path, AUGMENTED_GROUP))
+        augmented = features_h5.read_group(path, AUGMENTED_GROUP)
+        if choose_train is not None:
+            augmented = _rows(augmented, numpy.isin(augmented["image_ids"], groups["train"]["image_ids"]))
+        fit.append(augmented)
     splits = {name: (group["features"], group["labels"]) for name, group in groups.items()}
     splits["fit"] = (
         numpy.concatenate([group["features"] for group in fit]),
@@ -165,13 +178,23 @@ def load_head(directory) -> Callable[[numpy.ndarray], numpy.ndarray]:
 
 
 def build(context: BuildContext) -> BuildResult:
+    return build_frozen(context)
+
+
+def build_frozen(
+    context: BuildContext, choose_train: Callable | None = None, extra: dict | None = None, stage: str = "heads"
+) -> BuildResult:
+    """Select on val, fit, test once and write one frozen arm's unit; the curves stage passes `choose_train`
+    (its subset of the training images, see load_splits) and the `extra` fields its result.json adds."""
     config, unit = context.config, context.unit
     kind = get_head_kind(unit.settings["kind"])
     backbone = unit.input("features").name
     seed = config.runtime.seed
     seed_everything(seed)
     settings, fit_on = config.heads, config.heads.fit_on
-    attributes, splits = load_splits(features_file(context.input_directory("features")), settings.use_augmented_views)
+    attributes, splits = load_splits(
+        features_file(context.input_directory("features")), settings.use_augmented_views, choose_train
+    )
     class_names = attributes["class_names"]
     timings = Timings()
     chosen, candidates, payload, reused = cached_selection(context, kind, splits, len(class_names), timings)
@@ -235,13 +258,15 @@ def build(context: BuildContext) -> BuildResult:
             "weights_sha256": attributes["weights_sha256"],
         },
         "weights_verified": attributes.get("weights_verified", "unknown"),
+        **(extra or {}),
     }
     test = features_h5.read_group(features_file(context.input_directory("features")), "test", ("image_ids",))
     evaluate.write_result(
         context.directory, record, labels=splits["test"][1], predictions=predicted, image_ids=test["image_ids"]
     )
+    label = record["arm"] if stage == "heads" else unit.name
     context.log(
-        f"[heads] {record['arm']}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
+        f"[{stage}] {label}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
         f"mean per-class {metrics['mean_per_class']:.3f} (fit on {fit_on}; selection "
         f"{timings.seconds['selection']:.1f} s{' (reused)' if reused else ''}, "
         f"fit {timings.seconds['fit']:.1f} s)"

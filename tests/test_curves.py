@@ -87,7 +87,7 @@ def test_full_train_point_is_the_main_arm_and_the_stage_caches_and_resumes(tmp_p
     graph, manifests, _ = run(config, "heads")
     graph, manifests, lines = run(config)
     names = [manifest["unit"] for manifest in manifests]
-    assert names == [f"tiny-resnet-logistic-n{n}-seed{seed}" for n in (1, 2, 4) for seed in (0, 1)]
+    assert names == [f"tiny-resnet-logistic-n{n}-seed{seed}" for n in (1, 4) for seed in (0, 1)]
     main = graph.directory(graph.unit("heads", "tiny-resnet-logistic"))
     full = graph.directory(graph.unit("curves", "tiny-resnet-logistic-n4-seed0"))
     main_result, full_result = (json.loads((folder / evaluate.RESULT).read_text()) for folder in (main, full))
@@ -101,12 +101,12 @@ def test_full_train_point_is_the_main_arm_and_the_stage_caches_and_resumes(tmp_p
         assert result["fit_on"] == "train" and result["subset_seed"] == manifest["settings"]["seed"]
     # Second run: every point cached. Then one point lost: only it is rebuilt.
     _, _, lines = run(config)
-    assert sum(line.startswith("[curves]") and "cached" in line for line in lines) == 6
+    assert sum(line.startswith("[curves]") and "cached" in line for line in lines) == 4
     assert not any("building" in line for line in lines)
-    cache.invalidate(graph.directory(graph.unit("curves", "tiny-resnet-logistic-n2-seed1")))
+    cache.invalidate(graph.directory(graph.unit("curves", "tiny-resnet-logistic-n1-seed1")))
     _, _, lines = run(config)
     assert [line for line in lines if "building" in line] == [
-        line for line in lines if line.startswith("[curves] tiny-resnet-logistic-n2-seed1: building")
+        line for line in lines if line.startswith("[curves] tiny-resnet-logistic-n1-seed1: building")
     ]
     assert sum("building" in line for line in lines) == 1
 
@@ -120,7 +120,7 @@ def test_fit_on_train_and_val_does_not_reach_the_curves(tmp_path, fake_flowers_s
 def test_end_to_end_switch(tmp_path, fake_flowers_session):
     config = make_tiny_config(fake_flowers_session, tmp_path / "cache")
     units = Graph(config).units("curves")
-    assert len(units) == 2 * 2 * 3 * 2  # backbones x kinds x labels per class x seeds, all frozen
+    assert len(units) == 2 * 2 * 2 * 2  # backbones x kinds x labels per class x seeds, all frozen
     assert {unit.input("features").stage for unit in units} == {"features"} and all(len(u.inputs) == 1 for u in units)
     switched = make_tiny_config(fake_flowers_session, tmp_path / "cache", ("curves.end_to_end=true",))
     with pytest.raises(ConfigError, match="end_to_end = true is not built yet"):
@@ -128,9 +128,7 @@ def test_end_to_end_switch(tmp_path, fake_flowers_session):
 
 
 def test_report_shows_the_curves_or_says_they_were_not_run(tmp_path, fake_flowers_session):
-    config = make_tiny_config(
-        fake_flowers_session, tmp_path / "cache", (*LOGISTIC_ONLY, "curves.labels_per_class=[1, 4]")
-    )
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", LOGISTIC_ONLY)
     graph, _, _ = run(config, "heads")
     report = graph.directory(graph.unit("report", "study"))
     run(config, "report")

@@ -102,6 +102,7 @@ def study_points(records: list[dict], rows: list[dict]) -> list[dict]:
             "method": row["method"],
             "seconds": row["total_seconds_mean"],
             "top1": row["test_top1_mean"],
+            "curve_point": False,
         }
         for row in summarize(records)
     ]
@@ -112,6 +113,7 @@ def study_points(records: list[dict], rows: list[dict]) -> list[dict]:
             "method": row["method"],
             "seconds": row["total_seconds_mean"],
             "top1": row["test_top1_mean"],
+            "curve_point": True,
         }
         for row in rows
         if row["labels_per_class"] != largest

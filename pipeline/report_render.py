@@ -39,8 +39,9 @@ CAPTIONS = {
         "seeds, the band spanning mean ± sd."
     ),
     PARETO_IMAGE: (
-        "Test top-1 against total seconds of every arm and every curve point below the full train split; "
-        "ringed points joined by the line are the non-dominated ones (the Pareto front)."
+        "Test top-1 against total seconds of every arm (large markers) and every curve point below the full "
+        "train split (small, pale; log scale when times differ widely); ringed points joined by the line are "
+        "the non-dominated ones (the Pareto front)."
     ),
     "grid.png": "Random training images with their class names (from the samples stage).",
     "class_distribution.png": "Images per class in each split, one panel per split (from the samples stage).",

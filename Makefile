@@ -73,7 +73,7 @@ features: $(INSTALLED) ## frozen backbone features of every image, cached in HDF
 heads: $(INSTALLED) ## softmax and logistic heads on the cached features
 finetune: $(INSTALLED) ## fine-tune each pretrained backbone end to end
 cnn: $(INSTALLED) ## the BN-CNN trained from scratch
-curves: $(INSTALLED) ## label-efficiency curves: every frozen arm at 1, 2, 5, 10 labelled images per class ([curves])
+curves: $(INSTALLED) ## label-efficiency curves: every frozen arm (end-to-end ones with [curves] end_to_end) at 1, 2, 5, 10 labelled images per class
 report: $(INSTALLED) ## merge every arm's metrics and timings into one report
 download samples features heads finetune cnn curves report:
 	$(LAUNCH) stages.$@ $(ARGS)

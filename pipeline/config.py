@@ -237,7 +237,8 @@ class CurvesConfig:
     )
     end_to_end: bool = setting(
         False,
-        "Also run the end-to-end arms (finetune, cnn) on the subsets; not built yet, so true stops with an error.",
+        "Also run the end-to-end arms (finetune, cnn) on the subsets, each with its own recipe (hours on a "
+        "CPU at full size; in one process).",
     )
 
     def __post_init__(self):

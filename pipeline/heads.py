@@ -177,13 +177,7 @@ def load_head(directory) -> Callable[[numpy.ndarray], numpy.ndarray]:
     return kind.predictor(payload)
 
 
-def build(context: BuildContext) -> BuildResult:
-    return build_frozen(context)
-
-
-def build_frozen(
-    context: BuildContext, choose_train: Callable | None = None, extra: dict | None = None, stage: str = "heads"
-) -> BuildResult:
+def build(context: BuildContext, choose_train: Callable | None = None, extra: dict | None = None) -> BuildResult:
     """Select on val, fit, test once and write one frozen arm's unit; the curves stage passes `choose_train`
     (its subset of the training images, see load_splits) and the `extra` fields its result.json adds."""
     config, unit = context.config, context.unit
@@ -264,9 +258,9 @@ def build_frozen(
     evaluate.write_result(
         context.directory, record, labels=splits["test"][1], predictions=predicted, image_ids=test["image_ids"]
     )
-    label = record["arm"] if stage == "heads" else unit.name
+    label = record["arm"] if unit.stage == "heads" else unit.name
     context.log(
-        f"[{stage}] {label}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
+        f"[{unit.stage}] {label}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
         f"mean per-class {metrics['mean_per_class']:.3f} (fit on {fit_on}; selection "
         f"{timings.seconds['selection']:.1f} s{' (reused)' if reused else ''}, "
         f"fit {timings.seconds['fit']:.1f} s)"

@@ -102,6 +102,11 @@ class ImageSet:
     def to(self, device: str) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.preprocessing, self.input_size)
 
+    def subset(self, choose: Callable) -> ImageSet:
+        """The images `choose` (labels as numpy -> row indices) keeps, in that order."""
+        rows = torch.as_tensor(choose(self.labels.cpu().numpy()), dtype=torch.int64)
+        return ImageSet(self.images[rows], self.labels[rows], self.preprocessing, self.input_size)
+
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.preprocessing.mean, device=batch.device).view(1, 3, 1, 1)
         std = torch.tensor(self.preprocessing.std, device=batch.device).view(1, 3, 1, 1)

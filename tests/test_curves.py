@@ -121,10 +121,35 @@ def test_end_to_end_switch(tmp_path, fake_flowers_session):
     config = make_tiny_config(fake_flowers_session, tmp_path / "cache")
     units = Graph(config).units("curves")
     assert len(units) == 2 * 2 * 2 * 2  # backbones x kinds x labels per class x seeds, all frozen
+    assert {unit.settings["arm_stage"] for unit in units} == {"heads"}
     assert {unit.input("features").stage for unit in units} == {"features"} and all(len(u.inputs) == 1 for u in units)
     switched = make_tiny_config(fake_flowers_session, tmp_path / "cache", ("curves.end_to_end=true",))
-    with pytest.raises(ConfigError, match="end_to_end = true is not built yet"):
-        Graph(switched).units("curves")
+    names = [unit.name for unit in Graph(switched).units("curves")]
+    assert names[16:] == [
+        f"{method}-{unit}-n{n}-seed{seed}"
+        for method, unit in (("scratch", "bn-cnn"), ("finetune", "tiny-resnet"))
+        for n in (1, 4)
+        for seed in (0, 1)
+    ]
+
+
+def test_an_end_to_end_point_runs_its_arms_recipe_on_the_subset(tmp_path, fake_flowers_session):
+    config = make_tiny_config(
+        fake_flowers_session,
+        tmp_path / "cache",
+        ("curves.end_to_end=true", "curves.labels_per_class=[1]", "curves.seeds=1", "cnn.epochs=1"),
+    )
+    graph = Graph(config, log=lambda line: None)
+    unit = graph.unit("curves", "scratch-bn-cnn-n1-seed0")
+    assert unit.settings["arm_stage"] == "cnn" and unit.input("download").stage == "download"
+    assert {name: value for name, value in unit.settings.items() if name in graph.units("cnn")[0].settings} == (
+        graph.units("cnn")[0].settings
+    )
+    graph.ensure(unit)
+    result = json.loads((graph.directory(unit) / evaluate.RESULT).read_text())
+    assert result["arm"] == "scratch-bn-cnn" and result["method"] == "scratch"
+    assert result["train_images"] == 6 and result["labels_per_class"] == 1 and result["subset_seed"] == 0
+    assert len(evaluate.read_predictions(graph.directory(unit)).predicted) == 36  # the whole test split, once
 
 
 def test_report_shows_the_curves_or_says_they_were_not_run(tmp_path, fake_flowers_session):

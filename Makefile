@@ -39,7 +39,7 @@ $(error error: NPROC=$(NPROC) is not a positive whole number; use e.g. NPROC=2, 
 endif
 endif
 
-.PHONY: install all demo download samples features heads finetune cnn report test test-quick lint check-real clean invalidate config predict bench help
+.PHONY: install all demo download samples features heads finetune cnn curves report test test-quick lint check-real clean invalidate config predict bench help
 
 install: $(INSTALLED) ## create .venv and install the project with its offline and dev extras
 
@@ -73,8 +73,9 @@ features: $(INSTALLED) ## frozen backbone features of every image, cached in HDF
 heads: $(INSTALLED) ## softmax and logistic heads on the cached features
 finetune: $(INSTALLED) ## fine-tune each pretrained backbone end to end
 cnn: $(INSTALLED) ## the BN-CNN trained from scratch
+curves: $(INSTALLED) ## label-efficiency curves: every frozen arm (end-to-end ones with [curves] end_to_end) at 1, 2, 5, 10 labelled images per class
 report: $(INSTALLED) ## merge every arm's metrics and timings into one report
-download samples features heads finetune cnn report:
+download samples features heads finetune cnn curves report:
 	$(LAUNCH) stages.$@ $(ARGS)
 
 # make predict IMG=path/to/photo.jpg [ARM=frozen-efficientnet-lite0-logistic]: top-5 classes per image.

@@ -221,6 +221,35 @@ class CnnConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class CurvesConfig:
+    """Label-efficiency curves: every trained arm refitted on n labelled training images per class."""
+
+    labels_per_class: list = setting(
+        [1, 2, 5, 10],
+        "Labelled training images per class of each curve point; subsets are drawn from train only, nested, "
+        "stratified and seeded. A number at or above a class's train count takes all of that class.",
+    )
+    seeds: int = setting(
+        3,
+        "Subset draws per point (seeds runtime.seed, runtime.seed + 1, ...); each seed draws its own nested "
+        "subsets and also seeds the head, so the band shows both sources of spread.",
+        minimum=1,
+    )
+    end_to_end: bool = setting(
+        False,
+        "Also run the end-to-end arms (finetune, cnn) on the subsets, each with its own recipe (hours on a "
+        "CPU at full size; in one process).",
+    )
+
+    def __post_init__(self):
+        points = self.labels_per_class
+        if not points or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in points):
+            raise ConfigError(f"[curves] labels_per_class must list positive whole numbers, got {points!r}")
+        if len(set(points)) != len(points):
+            raise ConfigError(f"[curves] labels_per_class lists a number twice: {points!r}")
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     title: str = setting("Flowers-102: scratch vs frozen extractor vs fine-tuning", "Report title.")
     confused_pairs: int = setting(10, "Most-confused class pairs of the best arm listed by name.", minimum=0)
@@ -243,6 +272,7 @@ class Config:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cnn: CnnConfig = field(default_factory=CnnConfig)
+    curves: CurvesConfig = field(default_factory=CurvesConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     # Explicit weight files per backbone name (checked before any cache or download).
     weights: dict = field(default_factory=dict)

@@ -31,6 +31,7 @@ STAGE_MODULES = [
     "pipeline.stages.heads",
     "pipeline.stages.finetune",
     "pipeline.stages.cnn",
+    "pipeline.stages.curves",
     "pipeline.stages.report",
 ]
 

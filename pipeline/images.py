@@ -196,6 +196,12 @@ class ImageSet:
         squares = None if self.squares is None else self.squares.to(device)
         return ImageSet(self.rows.to(device), self.labels.to(device), self.preprocessing, squares)
 
+    def subset(self, choose: Callable) -> ImageSet:
+        """The images `choose` (labels as numpy -> row indices) keeps, in that order, read into memory."""
+        positions = torch.as_tensor(choose(self.labels.cpu().numpy()), dtype=torch.int64)
+        squares = None if self.squares is None else self.squares[positions]
+        return ImageSet(self.rows[positions], self.labels[positions], self.preprocessing, squares)
+
     def _normalise(self, rows: torch.Tensor) -> torch.Tensor:
         return pixels.normalise(rows, self.preprocessing.mean, self.preprocessing.std)
 

@@ -8,6 +8,8 @@ import numpy
 
 from .results import END_TO_END, METHODS, summarize
 
+_STYLES = {method.name: method.style for method in METHODS}  # method -> (colour, marker)
+
 
 def _figure(width: float, height: float, rows: int = 1, columns: int = 1):
     from matplotlib.figure import Figure
@@ -21,6 +23,16 @@ def _png(figure, dpi: int) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def _finish(figure, axis, x_label: str, title: str, dpi: int, legend_title: str | None = "arm", font: int = 8) -> bytes:
+    """Labels, grid and a legend beside the axes (long arm names never cover the data), as PNG bytes."""
+    axis.set_xlabel(x_label)
+    axis.set_ylabel("test top-1 %")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(title=legend_title, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=font, borderaxespad=0)
+    return _png(figure, dpi)
 
 
 def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
@@ -65,12 +77,7 @@ def accuracy_against_time(records: list[dict], dpi: int = 100) -> bytes | None:
         if value is not None
     ]
     axis.set_ylim(max(0.0, min(reach) - 5), min(100.0, max(reach) + 5))
-    axis.set_xlabel("total seconds")
-    axis.set_ylabel("test top-1 %")
-    axis.set_title("Accuracy against time (colour and marker: method)")
-    axis.grid(alpha=0.3)
-    axis.legend(title="arm", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
-    return _png(figure, dpi)
+    return _finish(figure, axis, "total seconds", "Accuracy against time (colour and marker: method)", dpi)
 
 
 def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes | None:
@@ -165,6 +172,76 @@ def confusion_matrix(arm: str, matrix: list, class_names: list, dpi: int = 100) 
     return _png(figure, dpi)
 
 
+def label_efficiency(rows: list[dict], dpi: int = 100) -> bytes | None:
+    """Test top-1 against labelled images per class (log x), one line per arm, a band of mean ± sd over seeds."""
+    arms: dict = {}
+    for row in rows:
+        if row["test_top1_mean"] is not None:
+            arms.setdefault(row["arm"], []).append(row)
+    if not arms:
+        return None
+    figure, axes = _figure(11, 5)
+    axis = axes[0, 0]
+    for arm, points in arms.items():
+        points = sorted(points, key=lambda row: row["labels_per_class"])
+        x = [row["labels_per_class"] for row in points]
+        y = numpy.array([100 * row["test_top1_mean"] for row in points])
+        sd = numpy.array([100 * (row["test_top1_sd"] or 0.0) for row in points])
+        (line,) = axis.plot(x, y, marker=_STYLES[points[0]["method"]][1], label=arm)
+        axis.fill_between(x, y - sd, y + sd, color=line.get_color(), alpha=0.2)
+    ticks = sorted({row["labels_per_class"] for row in rows})
+    axis.set_xscale("log")
+    axis.set_xticks(ticks, [str(tick) for tick in ticks])
+    axis.minorticks_off()
+    return _finish(
+        figure, axis, "labelled training images per class", "Label efficiency (band: mean ± sd over seeds)", dpi
+    )
+
+
+def pareto_front(records: list[dict], rows: list[dict], dpi: int = 100) -> bytes | None:
+    """Test top-1 against total seconds of every arm and curve point (log x when times differ widely), the
+    non-dominated ones ringed and joined; numbers key the labels listed beside the plot."""
+    from .report_curves import pareto_front as front_of
+    from .report_curves import study_points
+
+    points = study_points(records, rows)
+    if not points:
+        return None
+    front = front_of(points)
+    figure, axes = _figure(11, 5)
+    axis = axes[0, 0]
+    for number, point in enumerate(points, 1):
+        colour, marker = _STYLES[point["method"]]
+        x, y = point["seconds"], 100 * point["top1"]
+        # Curve points smaller and paler than the arms they come from, so the arms stand out.
+        size, alpha = (25, 0.55) if point["curve_point"] else (60, 1.0)
+        axis.scatter(
+            x, y, color=colour, marker=marker, s=size, alpha=alpha, zorder=3, label=f"{number}  {point['label']}"
+        )
+        axis.annotate(str(number), (x, y), textcoords="offset points", xytext=(6, 2), fontsize=8)
+    axis.plot(
+        [point["seconds"] for point in front],
+        [100 * point["top1"] for point in front],
+        color="black",
+        linewidth=1,
+        drawstyle="steps-post",
+        zorder=2,
+    )
+    axis.scatter(
+        [point["seconds"] for point in front],
+        [100 * point["top1"] for point in front],
+        s=160,
+        facecolors="none",
+        edgecolors="black",
+        zorder=4,
+    )
+    times = [point["seconds"] for point in points]
+    if max(times) / min(times) > 5:  # curve points crowd the fast end on a linear axis
+        axis.set_xscale("log")
+    title = "Accuracy against time: ringed points form the Pareto front"
+    return _finish(figure, axis, "total seconds", title, dpi, legend_title=None, font=7)
+
+
 def draw_all(study) -> dict[str, bytes]:
     """Every figure the study has data for, by file name (the samples stage's PNGs are copied as they are)."""
     dpi = study.options.dpi
@@ -177,6 +254,8 @@ def draw_all(study) -> dict[str, bytes]:
     drawn = {
         "accuracy_vs_time.png": accuracy_against_time(study.records, dpi),
         "learning_curves.png": learning_curves(study.records, study.results, dpi),
+        "label_efficiency.png": label_efficiency(study.curve_rows, dpi),
+        "pareto_front.png": pareto_front(study.records, study.curve_rows, dpi) if study.curve_rows else None,
     }
     if study.best is not None:
         run = study.best.get("run") or study.best["arm"]

@@ -25,6 +25,10 @@ class Study:
     samples_missing: str | None
     options: ReportConfig | None = None
     unpaired: dict = field(default_factory=dict)  # run -> why it has no per-image predictions
+    # Label-efficiency curves (pipeline/report_curves): a row per (arm, labels per class), and why they
+    # are absent or incomplete (None when every planned point is built).
+    curve_rows: list = field(default_factory=list)
+    curves_note: str | None = None
 
 
 def percent(value) -> str:

@@ -16,6 +16,8 @@ import textwrap
 from . import cache
 from .graph import read_json
 from .report_answer import answer, comparison_blocks
+from .report_curves import CURVES_IMAGE, PARETO_IMAGE
+from .report_curves import section as curves_section
 from .report_format import (
     COMPARISON_HEADERS,
     SCORES_HEADERS,
@@ -44,6 +46,15 @@ CAPTIONS = {
     "accuracy_vs_time.png": (
         "Test top-1 against each arm's total seconds (mean over its runs; log scale when times differ widely), "
         "with its 95% bootstrap interval; numbers key the arms listed beside the plot."
+    ),
+    CURVES_IMAGE: (
+        "Test top-1 against labelled training images per class (log scale), one line per arm: the mean over "
+        "seeds, the band spanning mean ± sd."
+    ),
+    PARETO_IMAGE: (
+        "Test top-1 against total seconds of every arm (large markers) and every curve point below the full "
+        "train split (small, pale; log scale when times differ widely); ringed points joined by the line are "
+        "the non-dominated ones (the Pareto front)."
     ),
     "grid.png": "Random training images with their class names (from the samples stage).",
     "class_distribution.png": "Images per class in each split, one panel per split (from the samples stage).",
@@ -114,6 +125,7 @@ def content(study: Study, images: dict) -> list:
         ("h2", "Accuracy against time"),
     ]
     blocks += [("img", "accuracy_vs_time.png")] if "accuracy_vs_time.png" in images else [("p", "No arm present.")]
+    blocks += curves_section(study, images)
     blocks += reference_section(study)
     blocks += [("h2", "Data")]
     if study.samples_missing is not None:

@@ -255,7 +255,7 @@ def make_record(state: dict, result: dict | None, cache_root: Path) -> dict:
     return record
 
 
-def _mean_and_sd(values: list) -> tuple:
+def mean_and_sd(values: list) -> tuple:
     """(mean, sample standard deviation with n - 1, or None for a single value) of the values present."""
     present = [value for value in values if value is not None]
     if not present:
@@ -284,7 +284,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "seeds": [run["seed"] for run in present],
         }
         for name in SUMMARY_METRICS:
-            row[f"{name}_mean"], row[f"{name}_sd"] = _mean_and_sd([run[name] for run in present])
+            row[f"{name}_mean"], row[f"{name}_sd"] = mean_and_sd([run[name] for run in present])
         row.update({name: present[0].get(name) if present else None for name in INTERVAL_FIELDS})
         rows.append(row)
     return rows

@@ -16,13 +16,26 @@ from ..features_h5 import AUGMENTED_GROUP
 from . import HeadError, HeadKind, Problem, saved_kind
 
 
-def load_splits(path, use_augmented_views: bool) -> tuple[dict, dict]:
-    """(attributes, {fit, val, test} -> (features, labels)); fit = train plus its augmented views when used."""
+def _rows(group: dict, rows) -> dict:
+    return {name: values[rows] for name, values in group.items()}
+
+
+def load_splits(path, use_augmented_views: bool, choose_train: Callable | None = None) -> tuple[dict, dict]:
+    """(attributes, {train, fit, val, test} -> (features, labels)); fit = train plus its augmented views when used.
+
+    `choose_train` (train labels -> sorted row indices) keeps only those training images, and of the
+    augmented views only those of the kept images (matched by image id), as the label-efficiency curves ask.
+    """
     attributes = features_h5.read_attributes(path)
     groups = {split: features_h5.read_group(path, split) for split in ("train", "val", "test")}
+    if choose_train is not None:
+        groups["train"] = _rows(groups["train"], choose_train(groups["train"]["labels"]))
     fit = [groups["train"]]
     if use_augmented_views and AUGMENTED_GROUP in attributes["groups"]:
-        fit.append(features_h5.read_group(path, AUGMENTED_GROUP))
+        augmented = features_h5.read_group(path, AUGMENTED_GROUP)
+        if choose_train is not None:
+            augmented = _rows(augmented, numpy.isin(augmented["image_ids"], groups["train"]["image_ids"]))
+        fit.append(augmented)
     splits = {name: (group["features"], group["labels"]) for name, group in groups.items()}
     splits["fit"] = (
         numpy.concatenate([group["features"] for group in fit]),

@@ -7,6 +7,8 @@ The architectures live in pipeline/models.py; the loop is pipeline/train.py, sha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .. import checkpoints, cpu_rewrites, data, distributed, images, results, train
 from ..config import Config
 from ..evaluate import finish_arm
@@ -41,7 +43,9 @@ def plan(config: Config, graph) -> list[Unit]:
     ]
 
 
-def build(context: BuildContext) -> BuildResult:
+def build(context: BuildContext, choose_train: Callable | None = None, extra: dict | None = None) -> BuildResult:
+    """Train the scratch CNN; the curves stage passes `choose_train` (its subset of the training images)
+    and the `extra` fields its result.json adds."""
     config = context.config
     settings = config.cnn
     architecture = config.cnn.architecture
@@ -54,6 +58,8 @@ def build(context: BuildContext) -> BuildResult:
         index = data.load_index(context.input_directory("download"))
         folder = images.store_folder(context.cache_root, context.unit.input("download").key)
         sets = images.load_image_sets(index, folder, stored_size, SCRATCH_PREPROCESSING, input_size, context.log)
+        if choose_train is not None:
+            sets["train"] = sets["train"].subset(choose_train)
     model = build_scratch_model(settings, config.data.num_classes, input_size)
     cpu_rewrites.for_training(model, runtime, settings, architecture)
     parameters = sum(parameter.numel() for parameter in model.parameters())
@@ -74,6 +80,7 @@ def build(context: BuildContext) -> BuildResult:
         "class_names": index.class_names,
         "selected": {"best_epoch": result.best_epoch},
         "parameters": parameters,
+        **(extra or {}),
     }
     phases = {"data_seconds": timings.seconds.get("data", 0.0)}
     return finish_arm(

@@ -11,6 +11,7 @@ Test is touched once, by the best-on-val weights.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -110,7 +111,9 @@ def linear_probe(model: nn.Module, spec, sets: dict, settings, runtime, log) -> 
     return {**chosen, "seconds": time.perf_counter() - started}
 
 
-def build(context: BuildContext) -> BuildResult:
+def build(context: BuildContext, choose_train: Callable | None = None, extra: dict | None = None) -> BuildResult:
+    """Fine-tune one backbone; the curves stage passes `choose_train` (its subset of the training images)
+    and the `extra` fields its result.json adds."""
     config = context.config
     settings = config.finetune
     name = context.unit.settings["backbone"]
@@ -127,7 +130,8 @@ def build(context: BuildContext) -> BuildResult:
     key = cache.compute_key(
         unit.stage,
         unit.code_version,
-        _settings(config, name, weights_sha256, runtime),
+        # The unit's own settings first: a curves unit's (its labels per class) stay in the checkpoint's key.
+        {**unit.settings, **_settings(config, name, weights_sha256, runtime)},
         {label: upstream.key for label, upstream in unit.inputs},
     )
     input_size = settings.input_size or spec.preprocessing.input_size
@@ -136,6 +140,8 @@ def build(context: BuildContext) -> BuildResult:
         index = data.load_index(context.input_directory("download"))
         folder = images.store_folder(context.cache_root, unit.input("download").key)
         sets = images.load_image_sets(index, folder, stored_size, spec.preprocessing, input_size, context.log)
+        if choose_train is not None:
+            sets["train"] = sets["train"].subset(choose_train)
     checkpoint = context.directory / checkpoints.CHECKPOINT
     resume = checkpoints.read_checkpoint(checkpoint, key, context.log)
     probe = {}
@@ -168,6 +174,7 @@ def build(context: BuildContext) -> BuildResult:
         "selected": selected,
         "weights_sha256": weights_sha256,
         "weights_verified": weights_verified(spec, weights_path) if weights_path else "unknown",
+        **(extra or {}),
     }
     phases = {
         "weights_seconds": timings.seconds.get("weights", 0.0),

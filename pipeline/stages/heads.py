@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Callable
 
 import numpy
 
@@ -108,14 +109,18 @@ def _with_val(splits: dict) -> tuple:
     )
 
 
-def build(context: BuildContext) -> BuildResult:
+def build(context: BuildContext, choose_train: Callable | None = None, extra: dict | None = None) -> BuildResult:
+    """Select on val, fit, test once and write one frozen arm's unit; the curves stage passes `choose_train`
+    (its subset of the training images, see fitting.load_splits) and the `extra` fields its result.json adds."""
     config, unit = context.config, context.unit
     kind = get_head_kind(unit.settings["kind"])
     backbone = unit.input("features").name
     seed = config.runtime.seed
     seed_everything(seed)
     settings, fit_on = config.heads, config.heads.fit_on
-    attributes, splits = load_splits(features_file(context.input_directory("features")), settings.use_augmented_views)
+    attributes, splits = load_splits(
+        features_file(context.input_directory("features")), settings.use_augmented_views, choose_train
+    )
     class_names = attributes["class_names"]
     timings = Timings()
     chosen, candidates, payload, reused = cached_selection(context, kind, splits, len(class_names), timings)
@@ -179,13 +184,15 @@ def build(context: BuildContext) -> BuildResult:
             "weights_sha256": attributes["weights_sha256"],
         },
         "weights_verified": attributes.get("weights_verified", "unknown"),
+        **(extra or {}),
     }
     test = features_h5.read_group(features_file(context.input_directory("features")), "test", ("image_ids",))
     evaluate.write_result(
         context.directory, record, labels=splits["test"][1], predictions=predicted, image_ids=test["image_ids"]
     )
+    label = record["arm"] if unit.stage == "heads" else unit.name
     context.log(
-        f"[heads] {record['arm']}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
+        f"[{unit.stage}] {label}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
         f"mean per-class {metrics['mean_per_class']:.3f} (fit on {fit_on}; selection "
         f"{timings.seconds['selection']:.1f} s{' (reused)' if reused else ''}, "
         f"fit {timings.seconds['fit']:.1f} s)"

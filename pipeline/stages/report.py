@@ -14,14 +14,24 @@ import io
 import json
 from pathlib import Path
 
-from .. import atomic, cache, errors, evaluate, plots, report_format, report_render, statistics
+from .. import (
+    atomic,
+    cache,
+    errors,
+    evaluate,
+    plots,
+    report_curves,
+    report_format,
+    report_render,
+    statistics,
+)
 from ..arms import arm_states, planned_units, unit_state
 from ..config import Config
 from ..graph import BuildContext, BuildResult, Stage, Unit, read_json, register_stage
 from ..report_render import HTML, MARKDOWN, RESULTS_CSV, RESULTS_JSON, SUMMARY_JSON, UNIT
 from ..results import RECORD_FIELDS, RESULT, best_arm, make_record, summarize
 
-CODE_VERSION = "4"  # 4: intervals, paired comparisons and the generated answer
+CODE_VERSION = "5"  # 4: intervals, paired comparisons and the generated answer; 5: label-efficiency curves
 
 
 def _samples_state(graph) -> dict:
@@ -35,7 +45,12 @@ def _samples_state(graph) -> dict:
 
 
 def plan(config: Config, graph) -> list[Unit]:
-    settings = {"report": config.section("report"), "arms": arm_states(config, graph), "samples": _samples_state(graph)}
+    settings = {
+        "report": config.section("report"),
+        "arms": arm_states(config, graph),
+        "samples": _samples_state(graph),
+        "curves": report_curves.curve_states(graph),
+    }
     return [Unit(stage="report", name=UNIT, code_version=CODE_VERSION, settings=settings)]
 
 
@@ -95,6 +110,7 @@ def collect(context: BuildContext) -> report_format.Study:
             results[record["run"]], manifests[record["run"]] = result, manifest
     runs_by_arm, unpaired = _load_predictions(context.cache_root, records)
     statistics.annotate(records, statistics.study_statistics(runs_by_arm))
+    points, curves_note = report_curves.collect_points(context.cache_root, settings["curves"])
     samples = settings["samples"]
     samples_directory = None
     if samples["missing"] is None:
@@ -109,6 +125,8 @@ def collect(context: BuildContext) -> report_format.Study:
         samples_missing=samples["missing"],
         options=context.config.report,
         unpaired=unpaired,
+        curve_rows=report_curves.curve_rows(points),
+        curves_note=curves_note,
     )
 
 

@@ -1,0 +1,134 @@
+"""The curves stage: label-efficiency curves, every trained arm again on n labelled training images per class.
+
+One unit per frozen (backbone, head kind, n, seed), named "<backbone>-<kind>-n<N>-seed<S>", reading that
+backbone's features unit, and with [curves] end_to_end one per end-to-end (arm, n, seed), named
+"<method>-<arm unit>-n<N>-seed<S>", reading what that arm's own unit reads. One unit per point keeps
+each point cached and resumable on its own, so an interrupted run rebuilds only the points it had not
+finished and a new n adds only its own points.
+Each seed draws its own nested, class-stratified subsets of the official train split (train only;
+selection stays on the official val, test is touched once per point) and seeds the head as well.
+The fit always uses the subset alone ([heads] fit_on is ignored: train+val would add val's labels).
+Each point holds its arm's own unit settings plus the stage that builds the arm ("arm_stage"), and
+is built by that stage's own build (heads, finetune or cnn) with the subset of the training images:
+the recipe lives in one place. End-to-end points run in one process (the stage does not split work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy
+
+from .. import distributed, results
+from ..config import Config, ConfigError
+from ..graph import BuildContext, BuildResult, Stage, Unit, get_stage, register_stage
+from . import heads
+
+CODE_VERSION = "1"
+# Names the subset-drawing rule in every key, so a change to it can never reuse old points.
+SUBSET_RULE = "nested-stratified-v1"
+# Mixed into each seed so the subsets do not share a random stream with anything else seeded by it.
+SUBSET_STREAM = 0x5EED_C0DE
+
+
+def curve_seeds(config: Config) -> list[int]:
+    """The seeds of each curve point: runtime.seed, runtime.seed + 1, ... ([curves] seeds of them)."""
+    return [config.runtime.seed + index for index in range(config.curves.seeds)]
+
+
+def curve_unit(backbone: str, kind: str, per_class: int, seed: int) -> str:
+    return f"{results.frozen_unit(backbone, kind)}-n{per_class}-seed{seed}"
+
+
+def subset_rows(labels, per_class: int, seed: int) -> numpy.ndarray:
+    """Sorted row indices of `per_class` training images of every class (all of a class that has fewer).
+
+    Each class's rows are shuffled once per seed and the first `per_class` kept, so for one seed the
+    subset at n is inside the subset at every larger n (nested), and every class counts equally.
+    Sorted, so at n >= every class's count the rows are the whole split in its own order.
+    """
+    labels = numpy.asarray(labels)
+    if per_class < 1:
+        raise ValueError(f"labels per class must be at least 1, got {per_class}")
+    generator = numpy.random.default_rng([seed, SUBSET_STREAM])
+    chosen = []
+    for label in numpy.unique(labels):
+        rows = numpy.flatnonzero(labels == label)
+        chosen.append(generator.permutation(rows)[:per_class])
+    return numpy.sort(numpy.concatenate(chosen)) if chosen else numpy.zeros(0, dtype=numpy.int64)
+
+
+def _subset_config(config: Config) -> Config:
+    """The config a curve point is built with: the final fit on the subset of train alone."""
+    return dataclasses.replace(config, heads=dataclasses.replace(config.heads, fit_on="train"))
+
+
+def _point(stage_unit: Unit, name: str, per_class: int) -> Unit:
+    """A curve point of an arm's own unit: its settings and inputs, plus the labels per class and the rule."""
+    return Unit(
+        stage="curves",
+        name=name,
+        code_version=CODE_VERSION,
+        settings={
+            **stage_unit.settings,
+            "arm_stage": stage_unit.stage,
+            "labels_per_class": per_class,
+            "subset": SUBSET_RULE,
+        },
+        inputs=stage_unit.inputs,
+        seed=stage_unit.seed,
+    )
+
+
+def _end_to_end_points(config: Config, graph) -> list[Unit]:
+    """Every end-to-end arm (results.METHODS) at each n and seed: the arm's own stage plans its units, with
+    [curves] seeds repeats, and each becomes one point per n."""
+    if distributed.active():
+        raise ConfigError("[curves] end_to_end = true runs in one process; run make curves without NPROC")
+    seeded = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, seeds=config.curves.seeds))
+    units = []
+    for method in results.METHODS:
+        if not method.end_to_end:
+            continue
+        planned = {unit.name: unit for unit in get_stage(method.stage).plan(seeded, graph)}
+        for arm in method.arms(config):
+            for per_class in config.curves.labels_per_class:
+                for seed in curve_seeds(config):
+                    name = f"{method.name}-{arm.unit}-n{per_class}-seed{seed}"
+                    units.append(_point(planned[seeded.seeded_name(arm.unit, seed)], name, per_class))
+    return units
+
+
+def plan(config: Config, graph) -> list[Unit]:
+    units = []
+    for backbone in config.features.backbones:
+        features_unit = graph.unit("features", backbone)
+        for kind in config.heads.kinds:
+            for per_class in config.curves.labels_per_class:
+                for seed in curve_seeds(config):
+                    settings = heads.head_settings(_subset_config(config).with_seed(seed), kind)
+                    frozen = Unit("heads", "", heads.CODE_VERSION, settings, (("features", features_unit),), seed)
+                    units.append(_point(frozen, curve_unit(backbone, kind, per_class, seed), per_class))
+    return units + (_end_to_end_points(config, graph) if config.curves.end_to_end else [])
+
+
+def build(context: BuildContext) -> BuildResult:
+    """Build the point with its arm's own stage build, on the subset of the training images."""
+    settings, seed = context.unit.settings, context.config.runtime.seed
+    per_class = settings["labels_per_class"]
+    return get_stage(settings["arm_stage"]).build(
+        dataclasses.replace(context, config=_subset_config(context.config)),
+        choose_train=lambda labels: subset_rows(labels, per_class, seed),
+        extra={"labels_per_class": per_class, "subset_seed": seed, "subset": SUBSET_RULE},
+    )
+
+
+STAGE = register_stage(
+    Stage(
+        name="curves",
+        description="Label-efficiency curves: every trained arm at n labelled training images per class.",
+        code_version=CODE_VERSION,
+        plan=plan,
+        build=build,
+    )
+)

@@ -1,0 +1,176 @@
+"""The curves stage: nested class-stratified subsets of train, one cached unit per point, the full-train
+point equal to the main arm, the end-to-end switch, and the report with and without curves."""
+
+from __future__ import annotations
+
+import json
+
+import numpy
+import pytest
+from helpers import make_tiny_config
+
+from pipeline import cache, evaluate, features_h5
+from pipeline.config import ConfigError
+from pipeline.features_h5 import features_file
+from pipeline.graph import Graph
+from pipeline.head_kinds import fitting
+from pipeline.stages import curves
+
+LOGISTIC_ONLY = ('features.backbones=["tiny-resnet"]', 'heads.kinds=["logistic"]')
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def uneven_labels() -> numpy.ndarray:
+    """Five classes, one with only three images, in a shuffled order."""
+    labels = numpy.concatenate([numpy.repeat(numpy.arange(4), 10), numpy.full(3, 4)])
+    return numpy.random.default_rng(7).permutation(labels)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_subsets_are_nested_and_stratified(seed):
+    labels = uneven_labels()
+    previous = set()
+    for per_class in (1, 2, 5, 10):
+        rows = curves.subset_rows(labels, per_class, seed)
+        assert list(rows) == sorted(set(rows.tolist()))
+        counts = numpy.bincount(labels[rows], minlength=5)
+        assert counts.tolist() == [min(per_class, 10)] * 4 + [min(per_class, 3)]
+        assert previous <= set(rows.tolist())
+        previous = set(rows.tolist())
+    # At or above every class's count the subset is the whole split, in its own order.
+    assert numpy.array_equal(curves.subset_rows(labels, 10, seed), numpy.arange(len(labels)))
+
+
+def test_subsets_are_deterministic_per_seed_and_differ_across_seeds():
+    labels = uneven_labels()
+    assert numpy.array_equal(curves.subset_rows(labels, 2, 3), curves.subset_rows(labels, 2, 3))
+    draws = {tuple(curves.subset_rows(labels, 2, seed)) for seed in range(5)}
+    assert len(draws) == 5
+    with pytest.raises(ValueError, match="at least 1"):
+        curves.subset_rows(labels, 0, 0)
+
+
+def test_bad_labels_per_class_is_a_one_line_config_error(tmp_path, fake_flowers_session):
+    for value in ("[0, 2]", "[2, 2]", "[]"):
+        with pytest.raises(ConfigError, match=r"\[curves\] labels_per_class"):
+            make_tiny_config(fake_flowers_session, tmp_path, (f"curves.labels_per_class={value}",))
+
+
+def test_subset_fit_rows_come_from_train_only_with_their_own_augmented_views(tmp_path, fake_flowers_session):
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", (*LOGISTIC_ONLY, "features.augmented_views=2"))
+    graph = Graph(config, log=lambda line: None)
+    graph.run("features")
+    path = features_file(graph.directory(graph.unit("features", "tiny-resnet")))
+    ids = {
+        split: set(features_h5.read_group(path, split, ("image_ids",))["image_ids"].tolist())
+        for split in ("train", "val", "test")
+    }
+    kept = []
+    _, splits = fitting.load_splits(path, True, lambda labels: kept.append(curves.subset_rows(labels, 2, 0)) or kept[0])
+    train = features_h5.read_group(path, "train")
+    chosen_ids = set(train["image_ids"][kept[0]].tolist())
+    assert chosen_ids <= ids["train"] and not chosen_ids & (ids["val"] | ids["test"])
+    assert numpy.bincount(splits["train"][1]).tolist() == [2] * 6
+    # The fit rows: the 12 chosen images, then their 2 augmented views each (and no other image's views).
+    assert len(splits["fit"][1]) == 12 * 3
+    augmented = features_h5.read_group(path, "train_augmented")
+    views = numpy.isin(augmented["image_ids"], list(chosen_ids))
+    assert numpy.array_equal(splits["fit"][0][12:], augmented["features"][views])
+
+
+def run(config, stage="curves"):
+    lines = []
+    graph = Graph(config, log=lines.append)
+    return graph, graph.run(stage), lines
+
+
+def test_full_train_point_is_the_main_arm_and_the_stage_caches_and_resumes(tmp_path, fake_flowers_session):
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", LOGISTIC_ONLY)
+    graph, manifests, _ = run(config, "heads")
+    graph, manifests, lines = run(config)
+    names = [manifest["unit"] for manifest in manifests]
+    assert names == [f"tiny-resnet-logistic-n{n}-seed{seed}" for n in (1, 4) for seed in (0, 1)]
+    main = graph.directory(graph.unit("heads", "tiny-resnet-logistic"))
+    full = graph.directory(graph.unit("curves", "tiny-resnet-logistic-n4-seed0"))
+    main_result, full_result = (json.loads((folder / evaluate.RESULT).read_text()) for folder in (main, full))
+    assert full_result["arm"] == main_result["arm"] == "frozen-tiny-resnet-logistic"
+    assert full_result["test_top1"] == main_result["test_top1"] and full_result["selected"] == main_result["selected"]
+    assert numpy.array_equal(evaluate.read_predictions(full).predicted, evaluate.read_predictions(main).predicted)
+    for manifest in manifests:
+        result = json.loads((graph.directory(graph.unit("curves", manifest["unit"])) / evaluate.RESULT).read_text())
+        per_class = manifest["settings"]["labels_per_class"]
+        assert result["labels_per_class"] == per_class and result["train_images"] == 6 * per_class
+        assert result["fit_on"] == "train" and result["subset_seed"] == manifest["settings"]["seed"]
+    # Second run: every point cached. Then one point lost: only it is rebuilt.
+    _, _, lines = run(config)
+    assert sum(line.startswith("[curves]") and "cached" in line for line in lines) == 4
+    assert not any("building" in line for line in lines)
+    cache.invalidate(graph.directory(graph.unit("curves", "tiny-resnet-logistic-n1-seed1")))
+    _, _, lines = run(config)
+    assert [line for line in lines if "building" in line] == [
+        line for line in lines if line.startswith("[curves] tiny-resnet-logistic-n1-seed1: building")
+    ]
+    assert sum("building" in line for line in lines) == 1
+
+
+def test_fit_on_train_and_val_does_not_reach_the_curves(tmp_path, fake_flowers_session):
+    base = make_tiny_config(fake_flowers_session, tmp_path / "cache", LOGISTIC_ONLY)
+    other = make_tiny_config(fake_flowers_session, tmp_path / "cache", (*LOGISTIC_ONLY, 'heads.fit_on="train+val"'))
+    assert [unit.key for unit in Graph(base).units("curves")] == [unit.key for unit in Graph(other).units("curves")]
+
+
+def test_end_to_end_switch(tmp_path, fake_flowers_session):
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache")
+    units = Graph(config).units("curves")
+    assert len(units) == 2 * 2 * 2 * 2  # backbones x kinds x labels per class x seeds, all frozen
+    assert {unit.settings["arm_stage"] for unit in units} == {"heads"}
+    assert {unit.input("features").stage for unit in units} == {"features"} and all(len(u.inputs) == 1 for u in units)
+    switched = make_tiny_config(fake_flowers_session, tmp_path / "cache", ("curves.end_to_end=true",))
+    names = [unit.name for unit in Graph(switched).units("curves")]
+    assert names[16:] == [
+        f"{method}-{unit}-n{n}-seed{seed}"
+        for method, unit in (("scratch", "bn-cnn"), ("finetune", "tiny-resnet"))
+        for n in (1, 4)
+        for seed in (0, 1)
+    ]
+
+
+def test_an_end_to_end_point_runs_its_arms_recipe_on_the_subset(tmp_path, fake_flowers_session):
+    config = make_tiny_config(
+        fake_flowers_session,
+        tmp_path / "cache",
+        ("curves.end_to_end=true", "curves.labels_per_class=[1]", "curves.seeds=1", "cnn.epochs=1"),
+    )
+    graph = Graph(config, log=lambda line: None)
+    unit = graph.unit("curves", "scratch-bn-cnn-n1-seed0")
+    assert unit.settings["arm_stage"] == "cnn" and unit.input("download").stage == "download"
+    assert {name: value for name, value in unit.settings.items() if name in graph.units("cnn")[0].settings} == (
+        graph.units("cnn")[0].settings
+    )
+    graph.ensure(unit)
+    result = json.loads((graph.directory(unit) / evaluate.RESULT).read_text())
+    assert result["arm"] == "scratch-bn-cnn" and result["method"] == "scratch"
+    assert result["train_images"] == 6 and result["labels_per_class"] == 1 and result["subset_seed"] == 0
+    assert len(evaluate.read_predictions(graph.directory(unit)).predicted) == 36  # the whole test split, once
+
+
+def test_report_shows_the_curves_or_says_they_were_not_run(tmp_path, fake_flowers_session):
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", LOGISTIC_ONLY)
+    graph, _, _ = run(config, "heads")
+    report = graph.directory(graph.unit("report", "study"))
+    run(config, "report")
+    html = (report / "report.html").read_text()
+    assert "Label-efficiency curves: not run (run make curves)." in html and "pareto_front" not in html
+    run(config)
+    _, manifests, lines = run(config, "report")
+    assert any(line.startswith("[report] study: building") for line in lines)  # the curves changed its key
+    markdown = (report / "report.md").read_text()
+    assert "label_efficiency.png" in markdown and "pareto_front.png" in markdown
+    assert (report / "label_efficiency.png").is_file() and (report / "pareto_front.png").is_file()
+    lines = markdown.splitlines()
+    table = lines.index("| Arm | Labels per class | Train images | Runs | Test top-1 % | Total s |")
+    assert [row.split(" | ")[:4] for row in lines[table + 2 : table + 4]] == [
+        ["| frozen-tiny-resnet-logistic", "1", "6", "2"],
+        ["| frozen-tiny-resnet-logistic", "4", "24", "2"],
+    ]
+    assert "Non-dominated" in markdown

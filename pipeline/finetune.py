@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from . import cache, distributed, images, results, train
-from .backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint, weights_verified
+from .backbones import (
+    WeightsUnavailableError,
+    get_backbone,
+    get_head,
+    resolve_weights,
+    set_head,
+    weights_fingerprint,
+    weights_verified,
+)
 from .config import Config, ConfigError
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -83,14 +91,14 @@ def plan(config: Config, graph) -> list[Unit]:
 def linear_probe(model: nn.Module, spec, sets: dict, settings, runtime, log) -> dict:
     """Fit the new head on frozen features (eval mode, no augmentation), choosing its L2 strength on val."""
     started = time.perf_counter()
-    head = getattr(model, spec.head_attribute)
-    setattr(model, spec.head_attribute, nn.Identity())
+    head = get_head(model, spec)
+    set_head(model, spec, nn.Identity())
     runtime.place(model)
     features = {
         split: train.predict(model, sets[split].to(runtime.device), runtime, 2 * settings.batch_size).cpu()
         for split in ("train", "val")
     }
-    setattr(model, spec.head_attribute, head)
+    set_head(model, spec, head)
 
     def report(weight_decay: float, val_top1: float) -> None:
         log(f"[finetune] {spec.name}: linear probe weight decay {weight_decay:g}: val top-1 {val_top1:.4f}")

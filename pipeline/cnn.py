@@ -53,7 +53,8 @@ def build(context: BuildContext) -> BuildResult:
         index = load_index(context.input_directory("download"))
         folder = images.store_folder(context.cache_root, context.unit.input("download").key, stored_size)
         sets = images.load_image_sets(index, folder, stored_size, SCRATCH_PREPROCESSING, input_size, context.log)
-    model = build_scratch_model(settings, config.data.num_classes, input_size)
+    # The data's class count: [data] num_classes may be 0 ("from the data") for other dataset kinds.
+    model = build_scratch_model(settings, len(index.class_names), input_size)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     context.log(f"[cnn] {architecture}: {parameters / 1e6:.2f} M parameters at {input_size} px")
     resume = train.read_checkpoint(context.directory / train.CHECKPOINT, context.unit.key, context.log)

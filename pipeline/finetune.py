@@ -127,7 +127,9 @@ def build(context: BuildContext) -> BuildResult:
     spec = get_backbone(name)
     with timings.phase("weights"):
         weights_path, weights_sha256 = _weights_identity(config, name, allow_download=True)
-        model, spec = build_finetune_model(name, config.data.num_classes, weights_path=weights_path)
+        # The data's class count: [data] num_classes may be 0 ("from the data") for other dataset kinds.
+        num_classes = len(load_index(context.input_directory("download")).class_names)
+        model, spec = build_finetune_model(name, num_classes, weights_path=weights_path)
         rewrite_for_finetuning(model, name, settings)
     # The key this build's checkpoint answers to, with the real weights hash even right after a download.
     unit = context.unit

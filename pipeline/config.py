@@ -79,7 +79,7 @@ class CacheConfig:
 class DataConfig:
     dataset: str = setting(
         "flowers102",
-        "Which data: flowers102, folder (root/train|val|test/<class>/*; val optional) or a torchvision "
+        "Which data: flowers102, folder (root/{train,val,test}/<class>/*; val optional) or a torchvision "
         "dataset with official splits: oxford_iiit_pet, dtd, fgvc_aircraft.",
         choices=DATASET_KINDS,
     )
@@ -352,6 +352,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. finetune.epochs=5")
     dotted, raw = text.split("=", 1)
     section, key = dotted.strip().split(".", 1)
+    key = key.strip('"')  # weights."torchvision:resnet50"=... quotes the key as a TOML file must
     try:
         value = tomllib.loads(f"value = {raw.strip()}")["value"]
     except tomllib.TOMLDecodeError:

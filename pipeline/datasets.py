@@ -176,3 +176,14 @@ def index_of(listing: Listing, note: str, skipped: list) -> data.DatasetIndex:
         files=files,
         split_note=note,
     )
+
+
+def typical_side(index: data.DatasetIndex, split: str = "train") -> int:
+    """Median shorter side of a split's images, read from the file headers (no decoding)."""
+    from PIL import Image
+
+    sides = []
+    for path in index.paths(split):
+        with Image.open(path) as image:
+            sides.append(min(image.size))
+    return int(numpy.median(sides))

@@ -166,3 +166,15 @@ def test_a_folder_study_with_a_torchvision_backbone_from_a_weights_file(tmp_path
     assert "carved from train" in summary["split_note"]
     report = next(study.directory(study.units("report")[0]).glob("*.html")).read_text()
     assert "val carved from train" in report and name in report
+
+
+def test_scratch_sizes_left_at_zero_follow_the_data(tmp_path, monkeypatch):
+    from pipeline import cnn
+    from pipeline.config import CnnConfig
+
+    index = datasets.read(settings("folder"), write_folder_tree(tmp_path / "tree", {"train": 2, "test": 1}), seed=0)
+    assert datasets.typical_side(index) == 32
+    assert cnn.scratch_sizes(CnnConfig(input_size=0, stored_size=0), index) == (32, 32)  # thumbnails: as they are
+    assert cnn.scratch_sizes(CnnConfig(input_size=48, stored_size=40), index) == (48, 40)  # set: kept
+    monkeypatch.setattr(cnn, "typical_side", lambda index: 500)
+    assert cnn.scratch_sizes(CnnConfig(input_size=0, stored_size=0), index) == (224, 256)  # large: ImageNet sizes

@@ -115,8 +115,11 @@ def read_folder(root: Path) -> Listing:
             raise DataKindError(f"{root / split / empty[0]} holds no images; every class needs images in every split")
     listing = Listing(base=root, class_names=names)
     for split, classes in per_split.items():
-        listing.files[split] = [path for name in names for path in classes[name]]
-        listing.labels[split] = [label for label, name in enumerate(names) for _ in classes[name]]
+        # Listed by file name, then class: a tree whose names carry an order (as a re-laid Flowers-102
+        # does, `make check-real`) keeps it; a tree named per class stays grouped by class.
+        rows = sorted((path.name, label, path) for label, name in enumerate(names) for path in classes[name])
+        listing.files[split] = [path for _, _, path in rows]
+        listing.labels[split] = [label for _, label, _ in rows]
     return listing
 
 

@@ -77,36 +77,17 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = setting(
-        "flowers102",
-        "Which data: flowers102, folder (root/{train,val,test}/<class>/*; val optional) or a torchvision "
-        "dataset with official splits: oxford_iiit_pet, dtd, fgvc_aircraft.",
-        choices=DATASET_KINDS,
-    )
-    root: str = setting(
-        "cache/data",
-        "Folder holding flowers-102/ (torchvision layout), the folder tree itself, or torchvision's root for "
-        "its datasets; DATA_DIR= overrides it.",
-    )
+    dataset: str = setting("flowers102", "Which data (docs/configuration.md#datasets).", choices=DATASET_KINDS)
+    root: str = setting("cache/data", "Folder holding the data (e.g. flowers-102/); DATA_DIR= overrides it.")
     download: bool = setting(True, "Download the dataset into root when it is missing (needs internet; not folder).")
     check_md5: bool = setting(True, "Require the official md5 of imagelabels.mat and setid.mat (flowers102).")
-    num_classes: int = setting(
-        102, "Number of classes; labels must be 0..num_classes-1. 0 takes it from the data (not flowers102).", minimum=0
-    )
-    expected_images: int = setting(
-        8189, "Number of images expected (flowers102: in jpg/); 0 skips the check.", minimum=0
-    )
-    expected_split_sizes: list = setting(
-        [1020, 1020, 6149], "Expected train, val, test sizes (flowers102: setid.mat); a 0 skips that split's check."
-    )
+    num_classes: int = setting(102, "Number of classes; 0 takes it from the data (not flowers102).", minimum=0)
+    expected_images: int = setting(8189, "Images expected (flowers102: in jpg/); 0 skips the check.", minimum=0)
+    expected_split_sizes: list = setting([1020, 1020, 6149], "Expected train, val, test sizes; a 0 is not checked.")
     val_fraction: float = setting(
-        0.1,
-        "When the data has no val split (a folder tree without val/, oxford_iiit_pet): the fraction of each "
-        "train class carved into val by a seeded stratified split.",
-        minimum=0.01,
-        maximum=0.9,
+        0.1, "Data without val: the share of each train class carved into val.", minimum=0.01, maximum=0.9
     )
-    split_seed: int = setting(0, "Seed of that carve (the same seed and data give the same split).", minimum=0)
+    split_seed: int = setting(0, "Seed of that stratified carve.", minimum=0)
     check_images: bool = setting(True, "Decode every image once when verifying (finds corrupt or truncated JPEGs).")
     skip_bad_images: bool = setting(False, "Drop unreadable images with a warning listing them, instead of stopping.")
 
@@ -315,21 +296,14 @@ def section_types() -> dict[str, type]:
 
 
 def _cross_check(config: Config) -> None:
-    split_sizes = config.data.expected_split_sizes
-    flowers = config.data.dataset == "flowers102"
-    lowest = 1 if flowers else 0  # other kinds may leave sizes to the data
-    if len(split_sizes) != 3 or any(not isinstance(size, int) or size < lowest for size in split_sizes):
+    split_sizes, flowers = config.data.expected_split_sizes, config.data.dataset == "flowers102"
+    if len(split_sizes) != 3 or any(not isinstance(size, int) or size < flowers for size in split_sizes):
         raise ConfigError(
             f"[data] expected_split_sizes must be three {'positive' if flowers else 'non-negative'} integers "
             f"(train, val, test), got {split_sizes!r}"
         )
-    if config.data.num_classes == 1 or (flowers and config.data.num_classes == 0):
-        raise ConfigError(
-            f"[data] num_classes must be at least 2{'' if flowers else ' (or 0: from the data)'}, "
-            f"got {config.data.num_classes}"
-        )
-    if flowers and config.data.expected_images == 0:
-        raise ConfigError("[data] expected_images must be positive for flowers102")
+    if config.data.num_classes == 1 or (flowers and 0 in (config.data.num_classes, config.data.expected_images)):
+        raise ConfigError("[data] num_classes must be >= 2 and expected_images > 0 (0, from the data: not flowers102)")
     if not config.heads.kinds:
         raise ConfigError(f"[heads] kinds must name at least one of: {', '.join(head_kinds.available_head_kinds())}")
     if not config.cnn.widths or any(width < 1 for width in config.cnn.widths):

@@ -144,7 +144,7 @@ def run_invalidate(argv: list[str] | None = None) -> int:
 
 
 def print_settings(argv: list[str] | None = None) -> int:
-    """`python -m stages.config [--docs]`: validate a config and print it, or print every setting's doc."""
+    """`python -m stages.config [--docs | --backbones]`: print a config, every setting's doc or the backbones."""
     import json
 
     from .config import describe_settings
@@ -152,7 +152,16 @@ def print_settings(argv: list[str] | None = None) -> int:
     def action():
         arguments = parser("Validate a config and print it resolved; --docs prints every setting.")
         arguments.add_argument("--docs", action="store_true", help="print a Markdown table of every setting")
+        arguments.add_argument(
+            "--backbones", action="store_true", help="list the backbone names that resolve; * = weights are here"
+        )
         parsed = arguments.parse_args(argv)
+        if parsed.backbones:
+            from .backbones import describe_backbones
+
+            for name, description, local in describe_backbones(load(parsed).weights):
+                print(f"{'*' if local else ' '} {name:36} {description}")
+            return
         if parsed.docs:
             print("| section | key | default | meaning |\n|---|---|---|---|")
             for section, key, default, doc in describe_settings():

@@ -19,6 +19,8 @@ from .head_kinds.linear import NORMALIZATIONS
 from .settings import TABLES, ConfigError, build_section, choices_of, setting, tables_field_of
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# pipeline.datasets reads each kind (tests check that list against its readers).
+DATASET_KINDS = ("flowers102", "folder", "oxford_iiit_pet", "dtd", "fgvc_aircraft")
 AUGMENTATIONS = ("none", "flip", "crop-flip", "trivialaugment", "randaugment")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
@@ -75,12 +77,17 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = setting("cache/data", "Folder holding flowers-102/ (torchvision layout); DATA_DIR= overrides it.")
-    download: bool = setting(True, "Download Flowers-102 into root when it is missing (needs internet).")
-    check_md5: bool = setting(True, "Require the official md5 of imagelabels.mat and setid.mat.")
-    num_classes: int = setting(102, "Number of classes; labels must be 0..num_classes-1.", minimum=2)
-    expected_images: int = setting(8189, "Number of images expected in jpg/.", minimum=1)
-    expected_split_sizes: list = setting([1020, 1020, 6149], "Expected train, val, test sizes (setid.mat).")
+    dataset: str = setting("flowers102", "Which data (docs/configuration.md#datasets).", choices=DATASET_KINDS)
+    root: str = setting("cache/data", "Folder holding the data (e.g. flowers-102/); DATA_DIR= overrides it.")
+    download: bool = setting(True, "Download the dataset into root when it is missing (needs internet; not folder).")
+    check_md5: bool = setting(True, "Require the official md5 of imagelabels.mat and setid.mat (flowers102).")
+    num_classes: int = setting(102, "Number of classes; 0 takes it from the data (not flowers102).", minimum=0)
+    expected_images: int = setting(8189, "Images expected (flowers102: in jpg/); 0 skips the check.", minimum=0)
+    expected_split_sizes: list = setting([1020, 1020, 6149], "Expected train, val, test sizes; a 0 is not checked.")
+    val_fraction: float = setting(
+        0.1, "Data without val: the share of each train class carved into val.", minimum=0.01, maximum=0.9
+    )
+    split_seed: int = setting(0, "Seed of that stratified carve.", minimum=0)
     check_images: bool = setting(True, "Decode every image once when verifying (finds corrupt or truncated JPEGs).")
     skip_bad_images: bool = setting(False, "Drop unreadable images with a warning listing them, instead of stopping.")
 
@@ -319,11 +326,14 @@ def section_types() -> dict[str, type]:
 
 
 def _cross_check(config: Config) -> None:
-    split_sizes = config.data.expected_split_sizes
-    if len(split_sizes) != 3 or any(not isinstance(size, int) or size < 1 for size in split_sizes):
+    split_sizes, flowers = config.data.expected_split_sizes, config.data.dataset == "flowers102"
+    if len(split_sizes) != 3 or any(not isinstance(size, int) or size < flowers for size in split_sizes):
         raise ConfigError(
-            f"[data] expected_split_sizes must be three positive integers (train, val, test), got {split_sizes!r}"
+            f"[data] expected_split_sizes must be three {'positive' if flowers else 'non-negative'} integers "
+            f"(train, val, test), got {split_sizes!r}"
         )
+    if config.data.num_classes == 1 or (flowers and 0 in (config.data.num_classes, config.data.expected_images)):
+        raise ConfigError("[data] num_classes must be >= 2 and expected_images > 0 (0, from the data: not flowers102)")
     if not config.heads.kinds:
         raise ConfigError(f"[heads] kinds must name at least one of: {', '.join(head_kinds.available_head_kinds())}")
     if not config.cnn.widths or any(width < 1 for width in config.cnn.widths):
@@ -346,6 +356,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. finetune.epochs=5")
     dotted, raw = text.split("=", 1)
     section, key = dotted.strip().split(".", 1)
+    key = key.strip('"')  # weights."torchvision:resnet50"=... quotes the key as a TOML file must
     try:
         value = tomllib.loads(f"value = {raw.strip()}")["value"]
     except tomllib.TOMLDecodeError:

@@ -173,18 +173,27 @@ class DatasetIndex:
     image_ids: dict  # split -> numpy int array (1-based official ids)
     labels: dict  # split -> numpy int array (0-based)
     skipped: tuple = ()  # (file name, reason) of unreadable images dropped by [data] skip_bad_images
+    # Other dataset kinds (pipeline.datasets): split -> file paths relative to `folder`, in id order.
+    # None for Flowers-102, whose file names follow from the ids.
+    files: dict | None = None
+    split_note: str = "official splits"  # how the splits were made, as the report words it
 
     def paths(self, split: str) -> list[Path]:
+        if self.files is not None:
+            return [self.folder / name for name in self.files[split]]
         return [image_path(self.folder, image_id) for image_id in self.image_ids[split]]
 
     def to_json(self) -> dict:
-        return {
+        value = {
             "folder": str(self.folder),
             "class_names": self.class_names,
             "image_ids": {split: ids.tolist() for split, ids in self.image_ids.items()},
             "labels": {split: labels.tolist() for split, labels in self.labels.items()},
             "skipped": [list(item) for item in self.skipped],
         }
+        if self.files is not None:  # absent for Flowers-102, so its index file keeps its bits
+            value.update(files=self.files, split_note=self.split_note)
+        return value
 
     @classmethod
     def from_json(cls, value: dict) -> DatasetIndex:
@@ -194,6 +203,8 @@ class DatasetIndex:
             image_ids={split: numpy.asarray(ids, dtype=numpy.int64) for split, ids in value["image_ids"].items()},
             labels={split: numpy.asarray(labels, dtype=numpy.int64) for split, labels in value["labels"].items()},
             skipped=tuple(tuple(item) for item in value.get("skipped", [])),
+            files=value.get("files"),
+            split_note=value.get("split_note", "official splits"),
         )
 
 

@@ -143,13 +143,14 @@ def reference_section(study: Study) -> list:
 
 
 def protocol_section(study: Study) -> list:
-    sizes = None
+    sizes, split_note = None, "official splits"
     if study.samples_directory is not None and (study.samples_directory / "sizes.json").is_file():
-        recorded = json.loads((study.samples_directory / "sizes.json").read_text())["splits"]
+        written = json.loads((study.samples_directory / "sizes.json").read_text())
+        recorded, split_note = written["splits"], written.get("split_note", "official splits")
         sizes = {split: recorded[split] for split in ("train", "val", "test") if split in recorded}
     present = [r for r in study.records if r["status"] == "ok"]
     split_text = (
-        ", ".join(f"{split} {count:,}" for split, count in sizes.items()) + " images (official splits)"
+        ", ".join(f"{split} {count:,}" for split, count in sizes.items()) + f" images ({split_note})"
         if sizes
         else f"unknown: samples stage missing ({study.samples_missing})"
     )

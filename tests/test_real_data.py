@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy
 import pytest
 import torch
 
-from pipeline import backbones, data, extract, features_h5, frozen, pixels, train, transforms
+from pipeline import backbones, data, datasets, extract, features_h5, frozen, pixels, train, transforms
 from pipeline.config import DataConfig, load_config
 from pipeline.cpu_rewrites import rewrite_for_finetuning
 from pipeline.models import build_finetune_model
@@ -120,3 +121,127 @@ def test_real_finetune_rewrite_keeps_the_gradients(index, weights):
         gradients.append({name: parameter.grad for name, parameter in model.named_parameters()})
     for name, reference in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], reference, rtol=1e-8, atol=1e-12, msg=name)
+
+
+# --- the same data as a folder tree ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder_tree(index, tmp_path_factory):
+    """The real thumbnails re-laid as train/val/test/<class>/ by setid.mat, as symlinks: class folders are
+    zero-padded label numbers, so the folder kind's labels are Flowers' labels, and the file names keep
+    each split's Flowers order."""
+    root = tmp_path_factory.mktemp("flowers-as-folders")
+    for split in data.SPLITS:
+        for position, (path, label) in enumerate(zip(index.paths(split), index.labels[split], strict=True)):
+            # Named by position, since the folder kind lists a split by file name.
+            target = root / split / f"{label + 1:03d}" / f"{position:05d}-{path.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+    return root
+
+
+FLOWERS_AS_FOLDER = ('data.dataset="folder"', "data.check_images=false")
+
+
+def test_the_folder_layout_indexes_the_same_images_in_the_same_order(index, folder_tree):
+    config = load_config(PROJECT / "configs" / "offline.toml", list(FLOWERS_AS_FOLDER), data_dir=str(folder_tree))
+    relaid = datasets.read(config.data, folder_tree, seed=0)
+    assert relaid.split_note == "the given train/val/test folders"
+    for split in data.SPLITS:
+        assert [path.resolve() for path in relaid.paths(split)] == [path.resolve() for path in index.paths(split)]
+        assert numpy.array_equal(relaid.labels[split], index.labels[split])
+
+
+def test_the_folder_layout_gives_the_same_lite0_features_bit_for_bit(index, folder_tree, weights, tmp_path):
+    """Real weights on a subset (48 test images): the folder index feeds the network the same pixels."""
+    config = load_config(PROJECT / "configs" / "offline.toml", data_dir=ROOT)
+    relaid = datasets.read(
+        load_config(PROJECT / "configs" / "offline.toml", list(FLOWERS_AS_FOLDER)).data, folder_tree, 0
+    )
+    spec = backbones.get_backbone(BACKBONE)
+    _, size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
+    model = frozen.load_frozen_backbone(BACKBONE, weights, "cpu", True, fold_batchnorm=True)
+    runtime = Runtime("cpu", "bf16", channels_last=True, num_workers=0, seed=0, inference_streams=1)
+    extracted = []
+    for name, layout in (("flowers", index), ("folder", relaid)):
+        job = next(job for job in frozen.extraction_jobs(layout, config, spec, size) if job.group == "test")
+        rows = slice(0, 48)
+        job = dataclasses.replace(
+            job, paths=job.paths[rows], labels=job.labels[rows], image_ids=job.image_ids[rows], views=job.views[rows]
+        )
+        path = tmp_path / f"{name}.h5"
+        extract.write_features(
+            path,
+            name,
+            [job],
+            model,
+            spec.feature_dim,
+            runtime,
+            extract.ExtractionOptions(batch_size=16, progress=False),
+        )
+        extracted.append(features_h5.read_group(path, "test"))
+    assert numpy.array_equal(extracted[0]["features"], extracted[1]["features"])
+    assert numpy.array_equal(extracted[0]["labels"], extracted[1]["labels"])
+
+
+def _flowers_subset(index, classes: int, root):
+    """The real images of the first `classes` classes as a smaller Flowers-102 copy (symlinks, renumbered)."""
+    from scipy.io import savemat
+
+    folder = root / "flowers-102"
+    (folder / "jpg").mkdir(parents=True)
+    labels, split_ids = [], {}
+    for split in data.SPLITS:
+        split_ids[split] = []
+        for path, label in zip(index.paths(split), index.labels[split], strict=True):
+            if label < classes:
+                labels.append(label + 1)
+                split_ids[split].append(len(labels))
+                (folder / "jpg" / f"image_{len(labels):05d}.jpg").symlink_to(path)
+    savemat(folder / "imagelabels.mat", {"labels": numpy.asarray(labels, dtype=numpy.uint8).reshape(1, -1)})
+    keys = {split: data.SPLIT_KEYS[split] for split in data.SPLITS}
+    savemat(folder / "setid.mat", {keys[split]: numpy.asarray(ids).reshape(1, -1) for split, ids in split_ids.items()})
+    return root, [len(split_ids[split]) for split in data.SPLITS]
+
+
+def test_the_folder_layout_gives_the_same_study_numbers(index, tmp_path):
+    """The tiny backbone on the real images of 10 classes (cheap on 2 cores), as Flowers-102 and re-laid as
+    a folder tree: features bit for bit and the heads' test numbers equal."""
+    from pipeline import graph
+
+    flowers_root, sizes = _flowers_subset(index, 10, tmp_path / "subset")
+    subset = data.verify(
+        data.dataset_folder(flowers_root),
+        DataConfig(
+            download=False,
+            check_md5=False,
+            check_images=False,
+            num_classes=10,
+            expected_images=sum(sizes),
+            expected_split_sizes=sizes,
+        ),
+    )
+    tree = tmp_path / "tree"
+    for split in data.SPLITS:
+        for position, (path, label) in enumerate(zip(subset.paths(split), subset.labels[split], strict=True)):
+            target = tree / split / f"{label + 1:03d}" / f"{position:05d}-{path.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path.resolve())
+    counts = ("data.num_classes=10", f"data.expected_images={sum(sizes)}", f"data.expected_split_sizes={sizes}")
+    common = (*counts, "data.check_images=false", 'features.backbones=["tiny-resnet"]', "runtime.threads=2")
+    studies = {}
+    for name, root, extra in (("flowers", flowers_root, ()), ("folder", tree, FLOWERS_AS_FOLDER)):
+        overrides = [*common, *extra, f'cache.root="{tmp_path / name}"']
+        config = load_config(PROJECT / "configs" / "tiny.toml", overrides, data_dir=str(root))
+        study = graph.Graph(config, log=lambda line: None)
+        study.run("heads")
+        rows = features_h5.read_group(study.directory(study.units("features")[0]) / features_h5.FEATURES_FILE, "test")
+        tests = {}
+        for unit in study.units("heads"):
+            record = json.loads((study.directory(unit) / "result.json").read_text())
+            tests[unit.name] = {key: value for key, value in record.items() if key.startswith(("test", "val"))}
+        studies[name] = rows, tests
+    (flowers_rows, flowers_tests), (folder_rows, folder_tests) = studies["flowers"], studies["folder"]
+    assert numpy.array_equal(flowers_rows["features"], folder_rows["features"])
+    assert flowers_tests == folder_tests and all(flowers_tests.values())

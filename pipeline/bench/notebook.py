@@ -90,7 +90,7 @@ def time_notebook_frozen(
         name, pretrained=weights is not None, weights_path=weights, num_classes=len(index.class_names)
     ).to(runtime.device)
     model.requires_grad_(False)
-    head = getattr(model, spec.head_attribute).requires_grad_(True)
+    head = backbones.get_head(model, spec).requires_grad_(True)
     train_step = notebook_sgd_step(model, head.parameters())
 
     def val_step(inputs, labels):

@@ -11,13 +11,15 @@ from collections.abc import Callable
 
 from .. import checkpoints, cpu_rewrites, data, distributed, images, results, train
 from ..config import Config
+from ..datasets import typical_side
 from ..evaluate import finish_arm
 from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from ..models import SCRATCH_PREPROCESSING, build_scratch_model
 from ..runtime import Timings, plan_runtime, resolve_runtime, seed_everything
 from ..transforms import crop_sizes
 
-# 2: predictions.npz; eval pixels are extraction's (pipeline/pixels.py), random crops rounded to uint8
+# 2: predictions.npz; eval pixels are extraction's (pipeline/pixels.py), random crops rounded to uint8;
+# input and stored size left at 0 follow the data's image size
 CODE_VERSION = "2"
 
 
@@ -43,6 +45,18 @@ def plan(config: Config, graph) -> list[Unit]:
     ]
 
 
+def scratch_sizes(settings, index) -> tuple[int, int]:
+    """Input crop and stored side; each left at 0 follows the data: its typical image side, at most 224 / 256.
+
+    A scratch network has no native resolution, so small images (64 px thumbnails) are used as they are
+    rather than upscaled, and large ones are cropped at the usual ImageNet sizes.
+    """
+    side = typical_side(index) if not (settings.input_size and settings.stored_size) else 0
+    input_size = settings.input_size or min(SCRATCH_PREPROCESSING.input_size, side)
+    stored_size = settings.stored_size or min(crop_sizes(SCRATCH_PREPROCESSING, input_size)[0], max(side, input_size))
+    return input_size, stored_size
+
+
 def build(context: BuildContext, choose_train: Callable | None = None, extra: dict | None = None) -> BuildResult:
     """Train the scratch CNN; the curves stage passes `choose_train` (its subset of the training images)
     and the `extra` fields its result.json adds."""
@@ -52,15 +66,15 @@ def build(context: BuildContext, choose_train: Callable | None = None, extra: di
     runtime = resolve_runtime(config.runtime)
     seed_everything(runtime.seed)  # the initial weights come from this seed
     timings = Timings(runtime)
-    input_size = settings.input_size or SCRATCH_PREPROCESSING.input_size
-    stored_size = settings.stored_size or crop_sizes(SCRATCH_PREPROCESSING, input_size)[0]
     with timings.phase("data"):
         index = data.load_index(context.input_directory("download"))
+        input_size, stored_size = scratch_sizes(settings, index)
         folder = images.store_folder(context.cache_root, context.unit.input("download").key)
         sets = images.load_image_sets(index, folder, stored_size, SCRATCH_PREPROCESSING, input_size, context.log)
         if choose_train is not None:
             sets["train"] = sets["train"].subset(choose_train)
-    model = build_scratch_model(settings, config.data.num_classes, input_size)
+    # The data's class count: [data] num_classes may be 0 ("from the data") for other dataset kinds.
+    model = build_scratch_model(settings, len(index.class_names), input_size)
     cpu_rewrites.for_training(model, runtime, settings, architecture)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     context.log(f"[cnn] {architecture}: {parameters / 1e6:.2f} M parameters at {input_size} px")

@@ -1,11 +1,14 @@
-"""The download stage: make Flowers-102 available (download or DATA_DIR) and verify it."""
+"""The download stage: make the dataset available (download or DATA_DIR) and verify it.
+
+Flowers-102 keeps its own path (pipeline.data); the other kinds go through pipeline.datasets.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from .. import atomic, data
+from .. import atomic, data, datasets
 from ..config import Config
 from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
 
@@ -24,6 +27,8 @@ def fingerprint_memo(cache_root: Path, folder: Path) -> Path:
 
 
 def plan(config: Config, graph) -> list[Unit]:
+    if config.data.dataset != datasets.FLOWERS:
+        return [other_kind_unit(config, graph)]
     folder = data.dataset_folder(data_root(config))
     settings = {
         "folder": str(folder),
@@ -39,9 +44,33 @@ def plan(config: Config, graph) -> list[Unit]:
     return [Unit(stage="download", name=UNIT, code_version="1", settings=settings)]
 
 
+def other_kind_unit(config: Config, graph) -> Unit:
+    """The unit for a folder tree or a torchvision dataset: its kind, checks and content in the key."""
+    settings = config.data
+    folder = datasets.dataset_folder(settings, data_root(config))
+    checked = ("dataset", "num_classes", "expected_images", "expected_split_sizes", "check_images", "skip_bad_images")
+    unit_settings = {name: getattr(settings, name) for name in checked}
+    unit_settings.update(
+        folder=str(folder),
+        # The carve is made only when the data has no val split, but naming it always is harmless.
+        val_fraction=settings.val_fraction,
+        split_seed=settings.split_seed,
+        fingerprint=datasets.fingerprint(settings, data_root(config), fingerprint_memo(graph.cache_root, folder)),
+    )
+    return Unit(stage="download", name=settings.dataset, code_version="1", settings=unit_settings)
+
+
 def build(context: BuildContext) -> BuildResult:
     config = context.config
     root = data_root(config)
+    if config.data.dataset != datasets.FLOWERS:
+        index = datasets.read(config.data, root, config.data.split_seed)
+        return _finish(
+            context,
+            index,
+            datasets.dataset_folder(config.data, root),
+            lambda memo: datasets.fingerprint(config.data, root, memo, write_memo=True),
+        )
     folder = data.dataset_folder(root)
     try:
         index = data.verify(folder, config.data)
@@ -54,6 +83,10 @@ def build(context: BuildContext) -> BuildResult:
         data.download(root)
         folder = data.dataset_folder(root)
         index = data.verify(folder, config.data)
+    return _finish(context, index, folder, lambda memo: data.fingerprint(folder, memo, write_memo=True))
+
+
+def _finish(context: BuildContext, index: data.DatasetIndex, folder: Path, remember) -> BuildResult:
     if index.skipped:
         context.log(
             f"[download] warning: skipped {len(index.skipped)} unreadable image(s): "
@@ -61,7 +94,7 @@ def build(context: BuildContext) -> BuildResult:
         )
     atomic.write_json_atomic(context.directory / data.INDEX, index.to_json())
     # Remember every file's digest, so later plans only stat the files (planning itself writes nothing).
-    data.fingerprint(folder, fingerprint_memo(context.cache_root, folder), write_memo=True)
+    remember(fingerprint_memo(context.cache_root, folder))
     sizes = {split: int(len(index.image_ids[split])) for split in data.SPLITS}
     context.log(
         "[download] verified " + ", ".join(f"{split} {size}" for split, size in sizes.items()) + f" images in {folder}"
@@ -76,7 +109,7 @@ def build(context: BuildContext) -> BuildResult:
 STAGE = register_stage(
     Stage(
         name="download",
-        description="Locate or download Flowers-102 and verify it.",
+        description="Locate or download the dataset and verify it.",
         code_version="1",
         plan=plan,
         build=build,

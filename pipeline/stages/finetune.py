@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from .. import cache, checkpoints, cpu_rewrites, data, distributed, images, results, train
-from ..backbones import WeightsUnavailableError, get_backbone, resolve_weights, weights_fingerprint, weights_verified
+from ..backbones import (
+    WeightsUnavailableError,
+    get_backbone,
+    get_head,
+    resolve_weights,
+    set_head,
+    weights_fingerprint,
+    weights_verified,
+)
 from ..config import Config, ConfigError
 from ..evaluate import finish_arm
 from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -85,14 +93,14 @@ def plan(config: Config, graph) -> list[Unit]:
 def linear_probe(model: nn.Module, spec, sets: dict, settings, runtime, log) -> dict:
     """Fit the new head on frozen features (eval mode, no augmentation), choosing its L2 strength on val."""
     started = time.perf_counter()
-    head = getattr(model, spec.head_attribute)
-    setattr(model, spec.head_attribute, nn.Identity())
+    head = get_head(model, spec)
+    set_head(model, spec, nn.Identity())
     runtime.place(model)
     features = {
         split: train.predict(model, sets[split].to(runtime.device), runtime, 2 * settings.batch_size).cpu()
         for split in ("train", "val")
     }
-    setattr(model, spec.head_attribute, head)
+    set_head(model, spec, head)
 
     def report(weight_decay: float, val_top1: float) -> None:
         log(f"[finetune] {spec.name}: linear probe weight decay {weight_decay:g}: val top-1 {val_top1:.4f}")
@@ -123,7 +131,9 @@ def build(context: BuildContext, choose_train: Callable | None = None, extra: di
     spec = get_backbone(name)
     with timings.phase("weights"):
         weights_path, weights_sha256 = _weights_identity(config, name, allow_download=True)
-        model, spec = build_finetune_model(name, config.data.num_classes, weights_path=weights_path)
+        # The data's class count: [data] num_classes may be 0 ("from the data") for other dataset kinds.
+        num_classes = len(data.load_index(context.input_directory("download")).class_names)
+        model, spec = build_finetune_model(name, num_classes, weights_path=weights_path)
         cpu_rewrites.for_training(model, runtime, settings, name)
     # The key this build's checkpoint answers to, with the real weights hash even right after a download.
     unit = context.unit

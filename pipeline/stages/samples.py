@@ -38,12 +38,15 @@ def dataset_sizes(index: data.DatasetIndex) -> dict:
         counts = {split: int(numpy.sum(index.labels[split] == number)) for split in data.SPLITS}
         per_class.append({"label": number, "name": name, **counts, "total": sum(counts.values())})
     splits = {split: int(len(index.labels[split])) for split in data.SPLITS}
-    return {
+    sizes = {
         "splits": splits,
         "total": sum(splits.values()),
         "num_classes": len(index.class_names),
         "per_class": per_class,
     }
+    if index.files is not None:  # other dataset kinds say how their splits were made (Flowers' are official)
+        sizes["split_note"] = index.split_note
+    return sizes
 
 
 def format_sizes(sizes: dict) -> str:

@@ -8,6 +8,7 @@ The architectures live in pipeline/models.py; the loop is pipeline/train.py, sha
 from __future__ import annotations
 
 from . import checkpoints, cpu_rewrites, distributed, images, results, train
+from .calibration import cnn_workload
 from .config import Config
 from .download import load_index
 from .evaluate import finish_arm
@@ -21,7 +22,7 @@ CODE_VERSION = "2"  # 2: predictions.npz
 
 def plan(config: Config, graph) -> list[Unit]:
     distributed.check_batch_size("cnn", config.cnn.batch_size)
-    runtime = plan_runtime(config.runtime)
+    runtime = plan_runtime(config.runtime, cnn_workload(config, graph.cache_root))
     return [
         Unit(
             stage="cnn",
@@ -45,7 +46,7 @@ def build(context: BuildContext) -> BuildResult:
     config = context.config
     settings = config.cnn
     architecture = config.cnn.architecture
-    runtime = resolve_runtime(config.runtime)
+    runtime = resolve_runtime(config.runtime, cnn_workload(config, context.cache_root))
     seed_everything(runtime.seed)  # the initial weights come from this seed
     timings = Timings(runtime)
     input_size = settings.input_size or SCRATCH_PREPROCESSING.input_size

@@ -4,9 +4,9 @@ Whether bf16 autocast beats fp32 on a CPU depends on the processor and on the ne
 (avx512_bf16, no AMX) bf16 ran EfficientNet-Lite0 faster and ResNet-18 slower, so no instruction-set
 rule picks right for both. The first plan that needs a workload's precision (a backbone or CNN, used
 for inference or for a training step, at the stage's batch and input size) times both on random
-inputs (WARMUP_STEPS untimed, then TIMED_STEPS, median) and stores the decision with its rates in
-`<cache root>/calibration/<machine>.json`, keyed by the machine's identity (CPU model, the flags that
-matter, core count, torch version). The precision enters unit keys, so a stored decision always wins
+inputs (measure_rates: a warm-up step, then a few alternating timed steps, median) and stores the
+decision with its rates in `<cache root>/calibration/<machine>.json`, keyed by the machine's
+identity (CPU model, the flags that matter, core count, torch version). The precision enters unit keys, so a stored decision always wins
 over a new measurement: measuring again on the same machine could flip a near tie and rebuild caches.
 A different machine identity gets its own file and measures again.
 """
@@ -27,8 +27,10 @@ from pathlib import Path
 
 FOLDER = "calibration"
 CANDIDATES = ("bf16", "fp32")
-WARMUP_STEPS = 2
+WARMUP_STEPS = 1
 TIMED_STEPS = 5
+MINIMUM_TIMED_STEPS = 3
+BUDGET_SECONDS = 10.0
 # bf16 rounds activations, so it has to win clearly; a near tie keeps the exact fp32.
 BF16_MARGIN = 1.05
 # Flags that decide how fast bf16 and fp32 convolutions run (absent ones are simply not listed).
@@ -111,8 +113,31 @@ def stored_decisions(cache_root: Path, identity: dict | None = None, log: Callab
         return {}
 
 
-def measure_rate(workload: Workload, precision: str) -> float:
-    """Images per second of one workload step in `precision`: median of TIMED_STEPS after WARMUP_STEPS."""
+def measure_rates(workload: Workload) -> dict[str, float]:
+    """Images per second of one workload step in each candidate precision.
+
+    After WARMUP_STEPS of each, the candidates' steps alternate, so a change in the machine's load
+    slows both alike; each rate is the median of its timed steps: TIMED_STEPS, or fewer (never under
+    MINIMUM_TIMED_STEPS) once BUDGET_SECONDS have passed, for slow workloads on busy machines.
+    """
+    steps = {precision: _step(workload, precision) for precision in CANDIDATES}
+    for step in steps.values():
+        for _ in range(WARMUP_STEPS):
+            step()
+    seconds: dict[str, list[float]] = {precision: [] for precision in CANDIDATES}
+    started = time.perf_counter()
+    for index in range(TIMED_STEPS):
+        if index >= MINIMUM_TIMED_STEPS and time.perf_counter() - started > BUDGET_SECONDS:
+            break
+        for precision, step in steps.items():
+            begun = time.perf_counter()
+            step()
+            seconds[precision].append(time.perf_counter() - begun)
+    return {precision: workload.batch_size / statistics.median(times) for precision, times in seconds.items()}
+
+
+def _step(workload: Workload, precision: str) -> Callable[[], None]:
+    """One batch of `workload` in `precision` on random inputs: a forward pass, or a whole training step."""
     import torch
 
     model = workload.build(precision)
@@ -127,25 +152,19 @@ def measure_rate(workload: Workload, precision: str) -> float:
             with torch.inference_mode(), autocast():
                 model(inputs)
 
-    else:
-        # A tiny learning rate: the step costs the same and the random model stays finite.
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        return step
+    # A tiny learning rate: the step costs the same and the random model stays finite.
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                outputs = model(inputs)
-            labels = torch.zeros(len(outputs), dtype=torch.long)
-            torch.nn.functional.cross_entropy(outputs.float(), labels).backward()
-            optimizer.step()
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            outputs = model(inputs)
+        labels = torch.zeros(len(outputs), dtype=torch.long)
+        torch.nn.functional.cross_entropy(outputs.float(), labels).backward()
+        optimizer.step()
 
-    seconds = []
-    for index in range(WARMUP_STEPS + TIMED_STEPS):
-        started = time.perf_counter()
-        step()
-        if index >= WARMUP_STEPS:
-            seconds.append(time.perf_counter() - started)
-    return workload.batch_size / statistics.median(seconds)
+    return step
 
 
 def choose(rates: dict[str, float]) -> str:
@@ -161,7 +180,7 @@ def decide_precision(workload: Workload, log: Callable[[str], None] = print) -> 
     if decision is not None:
         return decision["precision"]
     started = time.perf_counter()
-    rates = {precision: measure_rate(workload, precision) for precision in CANDIDATES}
+    rates = measure_rates(workload)
     decision = {
         "precision": choose(rates),
         "rates": {precision: round(rate, 2) for precision, rate in rates.items()},

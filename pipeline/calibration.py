@@ -6,9 +6,10 @@ rule picks right for both. The first plan that needs a workload's precision (a b
 for inference or for a training step, at the stage's batch and input size) times both on random
 inputs (measure_rates: a warm-up step, then a few alternating timed steps, median) and stores the
 decision with its rates in `<cache root>/calibration/<machine>.json`, keyed by the machine's
-identity (CPU model, the flags that matter, core count, torch version). The precision enters unit keys, so a stored decision always wins
-over a new measurement: measuring again on the same machine could flip a near tie and rebuild caches.
-A different machine identity gets its own file and measures again.
+identity (CPU model, the flags that matter, core count, torch version). The precision enters unit
+keys, so a stored decision always wins over a new measurement: measuring again on the same machine
+could flip a near tie and rebuild caches. A different machine identity gets its own file and
+measures again.
 """
 
 from __future__ import annotations

@@ -109,3 +109,15 @@ def test_real_measurement_of_a_tiny_model_gives_a_positive_rate(tmp_path):
 def test_cpu_identity_names_the_model_and_only_relevant_flags():
     identity = calibration.cpu_identity()
     assert identity["cpu_model"] and set(identity["cpu_flags"]) <= set(calibration.RELEVANT_FLAGS)
+
+
+def test_bench_table_names_the_cpu_and_the_decisions_in_force():
+    from pipeline.bench.report import format_table
+    from pipeline.runtime import environment
+
+    decision = {"precision": "fp32", "rates": {"bf16": 10.0, "fp32": 50.0}}
+    report = {"environment": environment(), "calibration": {"lite inference batch 8 224px channels_last": decision}}
+    table = format_table({**report, "rows": []})
+    header = table.splitlines()[:2]
+    assert header[0].startswith(f"CPU: {calibration.cpu_identity()['cpu_model']} (")
+    assert header[1].endswith("lite inference batch 8 224px channels_last: fp32 (bf16 10.0, fp32 50.0 img/s)")

@@ -32,6 +32,7 @@ WARMUP_STEPS = 1
 TIMED_STEPS = 5
 MINIMUM_TIMED_STEPS = 3
 BUDGET_SECONDS = 10.0
+CLEAR_RATIO = 2.0  # one timed step each decides when one option is this many times slower
 # bf16 rounds activations, so it has to win clearly; a near tie keeps the exact fp32.
 BF16_MARGIN = 1.05
 # Flags that decide how fast bf16 and fp32 convolutions run (absent ones are simply not listed).
@@ -119,7 +120,8 @@ def measure_rates(workload: Workload) -> dict[str, float]:
 
     After WARMUP_STEPS of each, the candidates' steps alternate, so a change in the machine's load
     slows both alike; each rate is the median of its timed steps: TIMED_STEPS, or fewer (never under
-    MINIMUM_TIMED_STEPS) once BUDGET_SECONDS have passed, for slow workloads on busy machines.
+    MINIMUM_TIMED_STEPS) once BUDGET_SECONDS have passed, for slow workloads on busy machines, or
+    just one when the first already differ CLEAR_RATIO times (emulated bf16 can be 20x slower).
     """
     steps = {precision: _step(workload, precision) for precision in CANDIDATES}
     for step in steps.values():
@@ -130,11 +132,18 @@ def measure_rates(workload: Workload) -> dict[str, float]:
     for index in range(TIMED_STEPS):
         if index >= MINIMUM_TIMED_STEPS and time.perf_counter() - started > BUDGET_SECONDS:
             break
+        if index >= 1 and _clear(seconds):
+            break  # one option is several times slower: more steps would not change the choice
         for precision, step in steps.items():
             begun = time.perf_counter()
             step()
             seconds[precision].append(time.perf_counter() - begun)
     return {precision: workload.batch_size / statistics.median(times) for precision, times in seconds.items()}
+
+
+def _clear(seconds: dict[str, list[float]]) -> bool:
+    fastest = [min(times) for times in seconds.values()]
+    return max(fastest) > CLEAR_RATIO * min(fastest)
 
 
 def _step(workload: Workload, precision: str) -> Callable[[], None]:

@@ -20,7 +20,7 @@ def _machine(report: dict) -> list[str]:
         return []
     flags = " ".join(environment["cpu_flags"]) or "none of note"
     cpu = f"CPU: {environment['cpu_model']} ({environment['cpu_count']} cores; flags: {flags})"
-    lines = [f"{cpu}; torch {environment['torch']}, {environment.get('precision', '?')} for the rows"]
+    lines = [f"{cpu}; torch {environment['torch']}"]
     decisions = report.get("calibration") or {}
     if decisions:
         lines.append(

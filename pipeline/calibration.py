@@ -33,6 +33,7 @@ TIMED_STEPS = 5
 MINIMUM_TIMED_STEPS = 3
 BUDGET_SECONDS = 10.0
 CLEAR_RATIO = 2.0  # one timed step each decides when one option is this many times slower
+SCREEN_RATIO = 5.0  # the warm-up steps alone decide when one is this many times slower
 # bf16 rounds activations, so it has to win clearly; a near tie keeps the exact fp32.
 BF16_MARGIN = 1.05
 # Flags that decide how fast bf16 and fp32 convolutions run (absent ones are simply not listed).
@@ -121,18 +122,25 @@ def measure_rates(workload: Workload) -> dict[str, float]:
     After WARMUP_STEPS of each, the candidates' steps alternate, so a change in the machine's load
     slows both alike; each rate is the median of its timed steps: TIMED_STEPS, or fewer (never under
     MINIMUM_TIMED_STEPS) once BUDGET_SECONDS have passed, for slow workloads on busy machines, or
-    just one when the first already differ CLEAR_RATIO times (emulated bf16 can be 20x slower).
+    just one when the first already differ CLEAR_RATIO times, or none when the warm-up steps differ
+    SCREEN_RATIO times (emulated bf16 ran Lite0 15x slower than fp32 on an AVX2-only EPYC).
     """
     steps = {precision: _step(workload, precision) for precision in CANDIDATES}
-    for step in steps.values():
+    warmup: dict[str, list[float]] = {precision: [] for precision in CANDIDATES}
+    for precision, step in steps.items():
         for _ in range(WARMUP_STEPS):
+            begun = time.perf_counter()
             step()
+            warmup[precision].append(time.perf_counter() - begun)
+    if _clear(warmup, SCREEN_RATIO):
+        # So far apart that one-off kernel set-up cannot explain it: timing more would only cost.
+        return {precision: workload.batch_size / min(times) for precision, times in warmup.items()}
     seconds: dict[str, list[float]] = {precision: [] for precision in CANDIDATES}
     started = time.perf_counter()
     for index in range(TIMED_STEPS):
         if index >= MINIMUM_TIMED_STEPS and time.perf_counter() - started > BUDGET_SECONDS:
             break
-        if index >= 1 and _clear(seconds):
+        if index >= 1 and _clear(seconds, CLEAR_RATIO):
             break  # one option is several times slower: more steps would not change the choice
         for precision, step in steps.items():
             begun = time.perf_counter()
@@ -141,9 +149,9 @@ def measure_rates(workload: Workload) -> dict[str, float]:
     return {precision: workload.batch_size / statistics.median(times) for precision, times in seconds.items()}
 
 
-def _clear(seconds: dict[str, list[float]]) -> bool:
+def _clear(seconds: dict[str, list[float]], ratio: float) -> bool:
     fastest = [min(times) for times in seconds.values()]
-    return max(fastest) > CLEAR_RATIO * min(fastest)
+    return max(fastest) > ratio * min(fastest)
 
 
 def _step(workload: Workload, precision: str) -> Callable[[], None]:

@@ -44,7 +44,11 @@ class RuntimeConfig:
         minimum=0,
     )
     precision: str = setting(
-        "auto", "auto = bf16 autocast where the device supports it, else fp16 on CUDA, else fp32.", choices=PRECISIONS
+        "auto",
+        "auto = on CUDA bf16 autocast where supported, else fp16; on CPU bf16 or fp32, whichever runs "
+        "each backbone's stage faster here, measured once per machine and stored "
+        "(<cache root>/calibration/); fp32 on other devices.",
+        choices=PRECISIONS,
     )
     channels_last: bool = setting(True, "Use channels_last memory format for convolutional models.")
     float32_depthwise: bool = setting(

@@ -13,6 +13,7 @@ class the arm's own test evaluation gave it:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -177,6 +178,8 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
             f"the {name} weights found now ({source['weights_id']}) are not the ones its features "
             f"were extracted with ({attributes['weights_id']}); rerun `make heads`"
         )
+    # The precision the features were extracted in (with "auto", this machine's calibrated choice or another's).
+    runtime = dataclasses.replace(runtime, precision=attributes.get("precision", runtime.precision))
     # Test-only backbones are random-init: the extraction seeded torch right before building them.
     seed_everything(attributes["seed"])
     # The rewrite the features were extracted with (files from before the setting had none).

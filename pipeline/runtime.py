@@ -1,9 +1,11 @@
 """Device, precision, threads, seeds, honest timers and the environment record.
 
 The same rule decides for every stage, so each trains and measures the same way (nanoGPT style):
-bf16 autocast where the device computes it natively, fp16 + GradScaler only on CUDA without bf16.
-Planning asks `plan_runtime`, which changes nothing; a build calls `resolve_runtime`, which also
-sets the process's threads and allocator (cpu_rewrites.keep_freed_memory).
+on CUDA bf16 autocast where the device computes it, else fp16 + GradScaler; on CPU whichever of bf16
+and fp32 runs the stage's workload faster here, measured once and stored (calibration.py).
+Planning asks `plan_runtime`, which changes nothing but may store a first calibration (the unit key
+needs the precision); a build calls `resolve_runtime`, which also sets the process's threads and
+allocator (cpu_rewrites.keep_freed_memory).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import cpu_rewrites
+from . import calibration, cpu_rewrites
 from .config import ConfigError, RuntimeConfig
 
 
@@ -69,7 +71,7 @@ class Runtime:
 MOST_AUTO_STREAMS = 4
 
 
-def resolve_runtime(settings: RuntimeConfig) -> Runtime:
+def resolve_runtime(settings: RuntimeConfig, workload: calibration.Workload | None = None) -> Runtime:
     """The concrete choices for this machine (plan_runtime), applied to the process: torch threads and
     the allocator. For code that is about to compute; planning uses plan_runtime, which changes nothing."""
     import torch
@@ -78,11 +80,16 @@ def resolve_runtime(settings: RuntimeConfig) -> Runtime:
         torch.set_num_threads(settings.threads)
     if settings.keep_freed_memory:
         cpu_rewrites.keep_freed_memory()
-    return plan_runtime(settings)
+    return plan_runtime(settings, workload)
 
 
-def plan_runtime(settings: RuntimeConfig) -> Runtime:
-    """Turn the [runtime] section into concrete choices for this machine, without touching the process."""
+def plan_runtime(settings: RuntimeConfig, workload: calibration.Workload | None = None) -> Runtime:
+    """Turn the [runtime] section into concrete choices for this machine, without touching the process.
+
+    With `workload` (what the stage will run), precision "auto" on CPU is this machine's stored
+    calibration for it; when none is stored yet, it is measured now (a few seconds) and stored, once:
+    the unit key needs the precision, and measuring at build time instead would key on a guess.
+    """
     import torch
 
     requested = settings.device
@@ -104,9 +111,11 @@ def plan_runtime(settings: RuntimeConfig) -> Runtime:
     if precision == "auto":
         if device.startswith("cuda"):
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device == "cpu" and workload is not None:
+            precision = calibration.decide_precision(workload)
         elif device == "cpu":
-            # bf16 autocast pays off on CPUs with native bf16 math (AVX512-BF16 / AMX); elsewhere it
-            # is emulated and slower than fp32, so auto only picks it where the ISA has it.
+            # Without a workload to measure (the bench's shared runtime): bf16 only where the ISA has
+            # native bf16 math (AVX512-BF16 / AMX), which is right for most but not all networks.
             precision = "bf16" if _cpu_has_native_bf16() else "fp32"
         else:
             precision = "fp32"
@@ -152,6 +161,7 @@ def environment(runtime: Runtime | None = None) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        **calibration.cpu_identity(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "freed_memory_kept": cpu_rewrites.freed_memory_kept(),

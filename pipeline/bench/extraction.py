@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from .. import backbones, extract, frozen, pixels, transforms
+from ..calibration import features_workload
 from ..config import Config
 from ..data import DatasetIndex
-from ..runtime import Runtime
+from ..runtime import Runtime, plan_runtime
 from .options import BenchOptions
 from .protocol import WARMUP_BATCHES
 from .rows import make_row, rows_of, weights_path
@@ -67,6 +68,8 @@ def extraction_rows(
     compute, efficiency = [], []
     subset = subset_index(index, proportional_counts(index, max(8, options.images // options.rounds)))
     for name in config.features.backbones:
+        # The precision the features stage uses for this backbone (calibrated where auto on CPU).
+        runtime = plan_runtime(config.runtime, features_workload(config, name, Path(config.cache.root)))
         spec = backbones.get_backbone(name)
         _, input_size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
         model = frozen.load_frozen_backbone(

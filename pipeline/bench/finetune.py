@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from .. import cpu_rewrites, images, optimization, train, transforms
+from ..calibration import finetune_workload
 from ..config import Config
 from ..data import DatasetIndex
-from ..runtime import Runtime
+from ..runtime import Runtime, plan_runtime
 from .notebook import time_notebook_steps
 from .options import BenchOptions
 from .protocol import WARMUP_STEPS
@@ -31,6 +32,8 @@ def finetune_rows(
     compute, epochs = [], []
     train_images = len(index.image_ids["train"])
     for name in settings.backbones:
+        # The precision the finetune stage uses for this backbone (calibrated where auto on CPU).
+        runtime = plan_runtime(config.runtime, finetune_workload(config, name, Path(config.cache.root)))
         weights = weights_path(config, name)
         model, spec = build_finetune_model(name, config.data.num_classes, weights_path=weights)
         cpu_rewrites.for_training(model, runtime, settings, name)

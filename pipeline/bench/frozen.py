@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy
 
 from .. import backbones, evaluate, extract, features_h5, frozen, transforms
+from ..calibration import features_workload
 from ..config import Config
 from ..data import DatasetIndex
 from ..head_kinds import fitting, get_head_kind
-from ..runtime import Runtime, seed_everything
+from ..runtime import Runtime, plan_runtime, seed_everything
 from .notebook import notebook_train_transform, time_notebook_frozen, train_notebook_head
 from .options import BenchOptions
 from .protocol import NOTEBOOK_EPOCHS, NOTEBOOK_GROUP, WARMUP_STEPS
@@ -49,6 +50,8 @@ def frozen_row(
 ) -> dict:
     """Row 3 on the first [features] backbone: ours (extract + every head kind) vs the notebook's frozen protocol."""
     name = config.features.backbones[0]
+    # The precision the features stage uses for this backbone (calibrated where auto on CPU).
+    runtime = plan_runtime(config.runtime, features_workload(config, name, Path(config.cache.root)))
     spec = backbones.get_backbone(name)
     _, input_size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
     weights = weights_path(config, name)

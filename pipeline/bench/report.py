@@ -13,9 +13,35 @@ def _number(value, unit: str) -> str:
     return f"{value:.0f} {unit}" if abs(value) >= 100 else f"{value:.3g} {unit}"
 
 
+def _machine(report: dict) -> list[str]:
+    """The CPU the rows ran on, and the calibrated precisions in force there (none before a bench ends)."""
+    environment = report.get("environment", {})
+    if "cpu_model" not in environment:
+        return []
+    flags = " ".join(environment["cpu_flags"]) or "none of note"
+    cpu = f"CPU: {environment['cpu_model']} ({environment['cpu_count']} cores; flags: {flags})"
+    lines = [f"{cpu}; torch {environment['torch']}"]
+    decisions = report.get("calibration") or {}
+    if decisions:
+        lines.append(
+            "precision = auto, measured here: "
+            + "; ".join(
+                f"{label}: {decision['precision']} ("
+                + ", ".join(f"{name} {rate:.1f}" for name, rate in decision["rates"].items())
+                + " img/s)"
+                for label, decision in sorted(decisions.items())
+            )
+        )
+    return [*lines, ""]
+
+
 def format_table(report: dict) -> str:
     """The rows as a Markdown table with numbered notes below it, and where bench.json is."""
-    lines = ["| # | what | ours | baseline | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        *_machine(report),
+        "| # | what | ours | baseline | ratio | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     notes = []
     for number, row in enumerate(report["rows"], start=1):
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"

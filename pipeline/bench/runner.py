@@ -11,7 +11,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .. import atomic
+from .. import atomic, calibration
 from ..config import Config
 from ..runtime import environment, resolve_runtime
 from .extraction import extraction_rows
@@ -98,6 +98,8 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
         if "memory" in options.rows:
             record(memory_rows(config, index, options, work, log))
     report["rows"].sort(key=lambda row: SECTIONS.index(row["section"]))
+    # The stages' precision = "auto" decisions stored for this machine by the end (the warm row plans them).
+    report["calibration"] = calibration.stored_decisions(Path(config.cache.root), log=log)
     report.update(complete=True, seconds=time.perf_counter() - started, load_average_at_end=os.getloadavg()[0])
     atomic.write_json_atomic(folder / RESULT, report)
     (folder / PARTIAL).unlink(missing_ok=True)

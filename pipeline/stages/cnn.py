@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .. import checkpoints, cpu_rewrites, data, distributed, images, results, train
+from ..calibration import cnn_workload
 from ..config import Config
 from ..datasets import typical_side
 from ..evaluate import finish_arm
@@ -25,7 +26,7 @@ CODE_VERSION = "2"
 
 def plan(config: Config, graph) -> list[Unit]:
     distributed.check_batch_size("cnn", config.cnn.batch_size)
-    runtime = plan_runtime(config.runtime)
+    runtime = plan_runtime(config.runtime, cnn_workload(config, graph.cache_root))
     return [
         Unit(
             stage="cnn",
@@ -63,7 +64,7 @@ def build(context: BuildContext, choose_train: Callable | None = None, extra: di
     config = context.config
     settings = config.cnn
     architecture = config.cnn.architecture
-    runtime = resolve_runtime(config.runtime)
+    runtime = resolve_runtime(config.runtime, cnn_workload(config, context.cache_root))
     seed_everything(runtime.seed)  # the initial weights come from this seed
     timings = Timings(runtime)
     with timings.phase("data"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import backbones, data, distributed, extract, features_h5, frozen
 from ..cache import compute_key
+from ..calibration import features_workload
 from ..config import Config
 from ..features_h5 import FEATURES_FILE
 from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -41,14 +42,17 @@ def unit_settings(config: Config, source: dict, precision: str) -> dict:
 
 
 def plan(config: Config, graph) -> list[Unit]:
-    precision = plan_runtime(config.runtime).precision
     download = graph.units("download")[0]
     return [
         Unit(
             stage="features",
             name=name,
             code_version=CODE_VERSION,
-            settings=unit_settings(config, frozen.resolve_source(config, name), precision),
+            settings=unit_settings(
+                config,
+                frozen.resolve_source(config, name),
+                plan_runtime(config.runtime, features_workload(config, name, graph.cache_root)).precision,
+            ),
             inputs=(("download", download),),
         )
         for name in config.features.backbones
@@ -58,7 +62,7 @@ def plan(config: Config, graph) -> list[Unit]:
 def build(context: BuildContext) -> BuildResult:
     config, name = context.config, context.unit.name
     index = data.load_index(context.input_directory("download"))
-    runtime = resolve_runtime(config.runtime)
+    runtime = resolve_runtime(config.runtime, features_workload(config, name, context.cache_root))
     seed_everything(runtime.seed)
     spec = backbones.get_backbone(name)
     timings = Timings(runtime)

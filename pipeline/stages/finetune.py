@@ -26,6 +26,7 @@ from ..backbones import (
     weights_fingerprint,
     weights_verified,
 )
+from ..calibration import finetune_workload
 from ..config import Config, ConfigError
 from ..evaluate import finish_arm
 from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
@@ -74,14 +75,18 @@ def plan(config: Config, graph) -> list[Unit]:
     settings = config.finetune
     if settings.linear_probe and (not settings.probe_weight_decays or min(settings.probe_weight_decays) < 0):
         raise ConfigError("[finetune] probe_weight_decays must list at least one value >= 0 when linear_probe = true")
-    runtime = plan_runtime(config.runtime)
     download = graph.units("download")[0]
     return [
         Unit(
             stage="finetune",
             name=config.seeded_name(results.finetune_unit(name), seed),
             code_version=CODE_VERSION,
-            settings=_settings(config.with_seed(seed), name, _weights_identity(config, name, False)[1], runtime),
+            settings=_settings(
+                config.with_seed(seed),
+                name,
+                _weights_identity(config, name, False)[1],
+                plan_runtime(config.runtime, finetune_workload(config, name, graph.cache_root)),
+            ),
             inputs=(("download", download),),
             seed=seed,
         )
@@ -125,7 +130,7 @@ def build(context: BuildContext, choose_train: Callable | None = None, extra: di
     config = context.config
     settings = config.finetune
     name = context.unit.settings["backbone"]
-    runtime = resolve_runtime(config.runtime)
+    runtime = resolve_runtime(config.runtime, finetune_workload(config, name, context.cache_root))
     seed_everything(runtime.seed)
     timings = Timings(runtime)
     spec = get_backbone(name)

@@ -61,7 +61,7 @@ DEMO_ARGS = --config $(DEMO_CONFIG) $(if $(DEVICE),--device '$(DEVICE)') $(if $(
 demo: $(INSTALLED) ## the whole study in a few minutes on a generated dataset, nothing downloaded (cache/demo/)
 	$(PYTHON) -m stages.demo_data $(DEMO_ARGS)
 	$(PYTHON) -m stages.all $(DEMO_ARGS)
-	@echo "demo: everything above lives in cache/demo/ (report: cache/demo/report/study/report.html);" \
+	@echo "demo: everything above lives under the demo config's cache root ($(if $(SET),as SET moved it,cache/demo/));" \
 	      "for the real study: make all CONFIG=configs/offline.toml DATA_DIR=<folder holding flowers-102/>"
 
 # NPROC > 1 launches N processes on this machine with torchrun (gloo on CPU, nccl on GPUs).

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .config import FinetuneConfig, TrainConfig
 from .models import ModelError
+from .training_settings import FinetuneConfig, TrainConfig
 
 
 def for_inference(model: nn.Module, name: str, fold_batchnorm: bool) -> nn.Module:

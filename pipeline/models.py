@@ -19,8 +19,8 @@ from .backbones import (
     get_backbone,
     head_parameters,
 )
-from .config import CnnConfig
 from .errors import PipelineError
+from .training_settings import CnnConfig
 
 ARCHITECTURES = ("bn-cnn", "notebook")
 # The notebook trained at 224 px (resize 256, center crop 224) with ImageNet statistics.

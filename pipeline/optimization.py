@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import TrainConfig
 from .runtime import Runtime
+from .training_settings import TrainConfig
 
 
 def make_optimizer(groups: list[dict], settings: TrainConfig) -> torch.optim.Optimizer:

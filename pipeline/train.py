@@ -28,11 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoints, distributed
-from .config import TrainConfig
 from .errors import PipelineError
 from .images import ImageSet
 from .optimization import Learner, lr_factor, make_learner, set_learning_rates
 from .runtime import Runtime
+from .training_settings import TrainConfig
 
 TIMED_STEPS = 3  # steps timed (after one warm-up step) for the duration estimate
 

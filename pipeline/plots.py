@@ -104,11 +104,16 @@ def learning_curves(records: list[dict], results: dict, dpi: int = 100) -> bytes
         for column, (quantity, scale) in enumerate((("loss", 1), ("top1", 100))):
             axis = axes[row, column]
             for split, style in (("train", "--"), ("val", "-")):
-                values = [entry.get(f"{split}_{quantity}") for entry in history]
-                if any(value is not None for value in values):
+                # Epochs without a value (val not evaluated that epoch) are left out, not drawn as gaps.
+                points = [
+                    (epoch, scale * entry[f"{split}_{quantity}"])
+                    for epoch, entry in zip(epochs, history, strict=True)
+                    if entry.get(f"{split}_{quantity}") is not None
+                ]
+                if points:
                     axis.plot(
-                        epochs,
-                        [numpy.nan if value is None else scale * value for value in values],
+                        [epoch for epoch, _ in points],
+                        [value for _, value in points],
                         style,
                         marker=".",
                         label=split,

@@ -239,11 +239,13 @@ def announce_estimate(
         learner.model, train_set, val_set, settings, runtime, learner.criterion, job.freeze_batchnorm
     )
     steps = len(list(train_set.batches(settings.batch_size, drop_last=True)))
-    epoch_seconds = step_seconds * steps + eval_seconds * math.ceil(len(val_set) / (2 * settings.batch_size))
+    val_pass = eval_seconds * math.ceil(len(val_set) / (2 * settings.batch_size))
     remaining = settings.epochs - done
+    evaluations = sum(validates(epoch, settings) for epoch in range(done + 1, settings.epochs + 1))
+    total = step_seconds * steps * remaining + val_pass * evaluations
     job.log(
         f"[{job.label}] estimate: {step_seconds:.2f} s/step x {steps} steps + val "
-        f"{eval_seconds:.2f} s/batch -> ~{epoch_seconds:.0f} s/epoch, ~{epoch_seconds * remaining / 60:.1f} min "
+        f"{eval_seconds:.2f} s/batch -> ~{step_seconds * steps + val_pass:.0f} s/epoch with val, ~{total / 60:.1f} min "
         f"for {remaining} epoch(s) (from {TIMED_STEPS} timed steps; early stopping may end sooner)"
     )
 
@@ -266,12 +268,22 @@ def distribute(model: nn.Module, runtime: Runtime, freeze_batchnorm: bool) -> nn
     return DistributedDataParallel(trained, device_ids=device_ids)
 
 
+def validates(epoch: int, settings: TrainConfig) -> bool:
+    """Whether epoch `epoch` (counted from 1) is evaluated on val: every validate_every-th, and the last."""
+    return epoch % settings.validate_every == 0 or epoch == settings.epochs
+
+
 def record_epoch(state: dict, row: dict, evaluated: nn.Module, patience: int) -> bool:
     """Add an epoch's row to `state`, keep its weights when val improved, and decide early stopping.
 
     Better means a higher val top-1, or the same with a lower val loss. Returns whether it improved.
+    A row without val metrics (an epoch not evaluated) is only recorded: it can neither be selected
+    nor count towards patience, which counts evaluations.
     """
     state["history"].append(row)
+    state["epoch"] = row["epoch"]
+    if row["val_top1"] is None:
+        return False
     improved = row["val_top1"] > state["best_val_top1"] or (
         row["val_top1"] == state["best_val_top1"] and row["val_loss"] < state["best_val_loss"]
     )
@@ -285,7 +297,6 @@ def record_epoch(state: dict, row: dict, evaluated: nn.Module, patience: int) ->
         )
     else:
         state["stale_epochs"] += 1
-    state["epoch"] = row["epoch"]
     state["finished"] = bool(patience) and state["stale_epochs"] >= patience
     return improved
 
@@ -293,8 +304,12 @@ def record_epoch(state: dict, row: dict, evaluated: nn.Module, patience: int) ->
 def describe_epoch(row: dict, epochs: int, improved: bool) -> str:
     return (
         f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f} top-1 {row['train_top1']:.3f} | "
-        f"val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.4f}{' *' if improved else ''} | "
-        f"lr {row['lr']:.2e} | {row['seconds']:.1f} s, {row['images_per_second']:.1f} img/s"
+        + (
+            f"val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.4f}{' *' if improved else ''} | "
+            if row["val_top1"] is not None
+            else "val not evaluated | "
+        )
+        + f"lr {row['lr']:.2e} | {row['seconds']:.1f} s, {row['images_per_second']:.1f} img/s"
     )
 
 
@@ -334,13 +349,16 @@ def fit(
         row = {"epoch": state["epoch"] + 1}
         row.update(train_one_epoch(learner, train_set, settings, runtime, state["epoch"], job))
         started = time.perf_counter()
-        row.update(evaluate(learner.evaluated, learner.criterion, val_set, runtime, 2 * settings.batch_size))
+        if validates(row["epoch"], settings):
+            row.update(evaluate(learner.evaluated, learner.criterion, val_set, runtime, 2 * settings.batch_size))
+        else:
+            row.update(val_loss=None, val_top1=None)
         row["val_seconds"] = time.perf_counter() - started
         row["seconds"] = row["train_seconds"] + row["val_seconds"]
         row = {name: row[name] for name in checkpoints.HISTORY_FIELDS}  # in the history's column order
         improved = record_epoch(state, row, learner.evaluated, settings.patience)
         if state["finished"]:
-            job.log(f"[{job.label}] early stop: no better val top-1 for {settings.patience} epochs")
+            job.log(f"[{job.label}] early stop: no better val top-1 for {settings.patience} evaluations")
         checkpoints.save_checkpoint(job.checkpoint, state, learner)
         if distributed.is_main():
             checkpoints.write_history(Path(job.checkpoint).parent, state["history"])

@@ -246,3 +246,16 @@ def test_scratch_architectures():
     assert sum(parameter.numel() for parameter in first_fc.parameters()) == 177_211_392
     small = build_scratch_model(CnnConfig(architecture="notebook"), num_classes=5, input_size=32)
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_validate_every_enters_the_end_to_end_keys_only_when_changed(tiny_config, tmp_path):
+    # At its default the setting leaves every bit as before it existed, so cached arms stay valid.
+    def units(*overrides):
+        config = make_tiny_config(tiny_config.data.root, tmp_path / "cache", overrides)
+        study = graph.Graph(config, log=lambda line: None)
+        return {unit.name: unit for stage in ("finetune", "cnn") for unit in study.units(stage)}
+
+    default, changed = units(), units("finetune.validate_every=3", "cnn.validate_every=2")
+    assert default and default.keys() == changed.keys()
+    assert all("validate_every" not in unit.settings[unit.stage] for unit in default.values())
+    assert all(default[name].key != changed[name].key for name in default)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 import math
 
 import numpy
@@ -155,6 +156,34 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
         resume=checkpoints.read_checkpoint(tmp_path / checkpoints.CHECKPOINT, "key-a"),
     )
     assert again.epochs_run == 3 and len(again.history) == 3  # a finished run is not extended
+
+
+def test_validating_every_third_epoch_selects_only_evaluated_epochs(tmp_path):
+    config = settings(epochs=7, validate_every=3)
+    lines = []
+    result = run(tiny_model(), config, tmp_path, log=lines.append)
+    evaluated = [row["epoch"] for row in result.history if row["val_top1"] is not None]
+    assert evaluated == [3, 6, 7]  # every third, and always the last
+    assert result.epochs_run == 7 and result.best_epoch in evaluated
+    assert all(row["val_loss"] is None for row in result.history if row["epoch"] not in evaluated)
+    assert sum("val not evaluated" in line for line in lines) == 4
+    # The same training pass as validating every epoch: only what is evaluated (and so selectable) differs.
+    every = run(tiny_model(), settings(epochs=7), tmp_path / "every")
+    for row, other in zip(result.history, every.history, strict=True):
+        assert row["train_loss"] == other["train_loss"]
+        if row["val_top1"] is not None:
+            assert row["val_top1"] == other["val_top1"]
+    # The history files hold the skipped epochs as empty values, which the report's plot leaves out.
+    saved = json.loads((tmp_path / checkpoints.HISTORY_JSON).read_text())
+    assert saved[0]["val_top1"] is None and saved[2]["val_top1"] is not None
+    assert (tmp_path / checkpoints.HISTORY_CSV).read_text().splitlines()[1].count(",,") == 1
+
+
+def test_patience_counts_evaluations_not_epochs(tmp_path):
+    # LR 0, BN frozen: val never improves after the first evaluation (epoch 2), so patience 2 stops at epoch 6.
+    config = settings(epochs=12, validate_every=2, patience=2, lr=0.0)
+    result = run(tiny_model(), config, tmp_path, freeze_batchnorm=True)
+    assert result.best_epoch == 2 and result.epochs_run == 6 and result.stopped_early
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):

@@ -17,6 +17,7 @@ from ..evaluate import finish_arm
 from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from ..models import SCRATCH_PREPROCESSING, build_scratch_model
 from ..runtime import Timings, plan_runtime, resolve_runtime, seed_everything
+from ..training_settings import keyed_section
 from ..transforms import crop_sizes
 
 # 2: predictions.npz; eval pixels are extraction's (pipeline/pixels.py), random crops rounded to uint8;
@@ -33,7 +34,7 @@ def plan(config: Config, graph) -> list[Unit]:
             name=config.seeded_name(results.scratch_unit(config.cnn.architecture), seed),
             code_version=CODE_VERSION,
             settings={
-                "cnn": config.section("cnn"),
+                "cnn": keyed_section(config.section("cnn")),
                 "num_classes": config.data.num_classes,
                 "seed": seed,
                 "precision": runtime.precision,

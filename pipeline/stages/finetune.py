@@ -33,6 +33,7 @@ from ..graph import BuildContext, BuildResult, Stage, Unit, register_stage
 from ..head_kinds.linear import select_lbfgs_probe
 from ..models import build_finetune_model, finetune_groups
 from ..runtime import Timings, plan_runtime, resolve_runtime, seed_everything
+from ..training_settings import keyed_section
 from ..transforms import crop_sizes
 
 # 2: predictions.npz; eval pixels are extraction's (pipeline/pixels.py), random crops rounded to uint8
@@ -59,7 +60,7 @@ def _settings(config: Config, name: str, weights: str, runtime) -> dict:
     section.pop("backbones")  # adding a backbone to the list must not retrain the others
     return {
         "backbone": name,
-        "finetune": section,
+        "finetune": keyed_section(section),
         "weights_sha256": weights,
         "num_classes": config.data.num_classes,
         "seed": config.runtime.seed,

@@ -310,5 +310,6 @@ KIND = HeadKind(
     probabilities=probabilities,
     finite=finite,
     remedy="lower [heads.softmax] lr",
+    deterministic=False,
     predict=predict,
 )

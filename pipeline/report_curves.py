@@ -12,6 +12,7 @@ from pathlib import Path
 from . import cache
 from .arms import planned_units, unit_state
 from .graph import read_json
+from .head_kinds import deterministic_kinds
 from .report_format import MISSING, seconds, spread
 from .results import RESULT, mean_and_sd, summarize
 
@@ -52,6 +53,7 @@ def collect_points(cache_root: Path, states: dict) -> tuple[list[dict], str | No
                 for name in (
                     "arm",
                     "method",
+                    "head",
                     "labels_per_class",
                     "seed",
                     "train_images",
@@ -82,6 +84,7 @@ def curve_rows(points: list[dict]) -> list[dict]:
             {
                 "arm": arm,
                 "method": runs[0]["method"],
+                "head": runs[0].get("head"),
                 "labels_per_class": per_class,
                 "train_images": images,
                 "runs": len(runs),
@@ -146,7 +149,7 @@ def section(study, images: dict) -> list:
             (
                 "Each arm refitted on n labelled training images per class (nested, class-stratified subsets "
                 "of the official train split, one draw per seed); hyper-parameters still chosen on the official "
-                "val, test used once per point. Mean ± sd over seeds."
+                "val, test used once per point. Mean ± sd over seeds." + _deterministic_note(study.curve_rows)
             ),
         )
     )
@@ -168,6 +171,19 @@ def section(study, images: dict) -> list:
             ),
         ]
     return blocks
+
+
+def _deterministic_note(rows: list[dict]) -> str:
+    """Why some points have sd 0: at an n that reaches every class's train count every seed fits the same rows."""
+    kinds = deterministic_kinds([row["head"] for row in rows])
+    if not kinds:
+        return ""
+    return (
+        f" Deterministic heads ({', '.join(kinds)}: nothing in their fit depends on the seed) give every seed "
+        "the same result where n reaches every class's train count, since each seed's subset is then the "
+        "whole train split: those points have sd 0, and are searched once (the search reused from the "
+        "equal heads arm or seed)."
+    )
 
 
 def _table_row(row: dict) -> list[str]:

@@ -7,6 +7,8 @@ import json
 
 import numpy
 
+from . import results
+from .head_kinds import deterministic_kinds
 from .report_answer import intervals_note
 from .report_format import Study, percent, plain
 
@@ -202,9 +204,22 @@ def _seeds_note(records: list[dict]) -> str:
         f"Each arm ran {runs} times, one per seed (seeds control data order, augmentation and head or model "
         "initialisation); the across-seeds table gives the mean ± sample standard deviation (n - 1). "
         "Frozen arms of one backbone share a single feature extraction (its augmented views drawn with the "
-        "first seed), so their spread covers head initialisation and data order only, and the logistic "
-        "head's solver is deterministic (its spread is about 0). Even with one seed, GPU kernels and "
-        "thread scheduling can change the last digits between runs."
+        "first seed), so their spread covers head initialisation and data order only"
+        + deterministic_note([r.get("head") for r in records if r.get("method") == results.FROZEN])
+        + ". Even with one seed, GPU kernels and thread scheduling can change the last digits between runs."
+    )
+
+
+def deterministic_note(heads: list) -> str:
+    """', and the <kinds> heads are deterministic ...' for the deterministic kinds among `heads`, or ''."""
+    kinds = deterministic_kinds(heads)
+    if not kinds:
+        return ""
+    named = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
+    return (
+        f", and the {named} head{'s are' if len(kinds) > 1 else ' is'} deterministic: nothing in "
+        f"{'their' if len(kinds) > 1 else 'its'} fit depends on the seed, so on the same rows "
+        f"{'their' if len(kinds) > 1 else 'its'} spread is 0"
     )
 
 

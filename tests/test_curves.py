@@ -3,13 +3,14 @@ point equal to the main arm, the end-to-end switch, and the report with and with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy
 import pytest
 from helpers import make_tiny_config
 
-from pipeline import cache, evaluate, features_h5
+from pipeline import cache, evaluate, features_h5, head_kinds, report_sections
 from pipeline.config import ConfigError
 from pipeline.features_h5 import features_file
 from pipeline.graph import Graph
@@ -18,6 +19,19 @@ from pipeline.stages import curves
 
 LOGISTIC_ONLY = ('features.backbones=["tiny-resnet"]', 'heads.kinds=["logistic"]')
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def separable_problem():
+    """Three well separated classes in 8 dimensions, the fit rows in a shuffled order."""
+    generator = numpy.random.default_rng(3)
+    centres = generator.normal(0, 4, (3, 8))
+
+    def rows(count):
+        labels = generator.permutation(numpy.repeat(numpy.arange(3), count))
+        return (centres[labels] + generator.normal(0, 1.0, (len(labels), 8))).astype(numpy.float32), labels
+
+    return head_kinds.Problem(rows(12), rows(6), 3, ["none"], 0)
 
 
 def uneven_labels() -> numpy.ndarray:
@@ -174,3 +188,71 @@ def test_report_shows_the_curves_or_says_they_were_not_run(tmp_path, fake_flower
         ["| frozen-tiny-resnet-logistic", "4", "24", "2"],
     ]
     assert "Non-dominated" in markdown
+    assert "Deterministic heads (logistic: nothing in their fit depends on the seed)" in markdown
+
+
+def test_the_notes_on_seeds_name_the_kinds_flagged_deterministic(monkeypatch):
+    assert report_sections.deterministic_note(["softmax"]) == ""
+    assert "the logistic and knn heads are deterministic" in report_sections.deterministic_note(
+        ["knn", "softmax", "logistic"]
+    )
+    flipped = dataclasses.replace(head_kinds.get_head_kind("softmax"), deterministic=True)
+    monkeypatch.setitem(head_kinds._REGISTRY, "softmax", flipped)
+    assert "the softmax head is deterministic" in report_sections.deterministic_note(["softmax"])
+
+
+@pytest.mark.parametrize("name", head_kinds.available_head_kinds())
+def test_a_kind_flagged_deterministic_ignores_the_seed_and_the_others_do_not(separable_problem, name):
+    kind = head_kinds.get_head_kind(name)
+    settings = kind.settings()
+
+    def fitted(seed):
+        problem = dataclasses.replace(separable_problem, seed=seed)
+        chosen, _, payload = kind.select(settings, problem)
+        return chosen, kind.probabilities({**payload, "class_names": ["a", "b", "c"]})(problem.val[0])
+
+    (first, scores), (second, other_scores) = fitted(0), fitted(1)
+    same = first == second and numpy.array_equal(scores, other_scores)
+    assert same == kind.deterministic, name
+
+
+def point_result(graph, name) -> dict:
+    return json.loads((graph.directory(graph.unit("curves", name)) / evaluate.RESULT).read_text())
+
+
+def test_whole_train_points_of_a_deterministic_kind_are_searched_once_and_equal_a_fresh_search(
+    tmp_path, fake_flowers_session
+):
+    overrides = ('features.backbones=["tiny-resnet"]', 'heads.kinds=["logistic", "knn", "softmax"]')
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", overrides)
+    graph, _, _ = run(config, "heads")
+    graph, _, lines = run(config)
+    for kind in ("logistic", "knn"):
+        # n=4 is every class's whole train split: the heads arm's search serves both seeds.
+        for seed in (0, 1):
+            result = point_result(graph, f"tiny-resnet-{kind}-n4-seed{seed}")
+            assert result["selection_reused"] is True and result["selection_from"] == f"heads/tiny-resnet-{kind}"
+        assert not point_result(graph, f"tiny-resnet-{kind}-n1-seed1")["selection_reused"]
+    # The softmax head depends on its seed: only seed 0's whole-train point equals its (seed 0) arm.
+    assert point_result(graph, "tiny-resnet-softmax-n4-seed0")["selection_from"] == "heads/tiny-resnet-softmax"
+    assert point_result(graph, "tiny-resnet-softmax-n4-seed1")["selection_reused"] is False
+    assert sum("(reused from" in line for line in lines) == 5
+    # Without the heads arm (a fresh cache), seed 0 searches and seed 1 reuses its memo: the same numbers.
+    fresh, _, _ = run(make_tiny_config(fake_flowers_session, tmp_path / "fresh", overrides))
+    for kind in ("logistic", "knn"):
+        searched, reused = (point_result(fresh, f"tiny-resnet-{kind}-n4-seed{seed}") for seed in (0, 1))
+        assert (
+            searched["selection_reused"] is False and reused["selection_from"] == f"curves/tiny-resnet-{kind}-n4-seed0"
+        )
+        shared = point_result(graph, f"tiny-resnet-{kind}-n4-seed1")
+        for name in ("test_top1", "selected", "candidates"):
+            assert searched[name] == reused[name] == shared[name]
+    # A search setting changed: every logistic point is built again and none reuses the old searches.
+    changed = make_tiny_config(fake_flowers_session, tmp_path / "cache", (*overrides, "heads.logistic.cs=[0.5, 2.0]"))
+    graph, manifests, _ = run(changed)
+    rebuilt = [manifest for manifest in manifests if "-logistic-" in manifest["unit"]]
+    assert len(rebuilt) == 4 and all(m["settings"]["logistic_cs"] == [0.5, 2.0] for m in rebuilt)
+    assert point_result(graph, "tiny-resnet-logistic-n4-seed0")["selection_reused"] is False
+    assert (
+        point_result(graph, "tiny-resnet-logistic-n4-seed1")["selection_from"] == "curves/tiny-resnet-logistic-n4-seed0"
+    )

@@ -235,6 +235,7 @@ CENTROID = HeadKind(
     probabilities=centroid_probabilities,
     finite=lambda payload: bool(numpy.isfinite(payload["means"]).all()),
     remedy="check the features",
+    deterministic=True,
 )
 
 

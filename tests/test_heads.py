@@ -80,6 +80,33 @@ def test_best_epoch_head_equals_a_refit_of_that_many_epochs(separable):
         torch.testing.assert_close(value, refit.state_dict()[name])
 
 
+def test_patience_stops_once_no_head_improves_and_keeps_each_heads_best_epoch(separable):
+    train, val, _ = separable
+    options = {"weight_decays": [0.0, 3.0], "epochs": 60, "lr": 1e-2, "batch_size": 16, "label_smoothing": 0.0}
+    options.update(seed=3, val_features=val[0], val_labels=val[1])
+    full = softmax.train_softmax_heads(*train, 5, **options)
+    stopped = softmax.train_softmax_heads(*train, 5, patience=3, **options)
+    length = len(stopped[0][1])
+    assert 3 < length < 60  # these blobs are separated within a few epochs, so it did stop early
+    for (_, history), (_, full_history) in zip(stopped, full, strict=True):
+        # The same run cut short: the histories are a prefix, stopped `patience` epochs after the last rise.
+        assert history == full_history[:length] and length - 1 - int(numpy.argmax(history)) >= 3
+    # Each stopped head equals a refit of its best epoch (the exactness selection relies on).
+    for decay, (head, history) in zip(options["weight_decays"], stopped, strict=True):
+        refit, _ = softmax.train_softmax(
+            *train,
+            5,
+            weight_decay=decay,
+            epochs=int(numpy.argmax(history)) + 1,
+            lr=1e-2,
+            batch_size=16,
+            label_smoothing=0.0,
+            seed=3,
+        )
+        for name, value in head.state_dict().items():
+            torch.testing.assert_close(value, refit.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
 def test_heads_trained_side_by_side_follow_their_own_runs(separable):
     """Several weight decays trained as one matrix give each decay's own run: same val history, same weights."""
     train, val, _ = separable

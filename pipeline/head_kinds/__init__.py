@@ -56,6 +56,9 @@ class HeadKind:
     probabilities: Callable[[dict], Callable[[numpy.ndarray], numpy.ndarray]]  # features -> [N, classes]
     finite: Callable[[dict], bool]  # whether every fitted value is finite
     remedy: str  # what to change when a fitted head is not finite
+    # Whether select and refit ignore the seed: the same rows and settings give the same head, bit for bit,
+    # whatever the seed (so its repeats over seeds on the same rows have zero spread and need one fit).
+    deterministic: bool
     # features -> predicted class per row; None: the first class with the highest probability.
     predict: Callable[[dict], Callable[[numpy.ndarray], numpy.ndarray]] | None = None
 
@@ -94,6 +97,11 @@ def get_head_kind(name: str) -> HeadKind:
 def available_head_kinds() -> tuple[str, ...]:
     """Registered kind names, in registration order."""
     return tuple(_REGISTRY)
+
+
+def deterministic_kinds(names) -> list[str]:
+    """Those of `names` that are registered kinds flagged deterministic, in registration order."""
+    return [name for name in _REGISTRY if name in set(names) and _REGISTRY[name].deterministic]
 
 
 def settings_tables() -> dict[str, type]:

@@ -190,4 +190,5 @@ KIND = HeadKind(
     probabilities=probabilities,
     finite=finite,
     remedy="the cached features hold values that are not finite: rebuild them (make invalidate STAGE=features)",
+    deterministic=True,
 )

@@ -167,5 +167,6 @@ KIND = HeadKind(
     probabilities=probabilities,
     finite=finite,
     remedy="lower [heads.logistic] cs (stronger regularisation)",
+    deterministic=True,
     predict=predict,
 )

@@ -24,6 +24,12 @@ TABLE = "heads.softmax"
 class SoftmaxSettings:
     weight_decays: list = setting([0.0, 1.0, 3.0], "AdamW weight decays tried on val.", minimum=0)
     epochs: int = setting(100, "Maximum epochs (the best epoch is chosen on val).", minimum=1)
+    patience: int = setting(
+        0,
+        "Stop the search once no weight decay's val accuracy has risen for this many epochs (the best "
+        "epoch so far is chosen, as without it); 0 trains every epoch.",
+        minimum=0,
+    )
     lr: float = setting(3e-3, "Learning rate (AdamW, constant).", minimum=0)
     batch_size: int = setting(256, "Mini-batch size.", minimum=1)
     label_smoothing: float = setting(0.0, "Label smoothing of the loss.", minimum=0, maximum=1)
@@ -82,6 +88,7 @@ def train_softmax_heads(
     seed: int,
     val_features: numpy.ndarray | None = None,
     val_labels: numpy.ndarray | None = None,
+    patience: int = 0,
 ) -> list[tuple[nn.Linear, list]]:
     """train_softmax for several weight decays at once: one (head, val history) per decay, in order.
 
@@ -89,7 +96,9 @@ def train_softmax_heads(
     batches, so they are trained side by side as the rows of one matrix: one matrix product and one
     optimizer step per step instead of one per head. Each head's loss is its own batch mean and AdamW
     acts element by element, so every head follows its own training run; the decay is applied before
-    the Adam step, as AdamW does.
+    the Adam step, as AdamW does. With val data and a `patience`, training stops once no head's val
+    accuracy has risen for that many epochs: the histories end there, and each head is still the one
+    after its first best epoch (a refit of that many epochs gives it again).
     """
     import torch
     from torch import nn
@@ -113,7 +122,7 @@ def train_softmax_heads(
     )
     histories = [[] for _ in weight_decays]
     best_states = [None] * count
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(targets), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
@@ -135,6 +144,8 @@ def train_softmax_heads(
                 if history[-1] > max(history[:-1], default=-1.0):
                     rows = slice(position * num_classes, (position + 1) * num_classes)
                     best_states[position] = (weight.detach()[rows].clone(), bias.detach()[rows].clone())
+            if patience and all(epoch - int(numpy.argmax(history)) >= patience for history in histories):
+                break
     results = []
     for position, history in enumerate(histories):
         rows = slice(position * num_classes, (position + 1) * num_classes)
@@ -173,6 +184,7 @@ def select_softmax(
     batch_size: int,
     label_smoothing: float,
     seed: int,
+    patience: int = 0,
 ) -> tuple:
     """Best (normalization, weight decay, epochs) by val accuracy; ties keep the earlier, cheaper choice.
 
@@ -192,6 +204,7 @@ def select_softmax(
                 seed=seed,
                 val_features=scored[0],
                 val_labels=scored[1],
+                patience=patience,
             )
             for weight_decay, (head, history) in zip(weight_decays, trained, strict=True):
                 epoch = int(numpy.argmax(history)) + 1  # first epoch that reaches the best val accuracy
@@ -238,6 +251,7 @@ def select(settings: SoftmaxSettings, problem: Problem) -> tuple[dict, list, dic
         normalizations=problem.normalizations,
         weight_decays=settings.weight_decays,
         epochs=settings.epochs,
+        patience=settings.patience,
         **_options(settings, problem.seed),
     )
     return chosen, candidates, _payload(head, normalizer)
@@ -310,5 +324,6 @@ KIND = HeadKind(
     probabilities=probabilities,
     finite=finite,
     remedy="lower [heads.softmax] lr",
+    deterministic=False,
     predict=predict,
 )

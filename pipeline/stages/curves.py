@@ -16,6 +16,7 @@ the recipe lives in one place. End-to-end points run in one process (the stage d
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy
 
@@ -24,7 +25,7 @@ from ..config import Config, ConfigError
 from ..graph import BuildContext, BuildResult, Stage, Unit, get_stage, register_stage
 from . import heads
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: a point may reuse an equal unit's selection memo (result.json names it)
 # Names the subset-drawing rule in every key, so a change to it can never reuse old points.
 SUBSET_RULE = "nested-stratified-v1"
 # Mixed into each seed so the subsets do not share a random stream with anything else seeded by it.
@@ -112,15 +113,29 @@ def plan(config: Config, graph) -> list[Unit]:
     return units + (_end_to_end_points(config, graph) if config.curves.end_to_end else [])
 
 
+def equal_point_folders(context: BuildContext) -> list[Path]:
+    """Folders of the units that may have searched this frozen point's selection already: its arm's heads
+    units (every seed) and its other curve points (every n and seed). Only a memo with this point's
+    selection key is reused, and that key holds the fitted rows, the settings and, for a kind that is
+    not deterministic, the seed: so in practice the whole-train points of one arm share one search."""
+    arm = results.frozen_unit(context.unit.input("features").name, context.unit.settings["kind"])
+    heads_root, curves_root = context.cache_root / heads.STAGE.name, context.cache_root / STAGE.name
+    folders = [heads_root / arm, *sorted(heads_root.glob(f"{arm}-seed*")), *sorted(curves_root.glob(f"{arm}-n*-seed*"))]
+    return [folder for folder in folders if folder != context.directory and folder.is_dir()]
+
+
 def build(context: BuildContext) -> BuildResult:
     """Build the point with its arm's own stage build, on the subset of the training images."""
     settings, seed = context.unit.settings, context.config.runtime.seed
     per_class = settings["labels_per_class"]
-    return get_stage(settings["arm_stage"]).build(
-        dataclasses.replace(context, config=_subset_config(context.config)),
-        choose_train=lambda labels: subset_rows(labels, per_class, seed),
-        extra={"labels_per_class": per_class, "subset_seed": seed, "subset": SUBSET_RULE},
-    )
+    point = dataclasses.replace(context, config=_subset_config(context.config))
+    options = {
+        "choose_train": lambda labels: subset_rows(labels, per_class, seed),
+        "extra": {"labels_per_class": per_class, "subset_seed": seed, "subset": SUBSET_RULE},
+    }
+    if settings["arm_stage"] == heads.STAGE.name:
+        return heads.build(point, shared_memos=equal_point_folders(context), **options)
+    return get_stage(settings["arm_stage"]).build(point, **options)
 
 
 STAGE = register_stage(

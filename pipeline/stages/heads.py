@@ -9,8 +9,10 @@ a kind does (search, refit, file, prediction) comes from the head-kind registry 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy
 
@@ -65,29 +67,49 @@ def plan(config: Config, graph) -> list[Unit]:
     return units
 
 
-def selection_key(unit: Unit, features_build_id: str | None) -> str:
-    """Key of a unit's selection memo: every head setting but fit_on, and the exact features build it read."""
-    settings = {name: value for name, value in unit.settings.items() if name != "fit_on"}
-    features = unit.input("features")
-    return cache.compute_key(
-        "heads-selection", CODE_VERSION, settings, {"features": f"{features.key}:{features_build_id}"}
-    )
+def selection_key(config: Config, kind: HeadKind, features_id: str, train_rows: numpy.ndarray) -> str:
+    """Key of a selection memo: everything the search on val depends on, and nothing else.
+
+    That is the kind's settings but fit_on (the search always fits train), the seed unless the kind
+    is deterministic, the exact features build read, and which training rows were fitted (indices
+    into the train split; their augmented views follow from them). Units that fit the same rows with
+    the same settings (a deterministic kind's seeds, a curve point that takes the whole train split
+    and its heads arm) get the same key, so one search serves them all.
+    """
+    settings = {
+        name: value
+        for name, value in head_settings(config, kind.name).items()
+        if name != "fit_on" and not (name == "seed" and kind.deterministic)
+    }
+    rows = hashlib.sha256(numpy.ascontiguousarray(train_rows, dtype=numpy.int64).tobytes()).hexdigest()
+    return cache.compute_key("heads-selection", CODE_VERSION, settings, {"features": features_id, "train_rows": rows})
 
 
-def cached_selection(context: BuildContext, kind: HeadKind, splits: dict, num_classes: int, timings: Timings) -> tuple:
-    """select(), reused from the unit's memo when only fit_on changed since it ran; returns (.., reused)."""
+def cached_selection(
+    context: BuildContext, kind: HeadKind, problem: tuple, timings: Timings, shared: Iterable[Path] = ()
+) -> tuple:
+    """select() on `problem` (splits, classes, train rows), reused from a memo of the same key when one
+    exists: the unit's own (only fit_on changed since it ran), else one in a `shared` unit folder.
+
+    Returns (choice, candidates, payload, where the memo came from: None when searched, "" for the unit's own).
+    """
     import joblib
 
+    splits, num_classes, train_rows = problem
     features_manifest = cache.read_manifest(context.input_directory("features")) or {}
-    path = cache.memo_path(context.directory, selection_key(context.unit, features_manifest.get("build_id")), ".joblib")
-    try:
-        memo = joblib.load(io.BytesIO(integrity.read_sealed(path)))
-        timings.seconds["selection"] = memo["seconds"]
-        return memo["chosen"], memo["candidates"], memo["payload"], True
-    except FileNotFoundError:
-        pass
-    except Exception as error:  # a damaged memo only costs the search again
-        context.log(f"[heads] {context.unit.name}: ignoring unreadable selection memo ({error})")
+    features_id = f"{context.unit.input('features').key}:{features_manifest.get('build_id')}"
+    key = selection_key(context.config, kind, features_id, train_rows)
+    for directory in (context.directory, *shared):
+        path = cache.memo_path(directory, key, ".joblib")
+        try:
+            memo = joblib.load(io.BytesIO(integrity.read_sealed(path)))
+            timings.seconds["selection"] = memo["seconds"]
+            source = "" if directory == context.directory else f"{directory.parent.name}/{directory.name}"
+            return memo["chosen"], memo["candidates"], memo["payload"], source
+        except FileNotFoundError:
+            pass
+        except Exception as error:  # a damaged memo only costs the search again
+            context.log(f"[{context.unit.stage}] {context.unit.name}: ignoring unreadable selection memo ({error})")
     with timings.phase("selection"):
         chosen, candidates, payload = select(
             kind, context.config.heads, splits, num_classes, context.config.runtime.seed
@@ -97,9 +119,14 @@ def cached_selection(context: BuildContext, kind: HeadKind, splits: dict, num_cl
         {"chosen": chosen, "candidates": candidates, "payload": payload, "seconds": timings.seconds["selection"]},
         buffer,
     )
+    path = cache.memo_path(context.directory, key, ".joblib")
     integrity.write_sealed(path, buffer.getbuffer())
     cache.prune_memos(context.directory)
-    return chosen, candidates, payload, False
+    return chosen, candidates, payload, None
+
+
+def _reuse_note(source: str | None) -> str:
+    return "" if source is None else f" (reused from {source})" if source else " (reused)"
 
 
 def _with_val(splits: dict) -> tuple:
@@ -109,21 +136,39 @@ def _with_val(splits: dict) -> tuple:
     )
 
 
-def build(context: BuildContext, choose_train: Callable | None = None, extra: dict | None = None) -> BuildResult:
+def build(
+    context: BuildContext,
+    choose_train: Callable | None = None,
+    extra: dict | None = None,
+    shared_memos: Iterable[Path] = (),
+) -> BuildResult:
     """Select on val, fit, test once and write one frozen arm's unit; the curves stage passes `choose_train`
-    (its subset of the training images, see fitting.load_splits) and the `extra` fields its result.json adds."""
+    (its subset of the training images, see fitting.load_splits), the `extra` fields its result.json adds
+    and `shared_memos`, the folders of units whose selection memo the point may reuse (the key decides)."""
     config, unit = context.config, context.unit
     kind = get_head_kind(unit.settings["kind"])
     backbone = unit.input("features").name
     seed = config.runtime.seed
     seed_everything(seed)
     settings, fit_on = config.heads, config.heads.fit_on
+    chosen_rows = []  # the training rows fitted, which the selection memo's key names
+
+    def choose(labels):
+        chosen_rows.append(choose_train(labels))
+        return chosen_rows[0]
+
     attributes, splits = load_splits(
-        features_file(context.input_directory("features")), settings.use_augmented_views, choose_train
+        features_file(context.input_directory("features")),
+        settings.use_augmented_views,
+        None if choose_train is None else choose,
     )
+    train_rows = chosen_rows[0] if chosen_rows else numpy.arange(len(splits["train"][1]))
     class_names = attributes["class_names"]
     timings = Timings()
-    chosen, candidates, payload, reused = cached_selection(context, kind, splits, len(class_names), timings)
+    chosen, candidates, payload, source = cached_selection(
+        context, kind, (splits, len(class_names), train_rows), timings, shared_memos
+    )
+    reused = source is not None
     with timings.phase("fit"):
         if fit_on == "train+val":
             chosen, payload = refit(kind, settings, chosen, *_with_val(splits), len(class_names), seed)
@@ -163,6 +208,8 @@ def build(context: BuildContext, choose_train: Callable | None = None, extra: di
         # With a reused selection, selection seconds are what the search cost when it ran.
         "train_seconds": train_seconds,
         "selection_reused": reused,
+        # Only when the memo is another unit's (a curve point equal to it): which one searched.
+        **({"selection_from": source} if source else {}),
         "extract_seconds": extract_seconds,
         "eval_seconds": timings.seconds["evaluation"],
         "total_seconds": extract_seconds + train_seconds + timings.seconds["evaluation"],
@@ -194,7 +241,7 @@ def build(context: BuildContext, choose_train: Callable | None = None, extra: di
     context.log(
         f"[{unit.stage}] {label}: val {chosen['val_top1']:.3f}, test top-1 {metrics['top1']:.3f}, "
         f"mean per-class {metrics['mean_per_class']:.3f} (fit on {fit_on}; selection "
-        f"{timings.seconds['selection']:.1f} s{' (reused)' if reused else ''}, "
+        f"{timings.seconds['selection']:.1f} s{_reuse_note(source)}, "
         f"fit {timings.seconds['fit']:.1f} s)"
     )
     return BuildResult(

@@ -172,6 +172,10 @@ def test_head_settings_hold_only_what_that_kind_uses(tiny_config):
     assert "logistic_cs" in logistic and not any(name.startswith("softmax_") for name in logistic)
     assert {"fit_on", "normalizations", "seed"} <= set(softmax) & set(logistic)
     assert "kinds" not in softmax and "tables" not in softmax
+    # Early stopping off (its default) keeps the key softmax heads had before the setting existed.
+    assert "softmax_patience" not in softmax
+    stopping = make_tiny_config(tiny_config.data.root, tiny_config.cache.root, ("heads.softmax.patience=10",))
+    assert heads.head_settings(stopping, "softmax")["softmax_patience"] == 10
 
 
 def run_heads(config):

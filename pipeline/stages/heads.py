@@ -30,18 +30,28 @@ CODE_VERSION = "3"  # 2: softmax decays trained side by side, logistic on one BL
 STAGE_FIELDS = ("kinds", "tables")
 
 
+# Head settings whose default leaves every bit as before they existed: out of the key at that default, so
+# adding them rebuilt no cached head.
+KEY_NEUTRAL_DEFAULTS = {"softmax_patience": 0}
+KEEP = object()  # never equal to a value, so settings not listed above always enter the key
+
+
 def head_settings(config: Config, kind: str) -> dict:
     """What changes a `kind` head: the shared [heads] fields, its own [heads.<kind>] table and the seed.
 
     The table's keys enter as `<kind>_<key>`, the names they had as flat [heads] keys, so a head
-    cached before the tables existed keeps its key.
+    cached before the tables existed keeps its key; KEY_NEUTRAL_DEFAULTS at their default stay out.
     """
     shared = {
         spec.name: getattr(config.heads, spec.name)
         for spec in dataclasses.fields(HeadsConfig)
         if spec.name not in STAGE_FIELDS
     }
-    own = {f"{kind}_{name}": value for name, value in dataclasses.asdict(config.heads.table(kind)).items()}
+    own = {
+        f"{kind}_{name}": value
+        for name, value in dataclasses.asdict(config.heads.table(kind)).items()
+        if KEY_NEUTRAL_DEFAULTS.get(f"{kind}_{name}", KEEP) != value
+    }
     return {"kind": kind, **shared, **own, "seed": config.runtime.seed}
 
 

@@ -46,11 +46,11 @@ def _resolution(report: dict) -> list[str]:
         else f"synthesised from DATA_DIR ({resolution['synthesised']} made by this run) in {resolution['folder']}"
     )
     low, high = resolution["shorter_sides"]
-    return [
+    line = (
         f"Full resolution: {resolution['images']} images, {where}; mean {resolution['mean_kib']:.1f} KiB, "
-        f"shorter side {low}-{high} px",
-        "",
-    ]
+        f"shorter side {low}-{high} px"
+    )
+    return [line, ""]
 
 
 def format_table(report: dict) -> str:

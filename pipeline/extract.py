@@ -216,20 +216,29 @@ def write_features(
 
 def _batch_features(model: nn.Module, jobs: list, batches: list, runtime: Runtime):
     """Features of each planned batch, in order: runtime.inference_streams batches at once, or one DataLoader's."""
-    pixel_jobs, normalisations = [], []
-    for job in jobs:
-        geometry, mean, std = uint8_transform(job.transform)
-        pixel_jobs.append(dataclasses.replace(job, transform=geometry))
-        normalisations.append((mean, std))
+    normalisations = [uint8_transform(job.transform)[1:] for job in jobs]
+
+    def features_of_rows(rows: list, images: torch.Tensor) -> numpy.ndarray:
+        return features_of(model, images, runtime, *normalisations[rows[0][0]])
+
+    return decoded_batches(jobs, batches, runtime, features_of_rows)
+
+
+def decoded_batches(jobs: list, batches: list, runtime: Runtime, then: Callable | None = None):
+    """The uint8 [N, H, W, 3] pixels of each planned batch, in order, decoded as `write_features` decodes
+    them (runtime.inference_streams streams, each decoding its own batches, or one DataLoader's workers);
+    with `then`, then(rows, pixels) of each instead, run where the batch was decoded under streams.
+    The bench times the decoding alone through here."""
+    pixel_jobs = [dataclasses.replace(job, transform=uint8_transform(job.transform)[0]) for job in jobs]
     dataset = JobsDataset(pixel_jobs)
     if runtime.inference_streams > 1:
 
-        def features_of_rows(rows: list) -> numpy.ndarray:
+        def decode_rows(rows: list):
             with torch.inference_mode():
                 images = torch.stack([dataset[row] for row in rows])
-                return features_of(model, images, runtime, *normalisations[rows[0][0]])
+                return then(rows, images) if then else images
 
-        return in_streams(features_of_rows, batches, runtime.inference_streams)
+        return in_streams(decode_rows, batches, runtime.inference_streams)
     # No loader (and no workers started) when a resumed file only lacked its completion mark.
     loader = (
         DataLoader(
@@ -242,10 +251,9 @@ def _batch_features(model: nn.Module, jobs: list, batches: list, runtime: Runtim
         if batches
         else []
     )
-    return (
-        features_of(model, images, runtime, *normalisations[rows[0][0]])
-        for rows, images in zip(batches, loader, strict=True)
-    )
+    if then is None:
+        return iter(loader)
+    return (then(rows, images) for rows, images in zip(batches, loader, strict=True))
 
 
 def _labelled(jobs: list, batches: list, results, feature_dim: int, progress: bool | None):

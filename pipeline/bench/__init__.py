@@ -10,6 +10,10 @@ when not measured or when the row has no target) and notes. Rows, in `SECTIONS` 
 - extraction: img/s of the features stage's own code path (extract.write_features over the jobs
   frozen.extraction_jobs builds) on a subset, over model-only forward img/s of those images, in
   paired rounds that alternate the two.
+- limit: the same extraction over the limit of cores that both decode and run the model,
+  1 / (t_decode + t_model), for every [features] backbone and a random-init ResNet-18, in paired rounds.
+- decode: the pixel path's decoder against DCT-scaled, PIL and torchvision decoding (speed on one
+  thread, pixel difference), and extraction's streams against DataLoader workers for decoding.
 - frozen: extract + every head kind in [heads] kinds (the features and heads stages' functions)
   against the notebook's protocol, timed on a few images and extrapolated to its 25 epochs; its
   accuracy is approximated on cached features of its own augmentations (the notes say so).
@@ -20,12 +24,15 @@ when not measured or when the row has no target) and notes. Rows, in `SECTIONS` 
 
 Everything temporary lives in `<cache root>/bench/work-<pid>-*` and is removed at the end; rows
 measured so far are kept in bench.partial.json, and bench.json is replaced atomically when all are done.
+With `--resolution full` the rows read full-size JPEGs, synthesised once from thumbnails into
+`<cache root>/bench/fullres-<digest>/` (fullres), or DATA_DIR's own when they are full-size.
 
 The bench is a tool over the library, not one of its stages (stages/bench.py only calls `main`). One job a
 module: options (BenchOptions and the flags), protocol (the warm-up counts and the notebook's numbers),
-notebook (the notebook's protocol, replicated), extraction, frozen, finetune, warm and memory (one row
-family each), rows (a row, its `met` rule and what the families share), statistics (the interval of a
-median), subsets (images spread over each split), runner (one run, bench.json) and report (the table).
+notebook (the notebook's protocol, replicated), extraction, limit, decoding, frozen, finetune, warm and
+memory (one row family each), fullres (the full-resolution images), rows (a row, its `met` rule and what
+the families share), statistics (the interval of a median), subsets (images spread over each split),
+runner (one run, bench.json) and report (the table).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from .statistics import median_interval
 from .subsets import proportional_counts, subset_index
 
 
-def _decoding(runtime: Runtime) -> str:
+def decoding_scheme(runtime: Runtime) -> str:
     """Where extraction decodes its images, for the notes."""
     if runtime.inference_streams > 1:
         return f"{runtime.inference_streams} streams decoding their own batches"
@@ -104,7 +104,7 @@ def extraction_rows(
                     [("ratio", ">=", 0.85)],
                     notes=f"extract.write_features over {rows} rows ({len(paths)} images of every split + "
                     f"{config.features.augmented_views} augmented views of the train ones, {len(jobs)} groups, "
-                    f"{_decoding(runtime)}, JPEG decode included) vs model-only forward over those "
+                    f"{decoding_scheme(runtime)}, JPEG decode included) vs model-only forward over those "
                     f"{len(paths)} images, in {options.rounds} paired rounds; ratio = median of the per-round "
                     f"ratios ({' / '.join(f'{value:.2f}' for value in ratios)}; 95% interval of the median "
                     f"{low:.2f}-{high:.2f}); extraction "

@@ -10,7 +10,14 @@ from pathlib import Path
 from ..errors import PipelineError
 from .protocol import NOTEBOOK_BATCH, WARMUP_STEPS
 
-SECTIONS = ("compute", "extraction", "frozen", "finetune", "warm", "memory")
+SECTIONS = ("compute", "extraction", "limit", "decode", "frozen", "finetune", "warm", "memory")
+# The rows a run measures without --rows: at the resolution given, the rows every figure so far comes
+# from; at full resolution, the rows about decoding (the limit, the decoders) and the memory rows.
+DEFAULT_ROWS = {
+    "given": ("compute", "extraction", "frozen", "finetune", "warm", "memory"),
+    "full": ("limit", "decode", "memory"),
+}
+RESOLUTIONS = tuple(DEFAULT_ROWS)
 
 
 class BenchError(PipelineError, ValueError):
@@ -34,7 +41,10 @@ class BenchOptions:
     finetune_rounds: int = 3  # finetune row: paired rounds (ours, notebook, ours, ...); ratio = their median
     memory_images: int = 1024  # memory row: the larger size; the smaller is half of it
     warm_timeout: float = 300.0  # warm row: seconds before the `stages.all` subprocess is stopped
-    rows: tuple = SECTIONS
+    rows: tuple = DEFAULT_ROWS["given"]
+    # "given": the images as DATA_DIR holds them; "full": full-resolution JPEGs (bench/fullres.py)
+    resolution: str = "given"
+    synthesise_all: bool = False  # full resolution: synthesise every image, not only those the rows read
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -116,8 +126,23 @@ def add_arguments(arguments: argparse.ArgumentParser) -> argparse.ArgumentParser
     arguments.add_argument(
         "--rows",
         type=_sections,
-        default=SECTIONS,
-        help=f"comma-separated rows to measure (default: all of {','.join(SECTIONS)})",
+        default=None,
+        help=f"comma-separated rows to measure, of {','.join(SECTIONS)} (default: "
+        + "; ".join(f"{','.join(rows)} with --resolution {name}" for name, rows in DEFAULT_ROWS.items())
+        + ")",
+    )
+    arguments.add_argument(
+        "--resolution",
+        choices=RESOLUTIONS,
+        default=defaults.resolution,
+        help="given: the images as DATA_DIR holds them; full: full-resolution JPEGs (shorter side 500 px), "
+        "synthesised once under <cache root>/bench/ from thumbnails, or DATA_DIR's own when full-size "
+        "(default: %(default)s)",
+    )
+    arguments.add_argument(
+        "--synthesise-all",
+        action="store_true",
+        help="with --resolution full: synthesise every image, not only those the rows read",
     )
 
     def refuse(message: str):
@@ -130,6 +155,8 @@ def add_arguments(arguments: argparse.ArgumentParser) -> argparse.ArgumentParser
 def options_from(parsed: argparse.Namespace) -> BenchOptions:
     if parsed.force:
         raise BenchError("--force does not apply to bench: it always measures afresh and never rebuilds the study")
+    if parsed.synthesise_all and parsed.resolution != "full":
+        raise BenchError("--synthesise-all applies only with --resolution full")
     if parsed.images < 8 * parsed.rounds:
         raise BenchError(f"--images {parsed.images} gives fewer than 8 images to each of --rounds {parsed.rounds}")
     return BenchOptions(
@@ -141,7 +168,9 @@ def options_from(parsed: argparse.Namespace) -> BenchOptions:
         steps=parsed.steps,
         finetune_rounds=parsed.finetune_rounds,
         memory_images=parsed.memory_images,
-        rows=tuple(parsed.rows),
+        rows=tuple(parsed.rows or DEFAULT_ROWS[parsed.resolution]),
+        resolution=parsed.resolution,
+        synthesise_all=parsed.synthesise_all,
     )
 
 

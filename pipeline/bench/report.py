@@ -35,10 +35,29 @@ def _machine(report: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _resolution(report: dict) -> list[str]:
+    """Where the full-resolution images came from (nothing at the resolution given)."""
+    resolution = report.get("resolution") or {}
+    if resolution.get("mode") != "full":
+        return []
+    where = (
+        "DATA_DIR's own, used as given"
+        if resolution["source"] == "given"
+        else f"synthesised from DATA_DIR ({resolution['synthesised']} made by this run) in {resolution['folder']}"
+    )
+    low, high = resolution["shorter_sides"]
+    line = (
+        f"Full resolution: {resolution['images']} images, {where}; mean {resolution['mean_kib']:.1f} KiB, "
+        f"shorter side {low}-{high} px"
+    )
+    return [line, ""]
+
+
 def format_table(report: dict) -> str:
     """The rows as a Markdown table with numbered notes below it, and where bench.json is."""
     lines = [
         *_machine(report),
+        *_resolution(report),
         "| # | what | ours | baseline | ratio | target | met |",
         "|---|---|---|---|---|---|---|",
     ]

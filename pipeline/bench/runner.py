@@ -14,9 +14,12 @@ from pathlib import Path
 from .. import atomic, calibration
 from ..config import Config
 from ..runtime import environment, resolve_runtime
+from .decoding import decode_rows
 from .extraction import extraction_rows
 from .finetune import finetune_rows
 from .frozen import frozen_row
+from .fullres import full_resolution_index
+from .limit import limit_rows
 from .memory import memory_rows
 from .options import SECTIONS, BenchOptions
 from .report import FOLDER, PARTIAL, RESULT
@@ -55,6 +58,10 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
     }
 
     def record(rows: list) -> None:
+        if options.resolution == "full":
+            for row in rows:
+                if row["section"] != "warm":  # the warm row times the study itself, at its own resolution
+                    row["what"] += " [full resolution]"
         report["rows"].extend(rows)
         atomic.write_json_atomic(folder / PARTIAL, report)
 
@@ -67,7 +74,13 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
         )
     graph = Graph(config, log=log)
     graph.run("download")
-    index = load_index(graph.directory(graph.units("download")[0]))
+    download = graph.units("download")[0]
+    index = load_index(graph.directory(download))
+    report["resolution"] = {"mode": options.resolution}
+    if options.resolution == "full":
+        # Every row below reads the same splits, pointed at full-size images (made once, then reused).
+        resolution = full_resolution_index(index, download.key, options, Path(config.cache.root), log)
+        index, report["resolution"] = resolution.index, resolution.to_json()
     report["subsets"] = {
         "extraction_images": sum(proportional_counts(index, options.images).values()),
         "test_images": options.test_images or len(index.image_ids["test"]),
@@ -81,6 +94,10 @@ def run(config: Config, options: BenchOptions, arguments: list[str] | None = Non
         work = Path(temporary)
         if {"compute", "extraction"} & set(options.rows):
             record([row for part in extraction_rows(config, runtime, index, options, work, log) for row in part])
+        if "limit" in options.rows:
+            record(limit_rows(config, runtime, index, options, work, log))
+        if "decode" in options.rows:
+            record(decode_rows(config, index, options, log))
         if "frozen" in options.rows:
             frozen = frozen_row(config, runtime, index, options, work, log)
             for row in report["rows"]:

@@ -24,6 +24,13 @@ class ConfigError(PipelineError, ValueError):
     """A bad configuration file, key or value (message is one line and says what to fix)."""
 
 
+def without_neutral_defaults(values: dict, neutral: dict) -> dict:
+    """`values` as they enter a cache key: a setting listed in `neutral` is left out while it equals the
+    default given there, a default that leaves every bit as before the setting existed, so adding it
+    rebuilt no cached unit."""
+    return {name: value for name, value in values.items() if not (name in neutral and value == neutral[name])}
+
+
 def setting(
     default: Any,
     doc: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .settings import setting
+from .settings import setting, without_neutral_defaults
 
 AUGMENTATIONS = ("none", "flip", "crop-flip", "trivialaugment", "randaugment")
 OPTIMIZERS = ("sgd", "adamw")
@@ -62,18 +62,13 @@ class TrainConfig:
     )
 
 
-# Settings whose default leaves every bit as it was before the setting existed: left out of cache keys at
-# that default, so adding them did not rebuild the end-to-end arms.
+# Settings whose default leaves every bit as before they existed (settings.without_neutral_defaults).
 KEY_NEUTRAL_DEFAULTS = {"validate_every": 1}
 
 
 def keyed_section(section: dict) -> dict:
     """A [finetune] or [cnn] section as it enters a cache key: key-neutral settings at their default left out."""
-    return {
-        name: value
-        for name, value in section.items()
-        if not (name in KEY_NEUTRAL_DEFAULTS and value == KEY_NEUTRAL_DEFAULTS[name])
-    }
+    return without_neutral_defaults(section, KEY_NEUTRAL_DEFAULTS)
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,15 @@ from ..head_kinds import HeadKind, get_head_kind
 from ..head_kinds.fitting import load_splits, refit, require_finite, save_head, select
 from ..head_kinds.linear import NORMALIZATIONS
 from ..runtime import Timings, environment, seed_everything
+from ..settings import without_neutral_defaults
 
 CODE_VERSION = "3"  # 2: softmax decays trained side by side, logistic on one BLAS thread; 3: predictions.npz
 # Fields that configure the stage as a whole, or that enter a key per kind (the tables), not as they are.
 STAGE_FIELDS = ("kinds", "tables")
 
 
-# Head settings whose default leaves every bit as before they existed: out of the key at that default, so
-# adding them rebuilt no cached head.
+# Head settings whose default leaves every bit as before they existed (settings.without_neutral_defaults).
 KEY_NEUTRAL_DEFAULTS = {"softmax_patience": 0}
-KEEP = object()  # never equal to a value, so settings not listed above always enter the key
 
 
 def head_settings(config: Config, kind: str) -> dict:
@@ -47,11 +46,8 @@ def head_settings(config: Config, kind: str) -> dict:
         for spec in dataclasses.fields(HeadsConfig)
         if spec.name not in STAGE_FIELDS
     }
-    own = {
-        f"{kind}_{name}": value
-        for name, value in dataclasses.asdict(config.heads.table(kind)).items()
-        if KEY_NEUTRAL_DEFAULTS.get(f"{kind}_{name}", KEEP) != value
-    }
+    table = {f"{kind}_{name}": value for name, value in dataclasses.asdict(config.heads.table(kind)).items()}
+    own = without_neutral_defaults(table, KEY_NEUTRAL_DEFAULTS)
     return {"kind": kind, **shared, **own, "seed": config.runtime.seed}
 
 

@@ -40,7 +40,7 @@ class TrainConfig:
     validate_every: int = setting(
         1,
         "Evaluate on val every this many epochs, and always after the last; only evaluated epochs can be "
-        "selected. On Flowers-102 (as many val as train images) a val pass costs about a fifth of a CPU epoch.",
+        "selected. On Flowers-102 (as many val as train images) a val pass is a large share of a CPU epoch.",
         minimum=1,
     )
     input_size: int = setting(0, "Input crop in pixels; 0 uses the backbone's native size.", minimum=0)

@@ -16,6 +16,7 @@ from .backbones import (
     Preprocessing,
     body_parameters,
     build_backbone,
+    freeze_leading_stages,
     get_backbone,
     head_parameters,
 )
@@ -114,12 +115,18 @@ def build_scratch_model(settings: CnnConfig, num_classes: int, input_size: int) 
 
 
 def build_finetune_model(
-    name: str, num_classes: int, pretrained: bool = True, weights_path: str | None = None, allow_download: bool = True
+    name: str,
+    num_classes: int,
+    pretrained: bool = True,
+    weights_path: str | None = None,
+    allow_download: bool = True,
+    frozen_stages: int = 0,
 ) -> tuple[nn.Module, BackboneSpec]:
     """A registered backbone with its pretrained weights (when it has any) and a fresh num_classes head.
 
     The head is replaced at the registry's `head_attribute` (`_fc` for EfficientNet), so no
-    1000-way ImageNet layer survives, used or not.
+    1000-way ImageNet layer survives, used or not. With `frozen_stages` ([finetune] frozen_stages),
+    the stem and that many leading stages get no gradient.
     """
     spec = get_backbone(name)
     model = build_backbone(
@@ -129,12 +136,17 @@ def build_finetune_model(
         num_classes=num_classes,
         allow_download=allow_download,
     )
+    freeze_leading_stages(model, spec, frozen_stages)
     return model, spec
 
 
 def finetune_groups(model: nn.Module, spec: BackboneSpec, backbone_lr_multiplier: float) -> list[dict]:
-    """Optimizer groups for fine-tuning: the new head at the full LR, the pretrained body at LR x multiplier."""
+    """Optimizer groups for fine-tuning: the new head at the full LR, the pretrained body at LR x multiplier.
+
+    Frozen parameters ([finetune] frozen_stages) stay out: no step, no weight decay, no optimizer state.
+    """
+    body = [parameter for parameter in body_parameters(model, spec) if parameter.requires_grad]
     return [
         {"name": "head", "params": head_parameters(model, spec), "lr_scale": 1.0},
-        {"name": "backbone", "params": body_parameters(model, spec), "lr_scale": backbone_lr_multiplier},
+        {"name": "backbone", "params": body, "lr_scale": backbone_lr_multiplier},
     ]

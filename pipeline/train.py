@@ -80,12 +80,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def set_train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
-    """model.train(), keeping BatchNorm layers in eval mode (statistics fixed) when asked."""
+    """model.train(), keeping BatchNorm layers in eval mode (statistics fixed) when asked, and every module
+    whose parameters are all frozen ([finetune] frozen_stages) in eval mode: a frozen stage computes as
+    the pretrained network did, with its statistics and without stochastic depth."""
     model.train()
-    if freeze_batchnorm:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    for module in model.modules():
+        frozen_norm = freeze_batchnorm and isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if frozen_norm or (module.training and _all_frozen(module)):
+            module.eval()
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    parameters = list(module.parameters())
+    return bool(parameters) and not any(parameter.requires_grad for parameter in parameters)
 
 
 def _prepare(inputs: torch.Tensor, runtime: Runtime) -> torch.Tensor:

@@ -63,7 +63,7 @@ class TrainConfig:
 
 
 # Settings whose default leaves every bit as before they existed (settings.without_neutral_defaults).
-KEY_NEUTRAL_DEFAULTS = {"validate_every": 1}
+KEY_NEUTRAL_DEFAULTS = {"validate_every": 1, "frozen_stages": 0}
 
 
 def keyed_section(section: dict) -> dict:
@@ -82,6 +82,13 @@ class FinetuneConfig(TrainConfig):
         "padding moves inside them and, with freeze_bn_stats, each frozen BatchNorm "
         "is computed by the convolution before it, saving a pass over the "
         "activations; rounding moves, so it is part of the key.",
+    )
+    frozen_stages: int = setting(
+        0,
+        "Keep the stem and this many leading stages of the pretrained body frozen (no gradient, no update, "
+        "in eval mode); backward stops where they end, so each step costs less. Stages as each family "
+        "defines them (EfficientNet block groups, ResNet layers); 0 trains everything.",
+        minimum=0,
     )
     linear_probe: bool = setting(False, "Fit the new head on frozen features first (LP-FT), then fine-tune from it.")
     probe_weight_decays: list = setting(

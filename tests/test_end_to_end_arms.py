@@ -259,3 +259,84 @@ def test_validate_every_enters_the_end_to_end_keys_only_when_changed(tiny_config
     assert default and default.keys() == changed.keys()
     assert all("validate_every" not in unit.settings[unit.stage] for unit in default.values())
     assert all(default[name].key != changed[name].key for name in default)
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-efficientnet", "efficientnet-lite0", "efficientnet-lite2"])
+def test_stage_map_covers_the_body_in_input_order(name):
+    from pipeline.backbones import stem_and_stages
+
+    model, spec = build_finetune_model(name, num_classes=5, pretrained=False)
+    groups = stem_and_stages(model, spec)
+    mapped = [parameter for group in groups for module in group for parameter in module.parameters()]
+    assert len({id(parameter) for parameter in mapped}) == len(mapped)  # no module in two stages
+    body = {id(parameter) for parameter in model.parameters()} - {id(p) for p in head_parameters(model, spec)}
+    assert {id(parameter) for parameter in mapped} <= body
+    if name.startswith("efficientnet-lite"):
+        # Lite0's block table has 7 rows of 1, 2, 2, 3, 3, 4, 1 blocks; Lite2's rounds them to 1, 3, 3, 4, 4, 5, 1.
+        expected = [1, 2, 2, 3, 3, 4, 1] if name.endswith("0") else [1, 3, 3, 4, 4, 5, 1]
+        assert [len(group) for group in groups[1:]] == expected
+
+
+def test_frozen_stages_get_no_gradient_no_update_and_keep_eval_mode():
+    from pipeline import train
+
+    torch.manual_seed(0)
+    model, spec = build_finetune_model("tiny-resnet", num_classes=5, pretrained=False, frozen_stages=1)
+    frozen = {id(parameter) for module in (model.stem, model.stages[0]) for parameter in module.parameters()}
+    trained = [parameter for parameter in model.parameters() if id(parameter) not in frozen]
+    assert frozen and all(parameter.requires_grad for parameter in trained)
+    groups = finetune_groups(model, spec, 0.1)
+    assert not frozen & {id(parameter) for group in groups for parameter in group["params"]}
+    statistics = model.stem[1].running_mean.clone()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    train.set_train_mode(model, freeze_batchnorm=False)
+    assert not model.stem.training and not model.stages[0].training and model.stages[1].training
+    optimizer = torch.optim.SGD([parameter for group in groups for parameter in group["params"]], lr=0.1)
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    after = model.state_dict()
+    assert all(parameter.grad is None for parameter in model.stem.parameters())
+    assert torch.equal(model.stem[1].running_mean, statistics)  # frozen BatchNorm statistics stay pretrained
+    stem_keys = [key for key in before if key.startswith(("stem.", "stages.0."))]
+    assert stem_keys and all(torch.equal(before[key], after[key]) for key in stem_keys)
+    assert not torch.equal(before["stages.1.conv1.weight"], after["stages.1.conv1.weight"])
+
+
+def test_frozen_stages_beyond_the_backbone_or_without_a_stage_map_fail_in_one_line():
+    from pipeline.backbones import BackboneError, freeze_leading_stages
+
+    with pytest.raises(BackboneError, match="has 2 stages; use 0 to 2"):
+        build_finetune_model("tiny-resnet", num_classes=5, pretrained=False, frozen_stages=3)
+    model, spec = build_finetune_model("tiny-resnet", num_classes=5, pretrained=False)
+    unmapped = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5))
+    with pytest.raises(BackboneError, match="no stage map"):
+        freeze_leading_stages(unmapped, spec, 1)
+
+
+def test_frozen_stages_enter_the_finetune_key_only_when_set(tiny_config, tmp_path):
+    def units(*overrides):
+        config = make_tiny_config(tiny_config.data.root, tmp_path / "cache", overrides)
+        return {unit.name: unit for unit in graph.Graph(config, log=lambda line: None).units("finetune")}
+
+    default, frozen = units(), units("finetune.frozen_stages=1")
+    assert all("frozen_stages" not in unit.settings["finetune"] for unit in default.values())
+    assert default and all(default[name].key != frozen[name].key for name in default)
+
+
+def test_finetune_stage_trains_with_frozen_stages(tiny_config, tmp_path):
+    config = make_tiny_config(tiny_config.data.root, tmp_path / "cache", ["finetune.frozen_stages=1"])
+    build_stage(config, "finetune")
+    from pipeline.runtime import seed_everything
+
+    result = read_result(config, "finetune", "tiny-resnet")
+    state = torch.load(
+        Path(config.cache.root) / "finetune" / "tiny-resnet" / "model.pt", map_location="cpu", weights_only=True
+    )
+    # The stage seeds before it builds: a fresh build under that seed is where every weight started.
+    seed_everything(config.runtime.seed)
+    start, _ = build_finetune_model("tiny-resnet", num_classes=6, pretrained=False)
+    initial = start.state_dict()
+    assert result["epochs_run"] == 3 and 0 <= result["test_top1"] <= 1
+    frozen = [key for key in initial if key.startswith(("stem.", "stages.0."))]
+    assert frozen and all(torch.equal(state[key], initial[key]) for key in frozen)
+    assert not torch.equal(state["stages.1.conv1.weight"], initial["stages.1.conv1.weight"])

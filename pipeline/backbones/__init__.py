@@ -26,6 +26,7 @@ from .spec import (
     WeightsUnavailableError,
     config_key,  # noqa: F401  (re-exported for callers writing [weights] hints)
 )
+from .stages import freeze_leading_stages, stem_and_stages
 from .testing import TinyResNet
 from .weights import (
     cache_dir,
@@ -53,6 +54,7 @@ __all__ = [
     "build_backbone",
     "cache_dir",
     "describe_backbones",
+    "freeze_leading_stages",
     "get_backbone",
     "get_head",
     "head_parameters",
@@ -62,6 +64,7 @@ __all__ = [
     "replace_head",
     "resolve_weights",
     "set_head",
+    "stem_and_stages",
     "strip_head",
     "weights_fingerprint",
     "weights_verified",

@@ -35,7 +35,9 @@ def finetune_rows(
         # The precision the finetune stage uses for this backbone (calibrated where auto on CPU).
         runtime = plan_runtime(config.runtime, finetune_workload(config, name, Path(config.cache.root)))
         weights = weights_path(config, name)
-        model, spec = build_finetune_model(name, config.data.num_classes, weights_path=weights)
+        model, spec = build_finetune_model(
+            name, config.data.num_classes, weights_path=weights, frozen_stages=settings.frozen_stages
+        )
         cpu_rewrites.for_training(model, runtime, settings, name)
         input_size = settings.input_size or spec.preprocessing.input_size
         stored_size = settings.stored_size or transforms.crop_sizes(spec.preprocessing, input_size)[0]
@@ -75,6 +77,7 @@ def finetune_rows(
             passes.append(backward_rate(model, inputs, labels, criterion, settings, runtime, options.steps))
         if "compute" in options.rows:
             folded = " and folded into the convolutions" if settings.freeze_bn_stats and settings.fold_batchnorm else ""
+            folded += f"; stem and {settings.frozen_stages} stage(s) frozen" if settings.frozen_stages else ""
             compute.append(
                 make_row(
                     "compute",
@@ -92,6 +95,11 @@ def finetune_rows(
         del model
         if "finetune" not in options.rows:
             continue
+        frozen = (
+            f"stem and {settings.frozen_stages} stage(s) frozen as the recipe has them, "
+            if settings.frozen_stages
+            else ""
+        )
         ours_epoch = train_images * float(numpy.median(ours_steps)) / settings.batch_size
         notebook_epoch = train_images * float(numpy.median(notebook_steps))
         ratio = float(numpy.median(round_ratios))
@@ -110,7 +118,8 @@ def finetune_rows(
                 f"{options.steps} steps after {WARMUP_STEPS} warm-up, timed before the notebook's first slice and "
                 f"after each ({' / '.join(f'{seconds:.3f}' for seconds in ours_steps)} s per step; uint8 cache, "
                 f"batched {settings.augmentation}, batch "
-                f"{settings.batch_size}, {runtime.precision}, channels_last {runtime.channels_last}, optimizer"
+                f"{settings.batch_size}, {runtime.precision}, channels_last {runtime.channels_last}, "
+                f"{frozen}optimizer"
                 f"{' + EMA' if settings.ema_decay else ''}). Notebook: fp32, batch 4, PIL decode + "
                 f"RandomResizedCrop/flip per step via DataLoader, SGD 0.001 momentum 0.9, {notebook_images} images "
                 f"after {WARMUP_STEPS} warm-up batches per slice "

@@ -139,7 +139,9 @@ def build(context: BuildContext, choose_train: Callable | None = None, extra: di
         weights_path, weights_sha256 = _weights_identity(config, name, allow_download=True)
         # The data's class count: [data] num_classes may be 0 ("from the data") for other dataset kinds.
         num_classes = len(data.load_index(context.input_directory("download")).class_names)
-        model, spec = build_finetune_model(name, num_classes, weights_path=weights_path)
+        model, spec = build_finetune_model(
+            name, num_classes, weights_path=weights_path, frozen_stages=settings.frozen_stages
+        )
         cpu_rewrites.for_training(model, runtime, settings, name)
     # The key this build's checkpoint answers to, with the real weights hash even right after a download.
     unit = context.unit

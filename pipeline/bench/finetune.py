@@ -29,6 +29,7 @@ def finetune_rows(
     from ..models import build_finetune_model
 
     settings = config.finetune
+    frozen_stages = f"stem and {settings.frozen_stages} stage(s) frozen" if settings.frozen_stages else ""
     compute, epochs = [], []
     train_images = len(index.image_ids["train"])
     for name in settings.backbones:
@@ -77,7 +78,7 @@ def finetune_rows(
             passes.append(backward_rate(model, inputs, labels, criterion, settings, runtime, options.steps))
         if "compute" in options.rows:
             folded = " and folded into the convolutions" if settings.freeze_bn_stats and settings.fold_batchnorm else ""
-            folded += f"; stem and {settings.frozen_stages} stage(s) frozen" if settings.frozen_stages else ""
+            folded += f"; {frozen_stages}" if frozen_stages else ""
             compute.append(
                 make_row(
                     "compute",
@@ -95,11 +96,6 @@ def finetune_rows(
         del model
         if "finetune" not in options.rows:
             continue
-        frozen = (
-            f"stem and {settings.frozen_stages} stage(s) frozen as the recipe has them, "
-            if settings.frozen_stages
-            else ""
-        )
         ours_epoch = train_images * float(numpy.median(ours_steps)) / settings.batch_size
         notebook_epoch = train_images * float(numpy.median(notebook_steps))
         ratio = float(numpy.median(round_ratios))
@@ -119,7 +115,7 @@ def finetune_rows(
                 f"after each ({' / '.join(f'{seconds:.3f}' for seconds in ours_steps)} s per step; uint8 cache, "
                 f"batched {settings.augmentation}, batch "
                 f"{settings.batch_size}, {runtime.precision}, channels_last {runtime.channels_last}, "
-                f"{frozen}optimizer"
+                f"{frozen_stages + ' as the recipe has them, ' if frozen_stages else ''}optimizer"
                 f"{' + EMA' if settings.ema_decay else ''}). Notebook: fp32, batch 4, PIL decode + "
                 f"RandomResizedCrop/flip per step via DataLoader, SGD 0.001 momentum 0.9, {notebook_images} images "
                 f"after {WARMUP_STEPS} warm-up batches per slice "

@@ -2,4 +2,5 @@ import sys
 
 from pipeline.cli import run_all
 
-sys.exit(run_all())
+if __name__ == "__main__":
+    sys.exit(run_all())

@@ -2,4 +2,5 @@ import sys
 
 from pipeline.cli import run_stage
 
-sys.exit(run_stage("cnn"))
+if __name__ == "__main__":
+    sys.exit(run_stage("cnn"))

@@ -2,4 +2,5 @@ import sys
 
 from pipeline.cli import print_settings
 
-sys.exit(print_settings())
+if __name__ == "__main__":
+    sys.exit(print_settings())

@@ -9,6 +9,7 @@ pipeline/settings.py). A section may hold sub-tables: [heads] holds one per regi
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,20 @@ class CurvesConfig:
         "Also run the end-to-end arms (finetune, cnn) on the subsets, each with its own recipe (hours on a "
         "CPU at full size; in one process).",
     )
+    workers: int = setting(
+        0,
+        "Processes that build the frozen curve points side by side, each on one torch thread; 0 = one per "
+        "CPU core this process may use, 1 = one after another in this process. Changes no output, so it "
+        "is in no cache key (end-to-end points and torchrun runs stay in one process).",
+        minimum=0,
+    )
+
+    def worker_count(self) -> int:
+        """`workers` resolved: 0 becomes the CPU cores this process may run on."""
+        if self.workers:
+            return self.workers
+        # The affinity mask, not the machine's count: a pinned or containerised run gets only its own cores.
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     def __post_init__(self):
         points = self.labels_per_class

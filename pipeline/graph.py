@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -99,6 +100,12 @@ class Stage:
     # Under torchrun: True if every rank runs `build` (it splits the work itself and writes its final
     # files from rank 0); False if rank 0 builds alone while the others wait.
     distributed: bool = False
+    # Worker processes that may build this stage's units side by side (Graph.run), for a config; None or a
+    # result of 1: one after another in this process. Only for small units independent of each other whose
+    # numbers do not depend on torch's thread count, since each worker computes on one torch thread.
+    parallel_workers: Callable[[Config], int] | None = None
+    # Which of its units may go to a worker; the others are built in this process afterwards. None: all.
+    parallel_unit: Callable[[Unit], bool] | None = None
 
 
 class StageError(PipelineError, RuntimeError):
@@ -188,7 +195,85 @@ class Graph:
 
     def run(self, stage_name: str, force: bool = False) -> list[dict]:
         """Make every unit of a stage valid (building invalid inputs first); returns their manifests."""
+        stage = get_stage(stage_name)
+        workers = 1 if stage.parallel_workers is None else stage.parallel_workers(self.config)
+        # Under torchrun the ranks already share the machine, and they build each unit together.
+        if workers > 1 and not distributed.active():
+            return self._run_in_workers(stage, workers, force)
         return [self.ensure(unit, force=force) for unit in self.units(stage_name)]
+
+    def _run_in_workers(self, stage: Stage, workers: int, force: bool) -> list[dict]:
+        """run() with the stage's invalid units built by up to `workers` processes side by side.
+
+        Inputs are made valid here first, so each is built once and no worker waits on another's
+        lock; the units no worker may take, and those found valid, go the sequential way.
+        """
+        for unit in self.units(stage.name):
+            for _, upstream in unit.inputs:
+                self.ensure(upstream)
+        # Building an input can change keys (the download stage's data fingerprint); a worker plans afresh too.
+        self._plans.clear()
+        units = self.units(stage.name)
+        queued = [
+            unit
+            for unit in units
+            if (stage.parallel_unit is None or stage.parallel_unit(unit)) and (force or self.status(unit) is not None)
+        ]
+        built = self._build_in_workers(queued, min(workers, len(queued)), force) if len(queued) > 1 else {}
+        return [built[unit.name] if unit.name in built else self.ensure(unit, force=force) for unit in units]
+
+    def _build_in_workers(self, units: list, workers: int, force: bool) -> dict[str, dict]:
+        """Build `units` in a pool of `workers` processes; returns {unit name: manifest}.
+
+        A failure starts no further unit (as a sequential run stops at its first), lets the running ones
+        finish (they stay cached) and is raised here as the worker raised it, the first in plan order.
+        An interrupt here stops every worker at once: their units, unfinished, are rebuilt next time.
+        """
+        import concurrent.futures
+        import multiprocessing
+
+        # Spawn, not fork: a forked child would inherit torch's thread pools (and any lock they hold) mid-state.
+        context = multiprocessing.get_context("spawn")
+        lines, stop = context.SimpleQueue(), context.Event()
+        self.log(f"[{units[0].stage}] building {len(units)} units in {workers} worker processes")
+        executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_start_worker, initargs=(self.config, self.cache_root, lines, stop)
+        )
+
+        def relay() -> None:
+            while not lines.empty():
+                self.log(lines.get())
+
+        built, failures = {}, {}
+        try:
+            futures = {
+                executor.submit(_build_in_worker, unit.stage, unit.name, unit.key, force): unit for unit in units
+            }
+            pending = set(futures)
+            while pending:
+                done, pending = concurrent.futures.wait(
+                    pending, timeout=0.2, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                relay()
+                for future in done:
+                    if future.cancelled():
+                        continue
+                    if future.exception() is None:
+                        built[futures[future].name] = future.result()
+                        continue
+                    failures[futures[future].name] = future.exception()
+                    for waiting in pending:
+                        waiting.cancel()
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+            relay()
+        for unit in units:
+            if unit.name in failures:
+                raise failures[unit.name]
+        return built
 
     def ensure(self, unit: Unit, force: bool = False) -> dict:
         for _, upstream in unit.inputs:
@@ -308,6 +393,47 @@ class Graph:
                     if cache.invalidate(directory) or had_memos:
                         dropped.append(directory.name)
         return dropped
+
+
+# The graph of a worker process (Graph._build_in_workers), set up once by _start_worker.
+_worker_graph: Graph | None = None
+
+
+def _start_worker(config: Config, cache_root: Path, lines, stop) -> None:
+    """Set up a worker process: one torch thread, its own graph logging through `lines`, and an exit
+    as soon as the parent sets `stop` or is gone."""
+    global _worker_graph
+    import signal
+    import threading
+
+    import torch
+
+    # The workers together use the cores one sequential build would: one torch thread each. Numpy's BLAS
+    # keeps its default, as in a sequential build, since its rounding depends on its thread count.
+    torch.set_num_threads(1)
+    # Ctrl-C is the parent's to handle (it sets `stop`), so an idle worker prints no traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_on_stop, args=(stop, os.getppid()), daemon=True).start()
+    _worker_graph = Graph(config, cache_root, log=lines.put)
+
+
+def _exit_on_stop(stop, parent: int) -> None:
+    """End the worker at once when told or orphaned (its parent killed): like a killed sequential run, the
+    unit it was building has no manifest and is rebuilt next time, and its lock goes with the process."""
+    while not stop.wait(1.0) and os.getppid() == parent:
+        pass
+    os._exit(1)
+
+
+def _build_in_worker(stage_name: str, unit_name: str, key: str, force: bool) -> dict:
+    """Make one unit valid in a worker (its inputs are valid already); returns its manifest."""
+    unit = _worker_graph.unit(stage_name, unit_name)
+    if unit.key != key:  # the worker must build exactly what the parent found invalid
+        raise StageError(
+            f"[{stage_name}] {unit_name}: a worker process planned key {unit.key[:8]}, the run {key[:8]}; "
+            "rerun with one worker"
+        )
+    return _worker_graph._ensure(unit, force, every_rank=False)
 
 
 def read_json(path: Path) -> Any:

@@ -138,6 +138,17 @@ def build(context: BuildContext) -> BuildResult:
     return get_stage(settings["arm_stage"]).build(point, **options)
 
 
+def workers(config: Config) -> int:
+    """[curves] workers, resolved: the processes that build the frozen points side by side."""
+    return config.curves.worker_count()
+
+
+def frozen_point(unit: Unit) -> bool:
+    """Whether a point may be built in a worker: a frozen head's, which runs as well on one torch thread;
+    an end-to-end arm's training wants every core of its one process."""
+    return unit.settings["arm_stage"] == heads.STAGE.name
+
+
 STAGE = register_stage(
     Stage(
         name="curves",
@@ -145,5 +156,7 @@ STAGE = register_stage(
         code_version=CODE_VERSION,
         plan=plan,
         build=build,
+        parallel_workers=workers,
+        parallel_unit=frozen_point,
     )
 )

@@ -148,7 +148,7 @@ def test_an_interrupted_or_killed_run_stops_its_workers_and_keeps_finished_point
     root = tmp_path / "cache"
     shutil.copytree(features_built, root)
     # Long enough softmax searches that a signal finds points in flight.
-    overrides = (*STUDY, "curves.workers=2", "heads.softmax.epochs=3000")
+    overrides = (*STUDY, "curves.workers=2", "heads.softmax.epochs=1000")
     command = [sys.executable, "-m", "stages.curves", *stage_arguments(fake_flowers_session, root, *overrides)]
     log = tmp_path / "log.txt"
     for stop in (signal.SIGINT, signal.SIGKILL):

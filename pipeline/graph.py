@@ -208,19 +208,24 @@ class Graph:
         Inputs are made valid here first, so each is built once and no worker waits on another's
         lock; the units no worker may take, and those found valid, go the sequential way.
         """
-        for unit in self.units(stage.name):
-            for _, upstream in unit.inputs:
-                self.ensure(upstream)
+        upstreams = {(up.stage, up.name): up for unit in self.units(stage.name) for _, up in unit.inputs}
+        for upstream in upstreams.values():
+            self.ensure(upstream)
         # Building an input can change keys (the download stage's data fingerprint); a worker plans afresh too.
         self._plans.clear()
         units = self.units(stage.name)
-        queued = [
-            unit
-            for unit in units
-            if (stage.parallel_unit is None or stage.parallel_unit(unit)) and (force or self.status(unit) is not None)
-        ]
+        allowed = {unit.name for unit in units if stage.parallel_unit is None or stage.parallel_unit(unit)}
+        queued = [unit for unit in units if unit.name in allowed and (force or self.status(unit) is not None)]
         built = self._build_in_workers(queued, min(workers, len(queued)), force) if len(queued) > 1 else {}
-        return [built[unit.name] if unit.name in built else self.ensure(unit, force=force) for unit in units]
+        manifests = []
+        for unit in units:
+            if unit.name in built:
+                manifests.append(built[unit.name])
+            elif unit.name in allowed:  # its inputs are valid already: only the unit is checked (and said cached)
+                manifests.append(self._ensure(unit, force, every_rank=False))
+            else:
+                manifests.append(self.ensure(unit, force=force))
+        return manifests
 
     def _build_in_workers(self, units: list, workers: int, force: bool) -> dict[str, dict]:
         """Build `units` in a pool of `workers` processes; returns {unit name: manifest}.

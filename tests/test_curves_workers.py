@@ -17,7 +17,7 @@ from helpers import PROJECT, make_tiny_config, stage_arguments
 
 from pipeline import cache, evaluate
 from pipeline.errors import CacheError
-from pipeline.graph import Graph
+from pipeline.graph import Graph, get_stage
 
 # One backbone and every head kind: twelve small points, enough to keep two workers busy.
 STUDY = ('features.backbones=["tiny-resnet"]', 'heads.kinds=["softmax", "logistic", "knn"]')
@@ -35,6 +35,17 @@ def test_workers_enter_no_key(tmp_path, fake_flowers_session):
     assert [unit.key for unit in Graph(one).units("curves")] == [unit.key for unit in Graph(two).units("curves")]
     assert one.curves.worker_count() == 1 and two.curves.worker_count() == 2
     assert config_with(fake_flowers_session, tmp_path / "cache", 0).curves.worker_count() >= 1
+
+
+def test_only_frozen_points_go_to_workers(tmp_path, fake_flowers_session):
+    config = config_with(fake_flowers_session, tmp_path / "cache", 2, "curves.end_to_end=true")
+    stage = get_stage("curves")
+    assert stage.parallel_workers(config) == 2
+    chosen = {unit.name: stage.parallel_unit(unit) for unit in Graph(config).units("curves")}
+    assert [name for name, frozen in chosen.items() if not frozen] == [
+        name for name in chosen if name.startswith(("scratch-", "finetune-"))
+    ]
+    assert sum(chosen.values()) == 12
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +100,7 @@ def test_workers_build_what_one_process_builds(features_twice, fake_flowers_sess
     parallel.run("curves")
     assert sum(line.startswith("[curves]") and ": cached (key" in line for line in lines) == 12
     assert not any("worker" in line or "building" in line for line in lines)
+    assert sum(line.startswith("[features] tiny-resnet: cached") for line in lines) == 1  # checked once, not per point
 
 
 @pytest.mark.slow

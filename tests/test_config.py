@@ -48,6 +48,7 @@ def test_shipped_configs_load_apply_every_value_and_round_trip(name):
         ({"data": {"expected_split_sizes": [1, 2]}}, "three positive integers"),
         ({"heads": {"logistic": {"cs": [0.0]}}}, "[heads.logistic] cs values must be > 0"),
         ({"heads": {"softmax": {"weight_decays": []}}}, "[heads.softmax] weight_decays must list at least one value"),
+        ({"heads": {"softmax": {"weight_decays": [0.0, 100.0]}}}, "[heads.softmax] lr x weight decay must be below 1"),
         ({"heads": {"knn": {"temperatures": [0.07, 0.0]}}}, "[heads.knn] temperatures values must be > 0"),
         ({"heads": {"knn": {"ks": [0]}}}, "[heads.knn] ks = 0 is too small; it must be >= 1"),
         ({"heads": {"knn": {"k": 5}}}, "unknown key [heads.knn] k; known keys: ks, temperatures"),
@@ -111,8 +112,9 @@ def test_head_tables_override_one_key_and_keep_the_rest():
 
 
 def test_floats_accept_integers_and_lists_are_copied():
-    config = config_from_dict({"heads": {"softmax": {"lr": 1}, "logistic": {"cs": [1, 2]}}})
+    config = config_from_dict({"heads": {"softmax": {"lr": 1, "weight_decays": [0, 0.5]}, "logistic": {"cs": [1, 2]}}})
     assert config.heads.table("softmax").lr == 1.0 and isinstance(config.heads.table("softmax").lr, float)
+    assert config.heads.table("softmax").weight_decays == [0.0, 0.5]
     assert config.heads.table("logistic").cs == [1.0, 2.0]
     assert Config().features.backbones is not Config().features.backbones
 

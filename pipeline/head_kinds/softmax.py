@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy
 
-from ..settings import check_grid, setting
+from ..settings import ConfigError, check_grid, setting
 from . import HeadKind, Problem
 from .linear import Normalizer, accuracy, best_on_val, normalized_splits
 
@@ -37,6 +37,14 @@ class SoftmaxSettings:
 
     def __post_init__(self):
         check_grid(TABLE, "weight_decays", self.weight_decays)
+        # Each step scales the weights by 1 - lr x decay (decoupled decay): at 1 or above they would
+        # vanish or flip sign instead of shrinking.
+        largest = max(self.weight_decays)
+        if self.lr * largest >= 1:
+            raise ConfigError(
+                f"[{TABLE}] lr x weight decay must be below 1 (each step scales the weights by 1 - lr x decay); "
+                f"got lr {self.lr} and weight decay {largest}: lower one of them"
+            )
 
 
 # --- training -----------------------------------------------------------------------------------------

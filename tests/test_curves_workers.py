@@ -37,6 +37,22 @@ def test_workers_enter_no_key(tmp_path, fake_flowers_session):
     assert config_with(fake_flowers_session, tmp_path / "cache", 0).curves.worker_count() >= 1
 
 
+def test_automatic_workers_fit_the_available_memory(tmp_path, monkeypatch):
+    from pipeline import config as config_module
+    from pipeline.config import WORKER_MEMORY_BYTES, CurvesConfig, available_memory_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    3145728 kB\n")
+    assert available_memory_bytes(meminfo) == 3 * 2**30
+    assert available_memory_bytes(tmp_path / "absent") is None
+    monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    for available, expected in ((None, 64), (2 * WORKER_MEMORY_BYTES + 1, 2), (WORKER_MEMORY_BYTES // 2, 1)):
+        monkeypatch.setattr(config_module, "available_memory_bytes", lambda available=available: available)
+        assert CurvesConfig(workers=0).worker_count() == expected
+    # An explicit count is the user's: no cap.
+    assert CurvesConfig(workers=16).worker_count() == 16
+
+
 def test_only_frozen_points_go_to_workers(tmp_path, fake_flowers_session):
     config = config_with(fake_flowers_session, tmp_path / "cache", 2, "curves.end_to_end=true")
     stage = get_stage("curves")

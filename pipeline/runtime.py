@@ -116,7 +116,7 @@ def plan_runtime(settings: RuntimeConfig, workload: calibration.Workload | None 
         elif device == "cpu":
             # Without a workload to measure (the bench's shared runtime): bf16 only where the ISA has
             # native bf16 math (AVX512-BF16 / AMX), which is right for most but not all networks.
-            precision = "bf16" if _cpu_has_native_bf16() else "fp32"
+            precision = "bf16" if calibration.native_bf16() else "fp32"
         else:
             precision = "fp32"
     if precision == "fp16" and not device.startswith("cuda"):
@@ -133,15 +133,6 @@ def plan_runtime(settings: RuntimeConfig, workload: calibration.Workload | None 
         float32_depthwise=settings.float32_depthwise and device == "cpu" and precision == "bf16",
         inference_streams=streams,
     )
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def seed_everything(seed: int) -> None:

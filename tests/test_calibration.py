@@ -33,6 +33,8 @@ def timings(monkeypatch):
         return dict(rates)
 
     monkeypatch.setattr(calibration, "measure_rates", fake)
+    # As on a CPU whose flags say nothing of bf16, so that the decision is measured whatever this one has.
+    monkeypatch.setattr(calibration, "native_bf16", lambda: None)
     return rates, measured
 
 
@@ -53,6 +55,25 @@ def test_faster_option_is_chosen_and_read_back_without_measuring(tmp_path, timin
     record = json.loads(path.read_text())
     assert record["identity"] == calibration.machine_identity()
     assert record["decisions"]["tiny inference batch 2 16px channels_last"]["rates"] == FAST
+
+
+def test_cpu_without_bf16_instructions_keeps_fp32_without_measuring(tmp_path, timings, monkeypatch, capsys):
+    monkeypatch.setattr(calibration, "native_bf16", lambda: False)
+    assert auto_precision(tiny_workload(tmp_path)) == "fp32"
+    assert timings[1] == []
+    [path] = (tmp_path / calibration.FOLDER).iterdir()
+    [decision] = json.loads(path.read_text())["decisions"].values()
+    assert decision["rates"] == {} and "emulated" in decision["rule"]
+    assert "no bf16 instructions: bf16 is emulated -> fp32 (not measured" in capsys.readouterr().out
+
+
+def test_native_bf16_reads_the_flags(monkeypatch):
+    monkeypatch.setattr(calibration, "_cpuinfo", lambda: ("Zen 2", {"avx2", "fma"}))
+    assert calibration.native_bf16() is False
+    monkeypatch.setattr(calibration, "_cpuinfo", lambda: ("Sapphire Rapids", {"avx512f", "amx_bf16"}))
+    assert calibration.native_bf16() is True
+    monkeypatch.setattr(calibration, "_cpuinfo", lambda: ("unknown", None))
+    assert calibration.native_bf16() is None
 
 
 def test_near_tie_keeps_fp32(tmp_path, timings):
@@ -120,4 +141,4 @@ def test_bench_table_names_the_cpu_and_the_decisions_in_force():
     table = format_table({**report, "rows": []})
     header = table.splitlines()[:2]
     assert header[0].startswith(f"CPU: {calibration.cpu_identity()['cpu_model']} (")
-    assert header[1].endswith("lite inference batch 8 224px channels_last: fp32 (bf16 10.0, fp32 50.0 img/s)")
+    assert header[1].endswith("lite inference batch 8 224px channels_last: fp32 (bf16 10.0 img/s, fp32 50.0 img/s)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .. import calibration
+
 FOLDER = "bench"
 RESULT = "bench.json"
 PARTIAL = "bench.partial.json"
@@ -26,9 +28,7 @@ def _machine(report: dict) -> list[str]:
         lines.append(
             "precision = auto, measured here: "
             + "; ".join(
-                f"{label}: {decision['precision']} ("
-                + ", ".join(f"{name} {rate:.1f}" for name, rate in decision["rates"].items())
-                + " img/s)"
+                f"{label}: {decision['precision']} ({calibration.describe(decision)})"
                 for label, decision in sorted(decisions.items())
             )
         )

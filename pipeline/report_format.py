@@ -64,10 +64,11 @@ def points(value, low, high) -> str:
 
 
 def p_value(p: float) -> str:
-    """Three decimals, or two significant digits below 0.001 (`< 1e-300` where it underflows)."""
+    """Three decimals, or two significant digits below 0.001; `< 1e-300` below that, where the binomial
+    tail nears float64's smallest numbers and loses its digits (a table of 1,827 against 207 gave 9.9e-324)."""
     if p >= 0.001:
         return f"{p:.3f}"
-    return f"{p:.1e}" if p > 0 else "< 1e-300"
+    return f"{p:.1e}" if p >= 1e-300 else "< 1e-300"
 
 
 def spread(mean, sd, scale: float, decimals: int) -> str:

@@ -41,6 +41,14 @@ def test_the_interval_is_seeded_and_holds_its_estimate():
     assert first["test_mean_per_class"]["estimate"] == pytest.approx(metrics["mean_per_class"])
 
 
+def test_p_values_near_float_underflow_are_shown_as_a_bound():
+    from pipeline.report_format import p_value
+
+    assert p_value(0.0123) == "0.012" and p_value(3.6e-37) == "3.6e-37"
+    tiny = statistics.mcnemar([1] * 1827 + [0] * 207, [0] * 1827 + [1] * 207)["p"]
+    assert tiny < 1e-300 and p_value(tiny) == "< 1e-300"
+
+
 def test_mcnemar_equals_the_hand_computed_exact_binomial_value():
     # 1 image only the first arm got right, 6 only the second, 3 both, 2 neither:
     # p = 2 * P(X <= 1 | n = 7, 1/2) = 2 * (1 + 7) / 2**7 = 0.125.

@@ -31,7 +31,8 @@ from ..graph import BuildContext, BuildResult, Stage, Unit, read_json, register_
 from ..report_render import HTML, MARKDOWN, RESULTS_CSV, RESULTS_JSON, SUMMARY_JSON, UNIT
 from ..results import RECORD_FIELDS, RESULT, best_arm, make_record, summarize
 
-CODE_VERSION = "5"  # 4: intervals, paired comparisons and the generated answer; 5: label-efficiency curves
+CODE_VERSION = "6"  # 4: intervals, paired comparisons and the generated answer; 5: label-efficiency curves;
+# 6: p-values below 1e-300 shown as a bound
 
 
 def _samples_state(graph) -> dict:

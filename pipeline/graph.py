@@ -241,6 +241,7 @@ class Graph:
         context = multiprocessing.get_context("spawn")
         lines, stop = context.SimpleQueue(), context.Event()
         self.log(f"[{units[0].stage}] building {len(units)} units in {workers} worker processes")
+        started = time.perf_counter()
         executor = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=context, initializer=_start_worker, initargs=(self.config, self.cache_root, lines, stop)
         )
@@ -278,6 +279,8 @@ class Graph:
         for unit in units:
             if unit.name in failures:
                 raise failures[unit.name]
+        # The units' own times overlap; this is the wall time the stage's user waited for them.
+        self.log(f"[{units[0].stage}] built {len(units)} units in {time.perf_counter() - started:.1f} s")
         return built
 
     def ensure(self, unit: Unit, force: bool = False) -> dict:

@@ -149,6 +149,19 @@ def test_end_to_end_switch(tmp_path, fake_flowers_session):
     ]
 
 
+def test_a_new_code_version_of_the_arms_stage_rebuilds_its_points(tmp_path, fake_flowers_session, monkeypatch):
+    from pipeline.stages import cnn, heads
+
+    config = make_tiny_config(fake_flowers_session, tmp_path / "cache", ("curves.end_to_end=true",))
+    before = {unit.name: (unit.settings["arm_stage"], unit.key) for unit in Graph(config).units("curves")}
+    monkeypatch.setattr(heads, "CODE_VERSION", heads.CODE_VERSION + "-next")
+    monkeypatch.setattr(cnn, "CODE_VERSION", cnn.CODE_VERSION + "-next")
+    after = {unit.name: unit.key for unit in Graph(config).units("curves")}
+    changed = {stage for name, (stage, key) in before.items() if after[name] != key}
+    unchanged = {stage for name, (stage, key) in before.items() if after[name] == key}
+    assert changed == {"heads", "cnn"} and unchanged == {"finetune"}
+
+
 def test_an_end_to_end_point_runs_its_arms_recipe_on_the_subset(tmp_path, fake_flowers_session):
     config = make_tiny_config(
         fake_flowers_session,

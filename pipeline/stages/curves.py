@@ -25,7 +25,8 @@ from ..config import Config, ConfigError
 from ..graph import BuildContext, BuildResult, Stage, Unit, get_stage, register_stage
 from . import heads
 
-CODE_VERSION = "2"  # 2: a point may reuse an equal unit's selection memo (result.json names it)
+CODE_VERSION = "3"  # 2: a point may reuse an equal unit's selection memo (result.json names it);
+# 3: the arm stage's code version is in every point's key
 # Names the subset-drawing rule in every key, so a change to it can never reuse old points.
 SUBSET_RULE = "nested-stratified-v1"
 # Mixed into each seed so the subsets do not share a random stream with anything else seeded by it.
@@ -65,7 +66,9 @@ def _subset_config(config: Config) -> Config:
 
 
 def _point(stage_unit: Unit, name: str, per_class: int) -> Unit:
-    """A curve point of an arm's own unit: its settings and inputs, plus the labels per class and the rule."""
+    """A curve point of an arm's own unit: its settings, inputs and code version, plus the labels per class
+    and the rule. The point is built by the arm's stage code, so a change to that code that rebuilds the
+    arm rebuilds its points too."""
     return Unit(
         stage="curves",
         name=name,
@@ -73,6 +76,7 @@ def _point(stage_unit: Unit, name: str, per_class: int) -> Unit:
         settings={
             **stage_unit.settings,
             "arm_stage": stage_unit.stage,
+            "arm_code_version": stage_unit.code_version,
             "labels_per_class": per_class,
             "subset": SUBSET_RULE,
         },

@@ -149,6 +149,33 @@ def test_end_to_end_switch(tmp_path, fake_flowers_session):
     ]
 
 
+@pytest.mark.parametrize("stage, point", [("cnn", "scratch-bn-cnn"), ("finetune", "finetune-tiny-resnet")])
+def test_the_whole_train_end_to_end_point_trains_exactly_as_its_arm(tmp_path, fake_flowers_session, stage, point):
+    # The premise for ever reusing the arm as its whole-train seed-0 point: the same rows, order and seed.
+    config = make_tiny_config(
+        fake_flowers_session,
+        tmp_path / "cache",
+        (
+            "curves.end_to_end=true",
+            "curves.labels_per_class=[4]",
+            "curves.seeds=1",
+            "cnn.epochs=2",
+            "finetune.epochs=1",
+        ),
+    )
+    graph = Graph(config, log=lambda line: None)
+    arm, whole = graph.units(stage)[0], graph.unit("curves", f"{point}-n4-seed0")
+    graph.ensure(arm)
+    graph.ensure(whole)
+    results_of = [json.loads((graph.directory(unit) / evaluate.RESULT).read_text()) for unit in (arm, whole)]
+    assert results_of[1]["train_images"] == results_of[0]["train_images"] == 24
+    assert results_of[1]["test_top1"] == results_of[0]["test_top1"]
+    losses = [[(row["train_loss"], row["val_loss"]) for row in result["history"]] for result in results_of]
+    assert losses[0] == losses[1] and len(losses[0]) >= 1
+    predictions = [evaluate.read_predictions(graph.directory(unit)).predicted for unit in (arm, whole)]
+    assert numpy.array_equal(*predictions)
+
+
 def test_a_new_code_version_of_the_arms_stage_rebuilds_its_points(tmp_path, fake_flowers_session, monkeypatch):
     from pipeline.stages import cnn, heads
 

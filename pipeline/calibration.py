@@ -10,8 +10,8 @@ identity (CPU model, the flags that matter, core count, torch version). The prec
 keys, so a stored decision always wins over a new measurement: measuring again on the same machine
 could flip a near tie and rebuild caches. A different machine identity gets its own file and
 measures again. On a CPU whose flags show no bf16 instructions (AVX2-only x86, ARM without bf16) bf16
-is emulated, and nothing is timed: emulated bf16 ran these workloads 4-15x slower than fp32 on two
-AVX2-only EPYCs, and timing it cost about 45 s of a cold run, most of it in the slow bf16 steps.
+is emulated, and nothing is timed: emulated bf16 lost to fp32 several times over on every workload
+measured, and timing it was a cold run's largest fixed cost (docs/benchmarks.md, Precision calibration).
 """
 
 from __future__ import annotations

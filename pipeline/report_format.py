@@ -65,7 +65,7 @@ def points(value, low, high) -> str:
 
 def p_value(p: float) -> str:
     """Three decimals, or two significant digits below 0.001; `< 1e-300` below that, where the binomial
-    tail nears float64's smallest numbers and loses its digits (a table of 1,827 against 207 gave 9.9e-324)."""
+    tail nears float64's smallest numbers and its digits are underflow, not the tail's."""
     if p >= 0.001:
         return f"{p:.3f}"
     return f"{p:.1e}" if p >= 1e-300 else "< 1e-300"

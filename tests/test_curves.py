@@ -34,6 +34,12 @@ def separable_problem():
     return head_kinds.Problem(rows(12), rows(6), 3, ["none"], 0)
 
 
+def end_to_end_config(session, root, labels_per_class: str, *more: str):
+    """The tiny config with end-to-end curves at `labels_per_class` (e.g. "[1,4]"), one seed, and `more`."""
+    overrides = ("curves.end_to_end=true", f"curves.labels_per_class={labels_per_class}", "curves.seeds=1", *more)
+    return make_tiny_config(session, root, overrides)
+
+
 def uneven_labels() -> numpy.ndarray:
     """Five classes, one with only three images, in a shuffled order."""
     labels = numpy.concatenate([numpy.repeat(numpy.arange(4), 10), numpy.full(3, 4)])
@@ -152,21 +158,12 @@ def test_end_to_end_switch(tmp_path, fake_flowers_session):
 @pytest.mark.parametrize("stage, point", [("cnn", "scratch-bn-cnn"), ("finetune", "finetune-tiny-resnet")])
 def test_the_whole_train_end_to_end_point_trains_exactly_as_its_arm(tmp_path, fake_flowers_session, stage, point):
     # The premise for ever reusing the arm as its whole-train seed-0 point: the same rows, order and seed.
-    config = make_tiny_config(
-        fake_flowers_session,
-        tmp_path / "cache",
-        (
-            "curves.end_to_end=true",
-            "curves.labels_per_class=[4]",
-            "curves.seeds=1",
-            "cnn.epochs=2",
-            "finetune.epochs=1",
-        ),
-    )
+    config = end_to_end_config(fake_flowers_session, tmp_path / "cache", "[4]", "cnn.epochs=2", "finetune.epochs=1")
     graph = Graph(config, log=lambda line: None)
     arm, whole = graph.units(stage)[0], graph.unit("curves", f"{point}-n4-seed0")
+    graph.ensure(whole)  # first, so it trains: with its arm cached it would reuse the arm's files
     graph.ensure(arm)
-    graph.ensure(whole)
+    assert "reused_from" not in cache.read_manifest(graph.directory(whole))["extra"]
     results_of = [json.loads((graph.directory(unit) / evaluate.RESULT).read_text()) for unit in (arm, whole)]
     assert results_of[1]["train_images"] == results_of[0]["train_images"] == 24
     assert results_of[1]["test_top1"] == results_of[0]["test_top1"]
@@ -174,6 +171,43 @@ def test_the_whole_train_end_to_end_point_trains_exactly_as_its_arm(tmp_path, fa
     assert losses[0] == losses[1] and len(losses[0]) >= 1
     predictions = [evaluate.read_predictions(graph.directory(unit)).predicted for unit in (arm, whole)]
     assert numpy.array_equal(*predictions)
+
+
+def test_a_whole_train_end_to_end_point_reuses_its_cached_arm_and_only_a_valid_one(tmp_path, fake_flowers_session):
+    config = end_to_end_config(fake_flowers_session, tmp_path / "cache", "[1,4]", "cnn.epochs=1")
+    lines = []
+    graph = Graph(config, log=lines.append)
+    arm, whole, part = graph.units("cnn")[0], *(graph.unit("curves", f"scratch-bn-cnn-n{n}-seed0") for n in (4, 1))
+    graph.ensure(arm)
+    graph.ensure(whole)
+    graph.ensure(part)
+    arm_manifest, whole_manifest = (cache.read_manifest(graph.directory(unit)) for unit in (arm, whole))
+    expected = {"stage": "cnn", "unit": arm.name, "build_id": arm_manifest["build_id"]}
+    assert whole_manifest["extra"]["reused_from"] == expected
+    assert "reused_from" not in cache.read_manifest(graph.directory(part))["extra"]  # a subset is trained
+    assert any("not trained again" in line for line in lines)
+    for name in arm_manifest["files"]:
+        if name != evaluate.RESULT:
+            assert whole_manifest["digests"][name] == arm_manifest["digests"][name]
+    records = [json.loads((graph.directory(unit) / evaluate.RESULT).read_text()) for unit in (arm, whole)]
+    assert records[1]["labels_per_class"] == 4 and records[1]["subset_seed"] == 0
+    assert {name: value for name, value in records[1].items() if name in records[0]} == records[0]
+    # A damaged arm is never copied: the point trains, and scores what the arm scored.
+    model = graph.directory(arm) / "model.pt"
+    model.write_bytes(model.read_bytes()[:-1] + b"x")
+    cache.invalidate(graph.directory(whole))
+    graph.ensure(whole)
+    assert "reused_from" not in cache.read_manifest(graph.directory(whole))["extra"]
+    retrained = json.loads((graph.directory(whole) / evaluate.RESULT).read_text())
+    assert retrained["test_top1"] == records[0]["test_top1"]
+    # An arm cached under other settings (here more epochs) is not this point's arm.
+    graph.ensure(arm)
+    longer = end_to_end_config(fake_flowers_session, tmp_path / "cache", "[4]", "cnn.epochs=2")
+    longer_graph = Graph(longer, log=lambda line: None)
+    longer_whole = longer_graph.unit("curves", "scratch-bn-cnn-n4-seed0")
+    longer_graph.ensure(longer_whole)
+    assert "reused_from" not in cache.read_manifest(longer_graph.directory(longer_whole))["extra"]
+    assert json.loads((longer_graph.directory(longer_whole) / evaluate.RESULT).read_text())["epochs_run"] == 2
 
 
 def test_a_new_code_version_of_the_arms_stage_rebuilds_its_points(tmp_path, fake_flowers_session, monkeypatch):
@@ -190,11 +224,7 @@ def test_a_new_code_version_of_the_arms_stage_rebuilds_its_points(tmp_path, fake
 
 
 def test_an_end_to_end_point_runs_its_arms_recipe_on_the_subset(tmp_path, fake_flowers_session):
-    config = make_tiny_config(
-        fake_flowers_session,
-        tmp_path / "cache",
-        ("curves.end_to_end=true", "curves.labels_per_class=[1]", "curves.seeds=1", "cnn.epochs=1"),
-    )
+    config = end_to_end_config(fake_flowers_session, tmp_path / "cache", "[1]", "cnn.epochs=1")
     graph = Graph(config, log=lambda line: None)
     unit = graph.unit("curves", "scratch-bn-cnn-n1-seed0")
     assert unit.settings["arm_stage"] == "cnn" and unit.input("download").stage == "download"

@@ -11,22 +11,27 @@ The fit always uses the subset alone ([heads] fit_on is ignored: train+val would
 Each point holds its arm's own unit settings plus the stage that builds the arm ("arm_stage"), and
 is built by that stage's own build (heads, finetune or cnn) with the subset of the training images:
 the recipe lives in one place. End-to-end points run in one process (the stage does not split work).
+An end-to-end point on the whole train split is its arm's unit trained again (same rows, order, seed and
+settings), so when that arm is cached and valid its verified files are copied instead of training.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy
 
-from .. import distributed, results
+from .. import atomic, cache, data, distributed, evaluate, integrity, results
 from ..config import Config, ConfigError
-from ..graph import BuildContext, BuildResult, Stage, Unit, get_stage, register_stage
+from ..graph import BuildContext, BuildResult, Stage, Unit, get_stage, read_json, register_stage
 from . import heads
 
 CODE_VERSION = "3"  # 2: a point may reuse an equal unit's selection memo (result.json names it);
 # 3: the arm stage's code version is in every point's key
+# What a point's settings add to its arm unit's: without them they are the arm's own settings.
+POINT_SETTINGS = ("arm_stage", "arm_code_version", "labels_per_class", "subset")
 # Names the subset-drawing rule in every key, so a change to it can never reuse old points.
 SUBSET_RULE = "nested-stratified-v1"
 # Mixed into each seed so the subsets do not share a random stream with anything else seeded by it.
@@ -139,7 +144,70 @@ def build(context: BuildContext) -> BuildResult:
     }
     if settings["arm_stage"] == heads.STAGE.name:
         return heads.build(point, shared_memos=equal_point_folders(context), **options)
+    reused = reuse_whole_train_arm(context, options["extra"])
+    if reused is not None:
+        return reused
     return get_stage(settings["arm_stage"]).build(point, **options)
+
+
+def arm_key(unit: Unit) -> str:
+    """The key of the arm unit this point is a subset run of: its settings without the point's own."""
+    settings = {name: value for name, value in unit.settings.items() if name not in POINT_SETTINGS}
+    return Unit(unit.settings["arm_stage"], "", unit.settings["arm_code_version"], settings, unit.inputs).key
+
+
+def cached_arm_folder(context: BuildContext) -> Path | None:
+    """The folder of this point's arm unit when it is built and valid for exactly this point's settings
+    and inputs (the same input builds), else None."""
+    key = arm_key(context.unit)
+    inputs = {label: cache.read_manifest(context.input_directory(label)) or {} for label, _ in context.unit.inputs}
+    stage_folder = context.cache_root / context.unit.settings["arm_stage"]
+    for folder in sorted(stage_folder.iterdir()) if stage_folder.is_dir() else []:
+        manifest = cache.read_manifest(folder) if folder.is_dir() else None
+        if manifest is None or manifest.get("key") != key:
+            continue
+        recorded = manifest.get("inputs", {})
+        same_inputs = all(recorded.get(label, {}).get("build_id") == inputs[label].get("build_id") for label in inputs)
+        if same_inputs and cache.invalid_reason(folder, key) is None:
+            return folder
+    return None
+
+
+def reuse_whole_train_arm(context: BuildContext, extra: dict) -> BuildResult | None:
+    """An end-to-end point on the whole train split is its arm: same rows in the same order, same seed and
+    settings, so training it again would write the arm's files once more (tests/test_curves.py checks that).
+    When that arm is cached and valid, its verified files are copied instead; None when it is not, and
+    the point is trained."""
+    labels = data.load_index(context.input_directory("download")).labels["train"]
+    rows = subset_rows(labels, context.unit.settings["labels_per_class"], context.config.runtime.seed)
+    if len(rows) != len(labels):
+        return None
+    folder = cached_arm_folder(context)
+    if folder is None:
+        return None
+    manifest = cache.read_manifest(folder)
+    for name in manifest["files"]:
+        with atomic.atomic_path(context.directory / name) as temporary:
+            shutil.copyfile(folder / name, temporary)
+    # The copies must be the very bytes the arm's manifest vouches for (a concurrent rebuild of the arm
+    # could have replaced a file since it was checked); otherwise train the point as usual.
+    if integrity.verify_files(context.directory, manifest) is not None:
+        context.log(f"[curves] {context.unit.name}: the arm {folder.name} changed while copied; training instead")
+        return None
+    reused_from = {"stage": manifest["stage"], "unit": manifest["unit"], "build_id": manifest["build_id"]}
+    record = {**read_json(context.directory / evaluate.RESULT), **extra, "reused_from": reused_from}
+    evaluate.write_result(context.directory, record)
+    context.log(
+        f"[curves] {context.unit.name}: the whole train split, i.e. the arm {manifest['stage']}/{manifest['unit']} "
+        f"(build {manifest['build_id'][:8]}): its files reused, not trained again"
+    )
+    return BuildResult(
+        files=list(manifest["files"]),
+        metrics=manifest.get("metrics", {}),
+        timings=manifest.get("timings", {}),
+        extra={"reused_from": reused_from},
+        environment=manifest.get("environment", {}),
+    )
 
 
 def workers(config: Config) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy
@@ -266,3 +268,38 @@ def test_a_kind_registered_outside_the_library_runs_through_the_stage_and_predic
     assert accuracy(features["labels"], probabilities.argmax(axis=1)) == pytest.approx(result["test_top1"])
     with pytest.raises(ConfigError, match="unknown key"):
         make_tiny_config(fake_flowers_session, tmp_path / "cache", ("heads.centroid.scale=1",))
+
+
+def test_the_softmax_heads_adamw_steps_are_torchs_adamw_bit_for_bit():
+    import torch
+
+    from pipeline.head_kinds.softmax import AdamWSteps
+
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(6, 5, generator=generator), torch.randn(6, generator=generator)]
+    ours = [torch.nn.Parameter(tensor.clone()) for tensor in start]
+    theirs = [torch.nn.Parameter(tensor.clone()) for tensor in start]
+    optimizers = AdamWSteps(ours, lr=1e-2), torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.0)
+    for _ in range(30):
+        gradients = [torch.randn(tensor.shape, generator=generator) for tensor in start]
+        for parameters, optimizer in zip((ours, theirs), optimizers, strict=True):
+            optimizer.zero_grad()
+            for parameter, gradient in zip(parameters, gradients, strict=True):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert torch.equal(mine, reference)
+
+
+def test_training_a_softmax_head_does_not_import_torch_dynamo():
+    # Its import cost seconds in every curve worker (see AdamWSteps).
+    script = (
+        "import sys, numpy\n"
+        "from pipeline.head_kinds.softmax import train_softmax\n"
+        "rows = numpy.random.default_rng(0).normal(size=(20, 4)).astype(numpy.float32)\n"
+        "train_softmax(rows, numpy.arange(20) % 2, 2, weight_decay=0.1, epochs=2, lr=0.1, batch_size=8,\n"
+        "              label_smoothing=0.0, seed=0)\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]

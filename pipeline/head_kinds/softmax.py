@@ -50,6 +50,43 @@ class SoftmaxSettings:
 # --- training -----------------------------------------------------------------------------------------
 
 
+class AdamWSteps:
+    """AdamW without its own weight decay, computed op for op as torch.optim.AdamW's single-tensor path does
+    on CPU with the default betas and eps (tests/test_head_kinds.py checks the bits are equal).
+
+    Not torch.optim itself because constructing a torch optimizer imports torch._dynamo, seconds that
+    every curve worker would pay again for a head this small.
+    """
+
+    def __init__(self, parameters: list, lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+        import torch
+
+        self.parameters, self.lr, self.betas, self.eps = list(parameters), lr, betas, eps
+        self.averages = [torch.zeros_like(parameter) for parameter in self.parameters]
+        self.squares = [torch.zeros_like(parameter) for parameter in self.parameters]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        beta1, beta2 = self.betas
+        self.steps += 1
+        # Python floats, as torch computes them from its step counter.
+        step_size = self.lr / (1 - beta1 ** float(self.steps))
+        correction_root = (1 - beta2 ** float(self.steps)) ** 0.5
+        with torch.no_grad():
+            for parameter, average, square in zip(self.parameters, self.averages, self.squares, strict=True):
+                gradient = parameter.grad
+                average.lerp_(gradient, 1 - beta1)
+                square.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+                denominator = (square.sqrt() / correction_root).add_(self.eps)
+                parameter.addcdiv_(average, denominator, value=-step_size)
+
+
 def train_softmax(
     features: numpy.ndarray,
     labels: numpy.ndarray,
@@ -124,7 +161,7 @@ def train_softmax_heads(
     weight = nn.Parameter(weight.repeat(count, 1))
     bias = nn.Parameter(bias.repeat(count))
     decay = torch.tensor([1 - lr * value for value in weight_decays]).repeat_interleave(num_classes)
-    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
+    optimizer = AdamWSteps([weight, bias], lr=lr)
     loss_function = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="sum")
     val_inputs = (
         None if val_features is None else torch.from_numpy(numpy.ascontiguousarray(val_features, dtype=numpy.float32))
@@ -135,7 +172,7 @@ def train_softmax_heads(
         order = torch.randperm(len(targets), generator=generator)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             # [rows, heads x classes] read as [rows x heads, classes]: one cross-entropy over every head.
             logits = torch.addmm(bias, inputs[batch], weight.t()).view(-1, num_classes)
             loss = loss_function(logits, targets[batch].repeat_interleave(count))

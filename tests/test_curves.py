@@ -302,10 +302,14 @@ def test_whole_train_points_of_a_deterministic_kind_are_searched_once_and_equal_
         for seed in (0, 1):
             result = point_result(graph, f"tiny-resnet-{kind}-n4-seed{seed}")
             assert result["selection_reused"] is True and result["selection_from"] == f"heads/tiny-resnet-{kind}"
+            # The same head on the same test features: the arm's test predictions, not evaluated again.
+            assert result["evaluation_reused"] is True
         assert not point_result(graph, f"tiny-resnet-{kind}-n1-seed1")["selection_reused"]
+        assert not point_result(graph, f"tiny-resnet-{kind}-n1-seed1")["evaluation_reused"]
     # The softmax head depends on its seed: only seed 0's whole-train point equals its (seed 0) arm.
     assert point_result(graph, "tiny-resnet-softmax-n4-seed0")["selection_from"] == "heads/tiny-resnet-softmax"
     assert point_result(graph, "tiny-resnet-softmax-n4-seed1")["selection_reused"] is False
+    assert point_result(graph, "tiny-resnet-softmax-n4-seed1")["evaluation_reused"] is False
     assert sum("(reused from" in line for line in lines) == 5
     # Without the heads arm (a fresh cache), seed 0 searches and seed 1 reuses its memo: the same numbers.
     fresh, _, _ = run(make_tiny_config(fake_flowers_session, tmp_path / "fresh", overrides))
@@ -317,6 +321,12 @@ def test_whole_train_points_of_a_deterministic_kind_are_searched_once_and_equal_
         shared = point_result(graph, f"tiny-resnet-{kind}-n4-seed1")
         for name in ("test_top1", "selected", "candidates"):
             assert searched[name] == reused[name] == shared[name]
+        assert searched["evaluation_reused"] is False and reused["evaluation_reused"] is True
+        predictions = [
+            evaluate.read_predictions(fresh.directory(fresh.unit("curves", f"tiny-resnet-{kind}-n4-seed{seed}")))
+            for seed in (0, 1)
+        ]
+        assert numpy.array_equal(predictions[0].predicted, predictions[1].predicted)
     # A search setting changed: every logistic point is built again and none reuses the old searches.
     changed = make_tiny_config(fake_flowers_session, tmp_path / "cache", (*overrides, "heads.logistic.cs=[0.5, 2.0]"))
     graph, manifests, _ = run(changed)

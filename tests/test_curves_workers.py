@@ -23,7 +23,15 @@ from pipeline.graph import Graph, get_stage
 STUDY = ('features.backbones=["tiny-resnet"]', 'heads.kinds=["softmax", "logistic", "knn"]')
 # Provenance and clocks: which unit's selection memo a point reused depends on which points had
 # finished when it started, and seconds are measured. Every other field must be equal.
-PROVENANCE = {"selection_reused", "selection_from", "train_seconds", "eval_seconds", "total_seconds", "timings"}
+PROVENANCE = {
+    "selection_reused",
+    "selection_from",
+    "evaluation_reused",
+    "train_seconds",
+    "eval_seconds",
+    "total_seconds",
+    "timings",
+}
 
 
 def config_with(data, cache_root, workers: int, *overrides: str):

@@ -91,14 +91,45 @@ def selection_key(config: Config, kind: HeadKind, features_id: str, train_rows: 
     return cache.compute_key("heads-selection", CODE_VERSION, settings, {"features": features_id, "train_rows": rows})
 
 
+@dataclasses.dataclass
+class Selection:
+    """What a head's search on val gave, from a memo or searched now."""
+
+    chosen: dict
+    candidates: list
+    payload: dict  # the chosen head fitted on the fit rows
+    seconds: float  # what the search cost when it ran
+    key: str  # its memo's key (selection_key)
+    source: str | None  # None: searched now; "": the unit's own memo; else "<stage>/<unit>" whose memo it was
+    # The test split's predicted classes by `payload` and the seconds they took, once a unit has evaluated it:
+    # the same key means the same head and the same test features, so they are the same predictions.
+    test: dict | None = None
+
+
+def write_memo(context: BuildContext, selection: Selection) -> None:
+    """Seal `selection` into the unit's own memo folder under its key, keeping only the newest memos."""
+    import joblib
+
+    buffer = io.BytesIO()
+    joblib.dump(
+        {
+            "chosen": selection.chosen,
+            "candidates": selection.candidates,
+            "payload": selection.payload,
+            "seconds": selection.seconds,
+            "test": selection.test,
+        },
+        buffer,
+    )
+    integrity.write_sealed(cache.memo_path(context.directory, selection.key, ".joblib"), buffer.getbuffer())
+    cache.prune_memos(context.directory)
+
+
 def cached_selection(
     context: BuildContext, kind: HeadKind, problem: tuple, timings: Timings, shared: Iterable[Path] = ()
-) -> tuple:
+) -> Selection:
     """select() on `problem` (splits, classes, train rows), reused from a memo of the same key when one
-    exists: the unit's own (only fit_on changed since it ran), else one in a `shared` unit folder.
-
-    Returns (choice, candidates, payload, where the memo came from: None when searched, "" for the unit's own).
-    """
+    exists: the unit's own (only fit_on changed since it ran), else one in a `shared` unit folder."""
     import joblib
 
     splits, num_classes, train_rows = problem
@@ -111,7 +142,9 @@ def cached_selection(
             memo = joblib.load(io.BytesIO(integrity.read_sealed(path)))
             timings.seconds["selection"] = memo["seconds"]
             source = "" if directory == context.directory else f"{directory.parent.name}/{directory.name}"
-            return memo["chosen"], memo["candidates"], memo["payload"], source
+            return Selection(
+                memo["chosen"], memo["candidates"], memo["payload"], memo["seconds"], key, source, memo.get("test")
+            )
         except FileNotFoundError:
             pass
         except Exception as error:  # a damaged memo only costs the search again
@@ -120,15 +153,27 @@ def cached_selection(
         chosen, candidates, payload = select(
             kind, context.config.heads, splits, num_classes, context.config.runtime.seed
         )
-    buffer = io.BytesIO()
-    joblib.dump(
-        {"chosen": chosen, "candidates": candidates, "payload": payload, "seconds": timings.seconds["selection"]},
-        buffer,
-    )
-    path = cache.memo_path(context.directory, key, ".joblib")
-    integrity.write_sealed(path, buffer.getbuffer())
-    cache.prune_memos(context.directory)
-    return chosen, candidates, payload, None
+    selection = Selection(chosen, candidates, payload, timings.seconds["selection"], key, None)
+    write_memo(context, selection)
+    return selection
+
+
+def _evaluate_test(context: BuildContext, kind: HeadKind, selection: Selection, payload: dict, splits: dict, timings):
+    """(the test split's predicted classes by `payload`, whether they came from the memo). From the memo
+    when `payload` is the memo's own head and the memo holds them; their evaluation seconds are then what
+    the evaluation cost when it ran. Evaluated here, they join the memo when it is the unit's own."""
+    memo_head = payload is selection.payload
+    remembered = selection.test if memo_head else None
+    if remembered is not None and len(remembered["predicted"]) == len(splits["test"][1]):
+        timings.seconds["evaluation"] = remembered["seconds"]
+        return numpy.asarray(remembered["predicted"]), True
+    predict = kind.predictor(payload)
+    with timings.phase("evaluation"):
+        predicted = predict(splits["test"][0])
+    if memo_head and selection.source in (None, ""):  # another unit's memo is left as it is
+        selection.test = {"predicted": predicted, "seconds": timings.seconds["evaluation"]}
+        write_memo(context, selection)
+    return predicted, False
 
 
 def _reuse_note(source: str | None) -> str:
@@ -171,18 +216,15 @@ def build(
     train_rows = chosen_rows[0] if chosen_rows else numpy.arange(len(splits["train"][1]))
     class_names = attributes["class_names"]
     timings = Timings()
-    chosen, candidates, payload, source = cached_selection(
-        context, kind, (splits, len(class_names), train_rows), timings, shared_memos
-    )
+    selection = cached_selection(context, kind, (splits, len(class_names), train_rows), timings, shared_memos)
+    chosen, candidates, payload, source = selection.chosen, selection.candidates, selection.payload, selection.source
     reused = source is not None
     with timings.phase("fit"):
         if fit_on == "train+val":
             chosen, payload = refit(kind, settings, chosen, *_with_val(splits), len(class_names), seed)
     require_finite(kind, payload, results.frozen_unit(backbone, kind.name))
-    predict = kind.predictor(payload)
-    with timings.phase("evaluation"):
-        predicted = predict(splits["test"][0])
-        metrics = evaluate.classification_metrics(splits["test"][1], predicted, len(class_names))
+    predicted, evaluation_reused = _evaluate_test(context, kind, selection, payload, splits, timings)
+    metrics = evaluate.classification_metrics(splits["test"][1], predicted, len(class_names))
     head_file = save_head(
         context.directory,
         kind,
@@ -214,6 +256,9 @@ def build(
         # With a reused selection, selection seconds are what the search cost when it ran.
         "train_seconds": train_seconds,
         "selection_reused": reused,
+        # The test predictions came from the memo (the same head on the same test features); their
+        # eval seconds are then what the evaluation cost when it ran.
+        "evaluation_reused": evaluation_reused,
         # Only when the memo is another unit's (a curve point equal to it): which one searched.
         **({"selection_from": source} if source else {}),
         "extract_seconds": extract_seconds,

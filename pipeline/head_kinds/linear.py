@@ -51,6 +51,8 @@ class Normalizer:
 
     def apply(self, features: numpy.ndarray) -> numpy.ndarray:
         """Normalised float32 copy of `features`."""
+        if self.kind == "none":  # float32 through float64 and back is the identity: skip both copies' work
+            return numpy.array(features, dtype=numpy.float32)
         rows = self._l2(features.astype(numpy.float64))
         if self.mean is not None:
             rows = (rows - self.mean) / self.scale

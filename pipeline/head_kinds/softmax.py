@@ -64,6 +64,9 @@ class AdamWSteps:
         self.parameters, self.lr, self.betas, self.eps = list(parameters), lr, betas, eps
         self.averages = [torch.zeros_like(parameter) for parameter in self.parameters]
         self.squares = [torch.zeros_like(parameter) for parameter in self.parameters]
+        # The denominator is written into a buffer kept across steps: allocating it afresh every step
+        # (as `square.sqrt() / ...` does) cost more than the arithmetic for a head of this size.
+        self.denominators = [torch.empty_like(parameter) for parameter in self.parameters]
         self.steps = 0
 
     def zero_grad(self) -> None:
@@ -79,11 +82,12 @@ class AdamWSteps:
         step_size = self.lr / (1 - beta1 ** float(self.steps))
         correction_root = (1 - beta2 ** float(self.steps)) ** 0.5
         with torch.no_grad():
-            for parameter, average, square in zip(self.parameters, self.averages, self.squares, strict=True):
+            states = zip(self.parameters, self.averages, self.squares, self.denominators, strict=True)
+            for parameter, average, square, denominator in states:
                 gradient = parameter.grad
                 average.lerp_(gradient, 1 - beta1)
                 square.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-                denominator = (square.sqrt() / correction_root).add_(self.eps)
+                torch.sqrt(square, out=denominator).div_(correction_root).add_(self.eps)
                 parameter.addcdiv_(average, denominator, value=-step_size)
 
 

@@ -108,6 +108,20 @@ class Stage:
     parallel_unit: Callable[[Unit], bool] | None = None
 
 
+def stale_reason(directory: Path, key: str, inputs: dict) -> str | None:
+    """None when the unit in `directory` is valid for `key` and was built from the current build of each
+    input ({label: (input Unit, its folder)}), else why it must be rebuilt."""
+    reason = cache.invalid_reason(directory, key)
+    if reason is not None:
+        return reason
+    recorded = cache.read_manifest(directory).get("inputs", {})
+    for label, (upstream, folder) in inputs.items():
+        current = cache.read_manifest(folder) or {}
+        if current.get("build_id") != recorded.get(label, {}).get("build_id"):
+            return f"input {upstream.stage}/{upstream.name} was rebuilt"
+    return None
+
+
 class StageError(PipelineError, RuntimeError):
     """A stage that cannot run (unknown name, missing inputs)."""
 
@@ -182,16 +196,8 @@ class Graph:
         Besides the key, each input's build id must be the one this unit was built from, so an
         invalidated-and-rebuilt input rebuilds its dependents even when its settings did not change.
         """
-        directory = self.directory(unit)
-        reason = cache.invalid_reason(directory, unit.key)
-        if reason is not None:
-            return reason
-        recorded = cache.read_manifest(directory).get("inputs", {})
-        for label, upstream in unit.inputs:
-            current = cache.read_manifest(self.directory(upstream)) or {}
-            if current.get("build_id") != recorded.get(label, {}).get("build_id"):
-                return f"input {upstream.stage}/{upstream.name} was rebuilt"
-        return None
+        inputs = {label: (upstream, self.directory(upstream)) for label, upstream in unit.inputs}
+        return stale_reason(self.directory(unit), unit.key, inputs)
 
     def run(self, stage_name: str, force: bool = False) -> list[dict]:
         """Make every unit of a stage valid (building invalid inputs first); returns their manifests."""

@@ -25,7 +25,7 @@ import numpy
 
 from .. import atomic, cache, data, distributed, evaluate, integrity, results
 from ..config import Config, ConfigError
-from ..graph import BuildContext, BuildResult, Stage, Unit, get_stage, read_json, register_stage
+from ..graph import BuildContext, BuildResult, Stage, Unit, get_stage, read_json, register_stage, stale_reason
 from . import heads
 
 CODE_VERSION = "3"  # 2: a point may reuse an equal unit's selection memo (result.json names it);
@@ -160,15 +160,11 @@ def cached_arm_folder(context: BuildContext) -> Path | None:
     """The folder of this point's arm unit when it is built and valid for exactly this point's settings
     and inputs (the same input builds), else None."""
     key = arm_key(context.unit)
-    inputs = {label: cache.read_manifest(context.input_directory(label)) or {} for label, _ in context.unit.inputs}
+    inputs = {label: (upstream, context.input_directory(label)) for label, upstream in context.unit.inputs}
     stage_folder = context.cache_root / context.unit.settings["arm_stage"]
     for folder in sorted(stage_folder.iterdir()) if stage_folder.is_dir() else []:
         manifest = cache.read_manifest(folder) if folder.is_dir() else None
-        if manifest is None or manifest.get("key") != key:
-            continue
-        recorded = manifest.get("inputs", {})
-        same_inputs = all(recorded.get(label, {}).get("build_id") == inputs[label].get("build_id") for label in inputs)
-        if same_inputs and cache.invalid_reason(folder, key) is None:
+        if manifest is not None and manifest.get("key") == key and stale_reason(folder, key, inputs) is None:
             return folder
     return None
 

@@ -41,13 +41,13 @@ endif
 
 .PHONY: install all demo download samples features heads finetune cnn curves report test test-quick lint check-real clean invalidate config predict bench help
 
-install: $(INSTALLED) ## create .venv and install the project with its offline and dev extras
+install: $(INSTALLED) ## create .venv and install the project with its offline, onnx and dev extras
 
 # torch/torchvision are pinned to the builds this machine keeps on disk (see pyproject.toml).
 $(INSTALLED): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e ".[offline,dev]"
+	$(PYTHON) -m pip install --quiet -e ".[offline,onnx,dev]"
 	touch $@
 
 all: $(INSTALLED) ## every stage in order, each skipping when cached, then print the results table

@@ -1,17 +1,21 @@
-"""`precision = "auto"` on CPU, decided by a short measurement on the machine at hand and stored.
+"""`precision = "auto"` and `engine = "auto"` on CPU, decided by a short measurement on the machine at hand and stored.
 
 Whether bf16 autocast beats fp32 on a CPU depends on the processor and on the network: on one Xeon
 (avx512_bf16, no AMX) bf16 ran EfficientNet-Lite0 faster and ResNet-18 slower, so no instruction-set
-rule picks right for both. The first plan that needs a workload's precision (a backbone or CNN, used
-for inference or for a training step, at the stage's batch and input size) times both on random
+rule picks right for both. Likewise whether onnxruntime (onnx_engine.py, fp32) runs a frozen backbone
+faster than torch. The first plan that needs a workload's choice (a backbone or CNN, used for
+inference or for a training step, at the stage's batch and input size) times its options on random
 inputs (measure_rates: a warm-up step, then a few alternating timed steps, median) and stores the
 decision with its rates in `<cache root>/calibration/<machine>.json`, keyed by the machine's
-identity (CPU model, the flags that matter, core count, torch version). The precision enters unit
-keys, so a stored decision always wins over a new measurement: measuring again on the same machine
-could flip a near tie and rebuild caches. A different machine identity gets its own file and
-measures again. On a CPU whose flags show no bf16 instructions (AVX2-only x86, ARM without bf16) bf16
-is emulated, and nothing is timed: emulated bf16 lost to fp32 several times over on every workload
-measured, and timing it was a cold run's largest fixed cost (docs/benchmarks.md, Precision calibration).
+identity (CPU model, the flags that matter, core count, torch version). The choice enters unit
+keys, so a stored decision always wins over a new measurement among the same options: measuring
+again on the same machine could flip a near tie and rebuild caches. A different machine identity
+gets its own file and measures again; so does a workload whose options changed (onnxruntime
+installed or removed, a precision or engine set by hand). The options: "bf16" and "fp32" in torch,
+and for inference "onnxruntime" where it is installed. On a CPU whose flags show no bf16
+instructions (AVX2-only x86, ARM without bf16) bf16 is emulated and is no option: emulated bf16 lost
+to fp32 several times over on every workload measured, and timing it was a cold run's largest fixed
+cost (docs/benchmarks.md, Precision calibration). A single option left is stored without timing.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import atomic
+from . import atomic, onnx_engine
+from .config import ConfigError
 
 FOLDER = "calibration"
-CANDIDATES = ("bf16", "fp32")
+CANDIDATES = ("bf16", "fp32")  # torch precisions
+ONNXRUNTIME = "onnxruntime"  # the other engine's option, in fp32
+ENGINES = ("torch", ONNXRUNTIME)
 WARMUP_STEPS = 1
 TIMED_STEPS = 5
 MINIMUM_TIMED_STEPS = 3
@@ -40,6 +47,8 @@ CLEAR_RATIO = 2.0  # one timed step each decides when one option is this many ti
 SCREEN_RATIO = 5.0  # the warm-up steps alone decide when one is this many times slower
 # bf16 rounds activations, so it has to win clearly; a near tie keeps the exact fp32.
 BF16_MARGIN = 1.05
+# onnxruntime's fp32 equals torch's to rounding, but a near tie keeps the engine with fewer moving parts.
+ENGINE_MARGIN = 1.05
 # Flags that decide how fast bf16 and fp32 convolutions run (absent ones are simply not listed).
 RELEVANT_FLAGS = (
     "avx2",
@@ -127,7 +136,8 @@ def stored_decisions(cache_root: Path, identity: dict | None = None, log: Callab
     try:
         record = json.loads(path.read_text())
         if record["identity"] != identity or not all(
-            decision["precision"] in CANDIDATES for decision in record["decisions"].values()
+            decision["precision"] in CANDIDATES and decision.get("engine", "torch") in ENGINES
+            for decision in record["decisions"].values()
         ):
             raise ValueError("its content does not match this machine")
         return record["decisions"]
@@ -136,8 +146,8 @@ def stored_decisions(cache_root: Path, identity: dict | None = None, log: Callab
         return {}
 
 
-def measure_rates(workload: Workload) -> dict[str, float]:
-    """Images per second of one workload step in each candidate precision.
+def measure_rates(workload: Workload, options: tuple[str, ...] = CANDIDATES) -> dict[str, float]:
+    """Images per second of one workload step in each option (a torch precision, or "onnxruntime").
 
     After WARMUP_STEPS of each, the candidates' steps alternate, so a change in the machine's load
     slows both alike; each rate is the median of its timed steps: TIMED_STEPS, or fewer (never under
@@ -145,8 +155,8 @@ def measure_rates(workload: Workload) -> dict[str, float]:
     just one when the first already differ CLEAR_RATIO times, or none when the warm-up steps differ
     SCREEN_RATIO times (emulated bf16 ran Lite0 15x slower than fp32 on an AVX2-only EPYC).
     """
-    steps = {precision: _step(workload, precision) for precision in CANDIDATES}
-    warmup: dict[str, list[float]] = {precision: [] for precision in CANDIDATES}
+    steps = {option: _step(workload, option) for option in options}
+    warmup: dict[str, list[float]] = {option: [] for option in options}
     for precision, step in steps.items():
         for _ in range(WARMUP_STEPS):
             begun = time.perf_counter()
@@ -155,7 +165,7 @@ def measure_rates(workload: Workload) -> dict[str, float]:
     if _clear(warmup, SCREEN_RATIO):
         # So far apart that one-off kernel set-up cannot explain it: timing more would only cost.
         return {precision: workload.batch_size / min(times) for precision, times in warmup.items()}
-    seconds: dict[str, list[float]] = {precision: [] for precision in CANDIDATES}
+    seconds: dict[str, list[float]] = {option: [] for option in options}
     started = time.perf_counter()
     for index in range(TIMED_STEPS):
         if index >= MINIMUM_TIMED_STEPS and time.perf_counter() - started > BUDGET_SECONDS:
@@ -174,13 +184,16 @@ def _clear(seconds: dict[str, list[float]], ratio: float) -> bool:
     return max(fastest) > ratio * min(fastest)
 
 
-def _step(workload: Workload, precision: str) -> Callable[[], None]:
-    """One batch of `workload` in `precision` on random inputs: a forward pass, or a whole training step."""
+def _step(workload: Workload, option: str) -> Callable[[], None]:
+    """One batch of `workload` in `option` on random inputs: a forward pass, or a whole training step."""
     import torch
 
+    precision = "fp32" if option == ONNXRUNTIME else option
     model = workload.build(precision)
     inputs = torch.randn(workload.batch_size, 3, workload.input_size, workload.input_size)
-    if workload.channels_last:
+    if option == ONNXRUNTIME:
+        model = onnx_engine.OnnxBackbone(model, workload.input_size)
+    elif workload.channels_last:
         model = model.to(memory_format=torch.channels_last)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
@@ -205,40 +218,95 @@ def _step(workload: Workload, precision: str) -> Callable[[], None]:
     return step
 
 
+def options_for(workload: Workload, precision: str = "auto", engine: str = "auto") -> tuple[str, ...]:
+    """The ways `workload` may run on this CPU under the [runtime] `precision` and `engine` settings."""
+    precisions = CANDIDATES if precision == "auto" else (precision,)
+    engines = ENGINES if engine == "auto" else (engine,)
+    if workload.use != "inference":
+        engines = ("torch",)  # training is always torch's
+    # Emulated bf16 is no option, unless asked for by name.
+    emulated = precision == "auto" and native_bf16() is False
+    options = []
+    if "torch" in engines:
+        options += [name for name in precisions if not (name == "bf16" and emulated)]
+    if ONNXRUNTIME in engines and "fp32" in precisions:
+        if engine == ONNXRUNTIME:
+            onnx_engine.require()
+        if onnx_engine.available():
+            options.append(ONNXRUNTIME)
+    if not options:
+        raise ConfigError(f"[runtime] engine = {engine!r} computes in fp32; set precision = 'fp32' or 'auto'")
+    return tuple(options)
+
+
 def choose(rates: dict[str, float]) -> str:
-    return "bf16" if rates["bf16"] > BF16_MARGIN * rates["fp32"] else "fp32"
+    """The option to use: bf16 only where it clearly beats fp32, then onnxruntime where it beats that."""
+    torch_options = [name for name in CANDIDATES if name in rates]
+    best = torch_options[0] if len(torch_options) == 1 else None
+    if len(torch_options) == 2:
+        best = "bf16" if rates["bf16"] > BF16_MARGIN * rates["fp32"] else "fp32"
+    if ONNXRUNTIME in rates and (best is None or rates[ONNXRUNTIME] > ENGINE_MARGIN * rates[best]):
+        return ONNXRUNTIME
+    return best
 
 
-def decide_precision(workload: Workload, log: Callable[[str], None] = print) -> str:
-    """The stored decision for `workload` on this machine, or a new measurement, stored before it is used."""
+def as_choice(decision: dict) -> tuple[str, str]:
+    """(precision, engine) of a stored decision."""
+    return decision["precision"], decision.get("engine", "torch")
+
+
+def _stored_options(decision: dict) -> tuple[str, ...]:
+    # Decisions from before onnxruntime was an option name none: theirs were the rates timed, or fp32 alone.
+    return tuple(decision.get("options") or decision.get("rates") or ("fp32",))
+
+
+def decide(workload: Workload, options: tuple[str, ...], log: Callable[[str], None] = print) -> tuple[str, str]:
+    """(precision, engine) for `workload` among `options`: the stored decision, or a new one, stored before use."""
 
     identity = machine_identity()
     decision = stored_decisions(workload.cache_root, identity, log).get(workload.label)
-    if decision is not None:
-        return decision["precision"]
+    if decision is not None and _stored_options(decision) == options:
+        return as_choice(decision)
     started = time.perf_counter()
-    if native_bf16() is False:
-        decision = {"precision": "fp32", "rates": {}, "rule": "no bf16 instructions: bf16 is emulated"}
+    if len(options) == 1:
+        emulated = options == ("fp32",) and native_bf16() is False
+        rule = "no bf16 instructions: bf16 is emulated" if emulated else "the only option [runtime] allows"
+        decision = {"option": options[0], "rates": {}, "rule": rule}
     else:
-        rates = measure_rates(workload)
-        rounded = {precision: round(rate, 2) for precision, rate in rates.items()}
-        decision = {"precision": choose(rates), "rates": rounded}
+        rates = measure_rates(workload, options)
+        rounded = {option: round(rate, 2) for option, rate in rates.items()}
+        decision = {"option": choose(rates), "rates": rounded}
+    option = decision.pop("option")
     decision = {
+        "precision": "fp32" if option == ONNXRUNTIME else option,
+        "engine": ONNXRUNTIME if option == ONNXRUNTIME else "torch",
         **decision,
+        "options": list(options),
         "seconds": round(time.perf_counter() - started, 2),
         "threads": _threads(),
         "load_average": round(os.getloadavg()[0], 2),
         "measured": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if decision["engine"] == ONNXRUNTIME:
+        decision["onnxruntime"] = onnx_engine.version()
     # Read again just before writing: another process may have stored decisions meanwhile, and theirs win.
     decisions = stored_decisions(workload.cache_root, identity, lambda message: None)
-    decision = decisions.setdefault(workload.label, decision)
+    stored = decisions.get(workload.label)
+    if stored is None or _stored_options(stored) != options:
+        decisions[workload.label] = decision
+    decision = decisions[workload.label]
     path = calibration_path(workload.cache_root, identity)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json_atomic(path, {"identity": identity, "decisions": decisions})
     how = f"measured once in {decision['seconds']:.1f} s" if decision["rates"] else "not measured"
-    log(f"[calibration] {workload.label}: {describe(decision)} -> {decision['precision']} ({how}, stored in {path})")
-    return decision["precision"]
+    log(f"[calibration] {workload.label}: {describe(decision)} -> {chosen(decision)} ({how}, stored in {path})")
+    return as_choice(decision)
+
+
+def chosen(decision: dict) -> str:
+    """How a stored decision runs its workload, in words: "bf16", "fp32" or "onnxruntime fp32"."""
+    precision, engine = as_choice(decision)
+    return precision if engine == "torch" else f"{engine} {precision}"
 
 
 def describe(decision: dict) -> str:

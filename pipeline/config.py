@@ -21,6 +21,7 @@ from .settings import TABLES, ConfigError, build_section, choices_of, setting, t
 from .training_settings import AUGMENTATIONS, CnnConfig, FinetuneConfig
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ENGINES = ("auto", "torch", "onnxruntime")
 # pipeline.datasets reads each kind (tests check that list against its readers).
 DATASET_KINDS = ("flowers102", "folder", "oxford_iiit_pet", "dtd", "fgvc_aircraft")
 
@@ -48,6 +49,13 @@ class RuntimeConfig:
         "each backbone's stage faster here, measured once per machine and stored "
         "(<cache root>/calibration/); fp32 on other devices.",
         choices=PRECISIONS,
+    )
+    engine: str = setting(
+        "auto",
+        "What runs the frozen backbones' forward pass (extraction, predict): auto = on CPU torch or "
+        "onnxruntime (fp32), whichever runs each backbone faster here, measured with the precision and "
+        "stored; torch elsewhere. onnxruntime needs the [onnx] extra and a CPU. Training is always torch.",
+        choices=ENGINES,
     )
     channels_last: bool = setting(True, "Use channels_last memory format for convolutional models.")
     float32_depthwise: bool = setting(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy
 import torch
 
-from . import backbones, cpu_rewrites, data, extract, transforms
+from . import backbones, cpu_rewrites, data, extract, onnx_engine, transforms
 from .config import Config
 from .features_h5 import AUGMENTED_GROUP
 
@@ -96,14 +96,27 @@ def extraction_options(
 
 
 def load_frozen_backbone(
-    name: str, weights_path: str | None, device: str, channels_last: bool, fold_batchnorm: bool = False
+    name: str,
+    weights_path: str | None,
+    device: str,
+    channels_last: bool,
+    fold_batchnorm: bool = False,
+    engine: str = "torch",
+    input_size: int | None = None,
 ) -> torch.nn.Module:
-    """The backbone with its head stripped, frozen (eval mode, no gradients), rewritten for inference, on `device`."""
+    """The backbone with its head stripped, frozen (eval mode, no gradients), rewritten for inference, on `device`.
+
+    With `engine` "onnxruntime" (CPU only), exported at `input_size` px and run by onnxruntime (onnx_engine.py).
+    """
     spec = backbones.get_backbone(name)
     model = backbones.build_backbone(name, pretrained=weights_path is not None, weights_path=weights_path)
     backbones.strip_head(model, spec)
     model = extract.freeze(model)
     model = cpu_rewrites.for_inference(model, name, fold_batchnorm)
+    if engine == "onnxruntime":
+        if input_size is None:
+            raise ValueError("onnxruntime needs the input size the backbone is exported at")
+        return onnx_engine.OnnxBackbone(model, input_size)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -179,7 +179,11 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
             f"were extracted with ({attributes['weights_id']}); rerun `make heads`"
         )
     # The precision the features were extracted in (with "auto", this machine's calibrated choice or another's).
-    runtime = dataclasses.replace(runtime, precision=attributes.get("precision", runtime.precision))
+    runtime = dataclasses.replace(
+        runtime,
+        precision=attributes.get("precision", runtime.precision),
+        engine=attributes.get("engine", "torch"),  # files from before the setting were all torch's
+    )
     # Test-only backbones are random-init: the extraction seeded torch right before building them.
     seed_everything(attributes["seed"])
     # The rewrite the features were extracted with (files from before the setting had none).
@@ -189,6 +193,8 @@ def frozen_features(config: Config, graph: Graph, arm: Arm, runtime: Runtime) ->
         runtime.device,
         runtime.channels_last,
         bool(attributes.get("fold_batchnorm", False)),
+        runtime.engine,
+        attributes["input_size"],
     )
 
     return lambda paths: frozen_features_of(

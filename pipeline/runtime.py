@@ -2,7 +2,8 @@
 
 The same rule decides for every stage, so each trains and measures the same way (nanoGPT style):
 on CUDA bf16 autocast where the device computes it, else fp16 + GradScaler; on CPU whichever of bf16
-and fp32 runs the stage's workload faster here, measured once and stored (calibration.py).
+and fp32 runs the stage's workload faster here, and for frozen backbones whether torch or onnxruntime
+runs it (onnx_engine.py), measured once and stored (calibration.py).
 Planning asks `plan_runtime`, which changes nothing but may store a first calibration (the unit key
 needs the precision); a build calls `resolve_runtime`, which also sets the process's threads and
 allocator (cpu_rewrites.keep_freed_memory).
@@ -32,6 +33,7 @@ class Runtime:
     # Train depthwise convolutions in fp32 (CPU + bf16 only; cpu_rewrites.for_training applies it).
     float32_depthwise: bool = False
     inference_streams: int = 1  # extraction batches in flight at once (extract.in_streams)
+    engine: str = "torch"  # what runs frozen backbones: "torch" or "onnxruntime" (fp32, CPU)
 
     @property
     def device_type(self) -> str:
@@ -86,9 +88,10 @@ def resolve_runtime(settings: RuntimeConfig, workload: calibration.Workload | No
 def plan_runtime(settings: RuntimeConfig, workload: calibration.Workload | None = None) -> Runtime:
     """Turn the [runtime] section into concrete choices for this machine, without touching the process.
 
-    With `workload` (what the stage will run), precision "auto" on CPU is this machine's stored
-    calibration for it; when none is stored yet, it is measured now (a few seconds) and stored, once:
-    the unit key needs the precision, and measuring at build time instead would key on a guess.
+    With `workload` (what the stage will run), precision "auto" on CPU, and engine "auto" for a frozen
+    backbone's inference in fp32, are this machine's stored calibration for it; when none is stored
+    yet, it is measured now (a few seconds) and stored, once: the unit key needs the choice, and
+    measuring at build time instead would key on a guess.
     """
     import torch
 
@@ -107,12 +110,19 @@ def plan_runtime(settings: RuntimeConfig, workload: calibration.Workload | None 
         device = "mps"
     else:
         raise ConfigError(f"[runtime] device = {requested!r} is not valid; choose one of: auto, cpu, cuda, cuda:N, mps")
-    precision = settings.precision
-    if precision == "auto":
+    precision, engine = settings.precision, "torch"
+    if settings.engine == "onnxruntime" and device != "cpu":
+        raise ConfigError(f"[runtime] engine = 'onnxruntime' runs on CPU only, not {device}; use engine = 'auto'")
+    inference = workload is not None and workload.use == "inference"
+    if device == "cpu" and workload is not None and (precision == "auto" or (inference and precision == "fp32")):
+        options = calibration.options_for(workload, precision, settings.engine)
+        if options != (precision,):  # else a precision set by hand, the only option: nothing to decide
+            precision, engine = calibration.decide(workload, options)
+    elif settings.engine == "onnxruntime" and precision != "fp32" and precision != "auto":
+        raise ConfigError(f"[runtime] engine = 'onnxruntime' computes in fp32, not {precision}; set precision = 'fp32'")
+    elif precision == "auto":
         if device.startswith("cuda"):
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif device == "cpu" and workload is not None:
-            precision = calibration.decide_precision(workload)
         elif device == "cpu":
             # Without a workload to measure (the bench's shared runtime): bf16 only where the ISA has
             # native bf16 math (AVX512-BF16 / AMX), which is right for most but not all networks.
@@ -132,6 +142,7 @@ def plan_runtime(settings: RuntimeConfig, workload: calibration.Workload | None 
         seed=settings.seed,
         float32_depthwise=settings.float32_depthwise and device == "cpu" and precision == "bf16",
         inference_streams=streams,
+        engine=engine,
     )
 
 
@@ -163,7 +174,12 @@ def environment(runtime: Runtime | None = None) -> dict:
             precision=runtime.precision,
             channels_last=runtime.channels_last,
             inference_streams=runtime.inference_streams,
+            engine=runtime.engine,
         )
+        if runtime.engine == "onnxruntime":
+            from . import onnx_engine
+
+            record["onnxruntime"] = onnx_engine.version()
         if runtime.device_type == "cuda":
             record["device_name"] = torch.cuda.get_device_name(runtime.device)
     return record

@@ -1,4 +1,4 @@
-"""precision = "auto" on CPU: measured once per machine and workload, stored, read back, never re-measured."""
+"""precision and engine "auto" on CPU: measured once per machine, workload and options, stored, read back."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from helpers import make_tiny_config
 from torch import nn
 
 from pipeline import calibration
-from pipeline.config import RuntimeConfig
+from pipeline.config import ConfigError, RuntimeConfig
 from pipeline.runtime import plan_runtime
 
 FAST = {"bf16": 300.0, "fp32": 100.0}
+ONNXRUNTIME_RATE = 50.0
 
 
 def tiny_workload(cache_root, model: str = "tiny", use: str = "inference") -> calibration.Workload:
@@ -24,17 +25,19 @@ def tiny_workload(cache_root, model: str = "tiny", use: str = "inference") -> ca
 
 @pytest.fixture
 def timings(monkeypatch):
-    """Fake rates by precision, and a record of every measurement asked for."""
+    """Fake rates by option, and a record of every measurement asked for (label, options)."""
     measured = []
-    rates = dict(FAST)
+    rates = {**FAST, "onnxruntime": ONNXRUNTIME_RATE}
 
-    def fake(workload):
-        measured.append(workload.label)
-        return dict(rates)
+    def fake(workload, options=calibration.CANDIDATES):
+        measured.append((workload.label, options))
+        return {option: rates[option] for option in options}
 
     monkeypatch.setattr(calibration, "measure_rates", fake)
     # As on a CPU whose flags say nothing of bf16, so that the decision is measured whatever this one has.
     monkeypatch.setattr(calibration, "native_bf16", lambda: None)
+    # onnxruntime is an option only in the tests about it, whether or not this machine has it.
+    monkeypatch.setattr(calibration.onnx_engine, "available", lambda: False)
     return rates, measured
 
 
@@ -91,6 +94,7 @@ def test_other_machine_measures_again(tmp_path, timings, monkeypatch):
 
 
 def test_explicit_precision_bypasses_calibration(tmp_path, timings):
+    # (with onnxruntime installed, an explicit fp32 still weighs torch against it: see below)
     assert auto_precision(tiny_workload(tmp_path), precision="fp32") == "fp32"
     assert auto_precision(tiny_workload(tmp_path), precision="bf16") == "bf16"
     assert timings[1] == [] and not (tmp_path / calibration.FOLDER).exists()
@@ -105,6 +109,69 @@ def test_damaged_file_is_ignored_with_a_note_and_measured_again(tmp_path, timing
     notes = [line for line in capsys.readouterr().out.splitlines() if "ignoring damaged" in line]
     assert len(notes) == 1 and str(path) in notes[0]
     assert len(timings[1]) == 1 and "tiny inference" in next(iter(json.loads(path.read_text())["decisions"]))
+
+
+def choice(workload, **settings) -> tuple[str, str]:
+    runtime = plan_runtime(RuntimeConfig(device="cpu", **settings), workload)
+    return runtime.precision, runtime.engine
+
+
+def test_onnxruntime_is_an_option_for_inference_only_and_wins_where_faster(tmp_path, timings, monkeypatch):
+    rates, measured = timings
+    monkeypatch.setattr(calibration.onnx_engine, "available", lambda: True)
+    rates.update(onnxruntime=400.0)
+    assert choice(tiny_workload(tmp_path)) == ("fp32", "onnxruntime")
+    assert measured[-1][1] == ("bf16", "fp32", "onnxruntime")
+    assert choice(tiny_workload(tmp_path, use="training")) == ("bf16", "torch")
+    assert measured[-1][1] == ("bf16", "fp32")
+    assert choice(tiny_workload(tmp_path)) == ("fp32", "onnxruntime") and len(measured) == 2  # read back
+    [path] = (tmp_path / calibration.FOLDER).iterdir()
+    decision = json.loads(path.read_text())["decisions"]["tiny inference batch 2 16px channels_last"]
+    assert decision["engine"] == "onnxruntime" and decision["options"] == ["bf16", "fp32", "onnxruntime"]
+    # A near tie keeps torch; so does an explicit fp32 where onnxruntime is slower.
+    rates.update(onnxruntime=310.0)
+    assert choice(tiny_workload(tmp_path / "other")) == ("bf16", "torch")
+    rates.update(onnxruntime=50.0)
+    assert choice(tiny_workload(tmp_path / "third"), precision="fp32") == ("fp32", "torch")
+    assert measured[-1][1] == ("fp32", "onnxruntime")
+
+
+def test_installing_onnxruntime_measures_again_and_a_decision_from_before_it_is_read_back(
+    tmp_path, timings, monkeypatch
+):
+    rates, measured = timings
+    path = calibration.calibration_path(tmp_path, calibration.machine_identity())
+    path.parent.mkdir(parents=True)
+    label = tiny_workload(tmp_path).label
+    # A decision stored before engines were an option: no "engine", no "options".
+    old = {"precision": "fp32", "rates": {"bf16": 1.0, "fp32": 2.0}}
+    path.write_text(json.dumps({"identity": calibration.machine_identity(), "decisions": {label: old}}))
+    assert choice(tiny_workload(tmp_path)) == ("fp32", "torch") and measured == []
+    monkeypatch.setattr(calibration.onnx_engine, "available", lambda: True)
+    rates.update(onnxruntime=400.0)
+    assert choice(tiny_workload(tmp_path)) == ("fp32", "onnxruntime") and len(measured) == 1
+
+
+def test_cpu_without_bf16_weighs_fp32_against_onnxruntime(tmp_path, timings, monkeypatch):
+    rates, measured = timings
+    monkeypatch.setattr(calibration, "native_bf16", lambda: False)
+    monkeypatch.setattr(calibration.onnx_engine, "available", lambda: True)
+    rates.update(onnxruntime=150.0)
+    assert choice(tiny_workload(tmp_path)) == ("fp32", "onnxruntime")
+    assert measured == [(tiny_workload(tmp_path).label, ("fp32", "onnxruntime"))]
+
+
+def test_engine_set_by_hand(tmp_path, timings, monkeypatch):
+    assert choice(tiny_workload(tmp_path), precision="fp32", engine="torch") == ("fp32", "torch")
+    assert timings[1] == [] and not (tmp_path / calibration.FOLDER).exists()
+    with pytest.raises(ConfigError, match=r"onnxruntime and onnx packages: pip install"):
+        choice(tiny_workload(tmp_path), engine="onnxruntime")
+    monkeypatch.setattr(calibration.onnx_engine, "available", lambda: True)
+    assert choice(tiny_workload(tmp_path), engine="onnxruntime") == ("fp32", "onnxruntime")
+    assert timings[1] == []  # one option: nothing timed
+    assert choice(tiny_workload(tmp_path, use="training"), engine="onnxruntime") == ("bf16", "torch")
+    with pytest.raises(ConfigError, match="computes in fp32"):
+        choice(tiny_workload(tmp_path), precision="bf16", engine="onnxruntime")
 
 
 def test_planning_with_a_stored_decision_writes_nothing(tiny_config, tmp_path, timings):

@@ -105,6 +105,42 @@ def test_real_extraction_is_the_same_with_streams_and_near_the_fp32_network(inde
     assert error < 0.05, f"bf16 folded features are {error:.3f} away from fp32 (relative)"
 
 
+def test_real_onnxruntime_extraction_is_stream_and_batch_free_and_torch_fp32_to_rounding(index, weights, tmp_path):
+    """onnxruntime ([runtime] engine): its rows do not depend on streams or batch size either, and equal the
+    torch fp32 rows of the same folded network to rounding."""
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed: pip install -e '.[onnx]'")
+    config = load_config(PROJECT / "configs" / "offline.toml", data_dir=ROOT)
+    spec = backbones.get_backbone(BACKBONE)
+    _, size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
+    job = next(job for job in frozen.extraction_jobs(index, config, spec, size) if job.group == "train_augmented")
+    rows = slice(0, 40)
+    job = dataclasses.replace(
+        job,
+        paths=job.paths[rows],
+        labels=job.labels[rows],
+        image_ids=job.image_ids[rows],
+        views=job.views[rows],
+        rows=numpy.arange(len(job.paths))[rows],
+    )
+    extracted = {}
+    for engine, streams, batch_size in (
+        ("onnxruntime", 1, 16),
+        ("onnxruntime", 2, 8),
+        ("onnxruntime", 1, 5),
+        ("torch", 1, 8),
+    ):
+        model = frozen.load_frozen_backbone(BACKBONE, weights, "cpu", True, True, engine, size)
+        path = tmp_path / f"{engine}-{streams}-{batch_size}.h5"
+        runtime = Runtime("cpu", "fp32", channels_last=True, num_workers=0, seed=0, inference_streams=streams)
+        options = extract.ExtractionOptions(batch_size=batch_size, progress=False)
+        extract.write_features(path, "real", [job], model, spec.feature_dim, runtime, options)
+        extracted[engine, streams, batch_size] = features_h5.read_group(path, features_h5.AUGMENTED_GROUP)["features"]
+    reference = extracted["onnxruntime", 1, 16]
+    for run in (("onnxruntime", 2, 8), ("onnxruntime", 1, 5)):
+        assert numpy.array_equal(extracted[run], reference), f"streams, batch size {run[1:]} changed the features"
+    numpy.testing.assert_allclose(reference, extracted["torch", 1, 8], rtol=1e-3, atol=1e-4)
+
+
 def test_real_finetune_rewrite_keeps_the_gradients(index, weights):
     """Lite0 with its real weights: folded BatchNorm and moved padding give the fp64 gradients of the original."""
     config = load_config(PROJECT / "configs" / "offline.toml", data_dir=ROOT)

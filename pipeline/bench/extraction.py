@@ -73,7 +73,13 @@ def extraction_rows(
         spec = backbones.get_backbone(name)
         _, input_size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
         model = frozen.load_frozen_backbone(
-            name, weights_path(config, name), runtime.device, runtime.channels_last, config.features.fold_batchnorm
+            name,
+            weights_path(config, name),
+            runtime.device,
+            runtime.channels_last,
+            config.features.fold_batchnorm,
+            runtime.engine,
+            input_size,
         )
         evaluation, mean, std = pixels.eval_pipeline(spec.preprocessing, input_size)
         paths = [path for split in ("train", "val", "test") for path in subset.paths(split)]
@@ -129,7 +135,8 @@ def extraction_rows(
                 float(numpy.median(passes)),
                 None,
                 "img/s",
-                notes=f"{len(paths)} images in memory, {runtime.precision}, channels_last {runtime.channels_last}, "
+                notes=f"{len(paths)} images in memory, {runtime.precision} in {runtime.engine}, "
+                f"channels_last {runtime.channels_last}, "
                 f"{runtime.inference_streams} stream(s) as in extraction, after {WARMUP_BATCHES} warm-up batches; "
                 f"median of {len(passes)} pass(es); reference, no target",
             )

@@ -64,7 +64,7 @@ def frozen_row(
     ]
     # Ours: the features stage's jobs (every train/val image, augmented views, the test images) and every head kind.
     model = frozen.load_frozen_backbone(
-        name, weights, runtime.device, runtime.channels_last, config.features.fold_batchnorm
+        name, weights, runtime.device, runtime.channels_last, config.features.fold_batchnorm, runtime.engine, input_size
     )
     jobs = frozen.extraction_jobs(tested, config, spec, input_size)
     extracting = frozen.extraction_options(config, log, progress=False)

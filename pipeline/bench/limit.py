@@ -89,7 +89,7 @@ def _limit_row(
     spec = backbones.get_backbone(name)
     _, input_size = transforms.crop_sizes(spec.preprocessing, config.features.input_size)
     model = frozen.load_frozen_backbone(
-        name, weights, runtime.device, runtime.channels_last, config.features.fold_batchnorm
+        name, weights, runtime.device, runtime.channels_last, config.features.fold_batchnorm, runtime.engine, input_size
     )
     evaluation, mean, std = pixels.eval_pipeline(spec.preprocessing, input_size)
     paths = [path for split in ("train", "val", "test") for path in subset.paths(split)]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import backbones, extract, frozen, images, transforms
+from ..calibration import features_workload
 from ..config import Config
 from ..data import DatasetIndex
 from ..runtime import resolve_runtime
@@ -40,12 +41,19 @@ def memory_probe(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     config = config_from_dict(spec["config"])
-    runtime = resolve_runtime(config.runtime)
     index = DatasetIndex.from_json(spec["index"])
     backbone = backbones.get_backbone(spec["backbone"])
+    # The precision and engine the features stage uses for this backbone (its stored calibration).
+    runtime = resolve_runtime(config.runtime, features_workload(config, backbone.name, Path(config.cache.root)))
     _, input_size = transforms.crop_sizes(backbone.preprocessing, config.features.input_size)
     model = frozen.load_frozen_backbone(
-        backbone.name, spec["weights"], runtime.device, runtime.channels_last, config.features.fold_batchnorm
+        backbone.name,
+        spec["weights"],
+        runtime.device,
+        runtime.channels_last,
+        config.features.fold_batchnorm,
+        runtime.engine,
+        input_size,
     )
     jobs = frozen.extraction_jobs(index, config, backbone, input_size)
     extract.write_features(

@@ -26,9 +26,9 @@ def _machine(report: dict) -> list[str]:
     decisions = report.get("calibration") or {}
     if decisions:
         lines.append(
-            "precision = auto, measured here: "
+            "precision and engine = auto, decided here: "
             + "; ".join(
-                f"{label}: {decision['precision']} ({calibration.describe(decision)})"
+                f"{label}: {calibration.chosen(decision)} ({calibration.describe(decision)})"
                 for label, decision in sorted(decisions.items())
             )
         )

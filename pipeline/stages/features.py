@@ -2,8 +2,8 @@
 
 One unit per backbone in [features] backbones, keyed by the backbone, its resolved input size and
 preprocessing, the sha256 of its weights file ("random-init" for test-only backbones), the number
-of augmented views (with their recipe and seed), and the precision actually used (bf16 changes the
-numbers). The HDF5 layout is documented in pipeline/features_h5.py.
+of augmented views (with their recipe and seed), and the precision and engine actually used (bf16
+changes the numbers; onnxruntime moves their rounding). The HDF5 layout is documented in pipeline/features_h5.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .. import backbones, data, distributed, extract, features_h5, frozen
+from .. import backbones, data, distributed, extract, features_h5, frozen, onnx_engine
 from ..cache import compute_key
 from ..calibration import features_workload
 from ..config import Config
@@ -23,7 +23,7 @@ from ..runtime import Timings, environment, plan_runtime, resolve_runtime, seed_
 CODE_VERSION = "2"  # 2: geometry resampled on uint8 tensors (extract.uint8_transform)
 
 
-def unit_settings(config: Config, source: dict, precision: str) -> dict:
+def unit_settings(config: Config, source: dict, precision: str, engine: str = "torch") -> dict:
     """Everything that changes the extracted numbers (and nothing that does not, like batch size)."""
     settings = {
         name: source[name]
@@ -32,6 +32,8 @@ def unit_settings(config: Config, source: dict, precision: str) -> dict:
     settings.update(precision=precision, augmented_views=config.features.augmented_views)
     if config.features.fold_batchnorm:
         settings.update(fold_batchnorm=True)  # absent when off, so earlier keys stay valid
+    if engine != "torch":
+        settings.update(engine=engine)  # absent for torch, so earlier keys stay valid
     if config.features.augmented_views:
         settings.update(
             view_augmentation=config.features.view_augmentation,
@@ -49,14 +51,18 @@ def plan(config: Config, graph) -> list[Unit]:
             name=name,
             code_version=CODE_VERSION,
             settings=unit_settings(
-                config,
-                frozen.resolve_source(config, name),
-                plan_runtime(config.runtime, features_workload(config, name, graph.cache_root)).precision,
+                config, frozen.resolve_source(config, name), *_choice(config, name, graph.cache_root)
             ),
             inputs=(("download", download),),
         )
         for name in config.features.backbones
     ]
+
+
+def _choice(config: Config, name: str, cache_root: Path) -> tuple[str, str]:
+    """(precision, engine) extraction of `name` runs in here: this machine's calibration where auto."""
+    runtime = plan_runtime(config.runtime, features_workload(config, name, cache_root))
+    return runtime.precision, runtime.engine
 
 
 def build(context: BuildContext) -> BuildResult:
@@ -70,10 +76,16 @@ def build(context: BuildContext) -> BuildResult:
     with timings.phase("model_load"):
         source = frozen.resolve_source(config, name, allow_download=True)
         model = frozen.load_frozen_backbone(
-            name, source["weights_path"], runtime.device, runtime.channels_last, config.features.fold_batchnorm
+            name,
+            source["weights_path"],
+            runtime.device,
+            runtime.channels_last,
+            config.features.fold_batchnorm,
+            runtime.engine,
+            source["input_size"],
         )
     jobs = frozen.extraction_jobs(index, config, spec, source["input_size"])
-    settings = unit_settings(config, source, runtime.precision)
+    settings = unit_settings(config, source, runtime.precision, runtime.engine)
     attributes = {
         "backbone": name,
         "weights_id": source["weights_id"],
@@ -83,6 +95,7 @@ def build(context: BuildContext) -> BuildResult:
         "resize_size": source["resize_size"],
         "preprocessing": json.dumps(source["preprocessing"]),
         "precision": runtime.precision,
+        "engine": runtime.engine,
         "channels_last": runtime.channels_last,
         "device": runtime.device,
         "augmented_views": config.features.augmented_views,
@@ -93,9 +106,13 @@ def build(context: BuildContext) -> BuildResult:
         "class_names": json.dumps(index.class_names),
         "model_load_seconds": timings.seconds["model_load"],
     }
+    if runtime.engine == "onnxruntime":
+        attributes["onnxruntime_version"] = onnx_engine.version()
     context.log(
         f"[features] {name}: {sum(len(job.paths) for job in jobs)} images at {source['input_size']} px, "
-        f"{runtime.device} {runtime.precision}, weights {source['weights_id']}"
+        f"{runtime.device} {runtime.precision}"
+        + (f" in {runtime.engine}" if runtime.engine != "torch" else "")
+        + f", weights {source['weights_id']}"
     )
     # A partial file is resumed only under equal settings and data (its rows would be the same numbers).
     key = compute_key("features", CODE_VERSION, settings, {"download": context.unit.input("download").key})

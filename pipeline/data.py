@@ -107,7 +107,9 @@ def _file_digests(folder: Path, names: list, memo_path: Path | None, write: bool
                 ) from None
         fresh[name] = stamp + [digest]
         digests.append(digest)
-    if write and memo_path is not None and fresh != memo:
+    # An existing memo is refreshed even while planning: data copied or touched since the build would
+    # otherwise be hashed whole on every warm run, the download unit staying cached on equal content.
+    if memo_path is not None and fresh != memo and (write or memo):
         with contextlib.suppress(errors.CacheError):  # only a speed-up: the next run hashes again
             atomic.write_json_atomic(memo_path, fresh)
     return digests
@@ -119,7 +121,8 @@ def fingerprint(folder: Path, memo_path: Path | None = None, write_memo: bool = 
     Part of the download stage's key, so other data behind the same DATA_DIR (even one replaced
     image) rebuilds everything downstream, while a rerun on the same data stays cached. Digests are
     memoised in `memo_path` by each file's size, times and inode, so a rerun only stats the files;
-    the memo is written only with `write_memo` (by the download stage's build, never while planning).
+    the memo is created only with `write_memo` (by the download stage's build); planning refreshes
+    one that exists.
     """
     folder = Path(folder)
     if not folder.is_dir():

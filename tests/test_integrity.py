@@ -249,6 +249,22 @@ def test_the_fingerprint_covers_every_image_s_content_and_reruns_only_stat(fake_
     assert hashed == [image]
 
 
+def test_planning_creates_no_memo_but_refreshes_a_stale_one(fake_flowers, tmp_path, monkeypatch):
+    folder = data.dataset_folder(fake_flowers)
+    memo = tmp_path / "digests.json"
+    before = data.fingerprint(folder, memo)
+    assert not memo.exists()  # planning a cache that was never built leaves nothing behind
+    data.fingerprint(folder, memo, write_memo=True)
+    for image in (folder / "jpg").iterdir():
+        os.utime(image)  # a copy or a touch: same content, new times
+    hashed = []
+    original = integrity.file_digest
+    monkeypatch.setattr(integrity, "file_digest", lambda path: hashed.append(path) or original(path))
+    assert data.fingerprint(folder, memo) == before and hashed
+    hashed.clear()
+    assert data.fingerprint(folder, memo) == before and hashed == []
+
+
 def _rewrite_mat(folder: Path, name: str, **values) -> None:
     from scipy.io import loadmat, savemat
 

@@ -1,7 +1,7 @@
 """Frozen backbones run by onnxruntime instead of torch: `[runtime] engine`, for inference on CPU only.
 
 Why: on CPUs without native bf16 math, onnxruntime's CPU kernels ran the EfficientNet-Lite backbones'
-frozen forward about twice as fast as torch fp32 (docs/benchmarks.md). Its numbers equal torch fp32's
+frozen forward well ahead of torch fp32 (figures in docs/benchmarks.md). Its numbers equal torch fp32's
 to rounding, not bit for bit, so the engine is in the features key; they do not depend on the batch
 size or the thread count (tested), so extraction stays resumable and stream-independent. Whether it
 wins on a given CPU and network is measured by calibration.py, as bf16 is.
